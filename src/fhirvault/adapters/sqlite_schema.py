@@ -1,0 +1,85 @@
+"""SQLite schema (version 1). Only routing data is in clear; every payload is an AEAD blob."""
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS tenant_keys (
+    tenant      TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    wrapped     BLOB NOT NULL,
+    root_key_id TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    PRIMARY KEY (tenant, version)
+) WITHOUT ROWID;
+
+-- One data key per patient compartment (plus tenant-level keys). The lookup is an
+-- HMAC of the compartment name, so the table does not list patient ids in clear.
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id      TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    lookup      BLOB NOT NULL,
+    wrapped     BLOB NOT NULL,
+    kek_version INTEGER NOT NULL,
+    compartment BLOB NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    UNIQUE (tenant, lookup)
+) WITHOUT ROWID;
+
+-- Every version of every resource; seq orders all writes of the store.
+CREATE TABLE IF NOT EXISTS resource_versions (
+    seq          INTEGER PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    deleted      INTEGER NOT NULL,
+    key_id       TEXT NOT NULL,
+    blob         BLOB NOT NULL,
+    UNIQUE (tenant, type, id, version)
+);
+CREATE INDEX IF NOT EXISTS resource_versions_type_seq ON resource_versions (tenant, type, seq);
+CREATE INDEX IF NOT EXISTS resource_versions_updated ON resource_versions (tenant, last_updated);
+
+CREATE TABLE IF NOT EXISTS resources_current (
+    tenant  TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    PRIMARY KEY (tenant, type, id)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    secret_hash TEXT,
+    scopes      TEXT NOT NULL,
+    jwks        TEXT,
+    created_ms  INTEGER NOT NULL,
+    disabled    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- client_assertion ids seen, kept until they expire (replay protection).
+CREATE TABLE IF NOT EXISTS seen_jti (
+    jti        TEXT PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- Append-only audit table (the tamper-evident Merkle log replaces it later).
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq    INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    ts_ms  INTEGER NOT NULL,
+    blob   BLOB NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
+"""

@@ -1,0 +1,57 @@
+"""Creating a new data directory: keys, database, default tenant and the admin client."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from fhirvault.adapters.keyfile import KeyFileProvider, write_private_file
+from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.config import Settings
+from fhirvault.container import INSTANCE_META, SystemClock, issuer_for
+from fhirvault.ports import Clock, WriteTx
+from fhirvault.services.auth import AuthService
+from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
+
+ADMIN_CLIENT_FILE = "admin-client.json"
+ADMIN_SCOPE = "system/*.cruds"
+
+
+class InitError(Exception):
+    pass
+
+
+def is_initialised(settings: Settings) -> bool:
+    return settings.database_path.exists()
+
+
+def initialise(settings: Settings, clock: Clock | None = None) -> Path:
+    """Create everything a new deployment needs. Returns the admin credentials file."""
+    clock = clock or SystemClock()
+    data_dir = settings.data_dir
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise InitError(f"refusing to initialise: {data_dir} exists and is not empty")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    root = KeyFileProvider.create(settings.root_key_path)
+    store = SqliteStore(settings.database_path)
+    try:
+        def setup(tx: WriteTx) -> None:
+            tx.set_meta(INSTANCE_META, secrets.token_hex(8).encode())
+            AuthService.create_signing_key(tx, root)
+
+        store.write_sync("init", setup)
+        keys = KeyRing(store, root, settings.tenant, clock)
+        keys.initialise()
+        keys.for_compartment_sync(AUDIT_COMPARTMENT)
+        auth = AuthService(store, root, clock, issuer=issuer_for(store), tenant=settings.tenant,
+                           token_ttl_seconds=settings.token_ttl_seconds)
+        admin = auth.register_client("admin", ADMIN_SCOPE)
+    finally:
+        store.close()
+    path = data_dir / ADMIN_CLIENT_FILE
+    write_private_file(path, json.dumps({"client_id": admin.client_id, "client_secret": admin.client_secret},
+                                    indent=2).encode() + b"\n")
+    return path

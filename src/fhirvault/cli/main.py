@@ -1,0 +1,141 @@
+"""The ``fhirvault`` command: init, serve, client create, keys rotate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fhirvault import __version__
+from fhirvault.config import Settings, SettingsError, load_settings
+
+
+def _settings_options(p: argparse.ArgumentParser, *, server: bool = False) -> None:
+    p.add_argument("--data-dir", dest="data_dir", help="data directory (env FHIRVAULT_DATA_DIR)")
+    p.add_argument("--config", dest="config_file", type=Path, help="TOML config file (env FHIRVAULT_CONFIG)")
+    p.add_argument("--root-key-file", dest="root_key_file", help="root key file (default DATA_DIR/root.key)")
+    if server:
+        p.add_argument("--host", help="bind address (default 127.0.0.1)")
+        p.add_argument("--port", type=int, help="port (default 8080)")
+        p.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain; enables HTTPS (TLS 1.2+)")
+        p.add_argument("--tls-key", dest="tls_key", help="PEM private key for --tls-cert")
+        p.add_argument("--public-base-url", dest="public_base_url", help="external URL, e.g. https://fhir.example.org")
+        p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fhirvault", description="Encrypted FHIR R4 health-data host.")
+    parser.add_argument("--version", action="version", version=f"fhirvault {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_init = sub.add_parser("init", help="create a new data directory (keys, database, admin client)")
+    _settings_options(p_init)
+
+    p_serve = sub.add_parser("serve", help="serve the FHIR API (initialises the data directory on first run)")
+    _settings_options(p_serve, server=True)
+
+    p_client = sub.add_parser("client", help="manage OAuth clients")
+    client_sub = p_client.add_subparsers(dest="client_command", required=True)
+    p_create = client_sub.add_parser("create", help="register a client and print its credentials as JSON")
+    _settings_options(p_create)
+    p_create.add_argument("--name", required=True)
+    p_create.add_argument("--scope", required=True, help='SMART scopes, e.g. "system/*.cruds"')
+    p_create.add_argument("--jwks-file", type=Path, help="public JWK Set for private_key_jwt authentication")
+    p_create.add_argument("--no-secret", action="store_true", help="private_key_jwt only (needs --jwks-file)")
+
+    p_keys = sub.add_parser("keys", help="key management")
+    keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
+    p_rot = keys_sub.add_parser("rotate", help="rotate the root key or the tenant key (re-wraps, no re-encryption)")
+    _settings_options(p_rot)
+    p_rot.add_argument("--level", choices=["root", "tenant"], required=True)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    names = ("data_dir", "root_key_file", "host", "port", "tls_cert", "tls_key", "public_base_url", "log_level")
+    cli: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return load_settings(cli, config_file=args.config_file)
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"fhirvault: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _load(args)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    try:
+        if args.command == "init":
+            return _init(settings)
+        if args.command == "serve":
+            from fhirvault.cli.serve import serve
+
+            return serve(settings)
+        if args.command == "client":
+            return _client_create(settings, args)
+        if args.command == "keys":
+            return _rotate(settings, args.level)
+    except KeyboardInterrupt:
+        return 130
+    return _fail("unknown command")
+
+
+def _init(settings: Settings) -> int:
+    from fhirvault.bootstrap import InitError, initialise
+
+    try:
+        path = initialise(settings)
+    except InitError as exc:
+        return _fail(str(exc))
+    print(f"Initialised {settings.data_dir}; admin client credentials written to {path}")
+    return 0
+
+
+def _client_create(settings: Settings, args: argparse.Namespace) -> int:
+    from fhirvault.container import build
+    from fhirvault.domain.scopes import ScopeError
+
+    jwks = None
+    if args.jwks_file is not None:
+        try:
+            jwks = json.loads(args.jwks_file.read_text())
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot read JWK Set: {exc}")
+    try:
+        container = build(settings)
+    except Exception as exc:  # a missing or uninitialised data dir, a wrong key file
+        return _fail(str(exc))
+    try:
+        client = container.auth.register_client(args.name, args.scope, jwks=jwks, with_secret=not args.no_secret)
+    except ScopeError as exc:
+        return _fail(str(exc))
+    finally:
+        container.close()
+    out: dict[str, Any] = {"client_id": client.client_id, "name": client.name, "scope": client.scope}
+    if client.client_secret is not None:
+        out["client_secret"] = client.client_secret
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _rotate(settings: Settings, level: str) -> int:
+    from fhirvault.keyrotation import rotate_root_key, rotate_tenant_key
+
+    if level == "root":
+        new_id = rotate_root_key(settings)
+        print(f"root key rotated; new root key id {new_id}; tenant keys and token signing key re-wrapped")
+    else:
+        version = rotate_tenant_key(settings)
+        print(f"tenant key rotated to version {version}; data keys re-wrapped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Settings, read once into a frozen typed object.
+
+Precedence (highest first): command-line options, ``FHIRVAULT_*`` environment
+variables, the TOML config file (``--config``, ``FHIRVAULT_CONFIG`` or
+``DATA_DIR/fhirvault.toml``), built-in defaults. Unknown keys and invalid values
+fail fast with a message naming the setting and where it came from. Secrets are
+never part of the settings: they live in the data directory's key material.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FHIRVAULT_"
+CONFIG_FILE_NAME = "fhirvault.toml"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or invalid; the message says which and where from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    root_key_file: Path | None = None  # default: DATA_DIR/root.key
+    public_base_url: str | None = None  # e.g. https://fhir.example.org (no trailing /fhir)
+    max_body_bytes: int = 16 * 1024 * 1024
+    validation: str = "strict"  # strict | lenient (lenient accepts unknown elements)
+    token_ttl_seconds: int = 300
+    default_page_size: int = 50
+    max_page_size: int = 1000
+    log_level: str = "info"
+    tenant: str = "default"
+
+    @property
+    def root_key_path(self) -> Path:
+        return self.root_key_file or self.data_dir / "root.key"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "fhirvault.sqlite3"
+
+
+def _positive_int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def parse(name: str, raw: Any) -> int:
+        if isinstance(raw, bool):
+            raise SettingsError(f"{name}: expected an integer")
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{name}: expected an integer") from None
+        if not lo <= value <= hi:
+            raise SettingsError(f"{name}: must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, raw: Any) -> str:
+        value = str(raw).lower()
+        if value not in choices:
+            raise SettingsError(f"{name}: must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _path(name: str, raw: Any) -> Path:
+    if not isinstance(raw, (str, Path)) or not str(raw):
+        raise SettingsError(f"{name}: expected a path")
+    return Path(raw).expanduser().absolute()
+
+
+def _text(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise SettingsError(f"{name}: expected a non-empty string")
+    return raw
+
+
+def _base_url(name: str, raw: Any) -> str:
+    value = _text(name, raw).rstrip("/")
+    if not value.startswith(("http://", "https://")):
+        raise SettingsError(f"{name}: must start with http:// or https://")
+    return value
+
+
+def _tenant(name: str, raw: Any) -> str:
+    value = _text(name, raw)
+    if not value.replace("-", "").isalnum() or len(value) > 64:
+        raise SettingsError(f"{name}: letters, digits and '-' only, at most 64")
+    return value
+
+
+_PARSERS: dict[str, Callable[[str, Any], Any]] = {
+    "data_dir": _path,
+    "host": _text,
+    "port": _positive_int(0, 65535),
+    "tls_cert": _path,
+    "tls_key": _path,
+    "root_key_file": _path,
+    "public_base_url": _base_url,
+    "max_body_bytes": _positive_int(1024, 1024 * 1024 * 1024),
+    "validation": _choice("strict", "lenient"),
+    "token_ttl_seconds": _positive_int(30, 3600),
+    "default_page_size": _positive_int(1, 1000),
+    "max_page_size": _positive_int(1, 10000),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "tenant": _tenant,
+}
+assert set(_PARSERS) == {f.name for f in dataclasses.fields(Settings)}
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    found: dict[str, tuple[str, str]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in _PARSERS:
+            raise SettingsError(f"unknown setting in environment: {key}")
+        found[name] = (value, f"environment variable {key}")
+    return found
+
+
+def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    found: dict[str, tuple[Any, str]] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in _PARSERS:
+            raise SettingsError(f"unknown setting '{key}' in config file {path}")
+        found[name] = (value, f"config file {path}")
+    return found
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Merge the sources and validate every value once."""
+    environ = os.environ if environ is None else environ
+    cli_values = {k: (v, f"option --{k.replace('_', '-')}") for k, v in (cli or {}).items() if v is not None}
+    for name in cli_values:
+        if name not in _PARSERS:
+            raise SettingsError(f"unknown setting {name}")
+    env_values = _from_env(environ)
+
+    file_path = config_file or (Path(environ[ENV_PREFIX + "CONFIG"]) if ENV_PREFIX + "CONFIG" in environ else None)
+    if file_path is None:
+        data_dir_raw = cli_values.get("data_dir") or env_values.get("data_dir")
+        if data_dir_raw is not None:
+            candidate = Path(str(data_dir_raw[0])).expanduser() / CONFIG_FILE_NAME
+            file_path = candidate if candidate.is_file() else None
+    file_values = _from_file(file_path) if file_path is not None else {}
+
+    merged: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        for source in (cli_values, env_values, file_values):
+            if name in source:
+                raw, origin = source[name]
+                try:
+                    merged[name] = parse(name, raw)
+                except SettingsError as exc:
+                    raise SettingsError(f"{exc} (from {origin})") from None
+                break
+    if "data_dir" not in merged:
+        raise SettingsError("data_dir is required: pass --data-dir or set FHIRVAULT_DATA_DIR")
+    if ("tls_cert" in merged) != ("tls_key" in merged):
+        raise SettingsError("tls_cert and tls_key must be given together")
+    settings = Settings(**merged)
+    if settings.default_page_size > settings.max_page_size:
+        raise SettingsError("default_page_size must not exceed max_page_size")
+    return settings

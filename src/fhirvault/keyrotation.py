@@ -1,0 +1,50 @@
+"""Key rotation: new upper keys re-wrap the keys below them; resources are never re-encrypted.
+
+Root rotation is crash-safe: the new root key is added to the key file first
+(both keys are then present), the tenant keys and the token signing key are
+re-wrapped in one transaction, and only then is the old root key removed. A
+crash in between leaves a key file that still opens everything.
+"""
+
+from __future__ import annotations
+
+from fhirvault.adapters.keyfile import KeyFileProvider
+from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.config import Settings
+from fhirvault.container import SystemClock
+from fhirvault.ports import WriteTx
+from fhirvault.services.auth import SIGNING_META, AuthService
+from fhirvault.services.keys import KeyRing
+
+
+def rotate_root_key(settings: Settings) -> str:
+    provider = KeyFileProvider.load(settings.root_key_path)
+    old_ids = [k for k in provider.key_ids]
+    store = SqliteStore(settings.database_path)
+    try:
+        keys = KeyRing(store, provider, settings.tenant, SystemClock())
+        keys.load()
+        new_id = provider.begin_rotation()
+        keys.rewrap_tenant_keys(provider)
+        meta = store.get_meta(SIGNING_META)
+        if meta is not None:
+            def rewrap(tx: WriteTx) -> None:
+                AuthService.rewrap_signing_key(tx, provider, provider, meta)
+
+            store.write_sync("keys.rotate-root.signing", rewrap)
+    finally:
+        store.close()
+    for kid in old_ids:
+        provider.retire(kid)
+    return new_id
+
+
+def rotate_tenant_key(settings: Settings) -> int:
+    provider = KeyFileProvider.load(settings.root_key_path)
+    store = SqliteStore(settings.database_path)
+    try:
+        keys = KeyRing(store, provider, settings.tenant, SystemClock())
+        keys.load()
+        return keys.rotate_tenant_key()
+    finally:
+        store.close()

@@ -1,0 +1,64 @@
+"""Structured JSON logs on stderr, one object a line, with the request id.
+
+Nothing here logs bodies, names, tokens, secrets or query strings. Exception
+reports carry the exception type and the stack frames (file, line, function)
+but not the exception message, which could quote patient data.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+import time
+import traceback
+from typing import Any
+
+import orjson
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+def safe_traceback(exc: BaseException) -> dict[str, Any]:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return {
+        "type": type(exc).__module__ + "." + type(exc).__qualname__,
+        "frames": [f"{f.filename}:{f.lineno} in {f.name}" for f in frames[-20:]],
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        rid = request_id_var.get()
+        if rid:
+            doc["request_id"] = rid
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                doc[key] = value
+        if record.exc_info and record.exc_info[1] is not None:
+            doc["exception"] = safe_traceback(record.exc_info[1])
+        return orjson.dumps(doc, default=str).decode()
+
+
+def configure(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = JsonFormatter()
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own loggers: keep errors, drop its access log (it prints query strings).
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

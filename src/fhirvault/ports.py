@@ -1,0 +1,132 @@
+"""Ports: what the services need from the outside world, as Protocols.
+
+Adapters (SQLite now, PostgreSQL later, key files, KMS/HSM…) implement them;
+services only ever see these names. Every store write runs inside ``write()``,
+whose callable receives a ``WriteTx``: one database transaction, committed and
+synced to disk before ``write()`` returns (group commit shares the sync among
+concurrent writers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int:
+        """Milliseconds since the Unix epoch, UTC."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """One encrypted resource version as the store keeps it. Only routing data is in clear."""
+
+    type: str
+    id: str
+    version: int
+    last_updated_ms: int
+    deleted: bool
+    key_id: str
+    blob: bytes  # AEAD envelope of the resource JSON (empty for a deletion marker)
+    seq: int = 0  # store-wide order of writes, assigned by the store
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    key_id: str
+    wrapped: bytes  # data key wrapped under a tenant key version
+    kek_version: int
+    compartment: bytes  # AEAD envelope of the compartment name under the same KEK
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeyRow:
+    tenant: str
+    version: int
+    wrapped: bytes  # tenant key wrapped by the root key provider
+    root_key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRow:
+    client_id: str
+    tenant: str
+    name: str
+    secret_hash: str | None  # Argon2id; None for private_key_jwt-only clients
+    scopes: str
+    jwks: str | None  # public JWK Set (JSON) for private_key_jwt
+    created_ms: int
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    tenant: str
+    type: str | None = None
+    id: str | None = None
+    types: frozenset[str] | None = None  # restrict system history to these types
+    since_ms: int | None = None
+    before_seq: int | None = None  # page cursor: only versions with seq < before_seq
+    limit: int = 50
+
+
+class WriteTx(Protocol):
+    """One open write transaction. Used only inside ``ResourceStore.write``."""
+
+    def current(self, tenant: str, type: str, id: str) -> StoredVersion | None: ...
+    def insert_version(self, tenant: str, version: StoredVersion) -> int: ...
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None: ...
+    def insert_data_key(self, tenant: str, lookup: bytes, key: WrappedKey, created_ms: int) -> None: ...
+    def rewrap_data_key(self, key_id: str, wrapped: bytes, compartment: bytes, kek_version: int) -> None: ...
+    def all_data_keys(self, tenant: str) -> list[WrappedKey]: ...
+    def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None: ...
+    def replace_tenant_key(self, row: TenantKeyRow) -> None: ...
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]: ...
+    def set_meta(self, name: str, value: bytes) -> None: ...
+    def insert_client(self, row: ClientRow) -> None: ...
+    def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool: ...
+    def append_audit(self, tenant: str, ts_ms: int, blob: bytes) -> int: ...
+
+
+class ResourceStore(Protocol):
+    async def write(self, name: str, fn: Callable[[WriteTx], T]) -> T:
+        """Run ``fn`` in a transaction; return once it is committed and durable."""
+        ...
+
+    def write_sync(self, name: str, fn: Callable[[WriteTx], T]) -> T:
+        """Same as ``write`` for callers without an event loop (CLI, start-up)."""
+        ...
+
+    def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None: ...
+    def read_version(self, tenant: str, type: str, id: str, version: int) -> StoredVersion | None: ...
+    def history(self, query: HistoryQuery) -> list[StoredVersion]: ...
+    def history_count(self, query: HistoryQuery) -> int: ...
+    def max_seq(self) -> int: ...
+    def data_key(self, tenant: str, key_id: str) -> WrappedKey | None: ...
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]: ...
+    def get_meta(self, name: str) -> bytes | None: ...
+    def client(self, client_id: str) -> ClientRow | None: ...
+    def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]: ...
+    def close(self) -> None: ...
+
+
+class RootKeyProvider(Protocol):
+    """The top of the key hierarchy (key file, HSM, KMS). Never hands out the root key."""
+
+    @property
+    def active_key_id(self) -> str: ...
+    def wrap(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]: ...
+    def unwrap(self, key_id: str, blob: bytes, aad: bytes) -> bytes: ...
+
+
+class AuditLog(Protocol):
+    def record(self, tx: WriteTx, event: Any) -> None:
+        """Append one audit event inside the caller's transaction."""
+        ...
+
+

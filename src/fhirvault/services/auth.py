@@ -1,0 +1,297 @@
+"""Built-in OAuth 2.0 authorization server (client credentials) and token checks.
+
+* Clients authenticate with ``client_secret_basic``, ``client_secret_post`` or
+  ``private_key_jwt`` (SMART Backend Services: a JWT signed with a key from the
+  client's registered JWK Set, ``iss``=``sub``=client id, ``aud``=token URL,
+  short ``exp``, single-use ``jti``).
+* Secrets are stored as Argon2id hashes (argon2-cffi); an unknown client costs
+  the same hash as a known one, so timing does not reveal which ids exist.
+* Access tokens are short-lived ES256 JWTs signed with a server key that is
+  kept wrapped by the root key. Verified tokens are cached until they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import ECKey, KeySet
+
+from fhirvault.domain.scopes import Grants, ResourceScope, ScopeError, narrow, parse_scopes
+from fhirvault.ports import ClientRow, Clock, ResourceStore, RootKeyProvider, WriteTx
+from fhirvault.services.crypto import DecryptionError, associated_data
+
+JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_ALGORITHMS = ["RS384", "ES384", "RS256", "ES256", "PS384", "PS256"]
+_ACCESS_ALG = "ES256"
+SIGNING_META = "token-signing-key"
+_TOKEN_CACHE_MAX = 50_000
+_MAX_ASSERTION_LIFETIME_S = 300
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error response."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "error_description": self.description}
+
+
+class TokenError(Exception):
+    """An access token was refused. The message is safe to show; it never includes the token."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    client_id: str
+    tenant: str
+    scope: str
+    grants: Grants
+    expires_at: int
+    token_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewClient:
+    client_id: str
+    client_secret: str | None
+    name: str
+    scope: str
+
+
+_hasher = PasswordHasher()  # Argon2id, RFC 9106 low-memory profile defaults
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+def _signing_aad() -> bytes:
+    return associated_data("token-signing-key")
+
+
+class AuthService:
+    def __init__(self, store: ResourceStore, root: RootKeyProvider, clock: Clock, *,
+                 issuer: str, tenant: str, token_ttl_seconds: int) -> None:
+        self._store = store
+        self._root = root
+        self._clock = clock
+        self.issuer = issuer
+        self.audience = issuer + "/fhir"
+        self._tenant = tenant
+        self._ttl = token_ttl_seconds
+        self._key = self._load_signing_key()
+        public = self._key.as_dict(private=False)
+        self.kid = self._key.thumbprint()
+        public.update({"kid": self.kid, "use": "sig", "alg": _ACCESS_ALG})
+        self.jwks: dict[str, Any] = {"keys": [public]}
+        self._verify_keys = KeySet.import_key_set(self.jwks)
+        self._cache: OrderedDict[str, Principal] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    # -- server signing key ---------------------------------------------------
+    def _load_signing_key(self) -> ECKey:
+        meta = self._store.get_meta(SIGNING_META)
+        if meta is None:
+            raise RuntimeError("token signing key missing; run 'fhirvault init'")
+        doc = orjson.loads(meta)
+        try:
+            pem = self._root.unwrap(doc["root_key_id"], bytes.fromhex(doc["wrapped"]), _signing_aad())
+        except DecryptionError:
+            raise RuntimeError("token signing key does not unwrap with this root key") from None
+        return ECKey.import_key(pem)
+
+    @staticmethod
+    def create_signing_key(tx: WriteTx, root: RootKeyProvider) -> None:
+        pem = ECKey.generate_key("P-256").as_pem(private=True)
+        root_id, wrapped = root.wrap(pem, _signing_aad())
+        tx.set_meta(SIGNING_META, orjson.dumps({"root_key_id": root_id, "wrapped": wrapped.hex()}))
+
+    @staticmethod
+    def rewrap_signing_key(tx: WriteTx, old: RootKeyProvider, new: RootKeyProvider, meta: bytes) -> None:
+        doc = orjson.loads(meta)
+        pem = old.unwrap(doc["root_key_id"], bytes.fromhex(doc["wrapped"]), _signing_aad())
+        root_id, wrapped = new.wrap(pem, _signing_aad())
+        tx.set_meta(SIGNING_META, orjson.dumps({"root_key_id": root_id, "wrapped": wrapped.hex()}))
+
+    # -- clients ----------------------------------------------------------------
+    def register_client(self, name: str, scope: str, *, jwks: Mapping[str, Any] | None = None,
+                        with_secret: bool = True) -> NewClient:
+        scopes = parse_scopes(scope)  # raises ScopeError with a clear message
+        if not scopes:
+            raise ScopeError("at least one resource scope is required (e.g. system/*.cruds)")
+        if any(s.context != "system" for s in scopes):
+            raise ScopeError("clients registered here use system/ scopes (user/ and patient/ need a login)")
+        if jwks is not None:
+            try:
+                KeySet.import_key_set(dict(jwks))
+            except (JoseError, ValueError, TypeError, KeyError):
+                raise ScopeError("the JWK Set is not valid") from None
+        if not with_secret and jwks is None:
+            raise ScopeError("a client without a secret needs a JWK Set")
+        client_id = "fv-" + secrets.token_hex(10)
+        secret = secrets.token_urlsafe(32) if with_secret else None
+        row = ClientRow(
+            client_id=client_id,
+            tenant=self._tenant,
+            name=name,
+            secret_hash=_hasher.hash(secret) if secret else None,
+            scopes=" ".join(str(s) for s in scopes),
+            jwks=orjson.dumps(dict(jwks)).decode() if jwks is not None else None,
+            created_ms=self._clock.now_ms(),
+        )
+        self._store.write_sync("clients.create", lambda tx: tx.insert_client(row))
+        return NewClient(client_id, secret, name, row.scopes)
+
+    # -- token endpoint ------------------------------------------------------
+    def authenticate_client(self, form: Mapping[str, str], basic: tuple[str, str] | None,
+                            token_url: str) -> tuple[ClientRow, str | None]:
+        """Identify the client. Returns the row and, for private_key_jwt, the assertion's jti+exp."""
+        assertion = form.get("client_assertion")
+        if assertion is not None or "client_assertion_type" in form:
+            if basic is not None or "client_secret" in form:
+                raise OAuthError("invalid_request", "use exactly one client authentication method")
+            if form.get("client_assertion_type") != JWT_BEARER_ASSERTION or not assertion:
+                raise OAuthError("invalid_client", "unsupported client_assertion_type", 401)
+            return self._check_assertion(assertion, token_url)
+        if basic is not None:
+            if "client_secret" in form:
+                raise OAuthError("invalid_request", "use exactly one client authentication method")
+            client_id, secret = basic
+        else:
+            client_id, secret = form.get("client_id", ""), form.get("client_secret", "")
+        if not client_id or not secret:
+            raise OAuthError("invalid_client", "client authentication required", 401)
+        row = self._store.client(client_id) if len(client_id) <= 128 else None
+        try:
+            _hasher.verify(row.secret_hash if row and row.secret_hash else _DUMMY_HASH, secret)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            row = None
+        else:
+            if row is None or row.secret_hash is None:
+                row = None
+        if row is None or row.disabled:
+            raise OAuthError("invalid_client", "client authentication failed", 401)
+        return row, None
+
+    def _check_assertion(self, assertion: str, token_url: str) -> tuple[ClientRow, str]:
+        failed = OAuthError("invalid_client", "client assertion rejected", 401)
+        claims = unverified_claims(assertion)
+        client_id = claims.get("iss")
+        if not isinstance(client_id, str) or claims.get("sub") != client_id or len(client_id) > 128:
+            raise failed
+        row = self._store.client(client_id)
+        if row is None or row.disabled or row.jwks is None:
+            raise failed
+        now = self._clock.now_ms() // 1000
+        try:
+            keys = KeySet.import_key_set(orjson.loads(row.jwks))
+            token = jwt.decode(assertion, keys, algorithms=ASSERTION_ALGORITHMS)
+            jwt.JWTClaimsRegistry(
+                now=now, leeway=30,
+                iss={"essential": True, "value": client_id},
+                sub={"essential": True, "value": client_id},
+                aud={"essential": True, "value": token_url},
+                exp={"essential": True},
+                jti={"essential": True},
+            ).validate(token.claims)
+        except (JoseError, ValueError, TypeError):
+            raise failed from None
+        exp = int(token.claims["exp"])
+        if exp > now + _MAX_ASSERTION_LIFETIME_S:
+            raise OAuthError("invalid_client", "client assertion lives too long (max 5 minutes)", 401)
+        return row, f"{client_id}:{token.claims['jti']}:{exp}"
+
+    def issue(self, client: ClientRow, requested_scope: str | None) -> dict[str, Any]:
+        allowed = parse_scopes(client.scopes, strict=False)
+        if requested_scope:
+            try:
+                requested = parse_scopes(requested_scope)
+            except ScopeError as exc:
+                raise OAuthError("invalid_scope", str(exc)) from None
+            granted = narrow(requested, allowed)
+        else:
+            granted = allowed
+        if not granted:
+            raise OAuthError("invalid_scope", "none of the requested scopes is allowed for this client")
+        scope = " ".join(str(s) for s in granted)
+        now = self._clock.now_ms() // 1000
+        jti = secrets.token_urlsafe(16)
+        claims = {
+            "iss": self.issuer, "aud": self.audience, "sub": client.client_id, "client_id": client.client_id,
+            "tenant": client.tenant, "scope": scope, "iat": now, "nbf": now, "exp": now + self._ttl, "jti": jti,
+        }
+        token = jwt.encode({"alg": _ACCESS_ALG, "kid": self.kid, "typ": "at+jwt"}, claims, self._key,
+                           algorithms=[_ACCESS_ALG])
+        return {"access_token": token, "token_type": "Bearer", "expires_in": self._ttl, "scope": scope}
+
+    # -- resource server side ------------------------------------------------
+    def verify(self, token: str) -> Principal:
+        now = self._clock.now_ms() // 1000
+        with self._cache_lock:
+            cached = self._cache.get(token)
+        if cached is not None:
+            if cached.expires_at > now:
+                return cached
+            with self._cache_lock:
+                self._cache.pop(token, None)
+            raise TokenError("access token expired")
+        if len(token) > 4096:
+            raise TokenError("access token malformed")
+        try:
+            decoded = jwt.decode(token, self._verify_keys, algorithms=[_ACCESS_ALG])
+            if decoded.header.get("typ") != "at+jwt":
+                raise TokenError("access token malformed")
+            jwt.JWTClaimsRegistry(
+                now=now, leeway=5,
+                iss={"essential": True, "value": self.issuer},
+                aud={"essential": True, "value": self.audience},
+                exp={"essential": True}, nbf={"essential": True},
+                tenant={"essential": True, "value": self._tenant},
+                sub={"essential": True}, scope={"essential": True}, jti={"essential": True},
+            ).validate(decoded.claims)
+        except JoseError:
+            raise TokenError("access token invalid or expired") from None
+        except (ValueError, TypeError, KeyError):
+            raise TokenError("access token malformed") from None
+        claims = decoded.claims
+        principal = Principal(
+            client_id=str(claims["sub"]),
+            tenant=str(claims["tenant"]),
+            scope=str(claims["scope"]),
+            grants=Grants(tuple(parse_scopes(str(claims["scope"]), strict=False))),
+            expires_at=int(claims["exp"]),
+            token_id=str(claims["jti"]),
+        )
+        with self._cache_lock:
+            self._cache[token] = principal
+            while len(self._cache) > _TOKEN_CACHE_MAX:
+                self._cache.popitem(last=False)
+        return principal
+
+
+def unverified_claims(assertion: str) -> dict[str, Any]:
+    """Read a JWT's claims without checking it, only to find which client's keys to check it with."""
+    try:
+        payload = assertion.split(".")[1]
+        data = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, orjson.JSONDecodeError):
+        raise OAuthError("invalid_client", "client assertion rejected", 401) from None
+    if not isinstance(data, dict):
+        raise OAuthError("invalid_client", "client assertion rejected", 401)
+    return data
+
+
+__all__ = ["AuthService", "NewClient", "OAuthError", "Principal", "ResourceScope", "TokenError"]

@@ -1,0 +1,110 @@
+"""The ASGI application: /fhir (FHIR REST), /oauth2 (token), discovery and health checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fhirvault.container import Container, capability_bytes
+from fhirvault.domain import errors
+from fhirvault.domain.r4 import resource_types
+from fhirvault.fhir.router import FhirRouter
+from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
+from fhirvault.web.fhir_endpoint import FhirEndpoint
+from fhirvault.web.middleware import RequestContextMiddleware
+from fhirvault.web.oauth import OAuthEndpoints
+
+log = logging.getLogger("fhirvault.app")
+FHIR_PREFIX = "/fhir"
+
+
+class _PerBaseUrl:
+    """Documents that embed the public URL, built once per base URL seen (bounded)."""
+
+    def __init__(self, container: Container) -> None:
+        self._c = container
+        self._capability: dict[str, bytes] = {}
+
+    def capability(self, base_url: str, token_url: str) -> bytes:
+        doc = self._capability.get(base_url)
+        if doc is None:
+            doc = capability_bytes(base_url, token_url, self._c.clock)
+            if len(self._capability) < 16:
+                self._capability[base_url] = doc
+        return doc
+
+
+class _Dispatcher:
+    """/fhir goes straight to the FHIR endpoint (its hot path skips Starlette's routing)."""
+
+    def __init__(self, fhir: ASGIApp, other: ASGIApp) -> None:
+        self._fhir = fhir
+        self._other = other
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path == FHIR_PREFIX or path.startswith(FHIR_PREFIX + "/"):
+                await self._fhir(scope, receive, send)
+                return
+        await self._other(scope, receive, send)
+
+
+def create_app(container: Container) -> ASGIApp:
+    settings = container.settings
+    repo = container.repository
+    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url)
+    docs = _PerBaseUrl(container)
+    types = frozenset(resource_types())
+
+    def documents_for(base_url: str) -> tuple[bytes, bytes]:
+        token_url = base_url[: -len(FHIR_PREFIX)] + "/oauth2/token"
+        return docs.capability(base_url, token_url), orjson.dumps(oauth.smart_configuration_for(token_url))
+
+    router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
+                        max_count=settings.max_page_size)
+    fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
+                        public_base_url=settings.public_base_url)
+
+    async def livez(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            await container.store.write("health.ready", lambda tx: None)
+        except Exception:
+            log.exception("readiness check failed")
+            return JSONResponse({"status": "unavailable"}, 503)
+        return JSONResponse({"status": "ready"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return Response(orjson.dumps(errors.not_found("Unknown URL.").outcome()), 404,
+                        media_type="application/fhir+json")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        container.close()
+
+    other = Starlette(
+        routes=[
+            Route("/oauth2/token", oauth.token, methods=["POST"], name="token"),
+            Route("/oauth2/jwks", oauth.jwks, methods=["GET"]),
+            Route("/.well-known/smart-configuration", oauth.smart_configuration, methods=["GET"]),
+            Route("/livez", livez, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+        ],
+        exception_handlers={404: not_found},
+        lifespan=lifespan,
+    )
+    return RequestContextMiddleware(_Dispatcher(fhir, other), hsts=settings.tls_cert is not None)
+
+
+__all__ = ["create_app"]

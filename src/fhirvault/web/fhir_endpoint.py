@@ -1,0 +1,87 @@
+"""HTTP ↔ FhirRequest for everything under /fhir: body limit, authentication, errors."""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import parse_qsl
+
+from fhirvault.domain import errors
+from fhirvault.domain.errors import OperationOutcomeError
+from fhirvault.fhir.messages import FhirRequest
+from fhirvault.fhir.router import FhirRouter, is_public
+from fhirvault.services.auth import AuthService, TokenError
+from fhirvault.services.repository import IntegrityError, Repository, RequestContext
+from fhirvault.web.asgi import BodyTooLarge, Receive, Scope, Send, header_map, read_body, send_outcome, send_response
+from fhirvault.web.context import client_ip, request_id_of, set_client_id
+
+log = logging.getLogger("fhirvault.fhir")
+_HOST = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?$")
+_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
+
+
+class FhirEndpoint:
+    def __init__(self, router: FhirRouter, auth: AuthService, repo: Repository, *, prefix: str,
+                 max_body: int, public_base_url: str | None) -> None:
+        self._router = router
+        self._auth = auth
+        self._repo = repo
+        self._prefix = prefix
+        self._max_body = max_body
+        self._public_base = public_base_url
+
+    def base_url(self, scope: Scope, headers: dict[str, str]) -> str:
+        if self._public_base:
+            return self._public_base + self._prefix
+        host = headers.get("host", "")
+        if not _HOST.match(host):
+            server = scope.get("server") or ("localhost", 80)
+            host = f"{server[0]}:{server[1]}"
+        return f"{scope.get('scheme', 'http')}://{host}{self._prefix}"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope["method"]
+        head = method == "HEAD"
+        try:
+            await self._handle(scope, receive, send, method)
+        except OperationOutcomeError as exc:
+            await send_outcome(send, exc, head)
+        except BodyTooLarge:
+            await send_outcome(send, errors.too_large(f"The request body exceeds {self._max_body} bytes."), head)
+        except IntegrityError:
+            log.error("stored data failed its integrity check")
+            await send_outcome(send, errors.internal_error(), head)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
+        path = scope["path"][len(self._prefix):]
+        segments = [s for s in path.split("/") if s] if path not in ("", "/") else []
+        headers = header_map(scope)
+        if method not in _METHODS:
+            raise errors.method_not_allowed("Method not allowed.")
+        ctx = RequestContext(None, request_id_of(scope), client_ip(scope))
+        if not is_public(method, segments):
+            ctx = await self._authenticate(ctx, headers)
+        body = await read_body(scope, receive, self._max_body) if method in ("POST", "PUT", "PATCH") else b""
+        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        request = FhirRequest(method, segments, query, headers, body, ctx, self.base_url(scope, headers))
+        response = await self._router.handle(request)
+        await send_response(send, response.status, response.body, response.headers, method == "HEAD")
+
+    async def _authenticate(self, ctx: RequestContext, headers: dict[str, str]) -> RequestContext:
+        authorization = headers.get("authorization")
+        if authorization is None:
+            await self._repo.audit_event(ctx, "authenticate", 401, "no access token")
+            exc = errors.unauthorized("Authentication required: send an OAuth 2.0 bearer token.")
+            exc.headers = {"WWW-Authenticate": 'Bearer realm="fhirvault"'}
+            raise exc
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            await self._repo.audit_event(ctx, "authenticate", 401, "not a bearer token")
+            raise errors.unauthorized("The Authorization header must carry a Bearer token.", "invalid_request")
+        try:
+            principal = self._auth.verify(token.strip())
+        except TokenError as exc:
+            await self._repo.audit_event(ctx, "authenticate", 401, str(exc))
+            raise errors.unauthorized(f"Invalid access token: {exc}.") from None
+        set_client_id(principal.client_id)
+        return RequestContext(principal, ctx.request_id, ctx.source_ip)

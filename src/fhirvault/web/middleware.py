@@ -1,0 +1,83 @@
+"""Outermost middleware: request id, access log, and the last line of defence for errors."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+
+from fhirvault.domain import errors
+from fhirvault.logs import request_id_var
+from fhirvault.web.asgi import ASGIApp, Message, Receive, Scope, Send, send_outcome
+from fhirvault.web.context import REQUEST_ID_KEY, new_client_holder
+
+access_log = logging.getLogger("fhirvault.access")
+error_log = logging.getLogger("fhirvault.error")
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9\-_.]{8,64}$")
+
+
+def _route_kind(path: str) -> str:
+    """A low-cardinality description of the path for logs (no ids, no query)."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "/"
+    if parts[0] != "fhir":
+        return "/" + "/".join(parts[:2])
+    rest = parts[1:]
+    if not rest:
+        return "/fhir"
+    shape = [rest[0]]
+    for p in rest[1:]:
+        shape.append(p if p.startswith("_") else "{id}" if len(shape) == 1 else "{vid}")
+    return "/fhir/" + "/".join(shape)
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
+        self.app = app
+        self.hsts = hsts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        supplied = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+        rid = supplied.decode() if supplied is not None and _REQUEST_ID.match(supplied) else secrets.token_hex(12)
+        scope[REQUEST_ID_KEY] = rid
+        token = request_id_var.set(rid)
+        holder = new_client_holder()
+        started = time.perf_counter()
+        status = 500
+        sent = False
+
+        async def wrapped_send(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                sent = True
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", rid.encode()))
+                if self.hsts:
+                    headers.append((b"strict-transport-security", b"max-age=63072000"))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, wrapped_send)
+        except Exception:
+            error_log.exception("unhandled error")
+            if not sent:
+                await send_outcome(wrapped_send, errors.internal_error())
+        finally:
+            access_log.info(
+                "request",
+                extra={
+                    "method": scope["method"],
+                    "route": _route_kind(scope["path"]),
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "client_id": holder.get("client_id"),
+                },
+            )
+            request_id_var.reset(token)

@@ -1,0 +1,118 @@
+"""OAuth 2.0 endpoints: the token endpoint and discovery documents."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
+
+import orjson
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+
+from fhirvault.services.auth import AuthService, OAuthError
+from fhirvault.services.repository import Repository, RequestContext
+from fhirvault.web.context import client_ip, request_id_of, set_client_id
+
+log = logging.getLogger("fhirvault.oauth")
+_MAX_FORM = 64 * 1024
+SUPPORTED_ASSERTION_ALGS = ["RS384", "ES384", "RS256", "ES256", "PS384", "PS256"]
+
+
+def _json(status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    base = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+    return Response(orjson.dumps(doc), status, {**base, **(headers or {})}, media_type="application/json")
+
+
+def _basic(header: str | None) -> tuple[str, str] | None:
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise OAuthError("invalid_client", "malformed Basic authorization", 401) from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise OAuthError("invalid_client", "malformed Basic authorization", 401)
+    # RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+    return unquote_plus(client_id), unquote_plus(secret)
+
+
+def token_url_for(request: Request, public_base_url: str | None) -> str:
+    if public_base_url:
+        return public_base_url + "/oauth2/token"
+    return str(request.url_for("token"))
+
+
+class OAuthEndpoints:
+    def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None) -> None:
+        self._auth = auth
+        self._repo = repo
+        self._public = public_base_url
+
+    async def token(self, request: Request) -> Response:
+        ctx = RequestContext(None, request_id_of(request.scope), client_ip(request.scope))
+        try:
+            result = await self._token(request)
+        except OAuthError as exc:
+            await self._repo.audit_event(ctx, "token", exc.status, exc.error)
+            headers = {"WWW-Authenticate": 'Basic realm="fhirvault"'} if exc.status == 401 else None
+            return _json(exc.status, exc.body(), headers)
+        set_client_id(result[0])
+        await self._repo.audit_event(ctx, "token", 200, "token issued to " + result[0])
+        return _json(200, result[1])
+
+    async def _token(self, request: Request) -> tuple[str, dict[str, Any]]:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/x-www-form-urlencoded":
+            raise OAuthError("invalid_request", "the token request must be application/x-www-form-urlencoded")
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > _MAX_FORM:
+                raise OAuthError("invalid_request", "request too large")
+        try:
+            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+        except (UnicodeDecodeError, ValueError):
+            raise OAuthError("invalid_request", "malformed form body") from None
+        form = dict(pairs)
+        if len(form) != len(pairs):
+            raise OAuthError("invalid_request", "a parameter was repeated")
+        grant = form.get("grant_type")
+        if grant != "client_credentials":
+            raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
+        token_url = token_url_for(request, self._public)
+        basic = _basic(request.headers.get("authorization"))
+        # Argon2id takes tens of milliseconds: keep it off the event loop.
+        client, assertion_id = await run_in_threadpool(self._auth.authenticate_client, form, basic, token_url)
+        if assertion_id is not None:
+            exp = int(assertion_id.rsplit(":", 1)[1])
+            if not await self._repo.remember_assertion(assertion_id, exp * 1000):
+                raise OAuthError("invalid_client", "client assertion was already used", 401)
+        return client.client_id, self._auth.issue(client, form.get("scope"))
+
+    def smart_configuration_for(self, token: str) -> dict[str, Any]:
+        return {
+            "issuer": self._auth.issuer,
+            "token_endpoint": token,
+            "jwks_uri": token.rsplit("/", 1)[0] + "/jwks",
+            "grant_types_supported": ["client_credentials"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+            "token_endpoint_auth_signing_alg_values_supported": SUPPORTED_ASSERTION_ALGS,
+            "scopes_supported": ["system/*.cruds", "system/*.rs", "system/*.read", "system/*.write"],
+            "response_types_supported": [],
+            "capabilities": ["client-confidential-asymmetric", "client-confidential-symmetric",
+                             "permission-v1", "permission-v2"],
+        }
+
+    async def smart_configuration(self, request: Request) -> Response:
+        return _json(200, self.smart_configuration_for(token_url_for(request, self._public)))
+
+    async def jwks(self, request: Request) -> Response:
+        return _json(200, self._auth.jwks)

@@ -1,0 +1,59 @@
+"""Kill -9 in the middle of a create load: every acknowledged create survives, intact."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import PATIENT, start_server
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+
+
+async def _load(fhir: str, token: str, acknowledged: dict[str, str], stop_at: float) -> None:
+    async with httpx.AsyncClient(base_url=fhir, headers={"Authorization": f"Bearer {token}"}, timeout=10) as c:
+
+        async def worker(n: int) -> None:
+            i = 0
+            while time.monotonic() < stop_at:
+                i += 1
+                family = f"Crash{n}x{i}"
+                try:
+                    r = await c.post("/Patient", json=dict(PATIENT, name=[{"family": family}]), headers=FHIR_JSON)
+                except httpx.HTTPError:
+                    return  # the server died under us
+                if r.status_code == 201:
+                    acknowledged[r.json()["id"]] = family
+
+        await asyncio.gather(*(worker(n) for n in range(16)))
+
+
+def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    data, log = tmp_path / "data", tmp_path / "server.log"
+    srv = start_server(data, log)
+    token = srv.token()
+    acknowledged: dict[str, str] = {}
+
+    async def run() -> None:
+        load = asyncio.create_task(_load(srv.fhir, token, acknowledged, time.monotonic() + 30))
+        while len(acknowledged) < 300:
+            await asyncio.sleep(0.01)
+        srv.proc.send_signal(signal.SIGKILL)  # mid-load, no clean shutdown
+        await load
+
+    asyncio.run(run())
+    srv.proc.wait()
+    assert len(acknowledged) >= 300
+    restarted = start_server(data, log)
+    try:
+        with restarted.client() as c:
+            for pid, family in acknowledged.items():
+                r = c.get(f"/Patient/{pid}")
+                assert r.status_code == 200, (pid, r.status_code)
+                assert r.json()["name"][0]["family"] == family
+    finally:
+        restarted.stop()
