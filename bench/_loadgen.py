@@ -98,6 +98,13 @@ class Recorder:
         self.measure_end = self.measure_start + int(duration_s * 1e9) if duration_s > 0 else NEVER
         self.last_end = self.measure_start
 
+    def stop(self, now_ns: int) -> None:
+        """Close the measured window early: later requests (e.g. cleanup) are not counted.
+
+        Requests made before ``start()`` (e.g. a setup phase) are not counted either.
+        """
+        self.measure_end = min(self.measure_end, max(now_ns, self.measure_start))
+
     def sample(self, op: Op, t0: int, t1: int) -> bool:
         """Record one request; return True if it falls in the measured window."""
         if self.measure_start <= t0 < self.measure_end:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """FHIR R4 CRUD load generator (the CRUD workload of Health Samurai's FHIR server benchmark).
 
-Each virtual user loops over iterations of:
+With ``--mode crud`` (the default) each virtual user loops over iterations of:
 
 1. create Patient, Location, Organization, Practitioner, then an Encounter
    (subject, participant, location, serviceProvider), an Observation (subject,
@@ -9,6 +9,12 @@ Each virtual user loops over iterations of:
 2. read each one (GET by id);
 3. update each one (PUT with a small change, body carries the id);
 4. delete each one, in reverse dependency order.
+
+``--mode create`` runs step 1 only (an iteration is seven creates, nothing is
+read, updated or deleted during the run). ``--mode read`` first lets the users
+create a pool of ``--read-pool`` resources (step 1 repeated, not measured), then
+each user loops GETting a random pool resource (an iteration is one read), and
+at the end deletes the pool (unless ``--no-cleanup``; not measured either).
 
 Resource bodies are generated once per process from ``--seed`` (a pool of
 ``--pool`` variants per type), serialized up front, and only have placeholders
@@ -18,7 +24,8 @@ Example::
 
     python bench/crud.py --base-url http://127.0.0.1:8080/fhir \\
         --client-file /tmp/fv/admin-client.json \\
-        --token-url http://127.0.0.1:8080/oauth2/token --clients 32 --duration 30
+        --token-url http://127.0.0.1:8080/oauth2/token --clients 32 --duration 30 \\
+        [--mode crud|create|read] [--read-pool 2000] [--cleanup | --no-cleanup]
 
 See bench/README.md.
 """
@@ -57,9 +64,14 @@ DEPENDS_ON: dict[str, tuple[str, ...]] = {
     "MedicationRequest": ("Patient", "Encounter", "Practitioner"),
 }
 KINDS: tuple[str, ...] = ("create", "read", "update", "delete")
+# --mode -> the operation kinds measured (and printed) in that mode
+MODES: dict[str, tuple[str, ...]] = {"crud": KINDS, "create": ("create",), "read": ("read",)}
+DEFAULT_READ_POOL = 2000
 
 PH_ID = "@@ID@@"  # the resource's own id (update bodies)
 PH_N = "@@N@@"  # per-iteration unique suffix for business identifiers
+PH_ID_B = PH_ID.encode()
+PH_N_B = PH_N.encode()
 
 
 def ref_placeholder(rt: str) -> str:
@@ -557,6 +569,15 @@ def extract_id(rt: str, body: bytes, location: str | None = None) -> str | None:
     return None
 
 
+Created = tuple[TypeSpec, Template, bytes, URL]  # spec, template, id, resource URL
+
+
+def pool_quota(read_pool: int, clients: int, uidx: int) -> int:
+    """Resources virtual user ``uidx`` creates for the read pool (all users: ``read_pool``)."""
+    base, extra = divmod(read_pool, clients)
+    return base + (1 if uidx < extra else 0)
+
+
 class Workload:
     def __init__(
         self,
@@ -564,16 +585,26 @@ class Workload:
         specs: list[TypeSpec],
         seed: int,
         max_iterations: int,
+        mode: str = "crud",
+        keep_created: bool = False,
     ) -> None:
         self.client = client
         self.specs = specs
         self.seed = seed
         self.max_iterations = max_iterations
+        self.mode = mode
+        self.keep_created = keep_created  # create mode: remember what to clean up
         self.iterations = 0  # measured iterations, all users of this process
+        # Resources each user created and did not delete (read pool, create mode
+        # with cleanup), in creation order: deleted in reverse by cleanup_user().
+        self.created: dict[int, list[tuple[TypeSpec, URL]]] = {}
+        self.pool: list[tuple[TypeSpec, URL]] = []  # read mode: what users GET
 
     async def user(self, uidx: int) -> None:
         rec = self.client.rec
         rng = random.Random(f"{self.seed}/user/{uidx}")
+        mode = self.mode
+        keep = self.created.setdefault(uidx, []) if self.keep_created else None
         done = 0
         it = 0
         while True:
@@ -583,17 +614,30 @@ class Workload:
             measured = now >= rec.measure_start
             if measured and self.max_iterations and done >= self.max_iterations:
                 break
-            await self.iteration(rng, f"{uidx}-{it}".encode())
+            if mode == "read":
+                await self.read_random(rng)
+            elif mode == "create":
+                created = await self.create_chain(rng, {PH_N_B: f"{uidx}-{it}".encode()})
+                if keep is not None:
+                    keep.extend((c[0], c[3]) for c in created)
+            else:
+                await self.iteration(rng, f"{uidx}-{it}".encode())
             it += 1
             if measured:
                 done += 1
         self.iterations += done
 
-    async def iteration(self, rng: random.Random, n: bytes) -> None:
+    async def create_chain(
+        self, rng: random.Random, values: dict[bytes, bytes], limit: int = len(ORDER)
+    ) -> list[Created]:
+        """POST the first ``limit`` types of ORDER; references go to the ones just created.
+
+        ``values`` holds the placeholder values (``@@N@@`` on entry) and gets the
+        references added. A type whose dependency failed is skipped.
+        """
         call = self.client.call
-        values: dict[bytes, bytes] = {b"@@N@@": n}
-        created: list[tuple[TypeSpec, Template, bytes, URL]] = []
-        for spec in self.specs:
+        created: list[Created] = []
+        for spec in self.specs[:limit]:
             if not all(k in values for k in spec.dep_keys):
                 continue  # a dependency failed to be created (already counted)
             tmpl = spec.templates[rng.randrange(len(spec.templates))]
@@ -609,17 +653,59 @@ class Workload:
                 continue
             values[spec.ref_key] = f"{spec.rt}/{rid}".encode()
             created.append((spec, tmpl, rid.encode(), URL(spec.prefix + rid, encoded=True)))
+        return created
+
+    async def iteration(self, rng: random.Random, n: bytes) -> None:
+        call = self.client.call
+        values: dict[bytes, bytes] = {PH_N_B: n}
+        created = await self.create_chain(rng, values)
         for spec, _, _, url in created:
             await call(spec.read, "GET", url, None)
         for spec, tmpl, rid_b, url in created:
-            values[b"@@ID@@"] = rid_b
+            values[PH_ID_B] = rid_b
             await call(spec.update, "PUT", url, tmpl.render(tmpl.update, tmpl.update_keys, values))
         for spec, _, _, url in reversed(created):
             await call(spec.delete, "DELETE", url, None)
 
+    async def read_random(self, rng: random.Random) -> None:
+        spec, url = self.pool[rng.randrange(len(self.pool))]
+        await self.client.call(spec.read, "GET", url, None)
+
+    # --- read pool setup / cleanup (run outside the measured window) ----------
+
+    async def setup_user(self, uidx: int, quota: int) -> None:
+        """Create ``quota`` resources (whole chains, then a partial one) for the read pool."""
+        rng = random.Random(f"{self.seed}/setup/{uidx}")
+        mine = self.created.setdefault(uidx, [])
+        attempted = 0
+        chain = 0
+        while attempted < quota:
+            limit = min(len(self.specs), quota - attempted)
+            values = {PH_N_B: f"pool-{uidx}-{chain}".encode()}
+            created = await self.create_chain(rng, values, limit)
+            mine.extend((c[0], c[3]) for c in created)
+            attempted += limit
+            chain += 1
+
+    def build_read_pool(self) -> None:
+        """The process's pool, in a deterministic order (by user, then creation)."""
+        self.pool = [item for uidx in sorted(self.created) for item in self.created[uidx]]
+
+    async def cleanup_user(self, uidx: int) -> int:
+        """Delete what user ``uidx`` kept, newest first (dependents before references)."""
+        call = self.client.call
+        deleted = 0
+        mine = self.created.pop(uidx, [])
+        while mine:
+            spec, url = mine.pop()
+            if await call(spec.delete, "DELETE", url, None) is not None:
+                deleted += 1
+        return deleted
+
 
 async def run_worker_async(spec: lg.WorkerSpec, barrier: lg.Barrier) -> dict[str, Any]:
     o = spec.options
+    mode = o["mode"]
     ops = {(k, rt): lg.Op(k, rt) for rt in ORDER for k in KINDS}
     rec = lg.Recorder(ops.values())
     auth = lg.Auth(
@@ -630,6 +716,7 @@ async def run_worker_async(spec: lg.WorkerSpec, barrier: lg.Barrier) -> dict[str
         timeout_s=o["timeout"],
     )
     session = lg.make_session(spec.n_users, o["timeout"])
+    uidxs = range(spec.first_user, spec.first_user + spec.n_users)
     try:
         await auth.start()
         pool = build_pool(o["seed"], o["pool"])
@@ -650,22 +737,53 @@ async def run_worker_async(spec: lg.WorkerSpec, barrier: lg.Barrier) -> dict[str
             for rt in ORDER
         ]
         client = lg.Client(session, auth, rec)
-        work = Workload(client, specs, o["seed"], o["iterations"])
+        work = Workload(
+            client,
+            specs,
+            o["seed"],
+            o["iterations"],
+            mode=mode,
+            keep_created=mode == "create" and o["cleanup"],
+        )
+        setup = {"created": 0, "seconds": 0.0}
+        barrier_timeout = 120.0
+        if mode == "read":
+            # Before rec.start(): nothing here is in the measured window.
+            t_setup = time.perf_counter()
+            await asyncio.gather(
+                *(work.setup_user(u, pool_quota(o["read_pool"], o["clients"], u)) for u in uidxs)
+            )
+            work.build_read_pool()
+            setup = {"created": len(work.pool), "seconds": time.perf_counter() - t_setup}
+            if not work.pool:
+                first = next(iter(rec.error_samples.items()), None)
+                detail = f" (first error: {first[0]} {first[1][1]})" if first else ""
+                raise RuntimeError(f"read pool setup created no resources{detail}")
+            barrier_timeout += o["read_pool"] / 10  # processes wait for the slowest setup
         lg.tune_gc()
         if barrier is not None:
-            await asyncio.to_thread(barrier.wait, 120)
+            await asyncio.to_thread(barrier.wait, barrier_timeout)
         now = lg.perf_counter_ns()
         rec.start(now, o["warmup"], o["duration"])
         cpu_mark: list[float] = []
         loop = asyncio.get_running_loop()
         loop.call_later(o["warmup"], lambda: cpu_mark.append(time.process_time()))
-        users = [asyncio.create_task(work.user(spec.first_user + i)) for i in range(spec.n_users)]
+        users = [asyncio.create_task(work.user(u)) for u in uidxs]
         await asyncio.gather(*users)
         cpu_end = time.process_time()
-        wall_s = (min(lg.perf_counter_ns(), rec.measure_end) - rec.measure_start) / 1e9
+        end_ns = lg.perf_counter_ns()
+        wall_s = (min(end_ns, rec.measure_end) - rec.measure_start) / 1e9
         cpu_s = cpu_end - cpu_mark[0] if cpu_mark else 0.0
+        rec.stop(end_ns)  # cleanup below is not measured
+        cleanup = {"deleted": 0, "seconds": 0.0}
+        if o["cleanup"] and mode != "crud":
+            t_cleanup = time.perf_counter()
+            counts = await asyncio.gather(*(work.cleanup_user(u) for u in uidxs))
+            cleanup = {"deleted": sum(counts), "seconds": time.perf_counter() - t_cleanup}
         result = rec.result(work.iterations, cpu_s, max(wall_s, 0.0))
         result["token_fetches"] = auth.refreshes
+        result["setup"] = setup
+        result["cleanup"] = cleanup
         return result
     finally:
         await session.close()
@@ -698,6 +816,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scope", default="system/*.cruds", help="scope requested (default: %(default)s)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=tuple(MODES),
+        default="crud",
+        help="crud: create/read/update/delete iterations; create: creates only; "
+        "read: GETs of a pool created first (default: %(default)s)",
+    )
+    p.add_argument(
+        "--read-pool",
+        type=int,
+        metavar="N",
+        help=f"read mode: resources created (spread over the seven types) before measuring "
+        f"(default: {DEFAULT_READ_POOL})",
+    )
+    p.add_argument(
+        "--cleanup",
+        action=argparse.BooleanOptionalAction,
+        help="read/create mode: delete what the run created, after measuring "
+        "(default: on in read mode, off in create mode)",
     )
     p.add_argument("--clients", type=int, default=32, help="virtual users (default: %(default)s)")
     p.add_argument(
@@ -743,6 +881,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--duration, --warmup, --iterations must be >= 0 and --pool >= 1")
     if args.duration == 0 and args.iterations == 0:
         p.error("--duration 0 needs --iterations")
+    if args.mode == "crud" and args.cleanup is not None:
+        p.error("--cleanup/--no-cleanup apply to --mode read and create (crud deletes as it goes)")
+    if args.mode != "read" and args.read_pool is not None:
+        p.error("--read-pool only makes sense with --mode read")
+    if args.read_pool is None:
+        args.read_pool = DEFAULT_READ_POOL
+    if args.mode == "read" and args.read_pool < args.clients:
+        p.error("--read-pool must be >= --clients (each user creates part of the pool)")
+    if args.cleanup is None:
+        args.cleanup = args.mode == "read"
     if args.token_url and not args.client_file:
         p.error("--token-url only makes sense with --client-file")
     if args.client_file and not args.token_url:
@@ -751,7 +899,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_report(args: argparse.Namespace, merged: lg.Merged, n_procs: int) -> dict[str, Any]:
+def build_report(
+    args: argparse.Namespace,
+    merged: lg.Merged,
+    n_procs: int,
+    results: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     elapsed = merged.elapsed_s
     operations: dict[str, Any] = {}
     for kind in KINDS:
@@ -773,9 +926,19 @@ def build_report(args: argparse.Namespace, merged: lg.Merged, n_procs: int) -> d
         for key, (count, snippet) in sorted(merged.error_samples.items(), key=lambda kv: -kv[1][0])
     ]
     measured_errors = operations["overall"]["errors"]
+    results = results or []
+    setup = {
+        "created": sum(r.get("setup", {}).get("created", 0) for r in results),
+        "seconds": round(max((r.get("setup", {}).get("seconds", 0.0) for r in results), default=0.0), 3),
+    }
+    cleanup = {
+        "deleted": sum(r.get("cleanup", {}).get("deleted", 0) for r in results),
+        "seconds": round(max((r.get("cleanup", {}).get("seconds", 0.0) for r in results), default=0.0), 3),
+    }
     return {
         "benchmark": "crud",
         "config": {
+            "mode": args.mode,
             "base_url": args.base_url,
             "clients": args.clients,
             "processes": n_procs,
@@ -784,6 +947,8 @@ def build_report(args: argparse.Namespace, merged: lg.Merged, n_procs: int) -> d
             "iterations": args.iterations,
             "seed": args.seed,
             "pool": args.pool,
+            "read_pool": args.read_pool if args.mode == "read" else None,
+            "cleanup": args.cleanup if args.mode != "crud" else None,
             "json_lib": lg.JSON_LIB,
             "uvloop": not args.no_uvloop and lg.uvloop_available(),
         },
@@ -792,6 +957,8 @@ def build_report(args: argparse.Namespace, merged: lg.Merged, n_procs: int) -> d
         "iterations_per_s": round(merged.iterations / elapsed, 2) if elapsed > 0 else 0.0,
         "loadgen_cpu_s": round(merged.cpu_s, 2),
         "token_fetches": merged.token_fetches,
+        "setup": setup,
+        "cleanup": cleanup,
         "operations": operations,
         "resources": resources,
         "errors": {
@@ -805,10 +972,25 @@ def build_report(args: argparse.Namespace, merged: lg.Merged, n_procs: int) -> d
 
 def print_report(report: dict[str, Any]) -> None:
     c = report["config"]
+    mode = c.get("mode", "crud")
+    kinds = MODES[mode]
     print(
         f"CRUD benchmark  {c['base_url']}  clients={c['clients']} processes={c['processes']} "
-        f"warmup={c['warmup_s']:g}s duration={c['duration_s']:g}s seed={c['seed']}"
+        f"warmup={c['warmup_s']:g}s duration={c['duration_s']:g}s seed={c['seed']} mode={mode}"
     )
+    setup, cleanup = report.get("setup", {}), report.get("cleanup", {})
+    if mode == "read":
+        print(
+            f"read pool: {setup['created']} of {c['read_pool']} resources created in "
+            f"{setup['seconds']:.2f} s before measuring (not in the figures)"
+        )
+    if c.get("cleanup"):
+        print(
+            f"cleanup: {cleanup['deleted']} resources deleted in {cleanup['seconds']:.2f} s "
+            "after measuring (not in the figures)"
+        )
+    elif mode != "crud":
+        print("cleanup: off, the created resources were left on the server")
     elapsed = report["elapsed_s"]
     cpu_pct = 100.0 * report["loadgen_cpu_s"] / elapsed if elapsed > 0 else 0.0
     print(
@@ -818,17 +1000,19 @@ def print_report(report: dict[str, Any]) -> None:
     )
     print(lg.HEADER)
     for kind, s in report["operations"].items():
-        print(lg.format_row(kind, s))
+        if kind in kinds or kind == "overall":
+            print(lg.format_row(kind, s))
     print()
     print(lg.HEADER.replace(" " * 26, f"{'resource / operation':<26}", 1))
     for rt, per in report["resources"].items():
         for kind, s in per.items():
-            print(lg.format_row(f"{rt} {kind}", s))
+            if kind in kinds:
+                print(lg.format_row(f"{rt} {kind}", s))
     e = report["errors"]
     if e["total"]:
         print(
             f"\nERRORS: {e['measured']} in the measured window, "
-            f"{e['outside_window']} during warmup/drain"
+            f"{e['outside_window']} during warmup/drain{'' if mode == 'crud' else '/setup/cleanup'}"
         )
         for s in e["samples"][:8]:
             print(f"  {s['operation']}: {s['status']} x{s['count']}: {s['body']}")
@@ -847,6 +1031,10 @@ def main(argv: list[str] | None = None) -> int:
         "timeout": args.timeout,
         "seed": args.seed,
         "pool": args.pool,
+        "mode": args.mode,
+        "clients": args.clients,
+        "read_pool": args.read_pool,
+        "cleanup": args.cleanup,
         "warmup": args.warmup,
         "duration": args.duration,
         "iterations": args.iterations,
@@ -861,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    report = build_report(args, lg.merge(results), len(specs))
+    report = build_report(args, lg.merge(results), len(specs), results)
     print_report(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:

@@ -160,8 +160,21 @@ def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
     return [TenantKeyRow(*r) for r in rows]
 
 
-_Job = tuple[str, Callable[[Any], Any], Future[Any]]
+# A job: its name, the closure, and where to deliver the outcome: a thread
+# future (sync callers) or an asyncio future with its loop (async callers).
+_Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
 _STOP = object()
+
+
+def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
+    """Deliver a batch's outcomes on the event loop: one wake-up per batch, not per job."""
+    for fut, ok, value in outcomes:
+        if fut.cancelled():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 class SqliteStore:
@@ -217,49 +230,58 @@ class SqliteStore:
         conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, tx: _Tx, batch: list[_Job]) -> None:
-        results: list[tuple[Future[Any], bool, Any]] = []
+        outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for _name, fn, fut in batch:
+            for _name, fn, _fut, _loop in batch:
                 conn.execute("SAVEPOINT job")
                 try:
                     value = fn(tx)
                 except BaseException as exc:  # the job's own failure: undo only its work
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    results.append((fut, False, exc))
+                    outcomes.append((False, exc))
                 else:
                     conn.execute("RELEASE job")
-                    results.append((fut, True, value))
+                    outcomes.append((True, value))
             conn.execute("COMMIT")
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            for _name, _fn, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        self.commits += 1
-        self.batched_jobs += len(batch)
-        for fut, ok, value in results:
-            if ok:
-                fut.set_result(value)
+            outcomes = [(False, exc)] * len(batch)
+        else:
+            self.commits += 1
+            self.batched_jobs += len(batch)
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
+        for (_name, _fn, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
+            if loop is None:
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
             else:
-                fut.set_exception(value)
+                by_loop.setdefault(loop, []).append((fut, ok, value))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, items)
 
-    def _submit(self, name: str, fn: Callable[[Any], T]) -> Future[T]:
+    def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("store is closed")
-        fut: Future[T] = Future()
-        self._queue.put((name, fn, fut))
-        return fut
 
     async def write(self, name: str, fn: Callable[[Any], T]) -> T:
-        return await asyncio.wrap_future(self._submit(name, fn))
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._queue.put((name, fn, fut, loop))
+        return await fut
 
     def write_sync(self, name: str, fn: Callable[[Any], T]) -> T:
-        return self._submit(name, fn).result()
+        self._check_open()
+        fut: Future[T] = Future()
+        self._queue.put((name, fn, fut, None))
+        return fut.result()
 
     # -- reads --------------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:

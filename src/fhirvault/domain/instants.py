@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
+from functools import lru_cache
 
 _INSTANT = re.compile(
     r"^(?P<date>[0-9]{4}(-(0[1-9]|1[0-2])(-(0[1-9]|[12][0-9]|3[01]))?)?)"
@@ -19,7 +20,12 @@ def instant(ms: int) -> str:
 
 
 def http_date(ms: int) -> str:
-    return format_datetime(datetime.fromtimestamp(ms // 1000, tz=UTC), usegmt=True)
+    return _http_date_of_second(ms // 1000)
+
+
+@lru_cache(maxsize=4096)
+def _http_date_of_second(second: int) -> str:
+    return format_datetime(datetime.fromtimestamp(second, tz=UTC), usegmt=True)
 
 
 def parse_http_date(value: str) -> int | None:

@@ -43,11 +43,12 @@ _RESOURCE: Final = 2
 _PRIMITIVE_EXT: Final = 3  # `_foo`: id/extension of the primitive `foo`
 _RESOURCE_TYPE: Final = 4  # `resourceType` on a resource root, checked separately
 
-# Fast paths of _Run.object(): a single primitive without binding, a single complex
-# value without binding (and not a choice alternative).
+# Fast paths of _Run.object(), for elements that are no choice alternative and have no
+# required binding: a single primitive, a single complex value, an array of primitives.
 _FAST_NONE: Final = 0
 _FAST_PRIMITIVE: Final = 1
 _FAST_COMPLEX: Final = 2
+_FAST_PRIMITIVE_ARRAY: Final = 3
 
 # Post-checks that need more than the element table.
 _HOOK_NONE: Final = 0
@@ -147,6 +148,8 @@ class _Element:
             self.fast = _FAST_PRIMITIVE
         elif plain and self.kind == _COMPLEX and self.systems is None:
             self.fast = _FAST_COMPLEX
+        elif self.array and self.group is None and self.kind == _PRIMITIVE and self.codes is None:
+            self.fast = _FAST_PRIMITIVE_ARRAY
 
 
 # ---------------------------------------------------------------- primitive checks
@@ -162,10 +165,31 @@ def _valid_calendar_date(value: str) -> bool:
     return month == 2 and day == 29 and year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
 
 
+def _uri_shortcut(value: str) -> bool:
+    # isprintable() excludes \t\n\r\f\v, so with no space this implies \S* (ASCII).
+    return value.isprintable() and " " not in value
+
+
+def _code_shortcut(value: str) -> bool:
+    # Printable: the only possible whitespace is " "; single inner spaces match the regex.
+    return value.isprintable() and value[0] != " " and value[-1] != " " and "  " not in value
+
+
+# Cheap predicates that imply a match of the type's regex; the regex decides otherwise.
+# Regex calls are a large part of the cost for these very common types.
+_SHORTCUTS: Final[dict[str, Callable[[str], bool]]] = {
+    "uri": _uri_shortcut,
+    "url": _uri_shortcut,
+    "canonical": _uri_shortcut,
+    "code": _code_shortcut,
+}
+
+
 def _string_check(type_name: str, regex: str | None) -> Check:
     # re.ASCII: the FHIR regexes follow XML Schema, where \s is ASCII whitespace only;
     # with Unicode \s a no-break space in a name would be rejected.
     fullmatch = re.compile(regex, re.ASCII).fullmatch if regex else None
+    shortcut = _SHORTCUTS.get(type_name)
     wrong_kind = ("structure", f"expected a JSON string ({type_name})")
     empty = ("value", f"empty string is not a valid {type_name}")
     bad = ("value", f"not a valid {type_name}")
@@ -180,6 +204,8 @@ def _string_check(type_name: str, regex: str | None) -> Check:
             return empty
         if limit is not None and len(value) > limit:
             return too_long
+        if shortcut is not None and shortcut(value):
+            return None
         if fullmatch is not None and fullmatch(value) is None:
             return bad
         if dates and not _valid_calendar_date(value):
@@ -381,10 +407,10 @@ class Validator:
     def __init__(
         self, tables: R4Tables, *, max_issues: int = MAX_ISSUES, max_depth: int = MAX_DEPTH
     ) -> None:
-        self._tables = _Compiler(tables).compile()
-        self._resource_tables = {name: self._tables[name] for name in tables["resourceTypes"]}
         if max_issues < 2 or max_depth < 1:
             raise ValueError("max_issues must be >= 2 and max_depth >= 1")
+        self._tables = _Compiler(tables).compile()
+        self._resource_tables = {name: self._tables[name] for name in tables["resourceTypes"]}
         self._max_issues = max_issues
         self._max_depth = max_depth
 
@@ -508,22 +534,18 @@ class _Run:
             if fast == _FAST_COMPLEX and type(value) is dict and len(value) > 1:
                 self.object(value, element.table, f"{path}.{key}", depth + 1)
                 continue
+            if fast == _FAST_PRIMITIVE_ARRAY and type(value) is list and value:
+                check = element.check
+                for item in value:
+                    if check(item) is not None:
+                        break
+                else:
+                    continue
+                self.primitive_array(obj, element, value, path)  # reports what broke
+                continue
             if element.group is not None:
                 groups = self.choice(groups, element, path)
-            if element.array:
-                self.array(obj, element, value, path, depth)
-            elif element.kind == _PRIMITIVE:
-                problem = element.check(value)
-                if problem is not None:
-                    self.primitive_problem(problem, value, f"{path}.{key}")
-                elif element.codes is not None and value not in element.codes:
-                    self.add(f"{path}.{key}", "code-invalid", _not_in(element.value_set))
-            elif value is None:
-                self.add(f"{path}.{key}", "structure", "null is not allowed here")
-            elif type(value) is list:
-                self.add(f"{path}.{key}", "structure", "expected a single value, not an array")
-            else:
-                self.value(element, value, path, key, depth)
+            self.element(obj, element, value, path, depth)
         if table.required:
             for name, ext_name in table.required:
                 if name not in obj and ext_name not in obj:
@@ -534,6 +556,26 @@ class _Run:
                     self.add(f"{path}.{group}[x]", "required", "missing required element")
         if table.hook:
             self.hook(table, obj, path)
+
+    def element(
+        self, obj: dict[str, Any], element: _Element, value: Any, path: str, depth: int
+    ) -> None:
+        """The general case of one property of `obj` (object() inlines the common ones)."""
+        key = element.name
+        if element.array:
+            self.array(obj, element, value, path, depth)
+        elif element.kind == _PRIMITIVE:
+            problem = element.check(value)
+            if problem is not None:
+                self.primitive_problem(problem, value, f"{path}.{key}")
+            elif element.codes is not None and value not in element.codes:
+                self.add(f"{path}.{key}", "code-invalid", _not_in(element.value_set))
+        elif value is None:
+            self.add(f"{path}.{key}", "structure", "null is not allowed here")
+        elif type(value) is list:
+            self.add(f"{path}.{key}", "structure", "expected a single value, not an array")
+        else:
+            self.value(element, value, path, key, depth)
 
     def primitive_problem(self, problem: Problem, value: Any, path: str) -> None:
         if value is None:
@@ -569,8 +611,13 @@ class _Run:
         elif element.kind == _PRIMITIVE_EXT:
             self.primitive_ext_array(obj, element, value, path, depth)
         else:
+            # Same fast path as in object(): plain complex items go straight to their table.
+            plain = element.kind == _COMPLEX and element.systems is None
+            table = element.table
             for index, item in enumerate(value):
-                if item is None:
+                if plain and type(item) is dict and len(item) > 1:
+                    self.object(item, table, f"{path}.{key}[{index}]", depth + 1)
+                elif item is None:
                     self.add(f"{path}.{key}[{index}]", "structure", "null is not allowed here")
                 elif type(item) is list:
                     self.add(f"{path}.{key}[{index}]", "structure", "nested arrays are not allowed")

@@ -11,7 +11,7 @@ behind ``append_audit`` later without changing callers.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import orjson
 
@@ -46,7 +46,7 @@ class AuditRecord:
         return ACTION_BY_INTERACTION.get(self.interaction, "E")
 
     def to_json(self) -> bytes:
-        doc = {k: v for k, v in asdict(self).items() if v is not None}
+        doc = {name: getattr(self, name) for name in self.__slots__ if getattr(self, name) is not None}
         doc["action"] = self.action
         return orjson.dumps(doc)
 

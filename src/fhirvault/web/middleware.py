@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -15,6 +16,10 @@ from fhirvault.web.context import REQUEST_ID_KEY, new_client_holder
 access_log = logging.getLogger("fhirvault.access")
 error_log = logging.getLogger("fhirvault.error")
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9\-_.]{8,64}$")
+# Request ids: a random per-process prefix and a counter: unique, unguessable
+# across restarts, and without a getrandom() system call per request.
+_ID_PREFIX = secrets.token_hex(6)
+_id_counter = itertools.count(1)
 
 
 def _route_kind(path: str) -> str:
@@ -43,7 +48,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         supplied = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-        rid = supplied.decode() if supplied is not None and _REQUEST_ID.match(supplied) else secrets.token_hex(12)
+        rid = supplied.decode() if supplied is not None and _REQUEST_ID.match(supplied) else f"{_ID_PREFIX}{next(_id_counter):010x}"
         scope[REQUEST_ID_KEY] = rid
         token = request_id_var.set(rid)
         holder = new_client_holder()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fhirvault.domain import r4
 from fhirvault.domain.validation import ValidationIssue, Validator
@@ -850,6 +854,44 @@ def test_primitive_formats(
         assert validator.validate(resource) == []
         return
     assert issues_of(validator, resource) == [(path, code)]
+
+
+def _official(type_name: str) -> re.Pattern[str]:
+    regex = r4.load_tables()["primitives"][type_name]["regex"]
+    assert regex is not None
+    return re.compile(regex, re.ASCII)
+
+
+_TEXT = st.text(alphabet=st.sampled_from(list("ab:/ \t\n\r\x0b\x0c\u00a0\u2028é")), max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_TEXT)
+def test_uri_and_code_checks_agree_with_the_official_regex(
+    validator: Validator, value: str
+) -> None:
+    # The validator skips the regex when a cheaper test proves a match: same verdicts.
+    for element, type_name in (("implicitRules", "uri"), ("language", "code")):
+        issues = validator.validate({"resourceType": "Patient", element: value})
+        expected_ok = bool(value) and _official(type_name).fullmatch(value) is not None
+        assert (issues == []) == expected_ok, (type_name, value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    year=st.integers(min_value=1, max_value=9999),
+    month=st.integers(min_value=1, max_value=12),
+    day=st.integers(min_value=1, max_value=31),
+)
+def test_dates_must_exist(validator: Validator, year: int, month: int, day: int) -> None:
+    try:
+        datetime.date(year, month, day)
+        exists = True
+    except ValueError:
+        exists = False
+    value = f"{year:04d}-{month:02d}-{day:02d}"
+    for element in ("birthDate", "deceasedDateTime"):
+        assert (validator.validate({"resourceType": "Patient", element: value}) == []) == exists
 
 
 @pytest.mark.parametrize("bad_id", ["", "a b", "a/b", "x" * 65, "ä", "a_b"])

@@ -111,18 +111,25 @@ def patient_compartment_params(resource_type: str) -> tuple[tuple[str, tuple[str
     return _compartment_index().get(resource_type, ())
 
 
-@functools.cache
 def patient_compartment_paths(resource_type: str) -> tuple[tuple[str, ...], ...]:
     """Element paths, split on '.', whose Reference values may point to the owning Patient.
 
     E.g. Observation -> (("subject",), ("performer",)); Patient -> (("link", "other"),).
     Distinct, in CompartmentDefinition order; empty when the type is not in the compartment.
     """
-    seen: dict[tuple[str, ...], None] = {}
-    for _code, paths in patient_compartment_params(resource_type):
-        for path in paths:
-            seen.setdefault(tuple(path.split(".")), None)
-    return tuple(seen)
+    return _paths_index().get(resource_type, ())
+
+
+@functools.cache  # no argument: one entry, however callers spell resource types
+def _paths_index() -> dict[str, tuple[tuple[str, ...], ...]]:
+    index: dict[str, tuple[tuple[str, ...], ...]] = {}
+    for rtype, params in _compartment_index().items():
+        seen: dict[tuple[str, ...], None] = {}
+        for _code, paths in params:
+            for path in paths:
+                seen.setdefault(tuple(path.split(".")), None)
+        index[rtype] = tuple(seen)
+    return index
 
 
 def __getattr__(name: str) -> Any:
