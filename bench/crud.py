@@ -926,15 +926,13 @@ def build_report(
         for key, (count, snippet) in sorted(merged.error_samples.items(), key=lambda kv: -kv[1][0])
     ]
     measured_errors = operations["overall"]["errors"]
-    results = results or []
-    setup = {
-        "created": sum(r.get("setup", {}).get("created", 0) for r in results),
-        "seconds": round(max((r.get("setup", {}).get("seconds", 0.0) for r in results), default=0.0), 3),
-    }
-    cleanup = {
-        "deleted": sum(r.get("cleanup", {}).get("deleted", 0) for r in results),
-        "seconds": round(max((r.get("cleanup", {}).get("seconds", 0.0) for r in results), default=0.0), 3),
-    }
+    phases: dict[str, dict[str, Any]] = {}
+    for phase, count in (("setup", "created"), ("cleanup", "deleted")):
+        per_proc = [r.get(phase, {}) for r in results or ()]
+        phases[phase] = {
+            count: sum(x.get(count, 0) for x in per_proc),
+            "seconds": round(max((x.get("seconds", 0.0) for x in per_proc), default=0.0), 3),
+        }
     return {
         "benchmark": "crud",
         "config": {
@@ -957,8 +955,8 @@ def build_report(
         "iterations_per_s": round(merged.iterations / elapsed, 2) if elapsed > 0 else 0.0,
         "loadgen_cpu_s": round(merged.cpu_s, 2),
         "token_fetches": merged.token_fetches,
-        "setup": setup,
-        "cleanup": cleanup,
+        "setup": phases["setup"],
+        "cleanup": phases["cleanup"],
         "operations": operations,
         "resources": resources,
         "errors": {
@@ -984,6 +982,13 @@ def print_report(report: dict[str, Any]) -> None:
             f"read pool: {setup['created']} of {c['read_pool']} resources created in "
             f"{setup['seconds']:.2f} s before measuring (not in the figures)"
         )
+    elapsed = report["elapsed_s"]
+    cpu_pct = 100.0 * report["loadgen_cpu_s"] / elapsed if elapsed > 0 else 0.0
+    print(
+        f"measured {elapsed:.2f} s, {report['iterations']} iterations "
+        f"({report['iterations_per_s']:.1f}/s), load-generator CPU {cpu_pct:.0f}% of one core, "
+        f"{report['token_fetches']} token fetches"
+    )
     if c.get("cleanup"):
         print(
             f"cleanup: {cleanup['deleted']} resources deleted in {cleanup['seconds']:.2f} s "
@@ -991,13 +996,7 @@ def print_report(report: dict[str, Any]) -> None:
         )
     elif mode != "crud":
         print("cleanup: off, the created resources were left on the server")
-    elapsed = report["elapsed_s"]
-    cpu_pct = 100.0 * report["loadgen_cpu_s"] / elapsed if elapsed > 0 else 0.0
-    print(
-        f"measured {elapsed:.2f} s, {report['iterations']} iterations "
-        f"({report['iterations_per_s']:.1f}/s), load-generator CPU {cpu_pct:.0f}% of one core, "
-        f"{report['token_fetches']} token fetches\n"
-    )
+    print()
     print(lg.HEADER)
     for kind, s in report["operations"].items():
         if kind in kinds or kind == "overall":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,13 +83,16 @@ class Server:
         headers = {"Authorization": f"Bearer {token or self.token()}"}
         return httpx.Client(base_url=self.fhir, headers=headers, timeout=30)
 
-    def stop(self, sig: int | None = None) -> None:
+    def stop(self) -> None:
+        """Graceful stop: SIGTERM to the supervisor, which stops its worker."""
         if self.proc.poll() is None:
-            if sig is None:
-                self.proc.terminate()
-            else:
-                self.proc.send_signal(sig)
+            self.proc.terminate()
             self.proc.wait(timeout=30)
+
+    def kill_all(self) -> None:
+        """Power-cut style: SIGKILL to the supervisor and its worker at once."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
 
 
 def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
@@ -97,7 +101,7 @@ def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
     full_env.update(env or {})
     log = log_path.open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

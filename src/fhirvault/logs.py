@@ -76,3 +76,19 @@ def configure(level: str) -> None:
         lg.handlers[:] = []
         lg.propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+
+
+def dict_config(level: str) -> dict[str, Any]:
+    """logging.dictConfig for servers that configure logging themselves (Granian): JSON everywhere."""
+    handler = {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "fhirvault.logs.JsonFormatter"}},
+        "handlers": {"console": handler, "access": handler},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": level.upper(), "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": "WARNING", "propagate": False},
+        },
+        "root": {"handlers": ["console"], "level": level.upper()},
+    }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 from pathlib import Path
 
@@ -42,11 +41,10 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
         load = asyncio.create_task(_load(srv.fhir, token, acknowledged, time.monotonic() + 30))
         while len(acknowledged) < 300:
             await asyncio.sleep(0.01)
-        srv.proc.send_signal(signal.SIGKILL)  # mid-load, no clean shutdown
+        srv.kill_all()  # mid-load, supervisor and worker at once: no clean shutdown
         await load
 
     asyncio.run(run())
-    srv.proc.wait()
     assert len(acknowledged) >= 300
     restarted = start_server(data, log)
     try:

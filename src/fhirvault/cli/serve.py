@@ -1,50 +1,97 @@
-"""``fhirvault serve``: initialise on first run, then serve with uvicorn (TLS 1.2+ when configured)."""
+"""``fhirvault serve``: initialise on first run, then serve with Granian.
+
+Granian (a Rust HTTP server for Python) runs one worker process that owns the
+application: the store's single writer thread lives there, so there is exactly
+one writer per data directory. The supervising process restarts the worker if
+it dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-import ssl
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
-import uvicorn
-
-from fhirvault.config import Settings
-from fhirvault.logs import configure
+from fhirvault.config import Settings, load_settings
+from fhirvault.logs import configure, dict_config
 
 log = logging.getLogger("fhirvault.serve")
+WORKER_SETTINGS_ENV = "_FHIRVAULT_WORKER_SETTINGS"  # not FHIRVAULT_*: internal, parent → worker
+
+
+def _encode(settings: Settings) -> str:
+    return json.dumps({f.name: (str(v) if isinstance(v := getattr(settings, f.name), Path) else v)
+                       for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None})
+
+
+def _exit_with_parent() -> None:
+    """Linux: if the supervisor dies (even by SIGKILL), the worker gets SIGTERM and shuts down cleanly.
+
+    Without it an orphaned worker would keep serving, and holding the database, after its parent is gone.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def app_factory() -> Any:
+    """Granian worker entry point: rebuild the settings the parent validated, then the app."""
+    from fhirvault.container import build
+    from fhirvault.web.app import create_app
+
+    _exit_with_parent()
+    settings = load_settings(json.loads(os.environ[WORKER_SETTINGS_ENV]), environ={})
+    configure(settings.log_level)
+    return create_app(build(settings))
 
 
 def serve(settings: Settings) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+
     from fhirvault.bootstrap import initialise, is_initialised
     from fhirvault.container import build
-    from fhirvault.web.app import create_app
 
     configure(settings.log_level)
     if not is_initialised(settings):
         path = initialise(settings)
         print(f"Initialised {settings.data_dir}; admin client credentials written to {path}", file=sys.stderr)
-    container = build(settings)
-    app = create_app(container)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        lifespan="on",
-        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
-        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
-        timeout_graceful_shutdown=10,
-    )
-    config.load()
-    if config.ssl is not None:
-        # TLS 1.2 minimum, forward-secret AEAD suites only for 1.2 (1.3 suites are all AEAD).
-        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-        config.ssl.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")
-    server = uvicorn.Server(config)
-    scheme = "https" if settings.tls_cert else "http"
+    build(settings).close()  # fail fast here (wrong key file, bad database) rather than in the worker
+    os.environ[WORKER_SETTINGS_ENV] = _encode(settings)
+    tls: dict[str, Any] = {}
+    if settings.tls_cert and settings.tls_key:
+        from granian.constants import SSLProtocols
+
+        tls = {"ssl_cert": settings.tls_cert, "ssl_key": settings.tls_key, "ssl_protocol_min": SSLProtocols.tls12}
+    scheme = "https" if tls else "http"
     log.info("serving", extra={"url": f"{scheme}://{settings.host}:{settings.port}/fhir"})
-    server.run()
+    Granian(
+        "fhirvault.cli.serve:app_factory",
+        factory=True,
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        loop=Loops.uvloop,
+        http1_settings=HTTP1Settings(max_buffer_size=settings.max_body_bytes + 65536),
+        log_level=LogLevels(settings.log_level),
+        log_dictconfig=dict_config(settings.log_level),
+        log_access=False,
+        respawn_failed_workers=True,
+        workers_kill_timeout=30,
+        **tls,
+    ).serve()
     return 0
