@@ -38,6 +38,11 @@ log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
 _VERSION_COLUMNS = "type, id, version, last_updated, deleted, key_id, blob, seq"
+# Statements are built from constants only; every value is a bound parameter.
+_SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM resource_versions"  # noqa: S608
+_SELECT_CURRENT = (
+    f"{_SELECT_VERSIONS} WHERE seq = (SELECT seq FROM resources_current WHERE tenant=? AND type=? AND id=?)"  # noqa: S608
+)
 
 
 def _version(row: tuple[Any, ...]) -> StoredVersion:
@@ -63,8 +68,7 @@ class _Tx:
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
-            f"SELECT {_VERSION_COLUMNS} FROM resource_versions WHERE seq = "
-            "(SELECT seq FROM resources_current WHERE tenant=? AND type=? AND id=?)",
+            _SELECT_CURRENT,
             (tenant, type, id),
         ).fetchone()
         return _version(row) if row else None
@@ -295,15 +299,14 @@ class SqliteStore:
 
     def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._reader().execute(
-            f"SELECT {_VERSION_COLUMNS} FROM resource_versions WHERE seq = "
-            "(SELECT seq FROM resources_current WHERE tenant=? AND type=? AND id=?)",
+            _SELECT_CURRENT,
             (tenant, type, id),
         ).fetchone()
         return _version(row) if row else None
 
     def read_version(self, tenant: str, type: str, id: str, version: int) -> StoredVersion | None:
         row = self._reader().execute(
-            f"SELECT {_VERSION_COLUMNS} FROM resource_versions WHERE tenant=? AND type=? AND id=? AND version=?",
+            f"{_SELECT_VERSIONS} WHERE tenant=? AND type=? AND id=? AND version=?",
             (tenant, type, id, version),
         ).fetchone()
         return _version(row) if row else None
@@ -332,14 +335,15 @@ class SqliteStore:
     def history(self, query: HistoryQuery) -> list[StoredVersion]:
         where, args = self._history_where(query)
         rows = self._reader().execute(
-            f"SELECT {_VERSION_COLUMNS} FROM resource_versions WHERE {where} ORDER BY seq DESC LIMIT ?",
+            f"{_SELECT_VERSIONS} WHERE {where} ORDER BY seq DESC LIMIT ?",
             [*args, query.limit],
         ).fetchall()
         return [_version(r) for r in rows]
 
     def history_count(self, query: HistoryQuery) -> int:
         where, args = self._history_where(query)
-        row = self._reader().execute(f"SELECT count(*) FROM resource_versions WHERE {where}", args).fetchone()
+        sql = f"SELECT count(*) FROM resource_versions WHERE {where}"  # noqa: S608 - clauses are constants
+        row = self._reader().execute(sql, args).fetchone()
         return int(row[0])
 
     def max_seq(self) -> int:
@@ -368,7 +372,7 @@ class SqliteStore:
         ).fetchone()
         if row is None:
             return None
-        return ClientRow(*row[:7], disabled=bool(row[7]))
+        return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         rows = self._reader().execute(

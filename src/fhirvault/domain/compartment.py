@@ -8,7 +8,7 @@ CompartmentDefinition's parameter order (e.g. ``subject`` before ``performer``).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from fhirvault.domain.r4 import patient_compartment_paths
@@ -38,7 +38,7 @@ def patient_id_from_reference(reference: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _paths(resource_type: str) -> tuple[list[str], ...]:
     return tuple(list(p) for p in patient_compartment_paths(resource_type))
 

@@ -97,7 +97,7 @@ class AuthService:
         self.kid = self._key.thumbprint()
         public.update({"kid": self.kid, "use": "sig", "alg": _ACCESS_ALG})
         self.jwks: dict[str, Any] = {"keys": [public]}
-        self._verify_keys = KeySet.import_key_set(self.jwks)
+        self._verify_keys = KeySet.import_key_set(self.jwks)  # type: ignore[arg-type]
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_lock = threading.Lock()
 
@@ -136,7 +136,7 @@ class AuthService:
             raise ScopeError("clients registered here use system/ scopes (user/ and patient/ need a login)")
         if jwks is not None:
             try:
-                KeySet.import_key_set(dict(jwks))
+                KeySet.import_key_set(dict(jwks))  # type: ignore[arg-type]
             except (JoseError, ValueError, TypeError, KeyError):
                 raise ScopeError("the JWK Set is not valid") from None
         if not with_secret and jwks is None:

@@ -186,17 +186,19 @@ class KeyRing:
         self._remember(key, lookup)
 
     async def for_compartment(self, compartment: str) -> DataKey:
-        key = self.cached_for(compartment)
-        if key is None:
-            key, lookup = await self._store.write("keys.data-key", lambda tx: self.get_or_create_in_tx(tx, compartment))
-            self._remember(key, lookup)
+        cached = self.cached_for(compartment)
+        if cached is not None:
+            return cached
+        key, lookup = await self._store.write("keys.data-key", lambda tx: self.get_or_create_in_tx(tx, compartment))
+        self._remember(key, lookup)
         return key
 
     def for_compartment_sync(self, compartment: str) -> DataKey:
-        key = self.cached_for(compartment)
-        if key is None:
-            key, lookup = self._store.write_sync("keys.data-key", lambda tx: self.get_or_create_in_tx(tx, compartment))
-            self._remember(key, lookup)
+        cached = self.cached_for(compartment)
+        if cached is not None:
+            return cached
+        key, lookup = self._store.write_sync("keys.data-key", lambda tx: self.get_or_create_in_tx(tx, compartment))
+        self._remember(key, lookup)
         return key
 
     def by_id(self, key_id: str) -> DataKey:

@@ -27,7 +27,13 @@ from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, W
 from fhirvault.services.audit import AuditRecord, TableAuditLog, outcome_for
 from fhirvault.services.auth import Principal
 from fhirvault.services.crypto import DecryptionError, associated_data
-from fhirvault.services.keys import TENANT_COMPARTMENT, DataKey, KeyError_, KeyRing, patient_compartment
+from fhirvault.services.keys import (
+    TENANT_COMPARTMENT,
+    DataKey,
+    KeyError_,
+    KeyRing,
+    patient_compartment,
+)
 
 _MAX_PATCH_RETRIES = 5
 

@@ -12,7 +12,16 @@ from fhirvault.fhir.messages import FhirRequest
 from fhirvault.fhir.router import FhirRouter, is_public
 from fhirvault.services.auth import AuthService, TokenError
 from fhirvault.services.repository import IntegrityError, Repository, RequestContext
-from fhirvault.web.asgi import BodyTooLarge, Receive, Scope, Send, header_map, read_body, send_outcome, send_response
+from fhirvault.web.asgi import (
+    BodyTooLarge,
+    Receive,
+    Scope,
+    Send,
+    header_map,
+    read_body,
+    send_outcome,
+    send_response,
+)
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
 
 log = logging.getLogger("fhirvault.fhir")
