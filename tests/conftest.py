@@ -95,20 +95,21 @@ class Server:
         self.proc.wait(timeout=30)
 
 
-def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Server:
+def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None,
+                 tls: bool = False) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
     full_env.update(env or {})
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text()[-3000:]}")
         try:
-            if httpx.get(base + "/livez", timeout=1).status_code == 200:
+            if httpx.get(base + "/livez", timeout=1, verify=False).status_code == 200:
                 break
         except httpx.TransportError:
             time.sleep(0.05)

@@ -1,0 +1,270 @@
+"""ResourceStore in process memory, with the semantics of SqliteStore.
+
+For tests and throw-away servers. Jobs run one at a time under a lock. Each
+``_Tx`` mutation records its inverse in an undo log; a job that raises has its
+log replayed backwards, so it leaves no trace while the jobs before and after
+it keep their writes (as SqliteStore's SAVEPOINT per job does). Reads take the
+same lock, so another thread never sees a job half done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING, TypeVar
+
+from fhirvault.ports import (
+    ClientRow,
+    HistoryQuery,
+    StoredVersion,
+    TenantKeyRow,
+    WrappedKey,
+)
+
+if TYPE_CHECKING:
+    from fhirvault.ports import ResourceStore, WriteTx
+
+T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
+X = TypeVar("X")
+
+
+class ConstraintError(Exception):
+    """A uniqueness rule was broken (SqliteStore raises sqlite3.IntegrityError)."""
+
+
+@dataclass
+class _Tables:
+    # seq -> (tenant, version); insertion order is seq order, never reordered.
+    versions: dict[int, tuple[str, StoredVersion]] = field(default_factory=dict)
+    version_seq: dict[tuple[str, str, str, int], int] = field(default_factory=dict)
+    current: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    data_keys: dict[str, tuple[str, WrappedKey]] = field(default_factory=dict)  # key_id -> (tenant, key)
+    data_key_ids: dict[tuple[str, bytes], str] = field(default_factory=dict)  # (tenant, lookup) -> key_id
+    tenant_keys: dict[tuple[str, int], TenantKeyRow] = field(default_factory=dict)
+    meta: dict[str, bytes] = field(default_factory=dict)
+    clients: dict[str, ClientRow] = field(default_factory=dict)
+    jti: dict[str, int] = field(default_factory=dict)
+    audit: list[tuple[int, str, int, bytes]] = field(default_factory=list)  # (seq, tenant, ts_ms, blob)
+
+
+def _limited(rows: Iterable[X], limit: int) -> list[X]:
+    # SQLite's LIMIT: a negative limit means no limit.
+    return list(islice(rows, limit if limit >= 0 else None))
+
+
+def _matches(q: HistoryQuery, tenant: str, v: StoredVersion) -> bool:
+    return (
+        tenant == q.tenant
+        and (q.type is None or v.type == q.type)
+        and (q.id is None or v.id == q.id)
+        and (q.types is None or v.type in q.types)
+        and (q.since_ms is None or v.last_updated_ms >= q.since_ms)
+        and (q.before_seq is None or v.seq < q.before_seq)
+    )
+
+
+def _tenant_keys(t: _Tables, tenant: str) -> list[TenantKeyRow]:
+    return sorted((r for (tn, _), r in t.tenant_keys.items() if tn == tenant), key=lambda r: r.version)
+
+
+def _current(t: _Tables, tenant: str, type: str, id: str) -> StoredVersion | None:
+    seq = t.current.get((tenant, type, id))
+    return None if seq is None else t.versions[seq][1]
+
+
+class _Tx:
+    """WriteTx over the tables; every change first logs how to undo it."""
+
+    __slots__ = ("_t", "undo")
+
+    def __init__(self, tables: _Tables) -> None:
+        self._t = tables
+        self.undo: list[Callable[[], object]] = []
+
+    def _set(self, table: dict[K, V], key: K, value: V) -> None:
+        if key in table:
+            old = table[key]
+            self.undo.append(lambda: table.__setitem__(key, old))
+        else:
+            self.undo.append(lambda: table.pop(key))
+        table[key] = value
+
+    def _delete(self, table: dict[K, V], key: K) -> None:
+        old = table.pop(key)
+        self.undo.append(lambda: table.__setitem__(key, old))
+
+    def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
+        return _current(self._t, tenant, type, id)
+
+    def insert_version(self, tenant: str, version: StoredVersion) -> int:
+        t = self._t
+        vkey = (tenant, version.type, version.id, version.version)
+        if vkey in t.version_seq:
+            raise ConstraintError(f"version {vkey} already exists")
+        seq = next(reversed(t.versions), 0) + 1  # like SQLite's rowid: max + 1
+        self._set(t.versions, seq, (tenant, dataclasses.replace(version, seq=seq)))
+        self._set(t.version_seq, vkey, seq)
+        self._set(t.current, (tenant, version.type, version.id), seq)
+        return seq
+
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        key_id = self._t.data_key_ids.get((tenant, lookup))
+        return None if key_id is None else self._t.data_keys[key_id][1]
+
+    def insert_data_key(self, tenant: str, lookup: bytes, key: WrappedKey, created_ms: int) -> None:
+        t = self._t
+        if key.key_id in t.data_keys or (tenant, lookup) in t.data_key_ids:
+            raise ConstraintError("data key id or (tenant, lookup) already exists")
+        self._set(t.data_keys, key.key_id, (tenant, key))
+        self._set(t.data_key_ids, (tenant, lookup), key.key_id)
+
+    def rewrap_data_key(self, key_id: str, wrapped: bytes, compartment: bytes, kek_version: int) -> None:
+        row = self._t.data_keys.get(key_id)
+        if row is not None:  # an unknown id changes nothing, like SQL UPDATE
+            new = WrappedKey(key_id, wrapped, kek_version, compartment)
+            self._set(self._t.data_keys, key_id, (row[0], new))
+
+    def all_data_keys(self, tenant: str) -> list[WrappedKey]:
+        return [k for tn, k in self._t.data_keys.values() if tn == tenant]
+
+    def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
+        if (row.tenant, row.version) in self._t.tenant_keys:
+            raise ConstraintError(f"tenant key {row.tenant} v{row.version} already exists")
+        self._set(self._t.tenant_keys, (row.tenant, row.version), row)
+
+    def replace_tenant_key(self, row: TenantKeyRow) -> None:
+        if (row.tenant, row.version) in self._t.tenant_keys:
+            self._set(self._t.tenant_keys, (row.tenant, row.version), row)
+
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
+        return _tenant_keys(self._t, tenant)
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        self._set(self._t.meta, name, value)
+
+    def insert_client(self, row: ClientRow) -> None:
+        if row.client_id in self._t.clients:
+            raise ConstraintError(f"client {row.client_id} already exists")
+        self._set(self._t.clients, row.client_id, row)
+
+    def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
+        seen = self._t.jti
+        for old in [j for j, exp in seen.items() if exp < now_ms]:
+            self._delete(seen, old)
+        if jti in seen:
+            return False
+        self._set(seen, jti, expires_ms)
+        return True
+
+    def append_audit(self, tenant: str, ts_ms: int, blob: bytes) -> int:
+        audit = self._t.audit
+        seq = audit[-1][0] + 1 if audit else 1
+        audit.append((seq, tenant, ts_ms, blob))
+        self.undo.append(audit.pop)
+        return seq
+
+
+class MemoryStore:
+    """The in-memory store: nothing survives the process."""
+
+    def __init__(self) -> None:
+        self._t = _Tables()
+        # Reentrant: a job may read through the store (e.g. KeyRing.by_id) and
+        # then sees its own uncommitted writes, where SqliteStore would not.
+        self._lock = threading.RLock()
+        self._in_job = False
+        self._closed = False
+
+    # -- writes -------------------------------------------------------------
+    def _run(self, fn: Callable[[WriteTx], T]) -> T:
+        """Run one job; the caller holds the lock."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+        if self._in_job:
+            raise RuntimeError("a write job cannot start another write")
+        tx = _Tx(self._t)
+        self._in_job = True
+        try:
+            return fn(tx)
+        except BaseException:
+            for undo in reversed(tx.undo):
+                undo()
+            raise
+        finally:
+            self._in_job = False
+
+    async def write(self, name: str, fn: Callable[[WriteTx], T]) -> T:
+        # Uncontended (the usual case): run inline, jobs are short. If another
+        # thread holds the store, wait for it in a worker, not on the event loop.
+        if self._lock.acquire(blocking=False):
+            try:
+                return self._run(fn)
+            finally:
+                self._lock.release()
+        return await asyncio.to_thread(self.write_sync, name, fn)
+
+    def write_sync(self, name: str, fn: Callable[[WriteTx], T]) -> T:
+        with self._lock:
+            return self._run(fn)
+
+    # -- reads --------------------------------------------------------------
+    def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
+        with self._lock:
+            return _current(self._t, tenant, type, id)
+
+    def read_version(self, tenant: str, type: str, id: str, version: int) -> StoredVersion | None:
+        with self._lock:
+            seq = self._t.version_seq.get((tenant, type, id, version))
+            return None if seq is None else self._t.versions[seq][1]
+
+    def _history(self, q: HistoryQuery) -> Iterator[StoredVersion]:
+        return (v for tn, v in reversed(self._t.versions.values()) if _matches(q, tn, v))
+
+    def history(self, query: HistoryQuery) -> list[StoredVersion]:
+        with self._lock:
+            return _limited(self._history(query), query.limit)
+
+    def history_count(self, query: HistoryQuery) -> int:
+        with self._lock:
+            return sum(1 for _ in self._history(query))
+
+    def max_seq(self) -> int:
+        with self._lock:
+            return next(reversed(self._t.versions), 0)
+
+    def data_key(self, tenant: str, key_id: str) -> WrappedKey | None:
+        with self._lock:
+            row = self._t.data_keys.get(key_id)
+            return row[1] if row is not None and row[0] == tenant else None
+
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
+        with self._lock:
+            return _tenant_keys(self._t, tenant)
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._lock:
+            return self._t.meta.get(name)
+
+    def client(self, client_id: str) -> ClientRow | None:
+        with self._lock:
+            return self._t.clients.get(client_id)
+
+    def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
+        with self._lock:
+            rows = ((s, ts, b) for s, tn, ts, b in self._t.audit if tn == tenant and s > after_seq)
+            return _limited(rows, limit)
+
+    def close(self) -> None:
+        with self._lock:  # waits for a running job; later writes raise
+            self._closed = True
+
+
+if TYPE_CHECKING:
+    _store_conforms: ResourceStore = MemoryStore()
+    _tx_conforms: WriteTx = _Tx(_Tables())
