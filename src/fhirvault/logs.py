@@ -70,12 +70,6 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # uvicorn's own loggers: keep errors, drop its access log (it prints query strings).
-    for name in ("uvicorn", "uvicorn.error"):
-        lg = logging.getLogger(name)
-        lg.handlers[:] = []
-        lg.propagate = True
-    logging.getLogger("uvicorn.access").disabled = True
 
 
 def dict_config(level: str) -> dict[str, Any]:

@@ -100,3 +100,24 @@ def test_unknown_route_is_404_outcome(app: App) -> None:
     r = app.client.get("/nope")
     assert r.status_code == 404
     outcome(r)
+
+
+def test_lenient_validation_accepts_unknown_elements_only(tmp_path: object) -> None:
+    import json
+    from pathlib import Path
+
+    from starlette.testclient import TestClient
+
+    from fhirvault.bootstrap import initialise
+    from fhirvault.config import load_settings
+    from fhirvault.container import build
+    from fhirvault.web.app import create_app
+    from tests.conftest import get_token
+
+    settings = load_settings({"data_dir": Path(str(tmp_path)) / "d"}, environ={"FHIRVAULT_VALIDATION": "lenient"})
+    creds = json.loads(initialise(settings).read_text())
+    with TestClient(create_app(build(settings))) as client:
+        auth = {"Authorization": f"Bearer {get_token(client, creds)}", **FHIR_JSON}
+        ok = client.post("/fhir/Patient", json=dict(PATIENT, famly="x"), headers=auth)
+        assert ok.status_code == 201 and ok.json()["famly"] == "x"
+        assert client.post("/fhir/Patient", json=dict(PATIENT, gender="robot"), headers=auth).status_code == 422
