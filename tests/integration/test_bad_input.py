@@ -121,3 +121,9 @@ def test_lenient_validation_accepts_unknown_elements_only(tmp_path: object) -> N
         ok = client.post("/fhir/Patient", json=dict(PATIENT, famly="x"), headers=auth)
         assert ok.status_code == 201 and ok.json()["famly"] == "x"
         assert client.post("/fhir/Patient", json=dict(PATIENT, gender="robot"), headers=auth).status_code == 422
+
+
+def test_wrong_method_on_oauth_route_is_405_outcome(app: App) -> None:
+    r = app.client.get("/oauth2/token")
+    assert r.status_code == 405
+    outcome(r)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -84,9 +85,10 @@ def create_app(container: Container) -> ASGIApp:
             return JSONResponse({"status": "unavailable"}, 503)
         return JSONResponse({"status": "ready"})
 
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return Response(orjson.dumps(errors.not_found("Unknown URL.").outcome()), 404,
-                        media_type="application/fhir+json")
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        error = errors.not_found("Unknown URL.") if status == 404 else errors.method_not_allowed("Method not allowed.")
+        return Response(orjson.dumps(error.outcome()), status, media_type="application/fhir+json")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -101,7 +103,7 @@ def create_app(container: Container) -> ASGIApp:
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
         ],
-        exception_handlers={404: not_found},
+        exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,
     )
     return RequestContextMiddleware(_Dispatcher(fhir, other), hsts=settings.tls_cert is not None)

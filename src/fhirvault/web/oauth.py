@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -50,11 +51,17 @@ def token_url_for(request: Request, public_base_url: str | None) -> str:
     return str(request.url_for("token"))
 
 
+# Argon2id costs ~50 ms and 64 MiB per check: bound how many run at once so a flood of
+# token requests cannot exhaust memory; the others wait their turn.
+_HASH_CONCURRENCY = 2
+
+
 class OAuthEndpoints:
     def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None) -> None:
         self._auth = auth
         self._repo = repo
         self._public = public_base_url
+        self._hash_slots: asyncio.Semaphore | None = None
 
     async def token(self, request: Request) -> Response:
         ctx = RequestContext(None, request_id_of(request.scope), client_ip(request.scope))
@@ -89,8 +96,10 @@ class OAuthEndpoints:
             raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
         token_url = token_url_for(request, self._public)
         basic = _basic(request.headers.get("authorization"))
-        # Argon2id takes tens of milliseconds: keep it off the event loop.
-        client, assertion_id = await run_in_threadpool(self._auth.authenticate_client, form, basic, token_url)
+        if self._hash_slots is None:  # created lazily, inside the server's event loop
+            self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
+        async with self._hash_slots:  # and off the event loop itself
+            client, assertion_id = await run_in_threadpool(self._auth.authenticate_client, form, basic, token_url)
         if assertion_id is not None:
             exp = int(assertion_id.rsplit(":", 1)[1])
             if not await self._repo.remember_assertion(assertion_id, exp * 1000):
