@@ -10,15 +10,15 @@ from __future__ import annotations
 import base64
 import json
 import os
-import secrets
 from pathlib import Path
 
-from fhirvault.services.crypto import Aead, DecryptionError, new_key
+from fhirvault.adapters.memory_keys import MemoryRootKeyProvider, RootKeyError, new_root_key_id
+from fhirvault.services.crypto import new_key
 
 _FORMAT = "fhirvault-root-key"
 
 
-class KeyFileError(Exception):
+class KeyFileError(RootKeyError):
     pass
 
 
@@ -39,21 +39,19 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-class KeyFileProvider:
+class KeyFileProvider(MemoryRootKeyProvider):
     def __init__(self, path: Path, keys: dict[str, bytes], active: str) -> None:
+        super().__init__(keys, active)
         self._path = path
-        self._keys = keys
-        self._active = active
-        self._aeads = {kid: Aead(k) for kid, k in keys.items()}
 
     @classmethod
     def create(cls, path: Path) -> KeyFileProvider:
         if path.exists():
             raise KeyFileError(f"root key file already exists: {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        kid = "rk-" + secrets.token_hex(8)
+        kid = new_root_key_id()
         provider = cls(path, {kid: new_key()}, kid)
-        provider._save()
+        provider._persist()
         return provider
 
     @classmethod
@@ -73,11 +71,11 @@ class KeyFileProvider:
             active = doc["active"]
             if active not in keys or any(len(k) != 32 for k in keys.values()):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise KeyFileError(f"root key file {path} is malformed") from None
         return cls(path, keys, active)
 
-    def _save(self) -> None:
+    def _persist(self) -> None:
         doc = {
             "format": _FORMAT,
             "version": 1,
@@ -85,36 +83,3 @@ class KeyFileProvider:
             "keys": {kid: base64.b64encode(k).decode() for kid, k in self._keys.items()},
         }
         write_private_file(self._path, json.dumps(doc, indent=1).encode())
-
-    @property
-    def active_key_id(self) -> str:
-        return self._active
-
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(self._keys)
-
-    def wrap(self, plaintext: bytes, aad: bytes) -> tuple[str, bytes]:
-        return self._active, self._aeads[self._active].seal(plaintext, aad)
-
-    def unwrap(self, key_id: str, blob: bytes, aad: bytes) -> bytes:
-        aead = self._aeads.get(key_id)
-        if aead is None:
-            raise DecryptionError("root key not available")
-        return aead.open(blob, aad)
-
-    def begin_rotation(self) -> str:
-        """Add a new active root key, keeping the old ones until ``retire`` (crash-safe)."""
-        kid = "rk-" + secrets.token_hex(8)
-        self._keys[kid] = new_key()
-        self._aeads[kid] = Aead(self._keys[kid])
-        self._active = kid
-        self._save()
-        return kid
-
-    def retire(self, key_id: str) -> None:
-        if key_id == self._active:
-            raise KeyFileError("cannot retire the active root key")
-        self._keys.pop(key_id, None)
-        self._aeads.pop(key_id, None)
-        self._save()

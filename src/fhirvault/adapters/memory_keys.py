@@ -1,7 +1,7 @@
 """Root key provider with its keys in process memory (tests, throw-away servers).
 
-Same behaviour as ``KeyFileProvider`` without the file: the keys are lost with
-the process, so anything they wrapped is unreadable afterwards.
+``KeyFileProvider`` is this plus persistence to a key file. Keys held here are
+lost with the process, so anything they wrapped is unreadable afterwards.
 """
 
 from __future__ import annotations
@@ -15,15 +15,26 @@ if TYPE_CHECKING:
     from fhirvault.ports import RootKeyProvider
 
 
-def _new_id() -> str:
+class RootKeyError(ValueError):
+    """A root key operation was refused (e.g. retiring the active key)."""
+
+
+def new_root_key_id() -> str:
     return "rk-" + secrets.token_hex(8)
 
 
 class MemoryRootKeyProvider:
-    def __init__(self) -> None:
-        kid = _new_id()
-        self._aeads = {kid: Aead(new_key())}
-        self._active = kid
+    def __init__(self, keys: dict[str, bytes] | None = None, active: str | None = None) -> None:
+        if keys is None:
+            active = new_root_key_id()
+            keys = {active: new_key()}
+        assert active in keys
+        self._keys = keys
+        self._aeads = {kid: Aead(k) for kid, k in keys.items()}
+        self._active = active
+
+    def _persist(self) -> None:
+        """Hook for providers that keep their keys somewhere (see KeyFileProvider)."""
 
     @property
     def active_key_id(self) -> str:
@@ -43,16 +54,20 @@ class MemoryRootKeyProvider:
         return aead.open(blob, aad)
 
     def begin_rotation(self) -> str:
-        """Add a new active root key; the old ones still unwrap until ``retire``."""
-        kid = _new_id()
-        self._aeads[kid] = Aead(new_key())
+        """Add a new active root key; the old ones still unwrap until ``retire`` (crash-safe order)."""
+        kid = new_root_key_id()
+        self._keys[kid] = new_key()
+        self._aeads[kid] = Aead(self._keys[kid])
         self._active = kid
+        self._persist()
         return kid
 
     def retire(self, key_id: str) -> None:
         if key_id == self._active:
-            raise ValueError("cannot retire the active root key")
+            raise RootKeyError("cannot retire the active root key")
+        self._keys.pop(key_id, None)
         self._aeads.pop(key_id, None)
+        self._persist()
 
 
 if TYPE_CHECKING:

@@ -192,9 +192,13 @@ class MemoryStore:
         self._in_job = True
         try:
             return fn(tx)
-        except BaseException:
+        except BaseException as exc:
             for undo in reversed(tx.undo):
                 undo()
+            if isinstance(exc, StopIteration):
+                # It cannot cross a coroutine or an asyncio Future (PEP 479);
+                # turn it into the RuntimeError a generator would raise.
+                raise RuntimeError("write job raised StopIteration") from exc
             raise
         finally:
             self._in_job = False

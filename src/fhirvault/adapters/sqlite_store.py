@@ -170,15 +170,22 @@ _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
 _STOP = object()
 
 
+def _deliver(fut: Any, ok: bool, value: Any) -> None:
+    if fut.cancelled():  # the caller went away; the write itself is committed regardless
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
 def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
     """Deliver a batch's outcomes on the event loop: one wake-up per batch, not per job."""
     for fut, ok, value in outcomes:
-        if fut.cancelled():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
+        try:
+            _deliver(fut, ok, value)
+        except Exception:  # never strand the rest of the batch
+            log.exception("could not deliver a write outcome")
 
 
 class SqliteStore:
@@ -191,6 +198,7 @@ class SqliteStore:
         self._writer_conn = _connect(path)
         self._migrate()
         self._closed = False
+        self._lifecycle = threading.Lock()
         self._thread = threading.Thread(target=self._run_writer, name="fhirvault-writer", daemon=True)
         self._thread.start()
         self.commits = 0  # batches committed (for metrics and tests)
@@ -244,6 +252,10 @@ class SqliteStore:
                 except BaseException as exc:  # the job's own failure: undo only its work
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
+                        wrapped = RuntimeError("write job raised StopIteration")
+                        wrapped.__cause__ = exc
+                        exc = wrapped
                     outcomes.append((False, exc))
                 else:
                     conn.execute("RELEASE job")
@@ -260,31 +272,29 @@ class SqliteStore:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
         for (_name, _fn, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
             if loop is None:
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+                _deliver(fut, ok, value)
             else:
                 by_loop.setdefault(loop, []).append((fut, ok, value))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(_settle, items)
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("store is closed")
+    def _enqueue(self, job: _Job) -> None:
+        # Check and enqueue under the lock close() takes, so no job can land behind the stop marker.
+        with self._lifecycle:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            self._queue.put(job)
 
     async def write(self, name: str, fn: Callable[[Any], T]) -> T:
-        self._check_open()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
-        self._queue.put((name, fn, fut, loop))
+        self._enqueue((name, fn, fut, loop))
         return await fut
 
     def write_sync(self, name: str, fn: Callable[[Any], T]) -> T:
-        self._check_open()
         fut: Future[T] = Future()
-        self._queue.put((name, fn, fut, None))
+        self._enqueue((name, fn, fut, None))
         return fut.result()
 
     # -- reads --------------------------------------------------------------
@@ -382,10 +392,11 @@ class SqliteStore:
         return [(r[0], r[1], r[2]) for r in rows]
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._queue.put(_STOP)
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
         self._thread.join(timeout=30)
         conn = getattr(self._local, "conn", None)
         if conn is not None:

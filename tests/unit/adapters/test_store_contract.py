@@ -7,8 +7,12 @@ trigger) stay in test_sqlite_store.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -167,18 +171,20 @@ def test_a_failing_job_among_concurrent_writes_leaves_no_trace(store: ResourceSt
         tx.set_meta("bad", b"1")
         raise ValueError("refused")
 
-    def good(i: int) -> object:
-        return store.write("ok", lambda tx: (tx.insert_version("t", _v(f"p{i}", 1)), tx.append_audit("t", i, b"ok")))
+    def good(i: int) -> Callable[[WriteTx], int]:
+        def job(tx: WriteTx) -> int:
+            tx.append_audit("t", i, b"ok")
+            return tx.insert_version("t", _v(f"p{i}", 1))
+        return job
 
-    async def run() -> list[object]:
-        jobs = [good(i) for i in range(60)]
+    async def run() -> list[int | BaseException]:
+        jobs = [store.write("ok", good(i)) for i in range(60)]
         jobs.insert(30, store.write("bad", bad))
-        return await asyncio.gather(*jobs, return_exceptions=True)  # type: ignore[arg-type]
+        return await asyncio.gather(*jobs, return_exceptions=True)
 
     results = asyncio.run(run())
     assert isinstance(results.pop(30), ValueError)
-    assert not any(isinstance(r, BaseException) for r in results)
-    seqs = [r[0] for r in results]  # type: ignore[index]
+    seqs = [r for r in results if isinstance(r, int)]
     assert len(set(seqs)) == 60 and max(seqs) == store.max_seq()
     assert all(store.read_current("t", "Patient", f"p{i}") is not None for i in range(60))
     assert store.read_current("t", "Patient", "bad") is None
@@ -247,15 +253,83 @@ def test_write_after_close_raises(store: ResourceStore) -> None:
         asyncio.run(store.write("w", lambda tx: tx.set_meta("m", b"2")))
 
 
+def test_write_does_not_block_the_event_loop_while_another_thread_writes(store: ResourceStore) -> None:
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(tx: WriteTx) -> str:
+        tx.set_meta("slow", b"1")
+        inside.set()
+        release.wait(10)
+        return "slow"
+
+    async def run() -> str:
+        def quick(tx: WriteTx) -> str:
+            tx.set_meta("fast", b"1")
+            return "fast"
+
+        fast = asyncio.ensure_future(store.write("fast", quick))
+        for _ in range(5):  # the loop keeps turning while that write waits for the store
+            await asyncio.sleep(0.01)
+        assert not fast.done()
+        release.set()
+        return await asyncio.wait_for(fast, 10)
+
+    with ThreadPoolExecutor(1) as pool:
+        slow_done = pool.submit(store.write_sync, "slow", slow)
+        assert inside.wait(10)
+        try:
+            assert asyncio.run(run()) == "fast"
+        finally:
+            release.set()
+        assert slow_done.result(10) == "slow"
+    assert store.get_meta("slow") == store.get_meta("fast") == b"1"
+
+
+def test_readers_never_see_a_job_half_done(store: ResourceStore) -> None:
+    inserted, release = threading.Event(), threading.Event()
+
+    def job(tx: WriteTx) -> None:
+        tx.insert_version("t", _v("a", 1))
+        inserted.set()
+        release.wait(10)
+        raise ValueError("refused")
+
+    with ThreadPoolExecutor(2) as pool:
+        writer = pool.submit(store.write_sync, "w", job)
+        assert inserted.wait(10)
+        reader = pool.submit(store.read_current, "t", "Patient", "a")
+        time.sleep(0.05)  # give the reader its chance while the job is open
+        release.set()
+        with pytest.raises(ValueError):
+            writer.result(10)
+        assert reader.result(10) is None
+
+
+def test_a_job_raising_stopiteration_fails_only_its_caller(store: ResourceStore) -> None:
+    # asyncio futures refuse StopIteration; a store that passed it on would strand the batch.
+
+    def bad(tx: WriteTx) -> None:
+        tx.set_meta("bad", b"1")
+        next(iter([]))  # an ordinary bug in a job
+
+    async def run() -> tuple[BaseException | None, int | BaseException]:
+        both = asyncio.gather(store.write("bad", bad), store.write("ok", lambda tx: 1), return_exceptions=True)
+        return await asyncio.wait_for(both, 3)
+
+    failed, ok = asyncio.run(run())
+    assert isinstance(failed, RuntimeError) and ok == 1
+    with pytest.raises(RuntimeError):  # the same for sync callers (PEP 479: never let it escape raw)
+        store.write_sync("bad", bad)
+    assert store.get_meta("bad") is None
+
+
 # -- keys, meta, clients --------------------------------------------------------
 def test_data_keys_are_unique_per_tenant_lookup_and_rewrap(store: ResourceStore) -> None:
     def setup(tx: WriteTx) -> WrappedKey | None:
         tx.insert_data_key("t", b"L1", _wk("dk1"), 1)
         tx.insert_data_key("u", b"L1", _wk("dk2"), 1)  # the same lookup in another tenant is another key
-        try:  # a refused insert inside a job undoes only itself
+        with contextlib.suppress(*DUPLICATE):  # a refused insert inside a job undoes only itself
             tx.insert_data_key("t", b"L1", _wk("dk3"), 1)
-        except DUPLICATE:
-            pass
         return tx.data_key_by_lookup("t", b"L1")
 
     assert store.write_sync("k", setup) == _wk("dk1")
@@ -309,7 +383,11 @@ def test_meta_round_trip(store: ResourceStore) -> None:
 def test_clients(store: ResourceStore) -> None:
     secret = ClientRow("c1", "t", "Secret client", "$argon2id$x", "system/*.read", None, 10)
     jwt = ClientRow("c2", "t", "JWT client", None, "system/*.*", '{"keys": []}', 11, disabled=True)
-    store.write_sync("c", lambda tx: (tx.insert_client(secret), tx.insert_client(jwt)))
+    def insert_both(tx: WriteTx) -> None:
+        tx.insert_client(secret)
+        tx.insert_client(jwt)
+
+    store.write_sync("c", insert_both)
     assert store.client("c1") == secret
     assert store.client("c2") == jwt
     assert store.client("nobody") is None
@@ -330,8 +408,12 @@ def test_jti_replay_and_expiry(store: ResourceStore) -> None:
     assert remember("a", 300, 101) is True  # expired entries are forgotten, so it is new again
     assert remember("b", 300, 149) is False
     assert remember("b", 300, 151) is True
+    def remember_then_fail(tx: WriteTx) -> None:
+        tx.remember_jti("c", 1000, 10)
+        raise ValueError("refused")
+
     with pytest.raises(ValueError):
-        store.write_sync("j", lambda tx: (tx.remember_jti("c", 1000, 10), _fail()))
+        store.write_sync("j", remember_then_fail)
     assert remember("c", 1000, 10) is True  # the failed job's jti was not kept
 
 
