@@ -1,41 +1,75 @@
+"""KeyRing behaviour on every store + root key provider pair (test_keys.py keeps the key-file checks)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from fhirvault.adapters.keyfile import KeyFileError, KeyFileProvider
+from fhirvault.adapters.keyfile import KeyFileProvider
+from fhirvault.adapters.memory_keys import MemoryRootKeyProvider
+from fhirvault.adapters.memory_store import MemoryStore
 from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.container import SystemClock
+from fhirvault.ports import ResourceStore
 from fhirvault.services.keys import KeyError_, KeyRing, patient_compartment
 
-
-@pytest.fixture
-def ring(tmp_path: Path) -> tuple[KeyRing, SqliteStore, KeyFileProvider]:
-    root = KeyFileProvider.create(tmp_path / "root.key")
-    store = SqliteStore(tmp_path / "db.sqlite3")
-    ring = KeyRing(store, root, "default", SystemClock())
-    ring.initialise()
-    yield ring, store, root
-    store.close()
+Root = KeyFileProvider | MemoryRootKeyProvider
 
 
-def test_one_key_per_compartment_stable_across_reload(ring: tuple[KeyRing, SqliteStore, KeyFileProvider]) -> None:
-    keys, store, root = ring
+@dataclass
+class Setup:
+    store: ResourceStore
+    root: Root
+    reopen_root: Callable[[], Root]  # the root key as a restart would find it
+    stranger: Callable[[], Root]  # some other root key
+
+    def __post_init__(self) -> None:
+        self.ring = KeyRing(self.store, self.root, "default", SystemClock())
+
+
+@pytest.fixture(params=["sqlite+keyfile", "memory"])
+def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setup]:
+    if request.param == "memory":
+        mem = MemoryRootKeyProvider()
+        s = Setup(MemoryStore(), mem, lambda: mem, MemoryRootKeyProvider)
+    else:
+        key_file = tmp_path / "root.key"
+        s = Setup(SqliteStore(tmp_path / "db.sqlite3"), KeyFileProvider.create(key_file),
+                  lambda: KeyFileProvider.load(key_file), lambda: KeyFileProvider.create(tmp_path / "other.key"))
+    s.ring.initialise()
+    yield s
+    s.store.close()
+
+
+def _reloaded(s: Setup) -> KeyRing:
+    ring = KeyRing(s.store, s.reopen_root(), "default", SystemClock())
+    ring.load()
+    return ring
+
+
+def test_initialise_is_idempotent(setup: Setup) -> None:
+    rows = setup.store.tenant_keys("default")
+    setup.ring.initialise()
+    assert setup.store.tenant_keys("default") == rows and len(rows) == 1
+
+
+def test_one_key_per_compartment_stable_across_reload(setup: Setup) -> None:
+    keys = setup.ring
     a = keys.for_compartment_sync(patient_compartment("a"))
     b = keys.for_compartment_sync(patient_compartment("b"))
     assert a.key_id != b.key_id
     blob = a.aead.seal(b"secret", b"ad")
-    fresh = KeyRing(store, root, "default", SystemClock())
-    fresh.load()
-    again = fresh.for_compartment_sync(patient_compartment("a"))
-    assert again.key_id == a.key_id
+    fresh = _reloaded(setup)
+    assert fresh.for_compartment_sync(patient_compartment("a")).key_id == a.key_id
     assert fresh.by_id(a.key_id).aead.open(blob, b"ad") == b"secret"
     assert fresh.by_id(a.key_id).compartment == "patient/a"
 
 
-def test_tenant_rotation_rewraps_without_reencrypting(ring: tuple[KeyRing, SqliteStore, KeyFileProvider]) -> None:
-    keys, store, root = ring
+def test_tenant_rotation_rewraps_without_reencrypting(setup: Setup) -> None:
+    keys, store = setup.ring, setup.store
     k = keys.for_compartment_sync(patient_compartment("p1"))
     blob = k.aead.seal(b"data", b"")
     before = store.data_key("default", k.key_id)
@@ -43,33 +77,22 @@ def test_tenant_rotation_rewraps_without_reencrypting(ring: tuple[KeyRing, Sqlit
     after = store.data_key("default", k.key_id)
     assert before is not None and after is not None
     assert after.kek_version == 2 and after.wrapped != before.wrapped
-    reloaded = KeyRing(store, root, "default", SystemClock())
-    reloaded.load()
+    reloaded = _reloaded(setup)
     assert reloaded.by_id(k.key_id).aead.open(blob, b"") == b"data"
     assert reloaded.for_compartment_sync(patient_compartment("p1")).key_id == k.key_id
 
 
-def test_root_rotation_and_wrong_root(ring: tuple[KeyRing, SqliteStore, KeyFileProvider], tmp_path: Path) -> None:
-    keys, store, root = ring
+def test_root_rotation_and_wrong_root(setup: Setup) -> None:
+    keys, store, root = setup.ring, setup.store, setup.root
     k = keys.for_compartment_sync("tenant")
+    blob = k.aead.seal(b"data", b"")
     old = root.active_key_id
-    root.begin_rotation()
-    keys.rewrap_tenant_keys(root)
+    new = root.begin_rotation()
+    assert keys.rewrap_tenant_keys(root) == 1
     root.retire(old)
-    reloaded = KeyRing(store, KeyFileProvider.load(tmp_path / "root.key"), "default", SystemClock())
-    reloaded.load()
-    assert reloaded.by_id(k.key_id).key_id == k.key_id
-    stranger = KeyFileProvider.create(tmp_path / "other.key")
+    assert root.key_ids == (new,)
+    assert [r.root_key_id for r in store.tenant_keys("default")] == [new]
+    reloaded = _reloaded(setup)
+    assert reloaded.by_id(k.key_id).aead.open(blob, b"") == b"data"
     with pytest.raises(KeyError_):
-        KeyRing(store, stranger, "default", SystemClock()).load()
-
-
-def test_key_file_permissions_are_checked(tmp_path: Path) -> None:
-    path = tmp_path / "root.key"
-    KeyFileProvider.create(path)
-    assert path.stat().st_mode & 0o777 == 0o600
-    path.chmod(0o644)
-    with pytest.raises(KeyFileError):
-        KeyFileProvider.load(path)
-    with pytest.raises(KeyFileError):
-        KeyFileProvider.create(path)
+        KeyRing(store, setup.stranger(), "default", SystemClock()).load()
