@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from fhirvault.adapters.keyfile import KeyFileError, KeyFileProvider
+from fhirvault.adapters.memory_keys import RootKeyError
 from fhirvault.services.crypto import DecryptionError
 
 
@@ -32,7 +33,7 @@ def test_rotation_is_persisted_in_crash_safe_order(tmp_path: Path) -> None:
     provider.retire(old)
     with pytest.raises(DecryptionError):
         KeyFileProvider.load(path).unwrap(kid, blob, b"ad")
-    with pytest.raises(KeyFileError):
+    with pytest.raises(RootKeyError, match="active"):
         provider.retire(new)
 
 
