@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fhirvault.ports import (
     ClientRow,
     HistoryQuery,
+    SearchQuery,
     StoredVersion,
     TenantKeyRow,
     WrappedKey,
@@ -51,6 +52,10 @@ class _Tables:
     clients: dict[str, ClientRow] = field(default_factory=dict)
     jti: dict[str, int] = field(default_factory=dict)
     audit: list[tuple[int, str, int, bytes]] = field(default_factory=list)  # (seq, tenant, ts_ms, blob)
+    # search: resource key (rk) assigned at creation, and each resource's tags
+    rks: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    tags: dict[int, frozenset[bytes]] = field(default_factory=dict)
+    tagged: dict[bytes, frozenset[int]] = field(default_factory=dict)  # tag -> rks
 
 
 def _limited(rows: Iterable[X], limit: int) -> list[X]:
@@ -111,7 +116,21 @@ class _Tx:
         self._set(t.versions, seq, (tenant, dataclasses.replace(version, seq=seq)))
         self._set(t.version_seq, vkey, seq)
         self._set(t.current, (tenant, version.type, version.id), seq)
+        if (tenant, version.type, version.id) not in t.rks:
+            self._set(t.rks, (tenant, version.type, version.id), max(t.rks.values(), default=0) + 1)
         return seq
+
+    def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
+        t = self._t
+        rk = t.rks.get((tenant, type, id))
+        if rk is None:
+            raise LookupError("set_search_tags on a resource that has no version")
+        old, new = t.tags.get(rk, frozenset()), frozenset(tags)
+        for tag in old - new:
+            self._set(t.tagged, tag, t.tagged[tag] - {rk})
+        for tag in new - old:
+            self._set(t.tagged, tag, t.tagged.get(tag, frozenset()) | {rk})
+        self._set(t.tags, rk, new)
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         key_id = self._t.data_key_ids.get((tenant, lookup))
@@ -237,6 +256,32 @@ class MemoryStore:
     def history_count(self, query: HistoryQuery) -> int:
         with self._lock:
             return sum(1 for _ in self._history(query))
+
+    def search(self, q: SearchQuery) -> list[tuple[int, StoredVersion]]:
+        with self._lock:
+            t = self._t
+            rows: list[tuple[int, StoredVersion]] = []
+            for (tenant, type, id), rk in t.rks.items():
+                if tenant != q.tenant or type not in q.types:
+                    continue
+                if (q.after_rk is not None and rk <= q.after_rk) or (q.before_rk is not None and rk >= q.before_rk):
+                    continue
+                if not all(any(rk in t.tagged.get(tag, ()) for tag in group) for group in q.tag_groups):
+                    continue
+                v = _current(t, tenant, type, id)
+                if v is not None and not v.deleted:
+                    rows.append((rk, v))
+            rows.sort(key=lambda r: r[0], reverse=q.descending)
+            return _limited(rows, q.limit)
+
+    def count_current(self, tenant: str, type: str) -> int:
+        with self._lock:
+            live = (_current(self._t, tn, tp, id) for (tn, tp, id) in self._t.rks if tn == tenant and tp == type)
+            return sum(1 for v in live if v is not None and not v.deleted)
+
+    def max_rk(self) -> int:
+        with self._lock:
+            return max(self._t.rks.values(), default=0)
 
     def max_seq(self) -> int:
         with self._lock:

@@ -46,12 +46,25 @@ CREATE TABLE IF NOT EXISTS resource_versions (
 CREATE INDEX IF NOT EXISTS resource_versions_type_seq ON resource_versions (tenant, type, seq);
 CREATE INDEX IF NOT EXISTS resource_versions_updated ON resource_versions (tenant, last_updated);
 
+-- One row per resource: its current version, and rk, a key assigned at creation that
+-- orders search results stably (updates do not move a resource).
 CREATE TABLE IF NOT EXISTS resources_current (
+    rk      INTEGER PRIMARY KEY,
     tenant  TEXT NOT NULL,
     type    TEXT NOT NULL,
     id      TEXT NOT NULL,
     seq     INTEGER NOT NULL,
-    PRIMARY KEY (tenant, type, id)
+    deleted INTEGER NOT NULL DEFAULT 0,
+    tags    BLOB NOT NULL DEFAULT x'',  -- this resource's search tags, to remove them on change
+    UNIQUE (tenant, type, id)
+);
+CREATE INDEX IF NOT EXISTS resources_current_type ON resources_current (tenant, type, rk);
+
+-- Blind search index: truncated HMAC tags (keyed per tenant, type and parameter) → resource.
+CREATE TABLE IF NOT EXISTS search_tags (
+    tag BLOB NOT NULL,
+    rk  INTEGER NOT NULL,
+    PRIMARY KEY (tag, rk)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS clients (

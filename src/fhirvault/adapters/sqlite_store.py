@@ -26,8 +26,10 @@ from typing import Any, TypeVar
 
 from fhirvault.adapters.sqlite_schema import SCHEMA, SCHEMA_VERSION
 from fhirvault.ports import (
+    SEARCH_TAG_BYTES,
     ClientRow,
     HistoryQuery,
+    SearchQuery,
     StoredVersion,
     TenantKeyRow,
     WrappedKey,
@@ -82,11 +84,28 @@ class _Tx:
         seq = cur.lastrowid
         assert seq is not None
         self._c.execute(
-            "INSERT INTO resources_current (tenant, type, id, seq) VALUES (?,?,?,?)"
-            " ON CONFLICT (tenant, type, id) DO UPDATE SET seq=excluded.seq",
-            (tenant, v.type, v.id, seq),
+            "INSERT INTO resources_current (tenant, type, id, seq, deleted) VALUES (?,?,?,?,?)"
+            " ON CONFLICT (tenant, type, id) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted",
+            (tenant, v.type, v.id, seq, int(v.deleted)),
         )
         return seq
+
+    def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
+        row = self._c.execute(
+            "SELECT rk, tags FROM resources_current WHERE tenant=? AND type=? AND id=?", (tenant, type, id)
+        ).fetchone()
+        if row is None:
+            raise LookupError("set_search_tags on a resource that has no version")
+        rk, old = row
+        new = b"".join(sorted(set(tags)))
+        if old == new:
+            return
+        old_set = {old[i : i + SEARCH_TAG_BYTES] for i in range(0, len(old), SEARCH_TAG_BYTES)}
+        new_set = {new[i : i + SEARCH_TAG_BYTES] for i in range(0, len(new), SEARCH_TAG_BYTES)}
+        self._c.executemany("DELETE FROM search_tags WHERE tag=? AND rk=?", [(t, rk) for t in old_set - new_set])
+        self._c.executemany("INSERT OR IGNORE INTO search_tags (tag, rk) VALUES (?,?)",
+                            [(t, rk) for t in new_set - old_set])
+        self._c.execute("UPDATE resources_current SET tags=? WHERE rk=?", (new, rk))
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._c.execute(
@@ -354,6 +373,38 @@ class SqliteStore:
         where, args = self._history_where(query)
         sql = f"SELECT count(*) FROM resource_versions WHERE {where}"  # noqa: S608 - clauses are constants
         row = self._reader().execute(sql, args).fetchone()
+        return int(row[0])
+
+    def search(self, q: SearchQuery) -> list[tuple[int, StoredVersion]]:
+        """Current, non-deleted versions of ``q.types`` whose tags satisfy every group, in rk order."""
+        clauses = ["c.tenant=?", f"c.type IN ({','.join('?' * len(q.types))})", "c.deleted=0"]
+        args: list[Any] = [q.tenant, *q.types]
+        if q.after_rk is not None:
+            clauses.append("c.rk > ?")
+            args.append(q.after_rk)
+        if q.before_rk is not None:
+            clauses.append("c.rk < ?")
+            args.append(q.before_rk)
+        for group in q.tag_groups:  # AND of ORs: each group is one criterion's tags
+            clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))")
+            args.extend(group)
+        order = "DESC" if q.descending else "ASC"
+        sql = (
+            "SELECT c.rk, v.type, v.id, v.version, v.last_updated, v.deleted, v.key_id, v.blob, v.seq"  # noqa: S608
+            f" FROM resources_current c JOIN resource_versions v ON v.seq = c.seq WHERE {' AND '.join(clauses)}"
+            f" ORDER BY c.rk {order} LIMIT ?"
+        )
+        rows = self._reader().execute(sql, [*args, q.limit]).fetchall()
+        return [(r[0], _version(r[1:])) for r in rows]
+
+    def count_current(self, tenant: str, type: str) -> int:
+        row = self._reader().execute(
+            "SELECT count(*) FROM resources_current WHERE tenant=? AND type=? AND deleted=0", (tenant, type)
+        ).fetchone()
+        return int(row[0])
+
+    def max_rk(self) -> int:
+        row = self._reader().execute("SELECT coalesce(max(rk), 0) FROM resources_current").fetchone()
         return int(row[0])
 
     def max_seq(self) -> int:
