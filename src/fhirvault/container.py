@@ -18,6 +18,7 @@ from fhirvault.services.audit import TableAuditLog
 from fhirvault.services.auth import AuthService
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
 from fhirvault.services.repository import Repository
+from fhirvault.services.search_index import SearchIndex
 
 INSTANCE_META = "instance-id"
 
@@ -65,7 +66,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         auth = AuthService(store, root, clock, issuer=issuer_for(store), tenant=settings.tenant,
                            token_ttl_seconds=settings.token_ttl_seconds)
         validator = Validator.default()
-        repository = Repository(store, keys, audit, validator, clock, tenant=settings.tenant,
+        repository = Repository(store, keys, audit, validator, clock, SearchIndex(keys), tenant=settings.tenant,
                                 allow_unknown_elements=settings.validation == "lenient")
     except BaseException:
         store.close()

@@ -386,7 +386,7 @@ class SqliteStore:
             clauses.append("c.rk < ?")
             args.append(q.before_rk)
         for group in q.tag_groups:  # AND of ORs: each group is one criterion's tags
-            clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))")
+            clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))")  # noqa: S608
             args.extend(group)
         order = "DESC" if q.descending else "ASC"
         sql = (

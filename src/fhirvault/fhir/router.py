@@ -7,19 +7,24 @@ history Bundles with paging. Errors are ``OperationOutcomeError``s.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 
 from fhirvault.domain import errors
 from fhirvault.domain.instants import http_date, instant, parse_fhir_datetime, parse_http_date
 from fhirvault.domain.r4 import is_resource_type
+from fhirvault.domain.search.query import ParsedSearch, safe_name
+from fhirvault.domain.summary import elements, summary
+from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
 from fhirvault.fhir.negotiation import require_json_body, require_patch_body, response_type
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
+from fhirvault.services.search import SearchOutcome
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION = re.compile(r"^[0-9]{1,9}$")
@@ -66,11 +71,14 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
-                 documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int) -> None:
+                 documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
+                 max_bundle_entries: int = 10_000) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._types = resource_types
         self._documents = documents
+        self._conditional_lock = asyncio.Lock()
+        self._bundles = BundleProcessor(repo, self.handle, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
 
@@ -91,7 +99,10 @@ class FhirRouter:
             self._allow(method, "GET")
             return FhirResponse(200, self._documents(req.base_url)[1], {"Content-Type": "application/json"})
         if n == 0:
-            raise errors.not_implemented("Batch/transaction bundles and system search are not supported yet.")
+            if method == "POST":
+                require_json_body(req.header("content-type"))
+                return await self._bundles.handle(req, _parse_body(req.body))
+            raise errors.not_implemented("System-level search is not supported; search one resource type.")
         if n == 1 and seg[0] == "_history":
             self._allow(method, "GET")
             return await self._history(req, None, None)
@@ -101,14 +112,19 @@ class FhirRouter:
         if n == 1:
             if method == "POST":
                 return await self._create(req, rtype)
-            if method == "GET":
-                raise errors.not_implemented("Search is not supported yet.")
+            if method in ("GET", "HEAD"):
+                return await self._search(req, rtype, list(req.query))
+            if method == "PUT" and req.query:
+                return await self._conditional_update(req, rtype)
+            if method == "DELETE" and req.query:
+                return await self._conditional_delete(req, rtype)
             raise errors.method_not_allowed(f"{method} is not allowed on a resource type.")
         if n == 2 and seg[1] == "_history":
             self._allow(method, "GET")
             return await self._history(req, rtype, None)
         if n == 2 and seg[1] == "_search":
-            raise errors.not_implemented("Search is not supported yet.")
+            self._allow(method, "POST")
+            return await self._search(req, rtype, [*req.query, *_form_params(req)])
         rid = seg[1]
         _check_id(rid)
         if n == 2:
@@ -130,6 +146,24 @@ class FhirRouter:
             raise errors.bad_request("Malformed version id.")
         result = await self._repo.vread(req.ctx, rtype, rid, int(seg[3]))
         return self._resource_response(req, result, 200)
+
+    async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:
+        return await self._repo.find_ids(req.ctx, rtype, query)
+
+    # -- search ----------------------------------------------------------------
+    async def _search(self, req: FhirRequest, rtype: str, params: list[tuple[str, str]]) -> FhirResponse:
+        paging = {k: v for k, v in params if k in _PAGING}
+        criteria = [(k, v) for k, v in params if k not in _PAGING]
+        strict = _prefer_handling(req.header("prefer")) == "strict"
+        parsed = await self._repo.parse(req.ctx, rtype, criteria, strict=strict, base_url=req.base_url)
+        count = self._default_count if parsed.count is None else min(parsed.count, self._max_count)
+        after = _cursor(paging, "_page_after")
+        before = _cursor(paging, "_page_before")
+        snapshot = _cursor(paging, "_snapshot")
+        offset = _cursor(paging, "_offset") or 0
+        outcome = await self._repo.search(req.ctx, parsed, count=count, after=after, before=before,
+                                          snapshot=snapshot, offset=offset, query_text=urlencode(criteria))
+        return FhirResponse(200, _searchset(req, rtype, parsed, outcome, count, criteria))
 
     @staticmethod
     def _allow(method: str, allowed: str) -> None:
@@ -169,13 +203,58 @@ class FhirRouter:
 
     async def _create(self, req: FhirRequest, rtype: str) -> FhirResponse:
         require_json_body(req.header("content-type"))
-        if req.header("if-none-exist") is not None:
-            raise errors.not_implemented("Conditional create (If-None-Exist) is not supported yet.")
         body = _parse_body(req.body)
         if not isinstance(body, dict):
             raise errors.bad_request("The body must be a JSON object (a FHIR resource).", code="structure")
+        condition = req.header("if-none-exist")
+        if condition is not None:
+            ids = await self._repo.find_ids(req.ctx, rtype, parse_qsl(condition.lstrip("?"), keep_blank_values=True))
+            if len(ids) > 1:
+                raise errors.precondition_failed("If-None-Exist matches more than one resource.")
+            if ids:  # R4: the resource exists, answer 200 with it and create nothing
+                return self._resource_response(req, await self._repo.read(req.ctx, rtype, ids[0]), 200)
+            # Checked and created under one lock: two identical conditional creates never both create.
+            async with self._conditional_lock:
+                ids = await self._repo.find_ids(req.ctx, rtype,
+                                                parse_qsl(condition.lstrip("?"), keep_blank_values=True))
+                if ids:
+                    return self._resource_response(req, await self._repo.read(req.ctx, rtype, ids[0]), 200)
+                result = await self._repo.create(req.ctx, rtype, body)
+            return self._resource_response(req, result, 201)
         result = await self._repo.create(req.ctx, rtype, body)
         return self._resource_response(req, result, 201)
+
+    async def _conditional_update(self, req: FhirRequest, rtype: str) -> FhirResponse:
+        require_json_body(req.header("content-type"))
+        body = _parse_body(req.body)
+        if not isinstance(body, dict):
+            raise errors.bad_request("The body must be a JSON object (a FHIR resource).", code="structure")
+        if_match = _parse_etag(req.header("if-match"), "If-Match")
+        async with self._conditional_lock:
+            ids = await self._repo.find_ids(req.ctx, rtype, list(req.query))
+            if len(ids) > 1:
+                raise errors.precondition_failed("The conditional update matches more than one resource.")
+            if ids:
+                if body.get("id") not in (None, ids[0]):
+                    raise errors.bad_request("The id in the body does not match the resource the condition found.")
+                body["id"] = ids[0]
+                result = await self._repo.update(req.ctx, rtype, ids[0], body, if_match)
+            else:
+                body_id = body.get("id")
+                if body_id is None:
+                    result = await self._repo.create(req.ctx, rtype, body)
+                else:
+                    _check_id(str(body_id))
+                    result = await self._repo.update(req.ctx, rtype, str(body_id), body, if_match)
+        return self._resource_response(req, result, 201 if result.created else 200)
+
+    async def _conditional_delete(self, req: FhirRequest, rtype: str) -> FhirResponse:
+        ids = await self._repo.find_ids(req.ctx, rtype, list(req.query))
+        if len(ids) > 1:
+            raise errors.precondition_failed("The conditional delete matches more than one resource.")
+        if ids:
+            await self._repo.delete(req.ctx, rtype, ids[0], None)
+        return FhirResponse(204, b"", {})
 
     async def _update(self, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:
         require_json_body(req.header("content-type"))
@@ -258,6 +337,82 @@ class FhirRouter:
         bundle["link"] = links
         bundle["entry"] = entries
         return orjson.dumps(bundle)
+
+
+_PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
+
+
+def _cursor(paging: dict[str, str], name: str) -> int | None:
+    raw = paging.get(name)
+    if raw is None:
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise errors.bad_request("Malformed paging cursor.", name)
+    return int(raw)
+
+
+def _form_params(req: FhirRequest) -> list[tuple[str, str]]:
+    ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
+    if not req.body:
+        return []
+    if ctype != "application/x-www-form-urlencoded":
+        raise errors.unsupported_media_type("POST _search takes application/x-www-form-urlencoded parameters.")
+    try:
+        return parse_qsl(req.body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        raise errors.bad_request("The search form is not valid UTF-8.") from None
+
+
+def _prefer_handling(prefer: str | None) -> str:
+    if prefer:
+        for item in prefer.replace(";", ",").split(","):
+            key, _, value = item.strip().partition("=")
+            if key.strip().lower() == "handling" and value.strip().strip('"').lower() in ("strict", "lenient"):
+                return value.strip().strip('"').lower()
+    return "lenient"
+
+
+def _searchset(req: FhirRequest, rtype: str, parsed: ParsedSearch, out: SearchOutcome, count: int,
+               criteria: list[tuple[str, str]]) -> bytes:
+    base_link = f"{req.base_url}/{rtype}"
+
+    def link(extra: list[tuple[str, str]]) -> str:
+        keep = [(k, v) for k, v in criteria if k != "_count"]
+        return f"{base_link}?{urlencode([*keep, ('_count', str(count)), *extra])}"
+
+    snap = [("_snapshot", str(out.snapshot))]
+    links = [{"relation": "self", "url": link([])}]
+    if out.next_after is not None:
+        links.append({"relation": "next", "url": link([("_page_after", str(out.next_after)), *snap])})
+    if out.prev_before is not None:
+        links.append({"relation": "previous", "url": link([("_page_before", str(out.prev_before)), *snap])})
+    if out.next_offset is not None:
+        links.append({"relation": "next", "url": link([("_offset", str(out.next_offset)), *snap])})
+    if out.prev_offset is not None:
+        links.append({"relation": "previous", "url": link([("_offset", str(out.prev_offset)), *snap])})
+    entries: list[dict[str, Any]] = []
+    for mode, items in (("match", out.matches), ("include", out.includes)):
+        for m in items:
+            v = m.version
+            resource: Any = orjson.Fragment(m.body)
+            if parsed.summary in ("true", "text", "data"):
+                resource = summary(m.resource, parsed.summary)
+            elif parsed.elements and mode == "match":
+                resource = elements(m.resource, list(parsed.elements))
+            entries.append({"fullUrl": f"{req.base_url}/{v.type}/{v.id}", "resource": resource,
+                            "search": {"mode": mode}})
+    warnings = list(out.warnings)
+    for name in parsed.unknown:
+        warnings.append(errors.Issue("warning", "not-supported", f"Unknown search parameter ignored: {safe_name(name)}"))
+    if warnings:
+        entries.append({"resource": errors.operation_outcome(warnings), "search": {"mode": "outcome"}})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if out.total is not None:
+        bundle["total"] = out.total
+    bundle["link"] = links
+    if parsed.summary != "count":
+        bundle["entry"] = entries
+    return orjson.dumps(bundle)
 
 
 def _prefer_return(prefer: str | None) -> str:

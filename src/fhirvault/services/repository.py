@@ -9,10 +9,11 @@ key id).
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonpatch
 import orjson
@@ -22,6 +23,15 @@ from fhirvault.domain.compartment import patient_of
 from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import is_resource_type
+from fhirvault.domain.search.params import search_params
+from fhirvault.domain.search.query import (
+    AnyCriterion,
+    ChainCriterion,
+    HasCriterion,
+    ParsedSearch,
+    parse_search,
+    reference_criterion,
+)
 from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, WriteTx
 from fhirvault.services.audit import AuditRecord, TableAuditLog, outcome_for
@@ -34,8 +44,20 @@ from fhirvault.services.keys import (
     KeyRing,
     patient_compartment,
 )
+from fhirvault.services.search import (
+    INCLUDE_CAP,
+    SORT_CAP,
+    VERIFY_CAP,
+    Match,
+    SearchEngine,
+    SearchOutcome,
+    TooCostly,
+    sort_matches,
+)
+from fhirvault.services.search_index import SearchIndex
 
 _MAX_PATCH_RETRIES = 5
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +108,10 @@ def _etag_version(version: int | None, current: StoredVersion | None) -> None:
 
 class Repository:
     def __init__(self, store: ResourceStore, keys: KeyRing, audit: TableAuditLog, validator: Validator,
-                 clock: Clock, *, tenant: str, allow_unknown_elements: bool = False) -> None:
+                 clock: Clock, index: SearchIndex, *, tenant: str, allow_unknown_elements: bool = False) -> None:
         self._store = store
+        self._index = index
+        self._engine: SearchEngine | None = None
         self._keys = keys
         self._audit = audit
         self._validator = validator
@@ -169,7 +193,7 @@ class Repository:
             current = tx.current(tenant, rtype, rid)
             _etag_version(if_match, current)
             if expect_version is not None and (current is None or current.version != expect_version):
-                raise _Retry()
+                raise ConcurrentChange()
             if must_exist and (current is None or current.deleted):
                 raise errors.not_found("Resource not found.")
             version = current.version + 1 if current else 1
@@ -182,6 +206,7 @@ class Repository:
             plaintext = orjson.dumps(body)
             blob = key.aead.seal(plaintext, resource_aad(tenant, rtype, rid, version, key.key_id))
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, False, key.key_id, blob))
+            tx.set_search_tags(tenant, rtype, rid, self._index.resource_tags(rtype, body))
             created = current is None or current.deleted
             status = status_new if created else status_old
             patient = self._patient_ref(key.key_id)
@@ -192,18 +217,26 @@ class Repository:
         return job
 
     # -- interactions ----------------------------------------------------------
-    async def create(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> ResourceResult:
+    # Each write interaction is prepared first (policy, validation, keys: everything
+    # that may await or fail cheaply), giving a job that runs inside one store
+    # transaction. A single interaction writes its job alone; a transaction bundle
+    # writes all its entries' jobs in one job, so they commit or fail together.
+    async def prepare_create(self, ctx: RequestContext, rtype: str, body: dict[str, Any],
+                             rid: str | None = None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
         await self.authorize(ctx, rtype, "c", "create")
         body.pop("id", None)  # R4: the server assigns the id and ignores one in the body
         self._validate(rtype, body)
-        rid = str(uuid.uuid4())
+        rid = rid or str(uuid.uuid4())
         body["id"] = rid
         key = await self._key_for(rtype, body)
-        return await self._store.write("resource.create", self._seal_job(ctx, "create", rtype, rid, body, key, None))
+        return self._seal_job(ctx, "create", rtype, rid, body, key, None)
 
-    async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
-                     if_match: int | None) -> ResourceResult:
+    async def create(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> ResourceResult:
+        return await self._store.write("resource.create", await self.prepare_create(ctx, rtype, body))
+
+    async def prepare_update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
+                             if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
         await self.authorize(ctx, rtype, "u", "update", f"{rtype}/{rid}")
         if body.get("id") != rid:
@@ -214,43 +247,53 @@ class Repository:
             # update-as-create: the client chooses the id, which needs create permission too.
             await self.authorize(ctx, rtype, "c", "update", f"{rtype}/{rid}")
         key = await self._key_for(rtype, body)
-        return await self._store.write("resource.update", self._seal_job(ctx, "update", rtype, rid, body, key, if_match))
+        return self._seal_job(ctx, "update", rtype, rid, body, key, if_match)
 
-    async def patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
-                    if_match: int | None) -> ResourceResult:
+    async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
+                     if_match: int | None) -> ResourceResult:
+        return await self._store.write("resource.update", await self.prepare_update(ctx, rtype, rid, body, if_match))
+
+    async def prepare_patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
+                            if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
+        """Apply the patch to the current version; the job fails with ConcurrentChange if that version changed."""
         self.check_type(rtype)
         await self.authorize(ctx, rtype, "u", "patch", f"{rtype}/{rid}")
         if not isinstance(operations, list) or not operations or not all(isinstance(o, dict) for o in operations):
             raise errors.bad_request("A JSON Patch body is a non-empty array of operation objects.")
+        current = self._store.read_current(self.tenant, rtype, rid)
+        if current is None or current.deleted:
+            if current is not None:
+                raise errors.gone("Resource was deleted.")
+            raise errors.not_found("Resource not found.")
+        _etag_version(if_match, current)
+        document = orjson.loads(self._open(current))
+        try:
+            patched = jsonpatch.JsonPatch(operations).apply(document)
+        except jsonpatch.JsonPatchTestFailed:
+            raise errors.conflict("A 'test' operation of the patch failed.") from None
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, ValueError,
+                KeyError, IndexError):
+            raise errors.bad_request("The JSON Patch cannot be applied to this resource.") from None
+        if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
+            raise errors.bad_request("A patch may not change the resource's id or resourceType.")
+        self._validate(rtype, patched)
+        key = await self._key_for(rtype, patched)
+        return self._seal_job(ctx, "patch", rtype, rid, patched, key, if_match,
+                              must_exist=True, expect_version=current.version)
+
+    async def patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
+                    if_match: int | None) -> ResourceResult:
         for _ in range(_MAX_PATCH_RETRIES):
-            current = self._store.read_current(self.tenant, rtype, rid)
-            if current is None or current.deleted:
-                if current is not None:
-                    raise errors.gone("Resource was deleted.")
-                raise errors.not_found("Resource not found.")
-            _etag_version(if_match, current)
-            document = orjson.loads(self._open(current))
-            try:
-                patched = jsonpatch.JsonPatch(operations).apply(document)
-            except jsonpatch.JsonPatchTestFailed:
-                raise errors.conflict("A 'test' operation of the patch failed.") from None
-            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, ValueError,
-                    KeyError, IndexError):
-                raise errors.bad_request("The JSON Patch cannot be applied to this resource.") from None
-            if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
-                raise errors.bad_request("A patch may not change the resource's id or resourceType.")
-            self._validate(rtype, patched)
-            key = await self._key_for(rtype, patched)
-            job = self._seal_job(ctx, "patch", rtype, rid, patched, key, if_match,
-                                 must_exist=True, expect_version=current.version)
+            job = await self.prepare_patch(ctx, rtype, rid, operations, if_match)
             try:
                 return await self._store.write("resource.patch", job)
-            except _Retry:
+            except ConcurrentChange:
                 continue
         raise errors.conflict("The resource kept changing while the patch was applied; retry.")
 
-    async def delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None) -> int | None:
-        """Logical delete. Returns the deletion's version, or None if it was already deleted."""
+    async def prepare_delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None,
+                             *, missing_ok: bool = False) -> Callable[[WriteTx], int | None]:
+        """Logical delete job. It returns the deletion's version, or None if there was nothing to delete."""
         self.check_type(rtype)
         await self.authorize(ctx, rtype, "d", "delete", f"{rtype}/{rid}")
         tenant = self.tenant
@@ -258,18 +301,26 @@ class Repository:
         def job(tx: WriteTx) -> int | None:
             current = tx.current(tenant, rtype, rid)
             _etag_version(if_match, current)
-            if current is None:
+            if current is None and not missing_ok:
                 raise errors.not_found("Resource not found.")
-            if current.deleted:
+            if current is None or current.deleted:
                 return None
             version = current.version + 1
             now = self._clock.now_ms()
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, True, "", b""))
+            tx.set_search_tags(tenant, rtype, rid, [])
             self._audit.record(tx, self._record(ctx, "delete", 204, entity=f"{rtype}/{rid}/_history/{version}",
                                                 patient=self._patient_ref(current.key_id)))
             return version
 
-        return await self._store.write("resource.delete", job)
+        return job
+
+    async def write_jobs(self, name: str, fn: Callable[[WriteTx], T]) -> T:
+        """Run prepared jobs together in one transaction (transaction bundles)."""
+        return await self._store.write(name, fn)
+
+    async def delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None) -> int | None:
+        return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
 
     async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion) -> ResourceResult:
         body = self._open(v)
@@ -330,12 +381,171 @@ class Repository:
         return HistoryPage(entries, rows[-1].seq if has_more and rows else None, total)
 
 
+    # -- search ---------------------------------------------------------------
+    def engine(self) -> SearchEngine:
+        if self._engine is None:
+            self._engine = SearchEngine(self._store, self._index, self._open, self.tenant)
+        return self._engine
+
+    async def _authorize_types(self, ctx: RequestContext, criteria: tuple[AnyCriterion, ...]) -> None:
+        """Chained and _has parameters search other types: the token must allow that too."""
+        for c in criteria:
+            if isinstance(c, ChainCriterion):
+                await self.authorize(ctx, c.target_type, "s", "search")
+                await self._authorize_types(ctx, (c.inner,))
+            elif isinstance(c, HasCriterion):
+                await self.authorize(ctx, c.source_type, "s", "search")
+                await self._authorize_types(ctx, (c.inner,))
+
+    def _may_read(self, ctx: RequestContext, rtype: str) -> bool:
+        p = ctx.principal
+        return p is not None and p.tenant == self.tenant and (
+            p.grants.allows(rtype, "r") or p.grants.allows(rtype, "s"))
+
+    async def parse(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]], *, strict: bool,
+                    base_url: str | None) -> ParsedSearch:
+        self.check_type(rtype)
+        await self.authorize(ctx, rtype, "s", "search")
+        parsed = parse_search(rtype, params, strict=strict, base_url=base_url, now_ms=self._clock.now_ms())
+        await self._authorize_types(ctx, parsed.criteria)
+        return parsed
+
+    async def search(self, ctx: RequestContext, parsed: ParsedSearch, *, count: int, after: int | None,
+                     before: int | None, snapshot: int | None, offset: int, query_text: str) -> SearchOutcome:
+        """Run a parsed search for one page; the caller formats the Bundle."""
+        outcome = await asyncio.to_thread(self._search_page, parsed, count, after, before, snapshot, offset)
+        allowed: list[Match] = []
+        for m in outcome.includes:
+            if self._may_read(ctx, m.version.type):
+                allowed.append(m)
+            elif not any(w.code == "suppressed" for w in outcome.warnings):
+                outcome.warnings.append(Issue("warning", "suppressed",
+                                              "Some included resources were left out: the token may not read them."))
+        outcome.includes = allowed
+        patients = {p for p in (self._patient_ref(m.version.key_id) for m in outcome.matches + allowed) if p}
+        record = self._record(ctx, "search", 200, entity=parsed.resource_type, patient=",".join(sorted(patients)) or None,
+                              query=query_text)
+        await self._store.write("audit.search", lambda tx: self._audit.record(tx, record))
+        return outcome
+
+    async def find_ids(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]], limit: int = 2) -> list[str]:
+        """Ids matching a conditional URL's criteria (conditional create/update/delete, references)."""
+        parsed = await self.parse(ctx, rtype, params, strict=True, base_url=None)
+        if not parsed.criteria:
+            raise errors.bad_request("A conditional request needs at least one search criterion.")
+
+        def run() -> list[str]:
+            criteria = self.engine().resolve(rtype, parsed.criteria)
+            if criteria is None:
+                return []
+            return [m.version.id for m in self.engine().find(rtype, criteria, limit=limit).matches]
+
+        return await asyncio.to_thread(run)
+
+    def _search_page(self, parsed: ParsedSearch, count: int, after: int | None, before: int | None,
+                     snapshot: int | None, offset: int) -> SearchOutcome:
+        engine = self.engine()
+        rtype = parsed.resource_type
+        snap = snapshot if snapshot is not None else self._store.max_rk()
+        out = SearchOutcome([], [], None, None, None, None, None, snap, [])
+        criteria = engine.resolve(rtype, parsed.criteria)
+        if criteria is None:
+            out.total = 0
+            return out
+        limit_before = snap + 1 if before is None else min(before, snap + 1)
+        if parsed.summary == "count" or parsed.total == "accurate" or parsed.sort:
+            everything = engine.find(rtype, criteria, limit=SORT_CAP + 1 if parsed.sort else VERIFY_CAP,
+                                     before=snap + 1)
+            if parsed.sort and len(everything.matches) > SORT_CAP:
+                raise TooCostly(f"_sort is limited to result sets of at most {SORT_CAP} resources: narrow the search.")
+            out.total = len(everything.matches)
+            if parsed.summary == "count":
+                return out
+            if parsed.sort:
+                ordered = sort_matches(everything.matches, parsed.sort)
+                out.matches = ordered[offset:offset + count]
+                out.next_offset = offset + count if offset + count < len(ordered) else None
+                out.prev_offset = max(0, offset - count) if offset > 0 else None
+                out.includes = self._includes(parsed, out.matches)
+                return out
+        if before is not None:  # previous page: walk backwards, then restore the order
+            found = engine.find(rtype, criteria, limit=count + 1, before=limit_before, descending=True)
+            page = found.matches[:count]
+            page.reverse()
+            out.matches = page
+            out.next_after = page[-1].rk if page else None
+            out.prev_before = page[0].rk if len(found.matches) > count and page else None
+        else:
+            found = engine.find(rtype, criteria, limit=count + 1, after=after, before=limit_before)
+            out.matches = found.matches[:count]
+            if len(found.matches) > count and out.matches:
+                out.next_after = out.matches[-1].rk
+            if after is not None and out.matches:
+                out.prev_before = out.matches[0].rk
+            if after is None and out.total is None and len(found.matches) <= count:
+                out.total = len(found.matches)  # everything fit on the first page: the total is known
+        out.includes = self._includes(parsed, out.matches)
+        return out
+
+    def _includes(self, parsed: ParsedSearch, page: list[Match]) -> list[Match]:
+        if not page or not (parsed.includes or parsed.revincludes):
+            return []
+        engine = self.engine()
+        seen = {(m.version.type, m.version.id) for m in page}
+        included: list[Match] = []
+        frontier = list(page)
+        rounds = 0
+        while frontier and rounds < 4:  # :iterate, bounded
+            rounds += 1
+            new: list[Match] = []
+            for inc in parsed.includes:
+                if rounds > 1 and not inc.iterate:
+                    continue
+                for m in frontier:
+                    if inc.source_type not in (None, m.version.type):
+                        continue
+                    params = [inc.param] if inc.param else [p for p in search_params(m.version.type).values()
+                                                              if p.type == "reference"]
+                    for param in params:
+                        for ref in engine.references_from(m, param):
+                            if not ref.type or not ref.id or ref.base is not None:
+                                continue
+                            if inc.target_type and ref.type != inc.target_type:
+                                continue
+                            if (ref.type, ref.id) in seen or len(included) + len(new) >= INCLUDE_CAP:
+                                continue
+                            v = self._store.read_current(self.tenant, ref.type, ref.id)
+                            if v is None or v.deleted:
+                                continue
+                            seen.add((ref.type, ref.id))
+                            body = self._open(v)
+                            new.append(Match(0, v, body, orjson.loads(body)))
+            for inc in parsed.revincludes:
+                if rounds > 1 and not inc.iterate:
+                    continue
+                if inc.param is None or inc.source_type is None:
+                    continue
+                refs = [f"{m.version.type}/{m.version.id}" for m in frontier]
+                crit = reference_criterion(inc.param.code, inc.param, refs)
+                for r in engine.find(inc.source_type, [crit], limit=INCLUDE_CAP).matches:
+                    key = (r.version.type, r.version.id)
+                    if key not in seen and len(included) + len(new) < INCLUDE_CAP:
+                        seen.add(key)
+                        new.append(r)
+            included.extend(new)
+            frontier = new
+        return included
+
+
 class IntegrityError(Exception):
     """Stored data failed authentication: it was tampered with or its key is gone."""
 
 
-class _Retry(Exception):
+class ConcurrentChange(OperationOutcomeError):
     """The resource changed between read and write (optimistic concurrency); try again."""
+
+    def __init__(self) -> None:
+        super().__init__(409, [Issue("error", "conflict", "The resource changed while the request was processed; retry.")])
 
 
 __all__ = ["OperationOutcomeError", "Repository", "RequestContext", "ResourceResult"]

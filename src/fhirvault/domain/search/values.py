@@ -1,0 +1,977 @@
+"""Typed search values of a resource, and the plaintext blind-index terms derived from them.
+
+Extraction walks the precompiled paths of `params.SearchParam` and turns each leaf into a
+typed item according to its FHIR data type:
+
+    string     str: string/markdown; HumanName family, each given, prefix, suffix, text;
+               Address each line, city, district, state, postalCode, country, text
+    token      TokenItem(system, code): Coding; CodeableConcept (each coding); Identifier
+               (system, value, plus its type codings for :of-type); ContactPoint (value, no
+               system); code (with the implicit system of its required binding, when that
+               binding has a single code system); boolean ("true"/"false"); id, uri, string
+    reference  RefItem: Reference (relative ``Type/id`` with ``/_history/n`` stripped;
+               absolute URL kept, and parsed into Type/id when it ends with Type/id;
+               identifier; local ``#id`` kept only as presence); canonical (url, version)
+               and uri (url)
+    date       (lo_ms, hi_ms): [lo, hi) in UTC milliseconds by the value's precision
+               (``2020-03`` is the whole month; no time zone means UTC); Period start..end
+               (a missing end is open to +inf, a missing start to -inf); Timing: the outer
+               limits of its events and repeat.boundsPeriod
+    number     NumItem(lo, hi, lo_open, hi_open): decimal/integer as a point (the JSON number
+               is kept as parsed: int, float or Decimal); Range as [low, high]
+    quantity   QtyItem: Quantity/SimpleQuantity/Age/Duration/Count/Distance (comparator
+               `<`, `<=`, `>`, `>=` makes the value a half-line), Money (currency as code,
+               system urn:iso:std:iso:4217), Range ([low, high], units of low or high)
+    uri        str: uri, url, canonical, oid, uuid
+
+Term scheme (bytes; the services layer HMACs each term per tenant, type and parameter):
+
+    every parameter with at least one value   b"p|"                      (for :missing)
+    string  n = normalise(s): NFKD, combining marks dropped, casefold, every run of
+            non-alphanumerics -> one space, stripped.
+            b"s|" + n[:k] for k = 1..min(len(n), 16) (UTF-8 of the first k characters),
+            b"x|" + s                                                    (for :exact)
+            The services layer pads each value's prefix terms with random dummy tags up to
+            STRING_PREFIX_TERMS, so the number of tags does not leak the length.
+    token   b"tc|" + code (any system); b"ts|" + system + b"|" + code when a system is
+            known, b"tn|" + code when not; b"tS|" + system; a code whose system is only
+            implicit (its binding) gets both ts| and tn|.
+            Identifier, for :of-type: b"to|" + type_system + b"|" + type_code + b"|" + value
+    reference  b"r|Type/id", b"ri|id" (relative references and absolute URLs ending with
+            Type/id); b"ru|" + url for absolute, canonical and uri values, plus
+            b"ru|" + url + b"|" + version for versioned canonicals; Reference.identifier:
+            b"rI|" + system + b"|" + value and b"rIv|" + value
+    uri     b"u|" + uri (and b"u|" + url for a versioned canonical ``url|version``);
+            b"ub|" + p for the first 8 slash-prefixes p of the uri (`slash_prefixes`), for
+            :below
+    date    days since 1900-01-01 of lo and of hi - 1 ms, clamped into [0, 2^18);
+            for L in 0..5: b"dL|%d|%d" % (L, lo_day >> 3L), b"dH|%d|%d" % (L, hi_day >> 3L)
+    number  `number_key`: order-preserving 24-bit key (float32 bits mapped to an unsigned
+            order, top 24 bits) of each end of the value (one for a point);
+            for L in 0..5: b"n|%d|%d" % (L, key >> 4L)
+    quantity  with the same level|bucket suffix: b"q|…" (value only),
+            b"qs|" + system + b"|" + code + b"|…", b"qc|" + code + b"|…" and
+            b"qc|" + unit + b"|…" (code or unit, for ``value||unit``)
+    composite  b"c|" + each token term of the first component (candidates come from the
+            first component; the rest is verified)
+
+Queries turn into unions of these terms (`query.Criterion.query_terms`); `range_cover`
+gives the aligned dyadic blocks covering a key range.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import struct
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Any, Final, NamedTuple
+
+from fhirvault.domain import r4
+from fhirvault.domain.search.params import Path, SearchParam, Step, search_params
+
+__all__ = [
+    "DATE_BRANCH",
+    "DATE_LEVELS",
+    "DAY_MAX",
+    "NEG_INF",
+    "NUMBER_BRANCH",
+    "NUMBER_KEY_MAX",
+    "NUMBER_LEVELS",
+    "POS_INF",
+    "PRESENCE",
+    "STRING_PREFIX_TERMS",
+    "URI_PREFIX_TERMS",
+    "DateItem",
+    "Item",
+    "NumItem",
+    "QtyItem",
+    "RefItem",
+    "TokenItem",
+    "composite_foci",
+    "date_day",
+    "date_terms",
+    "extract",
+    "index_terms",
+    "leaves",
+    "normalise",
+    "number_key",
+    "parse_date",
+    "parse_reference",
+    "range_cover",
+    "slash_prefixes",
+    "string_terms",
+    "to_decimal",
+]
+
+PRESENCE: Final = b"p|"
+STRING_PREFIX_TERMS: Final = 16
+URI_PREFIX_TERMS: Final = 8
+
+DAY_MS: Final = 86_400_000
+DAYS_1900_TO_1970: Final = 25_567
+DATE_LEVELS: Final = 6
+DATE_BRANCH: Final = 8
+DAY_MAX: Final = 2**18 - 1
+NEG_INF: Final = -(2**62)  # ms: open start of a Period
+POS_INF: Final = 2**62  # ms: open end of a Period
+
+NUMBER_LEVELS: Final = 6
+NUMBER_BRANCH: Final = 16
+NUMBER_KEY_MAX: Final = 2**24 - 1
+
+ISO_4217: Final = "urn:iso:std:iso:4217"
+
+
+# ---------------------------------------------------------------- items
+
+
+class TokenItem(NamedTuple):
+    system: str | None
+    code: str | None
+    implicit: bool = False  # system comes from the element's binding, not the data
+    types: tuple[tuple[str | None, str | None], ...] = ()  # Identifier.type codings
+
+
+class RefItem(NamedTuple):
+    relative: str | None = None  # "Patient/123" (no history)
+    type: str | None = None
+    id: str | None = None
+    base: str | None = None  # absolute URL before "/Type/id"; None for relative references
+    url: str | None = None  # absolute URL (no history), canonical or uri (without version)
+    version: str | None = None  # canonical version
+    ident_system: str | None = None
+    ident_value: str | None = None
+    local: bool = False  # "#id": a contained resource
+
+
+Num = int | float | Decimal
+
+
+class NumItem(NamedTuple):
+    """[lo, hi] (ends open when flagged; None is infinite)."""
+
+    lo: Num | None
+    hi: Num | None
+    lo_open: bool = False
+    hi_open: bool = False
+
+
+class QtyItem(NamedTuple):
+    lo: Num | None
+    hi: Num | None
+    lo_open: bool
+    hi_open: bool
+    system: str | None
+    code: str | None
+    unit: str | None
+
+
+DateItem = tuple[int, int]  # [lo_ms, hi_ms)
+Item = str | TokenItem | RefItem | NumItem | QtyItem | DateItem
+
+
+def to_decimal(value: Num) -> Decimal:
+    """The exact decimal a JSON number stands for (floats by their shortest repr)."""
+    if isinstance(value, Decimal):
+        return value
+    if type(value) is float:
+        return Decimal(repr(value))
+    return Decimal(value)
+
+
+# ---------------------------------------------------------------- strings
+
+
+_NON_ALNUM: Final = re.compile(r"[\W_]+")
+
+
+def normalise(value: str) -> str:
+    """Case- and accent-insensitive form used by string search (see module docstring)."""
+    if value.isascii():
+        folded = value.lower()
+    else:
+        decomposed = unicodedata.normalize("NFKD", unicodedata.normalize("NFKD", value).casefold())
+        folded = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return _NON_ALNUM.sub(" ", folded).strip()
+
+
+def string_terms(value: str) -> list[bytes]:
+    n = normalise(value)
+    out: list[bytes] = []
+    if n:
+        if n.isascii():
+            nb = n.encode()
+            out = [b"s|" + nb[:k] for k in range(1, min(len(nb), STRING_PREFIX_TERMS) + 1)]
+        else:
+            out = [
+                b"s|" + n[:k].encode() for k in range(1, min(len(n), STRING_PREFIX_TERMS) + 1)
+            ]
+    out.append(b"x|" + value.encode())
+    return out
+
+
+# ---------------------------------------------------------------- dates
+
+_DATE: Final = re.compile(
+    r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,12}))?)?"
+    r"(Z|[+-]\d{2}:\d{2})?)?)?)?",
+    re.ASCII,
+)
+_MONTH_DAYS: Final = (0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146_097 + doe - 719_468
+
+
+def _leap(year: int) -> bool:
+    return year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)
+
+
+def parse_date(value: str) -> DateItem | None:
+    """[lo, hi) in UTC ms of a FHIR date/dateTime/instant (or search date); None if invalid.
+
+    Precision: year, month, day, minute (search only), second, fraction. No time zone: UTC.
+    """
+    m = _DATE.fullmatch(value)
+    if m is None:
+        return None
+    ys, mos, ds, hs, mis, ss, fs, tz = m.groups()
+    year = int(ys)
+    if year == 0:
+        return None
+    if mos is None:
+        return (_days_from_civil(year, 1, 1) * DAY_MS, _days_from_civil(year + 1, 1, 1) * DAY_MS)
+    month = int(mos)
+    if not 1 <= month <= 12:
+        return None
+    if ds is None:
+        start = _days_from_civil(year, month, 1) * DAY_MS
+        end = _days_from_civil(year + (month == 12), month % 12 + 1, 1) * DAY_MS
+        return (start, end)
+    day = int(ds)
+    if not 1 <= day <= _MONTH_DAYS[month] or (month == 2 and day == 29 and not _leap(year)):
+        return None
+    base = _days_from_civil(year, month, day) * DAY_MS
+    if hs is None:
+        return (base, base + DAY_MS)
+    hour, minute = int(hs), int(mis)
+    if hour > 23 or minute > 59:
+        return None
+    base += hour * 3_600_000 + minute * 60_000
+    if tz is not None and tz != "Z":
+        tz_h, tz_m = int(tz[1:3]), int(tz[4:6])
+        if tz_h > 14 or tz_m > 59:
+            return None
+        offset = (tz_h * 60 + tz_m) * 60_000
+        base -= offset if tz[0] == "+" else -offset
+    if ss is None:
+        return (base, base + 60_000)
+    second = int(ss)
+    if second > 60:
+        return None
+    if second == 60:  # a leap second: the last second of the minute, widened
+        return (base + 59_000, base + 60_000)
+    base += second * 1000
+    if fs is None:
+        return (base, base + 1000)
+    digits, scale = int(fs), 10 ** len(fs)
+    return (base + digits * 1000 // scale, base + -(-(digits + 1) * 1000 // scale))
+
+
+def date_day(ms: int) -> int:
+    """Days since 1900-01-01 of an instant, clamped into [0, 2^18)."""
+    day = ms // DAY_MS + DAYS_1900_TO_1970
+    return 0 if day < 0 else DAY_MAX if day > DAY_MAX else day
+
+
+@functools.lru_cache(maxsize=65_536)
+def _day_terms(day: int) -> tuple[bytes, ...]:
+    lows = [b"dL|%d|%d" % (level, day >> (3 * level)) for level in range(DATE_LEVELS)]
+    highs = [b"dH|%d|%d" % (level, day >> (3 * level)) for level in range(DATE_LEVELS)]
+    return (*lows, *highs)
+
+
+def date_terms(lo: int, hi: int) -> list[bytes]:
+    lo_terms = _day_terms(date_day(lo))
+    hi_terms = _day_terms(date_day(hi - 1))
+    return [*lo_terms[:DATE_LEVELS], *hi_terms[DATE_LEVELS:]]
+
+
+# ---------------------------------------------------------------- numbers
+
+_F32: Final = struct.Struct(">f")
+_U32: Final = struct.Struct(">I")
+
+
+def number_key(value: float | Decimal | int) -> int:
+    """Order-preserving 24-bit key: x <= y implies number_key(x) <= number_key(y)."""
+    x = float(value) + 0.0  # -0.0 -> 0.0
+    try:
+        packed = _F32.pack(x)
+    except OverflowError:  # beyond float32: the infinities keep the order
+        packed = _F32.pack(math.inf if x > 0 else -math.inf)
+    bits: int = _U32.unpack(packed)[0]
+    bits = (bits ^ 0xFFFFFFFF) if bits & 0x80000000 else (bits | 0x80000000)
+    return bits >> 8
+
+
+NEG_KEY: Final = number_key(-math.inf)
+POS_KEY: Final = number_key(math.inf)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _key_suffixes(key: int) -> tuple[bytes, ...]:
+    return tuple(b"|%d|%d" % (level, key >> (4 * level)) for level in range(NUMBER_LEVELS))
+
+
+def _range_keys(lo: Num | None, hi: Num | None) -> list[int]:
+    lo_key = NEG_KEY if lo is None else number_key(lo)
+    hi_key = POS_KEY if hi is None else number_key(hi)
+    return [lo_key] if lo_key == hi_key else [lo_key, hi_key]
+
+
+def range_cover(lo: int, hi: int, levels: int, branch: int) -> list[tuple[int, int]]:
+    """Minimal list of aligned blocks (level, bucket) covering the inclusive key range [lo, hi].
+
+    A block (L, b) holds the keys k with k // branch**L == b; L < levels.
+    """
+    out: list[tuple[int, int]] = []
+    if lo > hi:
+        return out
+    sizes = [branch**level for level in range(levels)]
+    pos = lo
+    while pos <= hi:
+        level = 0
+        while (
+            level + 1 < levels
+            and pos % sizes[level + 1] == 0
+            and pos + sizes[level + 1] - 1 <= hi
+        ):
+            level += 1
+        out.append((level, pos // sizes[level]))
+        pos += sizes[level]
+    return out
+
+
+# ---------------------------------------------------------------- uris
+
+
+def slash_prefixes(uri: str) -> list[str]:
+    """uri[:i] for every i where uri[i] == '/' and uri[i-1] is neither '/' nor ':'.
+
+    "http://a.org/fhir/ValueSet/1" -> ["http://a.org", "http://a.org/fhir",
+    "http://a.org/fhir/ValueSet"]. Whether a position qualifies depends only on the two
+    characters around it, so a uri and any longer uri it begins share these prefixes.
+    """
+    out = []
+    i = uri.find("/", 1)
+    while i != -1:
+        if uri[i - 1] not in "/:":
+            out.append(uri[:i])
+        i = uri.find("/", i + 1)
+    return out
+
+
+def _uri_terms(uri: str) -> list[bytes]:
+    out = [b"u|" + uri.encode()]
+    url, sep, _version = uri.partition("|")
+    if sep:
+        out.append(b"u|" + url.encode())
+    out.extend(b"ub|" + p.encode() for p in slash_prefixes(url)[:URI_PREFIX_TERMS])
+    return out
+
+
+# ---------------------------------------------------------------- references
+
+_ID: Final = r"[A-Za-z0-9\-.]{1,64}"
+_RELATIVE: Final = re.compile(rf"([A-Z][A-Za-z]+)/({_ID})(?:/_history/{_ID})?", re.ASCII)
+_ABSOLUTE_TAIL: Final = re.compile(rf"(.+)/([A-Z][A-Za-z]+)/({_ID})(?:/_history/{_ID})?", re.ASCII)
+_HISTORY: Final = re.compile(rf"/_history/{_ID}$", re.ASCII)
+
+
+def parse_reference(value: str) -> RefItem | None:
+    """RefItem of a Reference.reference string; None when it cannot be interpreted."""
+    if not value:
+        return None
+    if value[0] == "#":
+        return RefItem(local=True, id=value[1:] or None)
+    m = _RELATIVE.fullmatch(value)
+    if m is not None:
+        if not r4.is_resource_type(m.group(1)):
+            return None
+        return RefItem(relative=f"{m.group(1)}/{m.group(2)}", type=m.group(1), id=m.group(2))
+    if "://" in value or value.startswith(("urn:", "http:", "https:")):
+        m = _ABSOLUTE_TAIL.fullmatch(value)
+        if m is not None and r4.is_resource_type(m.group(2)):
+            return RefItem(
+                relative=f"{m.group(2)}/{m.group(3)}",
+                type=m.group(2),
+                id=m.group(3),
+                base=m.group(1),
+                url=f"{m.group(1)}/{m.group(2)}/{m.group(3)}",
+            )
+        return RefItem(url=_HISTORY.sub("", value))
+    return None
+
+
+def _reference_items(leaf: Any, path: Path, resource: Mapping[str, Any]) -> list[RefItem]:
+    if type(leaf) is not dict:
+        return []
+    ref = leaf.get("reference")
+    item = parse_reference(ref) if type(ref) is str else None
+    ident = leaf.get("identifier")
+    ident_system = ident_value = None
+    if type(ident) is dict:
+        s, v = ident.get("system"), ident.get("value")
+        ident_system = s if type(s) is str else None
+        ident_value = v if type(v) is str else None
+    if item is None:
+        if ident_value is None and ident_system is None:
+            return []
+        declared = leaf.get("type")
+        item = RefItem(type=declared if type(declared) is str else None)
+    if ident_value is not None or ident_system is not None:
+        item = item._replace(ident_system=ident_system, ident_value=ident_value)
+    if path.targets is not None:
+        kind = item.type
+        if item.local:
+            kind = _contained_type(resource, item.id)
+        elif item.relative is None and item.url is None:
+            # Only an identifier: resolve() cannot tell; kept unless Reference.type says no.
+            kind = item.type
+            if kind is None:
+                return [item]
+        if kind not in path.targets:
+            return []
+    return [item]
+
+
+def _contained_type(resource: Mapping[str, Any], local_id: str | None) -> str | None:
+    contained = resource.get("contained")
+    if type(contained) is not list:
+        return None
+    for res in contained:
+        if type(res) is dict and res.get("id") == local_id:
+            rt = res.get("resourceType")
+            return rt if type(rt) is str else None
+    return None
+
+
+def _reference_terms(item: RefItem) -> list[bytes]:
+    out: list[bytes] = []
+    if item.relative is not None and item.id is not None:
+        out.append(b"r|" + item.relative.encode())
+        out.append(b"ri|" + item.id.encode())
+    if item.url is not None:
+        url = item.url.encode()
+        out.append(b"ru|" + url)
+        if item.version is not None:
+            out.append(b"ru|" + url + b"|" + item.version.encode())
+    if item.ident_value is not None:
+        value = item.ident_value.encode()
+        if item.ident_system is not None:
+            out.append(b"rI|" + item.ident_system.encode() + b"|" + value)
+        out.append(b"rIv|" + value)
+    return out
+
+
+# ---------------------------------------------------------------- path walking
+
+
+def leaves(node: Any, steps: tuple[Step, ...]) -> list[Any]:
+    """The values reached from `node` by `steps` (arrays flattened)."""
+    items = [node]
+    for step in steps:
+        key = step.key
+        nxt: list[Any] = []
+        for it in items:
+            if type(it) is dict:
+                value = it.get(key)
+                if value is None:
+                    continue
+                if type(value) is list:
+                    nxt.extend(value)
+                else:
+                    nxt.append(value)
+        if step.filters:
+            nxt = [
+                x
+                for x in nxt
+                if type(x) is dict and all(x.get(f) == lit for f, lit in step.filters)
+            ]
+        if step.index is not None:
+            nxt = nxt[step.index : step.index + 1]
+        if not nxt:
+            return nxt
+        items = nxt
+    return items
+
+
+def _simple_leaves(node: Any, steps: tuple[Step, ...]) -> list[Any]:
+    """`leaves` for paths without filters or indexes, with a fast first step."""
+    if type(node) is not dict:
+        return []
+    value = node.get(steps[0].key)
+    if value is None:
+        return []
+    items = value if type(value) is list else [value]
+    for step in steps[1:]:
+        key = step.key
+        nxt: list[Any] = []
+        for it in items:
+            if type(it) is dict:
+                v = it.get(key)
+                if v is None:
+                    continue
+                if type(v) is list:
+                    nxt.extend(v)
+                else:
+                    nxt.append(v)
+        if not nxt:
+            return nxt
+        items = nxt
+    return items
+
+
+def _path_leaves(path: Path, node: Any, resource: Mapping[str, Any]) -> list[Any]:
+    start = resource if path.rooted else node
+    if path.truthy is not None:
+        found = [v for steps in path.truthy for v in leaves(start, steps)]
+        return [any(v is not False for v in found)]
+    if not path.steps:
+        return [start]
+    if path.simple:
+        return _simple_leaves(start, path.steps)
+    return leaves(start, path.steps)
+
+
+# ---------------------------------------------------------------- leaves -> items
+
+
+def _strs(*values: Any) -> list[str]:
+    out: list[str] = []
+    for v in values:
+        if type(v) is str:
+            if v:
+                out.append(v)
+        elif type(v) is list:
+            out.extend(x for x in v if type(x) is str and x)
+    return out
+
+
+def _string_items(leaf: Any, value_type: str) -> list[str]:
+    if type(leaf) is str:
+        return [leaf] if leaf else []
+    if type(leaf) is not dict:
+        return []
+    if value_type == "HumanName":
+        g = leaf.get
+        return _strs(g("family"), g("given"), g("prefix"), g("suffix"), g("text"))
+    if value_type == "Address":
+        g = leaf.get
+        return _strs(
+            g("line"), g("city"), g("district"), g("state"), g("postalCode"), g("country"),
+            g("text"),
+        )
+    return []
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if type(value) is str and value else None
+
+
+def _coding_item(coding: Any) -> TokenItem | None:
+    if type(coding) is not dict:
+        return None
+    system, code = _opt_str(coding.get("system")), _opt_str(coding.get("code"))
+    if system is None and code is None:
+        return None
+    return TokenItem(system, code)
+
+
+def _token_items(leaf: Any, path: Path) -> list[TokenItem]:
+    value_type = path.value_type
+    if value_type == "CodeableConcept":
+        if type(leaf) is not dict:
+            return []
+        codings = leaf.get("coding")
+        if type(codings) is not list:
+            return []
+        return [t for c in codings if (t := _coding_item(c)) is not None]
+    if value_type == "Coding":
+        item = _coding_item(leaf)
+        return [item] if item is not None else []
+    if value_type == "Identifier":
+        if type(leaf) is not dict:
+            return []
+        system, value = _opt_str(leaf.get("system")), _opt_str(leaf.get("value"))
+        types: tuple[tuple[str | None, str | None], ...] = ()
+        id_type = leaf.get("type")
+        if type(id_type) is dict and type(id_type.get("coding")) is list:
+            types = tuple(
+                (t.system, t.code)
+                for c in id_type["coding"]
+                if (t := _coding_item(c)) is not None
+            )
+        if system is None and value is None:
+            return []
+        return [TokenItem(system, value, False, types)]
+    if value_type == "ContactPoint":
+        if type(leaf) is not dict:
+            return []
+        value = _opt_str(leaf.get("value"))
+        return [TokenItem(None, value)] if value is not None else []
+    if value_type == "boolean":
+        if leaf is True:
+            return [TokenItem(None, "true")]
+        if leaf is False:
+            return [TokenItem(None, "false")]
+        return []
+    if type(leaf) is str and leaf:
+        if path.system is not None:
+            return [TokenItem(path.system, leaf, True)]
+        return [TokenItem(None, leaf)]
+    return []
+
+
+def _token_terms(item: TokenItem) -> list[bytes]:
+    out: list[bytes] = []
+    system = item.system.encode() if item.system is not None else None
+    if item.code is not None:
+        code = item.code.encode()
+        out.append(b"tc|" + code)
+        if system is not None:
+            out.append(b"ts|" + system + b"|" + code)
+        if system is None or item.implicit:
+            out.append(b"tn|" + code)
+        for type_system, type_code in item.types:
+            if type_system is not None and type_code is not None:
+                out.append(
+                    b"to|" + type_system.encode() + b"|" + type_code.encode() + b"|" + code
+                )
+    if system is not None:
+        out.append(b"tS|" + system)
+    return out
+
+
+def _date_item(leaf: Any, value_type: str) -> DateItem | None:
+    if type(leaf) is str:
+        return parse_date(leaf)
+    if type(leaf) is not dict:
+        return None
+    if value_type == "Period":
+        return _period(leaf)
+    if value_type == "Timing":
+        lo, hi = POS_INF, NEG_INF
+        events = leaf.get("event")
+        if type(events) is list:
+            for event in events:
+                rng = parse_date(event) if type(event) is str else None
+                if rng is not None:
+                    lo, hi = min(lo, rng[0]), max(hi, rng[1])
+        repeat = leaf.get("repeat")
+        if type(repeat) is dict and type(repeat.get("boundsPeriod")) is dict:
+            rng = _period(repeat["boundsPeriod"])
+            if rng is not None:
+                lo, hi = min(lo, rng[0]), max(hi, rng[1])
+        return (lo, hi) if lo < hi else None
+    return None
+
+
+def _period(period: Mapping[str, Any]) -> DateItem | None:
+    start, end = period.get("start"), period.get("end")
+    lo_rng = parse_date(start) if type(start) is str else None
+    hi_rng = parse_date(end) if type(end) is str else None
+    if lo_rng is None and hi_rng is None:
+        return None
+    lo = lo_rng[0] if lo_rng is not None else NEG_INF
+    hi = hi_rng[1] if hi_rng is not None else POS_INF
+    return (lo, hi) if lo < hi else (lo, lo + 1)
+
+
+def _number(value: Any) -> Num | None:
+    if type(value) is int or type(value) is float or isinstance(value, Decimal):
+        if isinstance(value, float | Decimal) and not math.isfinite(value):
+            return None
+        return value  # type: ignore[no-any-return]
+    return None
+
+
+def _number_items(leaf: Any, value_type: str) -> list[NumItem]:
+    if value_type == "Range":
+        if type(leaf) is not dict:
+            return []
+        lo = _number(leaf["low"].get("value")) if type(leaf.get("low")) is dict else None
+        hi = _number(leaf["high"].get("value")) if type(leaf.get("high")) is dict else None
+        if lo is None and hi is None:
+            return []
+        return [NumItem(lo, hi)]
+    value = _number(leaf)
+    return [NumItem(value, value)] if value is not None else []
+
+
+def _quantity_items(leaf: Any, value_type: str) -> list[QtyItem]:
+    if type(leaf) is not dict:
+        return []
+    if value_type == "Range":
+        low, high = leaf.get("low"), leaf.get("high")
+        low = low if type(low) is dict else {}
+        high = high if type(high) is dict else {}
+        lo, hi = _number(low.get("value")), _number(high.get("value"))
+        if lo is None and hi is None:
+            return []
+        units = low if lo is not None else high
+        return [
+            QtyItem(
+                lo, hi, False, False,
+                _opt_str(units.get("system")), _opt_str(units.get("code")),
+                _opt_str(units.get("unit")),
+            )
+        ]
+    value = _number(leaf.get("value"))
+    if value is None:
+        return []
+    if value_type == "Money":
+        currency = _opt_str(leaf.get("currency"))
+        return [QtyItem(value, value, False, False, ISO_4217 if currency else None, currency, currency)]
+    system, code, unit = (
+        _opt_str(leaf.get("system")), _opt_str(leaf.get("code")), _opt_str(leaf.get("unit"))
+    )
+    comparator = leaf.get("comparator")
+    if comparator == "<":
+        return [QtyItem(None, value, True, True, system, code, unit)]
+    if comparator == "<=":
+        return [QtyItem(None, value, True, False, system, code, unit)]
+    if comparator == ">":
+        return [QtyItem(value, None, True, True, system, code, unit)]
+    if comparator == ">=":
+        return [QtyItem(value, None, False, True, system, code, unit)]
+    return [QtyItem(value, value, False, False, system, code, unit)]
+
+
+def _canonical_item(leaf: Any, value_type: str) -> list[RefItem]:
+    if type(leaf) is not str or not leaf:
+        return []
+    if value_type == "canonical":
+        url, sep, version = leaf.partition("|")
+        return [RefItem(url=url, version=version if sep and version else None)]
+    return [RefItem(url=leaf)]
+
+
+def items_of(
+    param_type: str, path: Path, node: Any, resource: Mapping[str, Any]
+) -> list[Any]:
+    """Typed items of one path (see module docstring), walked from `node`."""
+    found = _path_leaves(path, node, resource)
+    if not found:
+        return found
+    value_type = path.value_type
+    out: list[Any] = []
+    if param_type == "string":
+        for leaf in found:
+            out.extend(_string_items(leaf, value_type))
+    elif param_type == "token":
+        for leaf in found:
+            out.extend(_token_items(leaf, path))
+    elif param_type == "reference":
+        if value_type == "Reference":
+            for leaf in found:
+                out.extend(_reference_items(leaf, path, resource))
+        else:
+            for leaf in found:
+                out.extend(_canonical_item(leaf, value_type))
+    elif param_type == "date":
+        for leaf in found:
+            item = _date_item(leaf, value_type)
+            if item is not None:
+                out.append(item)
+    elif param_type == "number":
+        for leaf in found:
+            out.extend(_number_items(leaf, value_type))
+    elif param_type == "quantity":
+        for leaf in found:
+            out.extend(_quantity_items(leaf, value_type))
+    elif param_type == "uri":
+        out.extend(leaf for leaf in found if type(leaf) is str and leaf)
+    return out
+
+
+def extract(param: SearchParam, resource: Mapping[str, Any]) -> list[Any]:
+    """Every typed item of a non-composite parameter on `resource`."""
+    out: list[Any] = []
+    for path in param.paths:
+        out.extend(items_of(param.type, path, resource, resource))
+    return out
+
+
+def composite_foci(
+    param: SearchParam, resource: Mapping[str, Any]
+) -> list[tuple[Path, list[list[Any]]]]:
+    """For each focus element of a composite: (focus path, items of each component).
+
+    Only foci where every component has at least one item are returned.
+    """
+    out: list[tuple[Path, list[list[Any]]]] = []
+    types = [c.type for c in param.components]
+    for path in param.paths:
+        for node in _path_leaves(path, resource, resource):
+            per_component: list[list[Any]] = []
+            for comp_type, comp_paths in zip(types, path.components, strict=True):
+                items = [
+                    item for p in comp_paths for item in items_of(comp_type, p, node, resource)
+                ]
+                if not items:
+                    break
+                per_component.append(items)
+            else:
+                out.append((path, per_component))
+    return out
+
+
+# ---------------------------------------------------------------- items -> terms
+
+
+def _number_terms(items: Iterable[NumItem]) -> list[bytes]:
+    out: list[bytes] = []
+    for item in items:
+        for key in _range_keys(item.lo, item.hi):
+            out.extend(b"n" + s for s in _key_suffixes(key))
+    return out
+
+
+def _quantity_terms(items: Iterable[QtyItem]) -> list[bytes]:
+    out: list[bytes] = []
+    for item in items:
+        prefixes = [b"q"]
+        if item.system is not None and item.code is not None:
+            prefixes.append(b"qs|" + item.system.encode() + b"|" + item.code.encode())
+        if item.code is not None:
+            prefixes.append(b"qc|" + item.code.encode())
+        if item.unit is not None and item.unit != item.code:
+            prefixes.append(b"qc|" + item.unit.encode())
+        for key in _range_keys(item.lo, item.hi):
+            suffixes = _key_suffixes(key)
+            for prefix in prefixes:
+                out.extend(prefix + s for s in suffixes)
+    return out
+
+
+def _terms(param_type: str, items: list[Any]) -> list[bytes]:
+    out: list[bytes] = []
+    if param_type == "string":
+        for s in items:
+            out.extend(string_terms(s))
+    elif param_type == "token":
+        for t in items:
+            out.extend(_token_terms(t))
+    elif param_type == "reference":
+        for r in items:
+            out.extend(_reference_terms(r))
+    elif param_type == "date":
+        for lo, hi in items:
+            out.extend(date_terms(lo, hi))
+    elif param_type == "number":
+        out = _number_terms(items)
+    elif param_type == "quantity":
+        out = _quantity_terms(items)
+    elif param_type == "uri":
+        for u in items:
+            out.extend(_uri_terms(u))
+    return out
+
+
+def param_terms(param: SearchParam, resource: Mapping[str, Any]) -> list[bytes] | None:
+    """Distinct terms of one parameter on `resource`, presence term first; None if no value."""
+    if param.type == "composite":
+        foci = composite_foci(param, resource)
+        if not foci:
+            return None
+        out = [PRESENCE]
+        for _path, per_component in foci:
+            out.extend(b"c|" + t for t in _terms("token", per_component[0]))
+        return list(dict.fromkeys(out))
+    items = extract(param, resource)
+    if not items:
+        return None
+    return list(dict.fromkeys([PRESENCE, *_terms(param.type, items)]))
+
+
+# ---------------------------------------------------------------- index_terms
+
+
+class _Plan:
+    """Per resource type: which parameters can have values, by top-level JSON property."""
+
+    __slots__ = ("always", "dispatch")
+
+    def __init__(self, params: Mapping[str, SearchParam]) -> None:
+        dispatch: dict[str, list[SearchParam]] = {}
+        always: list[SearchParam] = []
+        for param in params.values():
+            keys = _first_keys(param.paths)
+            if keys is None:
+                always.append(param)
+                continue
+            for key in keys:
+                dispatch.setdefault(key, []).append(param)
+        self.dispatch = {k: tuple(v) for k, v in dispatch.items()}
+        self.always = tuple(always)
+
+
+def _first_keys(paths: Iterable[Path]) -> set[str] | None:
+    """Top-level properties a parameter's values come from; None when undecidable."""
+    keys: set[str] = set()
+    for path in paths:
+        if path.truthy is not None:
+            return None  # always has a value (true or false)
+        if path.steps:
+            keys.add(path.steps[0].key)
+        elif path.components:
+            sub = _first_keys(p for comp in path.components for p in comp)
+            if sub is None:
+                return None
+            keys.update(sub)
+        else:
+            return None
+    return keys
+
+
+@functools.cache
+def _plan(resource_type: str) -> _Plan:
+    return _Plan(search_params(resource_type))
+
+
+def index_terms(resource_type: str, resource: Mapping[str, Any]) -> dict[str, list[bytes]]:
+    """code -> distinct plaintext terms, for every parameter with at least one value."""
+    plan = _plan(resource_type)
+    dispatch = plan.dispatch
+    todo: dict[SearchParam, None] = dict.fromkeys(plan.always)
+    for key in resource:
+        params = dispatch.get(key)
+        if params is not None:
+            for param in params:
+                todo[param] = None
+    out: dict[str, list[bytes]] = {}
+    for param in todo:
+        terms = param_terms(param, resource)
+        if terms is not None:
+            out[param.code] = terms
+    return out
+
+
+# Re-exported for query.py; kept here so index and query share one implementation.
+reference_terms: Final[Callable[[RefItem], list[bytes]]] = _reference_terms
+token_terms: Final[Callable[[TokenItem], list[bytes]]] = _token_terms
+uri_terms: Final[Callable[[str], list[bytes]]] = _uri_terms
+key_suffixes: Final[Callable[[int], tuple[bytes, ...]]] = _key_suffixes
