@@ -133,8 +133,9 @@ def test_metadata_is_public_and_honest(shared_server: Server) -> None:
     rest = cs["rest"][0]
     patient = next(x for x in rest["resource"] if x["type"] == "Patient")
     codes = {i["code"] for i in patient["interaction"]}
-    assert "search-type" not in codes  # not supported yet, so not claimed
-    assert {"read", "vread", "update", "patch", "delete", "create", "history-instance"} <= codes
+    assert {"read", "vread", "update", "patch", "delete", "create", "history-instance", "search-type"} <= codes
+    assert {p["name"] for p in patient["searchParam"]} >= {"family", "birthdate", "identifier", "_id", "_lastUpdated"}
+    assert {i["code"] for i in rest["interaction"]} == {"transaction", "batch", "history-system"}
     assert len(rest["resource"]) > 140
     smart = httpx.get(shared_server.fhir + "/.well-known/smart-configuration").json()
     assert smart["token_endpoint"].endswith("/oauth2/token")

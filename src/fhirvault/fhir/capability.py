@@ -5,9 +5,32 @@ from __future__ import annotations
 from typing import Any
 
 from fhirvault import __version__
+from fhirvault.domain.search.params import search_params
 
 INSTANCE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance"]
-TYPE_INTERACTIONS = ["create", "history-type"]
+TYPE_INTERACTIONS = ["create", "search-type", "history-type"]
+SEARCH_DOC = (
+    "Search runs on blind indexes (keyed HMAC tags, no plaintext in the database); every candidate is decrypted "
+    "and verified. Modifiers: :missing (all), :exact (string), :not and :of-type (token), :identifier and "
+    ":[type] (reference), :above/:below (uri). Refused: :contains and :text (would need n-gram indexes that "
+    "leak too much), :in/:not-in and token :above/:below (no terminology service). Chaining and _has are "
+    "supported. Limits: 10,000 resources scanned when no criterion can use the index, 20,000 candidates "
+    "verified per request, _sort on at most 1,000 matches, 1,000 included resources."
+)
+
+
+def _search_params(rtype: str) -> list[dict[str, Any]]:
+    out = []
+    for code, param in sorted(search_params(rtype).items()):
+        entry: dict[str, Any] = {"name": code, "type": param.type}
+        if param.url:
+            entry["definition"] = param.url
+        out.append(entry)
+    return out
+
+
+def _includes(rtype: str) -> list[str]:
+    return sorted(f"{rtype}:{code}" for code, p in search_params(rtype).items() if p.type == "reference")
 
 
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
@@ -19,10 +42,17 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "versioning": "versioned-update",
             "readHistory": True,
             "updateCreate": True,
-            "conditionalCreate": False,
+            "conditionalCreate": True,
             "conditionalRead": "full-support",
-            "conditionalUpdate": False,
-            "conditionalDelete": "not-supported",
+            "conditionalUpdate": True,
+            "conditionalDelete": "single",
+            "searchInclude": ["*", *_includes(rtype)],
+            "searchRevInclude": sorted({i for t in resource_types for i in _includes(t)
+                                        if rtype in search_params(t)[i.split(":")[1]].targets}),
+            "searchParam": _search_params(rtype),
+            **({"operation": [{"name": "everything",
+                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
+               if rtype == "Patient" else {}),
         }
         for rtype in resource_types
     ]
@@ -61,7 +91,8 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
                     "description": "OAuth 2.0 client credentials (SMART Backend Services); SMART v2 system scopes.",
                 },
                 "resource": resources,
-                "interaction": [{"code": "history-system"}],
+                "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "documentation": SEARCH_DOC,
             }
         ],
     }

@@ -137,6 +137,9 @@ class FhirRouter:
             if method == "DELETE":
                 return await self._delete(req, rtype, rid)
             raise errors.method_not_allowed(f"{method} is not allowed on a resource.")
+        if n == 3 and seg[2] == "$everything" and rtype == "Patient":
+            self._allow(method, "GET")
+            return await self._everything(req, rid)
         if seg[2] != "_history" or n > 4:
             raise errors.not_found("Unknown URL.")
         self._allow(method, "GET")
@@ -164,6 +167,30 @@ class FhirRouter:
         outcome = await self._repo.search(req.ctx, parsed, count=count, after=after, before=before,
                                           snapshot=snapshot, offset=offset, query_text=urlencode(criteria))
         return FhirResponse(200, _searchset(req, rtype, parsed, outcome, count, criteria))
+
+    async def _everything(self, req: FhirRequest, pid: str) -> FhirResponse:
+        params = dict(req.query)
+        types = None
+        if "_type" in params:
+            types = frozenset(t for t in params["_type"].split(",") if t)
+            if not all(is_resource_type(t) for t in types):
+                raise errors.bad_request("_type names an unknown resource type.", "_type")
+        since_ms = None
+        if "_since" in params:
+            since_ms = parse_fhir_datetime(params["_since"])
+            if since_ms is None:
+                raise errors.bad_request("_since must be a FHIR instant (e.g. 2026-01-31T12:00:00Z).", "_since")
+        count = self._default_count
+        if "_count" in params:
+            if not params["_count"].isdigit() or len(params["_count"]) > 6:
+                raise errors.bad_request("_count must be a non-negative integer.", "_count")
+            count = min(int(params["_count"]), self._max_count)
+        offset = _cursor(params, "_offset") or 0
+        outcome = await self._repo.everything(req.ctx, pid, types=types, since_ms=since_ms, count=count,
+                                              offset=offset, snapshot=_cursor(params, "_snapshot"))
+        keep = [(k, v) for k, v in req.query if k in ("_type", "_since")]
+        return FhirResponse(200, _searchset(req, f"Patient/{pid}/$everything", ParsedSearch("Patient"),
+                                            outcome, count, keep))
 
     @staticmethod
     def _allow(method: str, allowed: str) -> None:

@@ -22,7 +22,7 @@ from fhirvault.domain import errors
 from fhirvault.domain.compartment import patient_of
 from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import instant
-from fhirvault.domain.r4 import is_resource_type
+from fhirvault.domain.r4 import is_resource_type, patient_compartment_params, resource_types
 from fhirvault.domain.search.params import search_params
 from fhirvault.domain.search.query import (
     AnyCriterion,
@@ -487,6 +487,57 @@ class Repository:
         out.includes = self._includes(parsed, out.matches)
         return out
 
+    async def everything(self, ctx: RequestContext, pid: str, *, types: frozenset[str] | None, since_ms: int | None,
+                         count: int, offset: int, snapshot: int | None) -> SearchOutcome:
+        """Patient/$everything: the patient and every resource of its compartment, paged by offset."""
+        await self.authorize(ctx, "Patient", "r", "operation", f"Patient/{pid}")
+        patient = self._store.read_current(self.tenant, "Patient", pid)
+        if patient is None:
+            raise errors.not_found("Resource not found.")
+        if patient.deleted:
+            raise errors.gone("Resource was deleted.")
+        wanted = sorted(t for t in compartment_types() if (types is None or t in types) and self._may_read(ctx, t))
+        skipped = [t for t in compartment_types() if (types is None or t in types) and not self._may_read(ctx, t)]
+
+        def run() -> SearchOutcome:
+            snap = snapshot if snapshot is not None else self._store.max_rk()
+            engine = self.engine()
+            everything: list[Match] = []
+            if types is None or "Patient" in types:
+                body = self._open(patient)
+                everything.append(Match(0, patient, body, orjson.loads(body)))
+            for rtype in wanted:
+                seen: set[int] = set()
+                rows: list[Match] = []
+                for code, _paths in patient_compartment_params(rtype):
+                    param = search_params(rtype).get(code)
+                    if param is None or param.type != "reference":
+                        continue
+                    crit = reference_criterion(code, param, [f"Patient/{pid}"])
+                    for m in engine.find(rtype, [crit], limit=VERIFY_CAP, before=snap + 1).matches:
+                        if m.rk not in seen and (rtype != "Patient" or m.version.id != pid):
+                            seen.add(m.rk)
+                            rows.append(m)
+                rows.sort(key=lambda m: m.rk)
+                everything.extend(rows)
+                if len(everything) > VERIFY_CAP:
+                    raise TooCostly(f"$everything would return more than {VERIFY_CAP} resources: use _type or _since.")
+            if since_ms is not None:
+                everything = [m for m in everything if m.version.last_updated_ms >= since_ms]
+            page = everything[offset:offset + count]
+            warnings = [Issue("warning", "suppressed", "Resource types the token may not read were left out: "
+                              + ", ".join(skipped[:20]))] if skipped else []
+            return SearchOutcome(page, [], len(everything), None, None,
+                                 offset + count if offset + count < len(everything) else None,
+                                 max(0, offset - count) if offset > 0 else None, snap, warnings)
+
+        outcome = await asyncio.to_thread(run)
+        patients = f"Patient/{pid}"
+        record = self._record(ctx, "operation", 200, entity=f"Patient/{pid}/$everything", patient=patients,
+                              query=f"_type={sorted(types) if types else '*'} _since={since_ms} offset={offset}")
+        await self._store.write("audit.everything", lambda tx: self._audit.record(tx, record))
+        return outcome
+
     def _includes(self, parsed: ParsedSearch, page: list[Match]) -> list[Match]:
         if not page or not (parsed.includes or parsed.revincludes):
             return []
@@ -535,6 +586,11 @@ class Repository:
             included.extend(new)
             frontier = new
         return included
+
+
+def compartment_types() -> list[str]:
+    """Resource types that can belong to a patient compartment (R4 CompartmentDefinition)."""
+    return sorted(t for t in resource_types() if patient_compartment_params(t))
 
 
 class IntegrityError(Exception):
