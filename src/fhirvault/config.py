@@ -39,6 +39,7 @@ class Settings:
     token_ttl_seconds: int = 300
     default_page_size: int = 50
     max_page_size: int = 1000
+    max_bundle_entries: int = 5000
     log_level: str = "info"
     tenant: str = "default"
 
@@ -115,6 +116,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "token_ttl_seconds": _positive_int(30, 3600),
     "default_page_size": _positive_int(1, 1000),
     "max_page_size": _positive_int(1, 10000),
+    "max_bundle_entries": _positive_int(1, 100_000),
     "log_level": _choice("debug", "info", "warning", "error"),
     "tenant": _tenant,
 }

@@ -42,3 +42,25 @@ def test_marker_absent_from_data_dir_wal_and_logs(server: Server) -> None:
             for needle in (marker, marker.upper(), marker.lower()):
                 assert needle.encode() not in data, f"{needle} found in {path} ({phase})"
                 assert needle.encode("utf-16-le") not in data, f"{needle} (utf-16) found in {path} ({phase})"
+
+
+def test_indexed_values_are_not_in_the_database(server: Server) -> None:
+    """Every searchable value (names, codes, identifiers, dates, references) stays out of the files."""
+    family, given, ident = "Qvxbrandt", "Ulvhilde", "NIR-88291-XQ"
+    with server.client() as c:
+        patient = dict(PATIENT, name=[{"family": family, "given": [given]}], birthDate="1937-03-29",
+                       identifier=[{"system": "urn:oid:1.2.250.1.213.1.4.8", "value": ident}],
+                       address=[{"city": "Quimperlé", "postalCode": "29300"}])
+        pid = c.post("/Patient", json=patient, headers=FHIR_JSON).json()["id"]
+        obs = observation(pid)
+        obs["code"] = {"coding": [{"system": "http://loinc.org", "code": "99999-7"}]}
+        c.post("/Observation", json=obs, headers=FHIR_JSON)
+        # the values are searchable...
+        assert c.get("/Patient", params={"family": family[:5]}).json()["total"] == 1
+        assert c.get("/Patient", params={"identifier": ident}).json()["total"] == 1
+        assert c.get("/Observation", params={"code": "99999-7"}).json()["total"] == 1
+    server.stop()
+    needles = [family, given, ident, "Quimperl", "1937-03-29", "99999-7", family[:5].lower(), family.lower()]
+    for path, data in _all_bytes([server.data_dir, server.log_path]):
+        for needle in needles:
+            assert needle.encode() not in data, f"{needle} found in {path}"

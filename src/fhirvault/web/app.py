@@ -70,7 +70,7 @@ def create_app(container: Container) -> ASGIApp:
         return docs.capability(base_url, token_url), orjson.dumps(oauth.smart_configuration_for(token_url))
 
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
-                        max_count=settings.max_page_size)
+                        max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries)
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url)
 
