@@ -29,7 +29,9 @@ Output layout (gzip-compressed JSON, sorted keys, compact):
     format, fhirVersion, source
     params   url -> {"code", "type", "targets"?: [types], "components"?: [component urls]}
     types    resource type (or "Resource" for the parameters of every type)
-             -> search parameter code -> [url, program]
+             -> search parameter code -> [url, program, targets?]
+             (targets: a reference parameter's targets narrowed to the types this resource
+             type's elements may refer to, when narrower than the parameter's own list)
     skipped  [[url, reason], ...] parameters (or parts of expressions) left out
 
 A program is a list of alternatives (the union of the FHIRPath expression); an alternative:
@@ -105,6 +107,7 @@ COMPATIBLE: dict[str, frozenset[str]] = {
     "uri": frozenset({"uri", "url", "canonical", "oid", "uuid"}),
 }
 SUPPORTED_TYPES = frozenset(COMPATIBLE) | {"composite"}
+PROFILE_PREFIX = "http://hl7.org/fhir/StructureDefinition/"
 INFER_ORDER = ("token", "reference", "date", "quantity", "number", "string", "uri")
 
 
@@ -234,19 +237,41 @@ class Alt:
         self.root = False
         self.truthy: list[list[Any]] | None = None
         self.binding: str | None = None  # value set id of the last element
+        self.element: str | None = None  # definition path of the last element ("X.value[x]")
 
     def copy(self) -> Alt:
         other = Alt(self.table, list(self.steps), self.leaf, self.choice)
         other.targets = self.targets
         other.root = self.root
         other.binding = self.binding
+        other.element = self.element
         return other
 
 
 class Compiler:
-    def __init__(self, tables: dict[str, dict[str, list[Any]]], value_sets: Json) -> None:
+    def __init__(
+        self,
+        tables: dict[str, dict[str, list[Any]]],
+        value_sets: Json,
+        element_targets: dict[str, list[str]] | None = None,
+    ) -> None:
         self.tables = tables
         self.value_sets = value_sets
+        # definition path -> target types of its Reference/canonical types ("Resource": any)
+        self.element_targets = element_targets or {}
+
+    def targets_of(self, alts: list[Alt]) -> set[str] | None:
+        """Types the alternatives' references may point to; None when unrestricted."""
+        out: set[str] = set()
+        for alt in alts:
+            if alt.targets:
+                out.update(alt.targets)
+                continue
+            found = self.element_targets.get(alt.element or "")
+            if not found or "Resource" in found:
+                return None
+            out.update(found)
+        return out
 
     # The element entry of the compiled definition table: [type, flags, valueSetId?, group?]
     def child(self, alt: Alt, name: str) -> list[Alt]:
@@ -261,6 +286,7 @@ class Compiler:
             nxt.leaf = entry[0]
             nxt.choice = None
             nxt.binding = entry[2] if len(entry) > 2 else None
+            nxt.element = f"{alt.table}.{name}"
             return [nxt]
         group = [(prop, e) for prop, e in sorted(table.items()) if len(e) > 3 and e[3] == name]
         if not group:
@@ -273,6 +299,7 @@ class Compiler:
             nxt.leaf = entry[0]
             nxt.choice = name
             nxt.binding = entry[2] if len(entry) > 2 else None
+            nxt.element = f"{alt.table}.{name}[x]"
             out.append(nxt)
         return out
 
@@ -426,11 +453,31 @@ def compatible(alt: Alt, param_type: str) -> bool:
     return alt.leaf in COMPATIBLE[param_type]
 
 
+def element_targets(sds: list[Json]) -> dict[str, list[str]]:
+    """Definition path -> target types of its Reference and canonical types."""
+    out: dict[str, list[str]] = {}
+    for sd in sds:
+        if sd.get("derivation") == "constraint":
+            continue
+        for element in sd["snapshot"]["element"]:
+            targets: set[str] = set()
+            for type_ in element.get("type", []):
+                if type_["code"] in ("Reference", "canonical"):
+                    profiles = type_.get("targetProfile") or [PROFILE_PREFIX + "Resource"]
+                    targets.update(p.rsplit("/", 1)[1] for p in profiles)
+            if targets:
+                out[element["path"]] = sorted(targets)
+    return out
+
+
 class Build:
     def __init__(self, source: Path, gen_r4: ModuleType) -> None:
         defs = gen_r4.build(source)
         self.resource_types: list[str] = defs["resourceTypes"]
-        self.compiler = Compiler(defs["tables"], defs["valueSets"])
+        type_sds, resource_sds = gen_r4.structure_definitions(source)
+        self.compiler = Compiler(
+            defs["tables"], defs["valueSets"], element_targets(type_sds + resource_sds)
+        )
         self.params = load_bundle(source / "search-parameters.json")
         self.by_url = {p["url"]: p for p in self.params}
         self.skipped: list[list[str]] = []
@@ -447,6 +494,19 @@ class Build:
         where: str,
         quiet: bool = False,
     ) -> list[Json]:
+        return self.compiler.program(
+            self.simple_alts(param, expression, context, rtype, where, quiet)
+        )
+
+    def simple_alts(
+        self,
+        param: Json,
+        expression: str,
+        context: str,
+        rtype: str,
+        where: str,
+        quiet: bool = False,
+    ) -> list[Alt]:
         alts: list[Alt] = []
         for member in alternatives_for(expression, rtype):
             try:
@@ -466,7 +526,17 @@ class Build:
                     )
                     continue
                 alts.append(alt)
-        return self.compiler.program(alts)
+        return alts
+
+    def type_targets(self, param: Json, alts: list[Alt]) -> list[str] | None:
+        """The parameter's targets narrowed to what this type's elements allow, when that
+        differs from the parameter's list (shared parameters list every base's targets)."""
+        declared = set(param.get("target", []))
+        allowed = self.compiler.targets_of(alts)
+        if allowed is None:
+            return None
+        narrowed = declared & allowed if declared else allowed
+        return sorted(narrowed) if narrowed != declared else None
 
     def component_program(
         self, param: Json, comp: Json, definition: Json, focus: Alt, rtype: str
@@ -488,9 +558,7 @@ class Build:
             alts = self.compiler.compile(comp["expression"], focus.table, rtype)
         except CannotCompile:
             alts = []
-        fits = [
-            t for t in INFER_ORDER if alts and all(alt.leaf in COMPATIBLE[t] for alt in alts)
-        ]
+        fits = [t for t in INFER_ORDER if alts and all(alt.leaf in COMPATIBLE[t] for alt in alts)]
         if not fits:
             return definition["type"], []
         self.skip(
@@ -554,6 +622,7 @@ class Build:
                 if base == "DomainResource":
                     self.skip(url, "DomainResource base")
                     continue
+                narrowed: list[str] | None = None
                 if param["type"] == "composite":
                     result = self.composite_program(param, base)
                     program = result[1] if result else []
@@ -562,13 +631,17 @@ class Build:
                 else:
                     # Resource is abstract and has no table: compile its paths on a concrete type.
                     concrete = "Basic" if base == "Resource" else base
-                    program = self.simple_program(
-                        param, param["expression"], concrete, concrete, ""
-                    )
+                    alts = self.simple_alts(param, param["expression"], concrete, concrete, "")
+                    program = self.compiler.program(alts)
+                    if alts and param["type"] == "reference":
+                        narrowed = self.type_targets(param, alts)
                 if not program:
                     self.skip(url, f"{base}: no usable path")
                     continue
-                types.setdefault(base, {})[param["code"]] = [url, program]
+                row: list[Any] = [url, program]
+                if narrowed is not None:
+                    row.append(narrowed)
+                types.setdefault(base, {})[param["code"]] = row
                 usable = True
             if usable:
                 entry: Json = {"code": param["code"], "type": param["type"]}

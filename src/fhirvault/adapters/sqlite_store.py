@@ -57,6 +57,8 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed, not left behind
+    # The search index is keyed by random tags, so writes touch pages all over it: keep them cached.
+    conn.execute("PRAGMA cache_size=-262144")  # KiB: 256 MiB for the writer
     return conn
 
 
@@ -323,6 +325,7 @@ class SqliteStore:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA cache_size=-65536")  # KiB: 64 MiB per reader thread
             self._local.conn = conn
         return conn
 

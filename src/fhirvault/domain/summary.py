@@ -43,7 +43,7 @@ def summary(resource: dict[str, Any], mode: str) -> dict[str, Any]:
         keep = entry.get("summary", frozenset()) | entry.get("mandatory", frozenset())
         out = {k: v for k, v in resource.items() if k in keep or k in _ALWAYS or k.lstrip("_") in keep}
     elif mode == "text":
-        keep = {"text"} | entry.get("mandatory", frozenset())
+        keep = frozenset({"text"}) | entry.get("mandatory", frozenset())
         out = {k: v for k, v in resource.items() if k in keep or k in _ALWAYS}
     else:  # data
         out = {k: v for k, v in resource.items() if k != "text"}

@@ -57,6 +57,7 @@ from fhirvault.services.search import (
 from fhirvault.services.search_index import SearchIndex
 
 _MAX_PATCH_RETRIES = 5
+_STAMPED = frozenset({"_lastUpdated"})  # search parameters on the meta the write transaction stamps
 T = TypeVar("T")
 
 
@@ -188,6 +189,7 @@ class Repository:
                   ) -> Callable[[WriteTx], ResourceResult]:
         """A write job: checks versions, stamps meta, encrypts, stores the version and its audit record."""
         tenant = self.tenant
+        tags = self._index.resource_tags(rtype, body, skip=_STAMPED)
 
         def job(tx: WriteTx) -> ResourceResult:
             current = tx.current(tenant, rtype, rid)
@@ -206,7 +208,9 @@ class Repository:
             plaintext = orjson.dumps(body)
             blob = key.aead.seal(plaintext, resource_aad(tenant, rtype, rid, version, key.key_id))
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, False, key.key_id, blob))
-            tx.set_search_tags(tenant, rtype, rid, self._index.resource_tags(rtype, body))
+            # Most tags were computed before the transaction (off the writer thread); the
+            # ones that depend on the stamped meta are computed here.
+            tx.set_search_tags(tenant, rtype, rid, tags + self._index.resource_tags(rtype, body, only=_STAMPED))
             created = current is None or current.deleted
             status = status_new if created else status_old
             patient = self._patient_ref(key.key_id)

@@ -52,10 +52,17 @@ class SearchIndex:
             out.append(mac.digest()[:SEARCH_TAG_BYTES])
         return out
 
-    def resource_tags(self, rtype: str, resource: dict[str, object]) -> list[bytes]:
-        """Every tag a resource version is indexed under, with string prefixes padded."""
+    def resource_tags(self, rtype: str, resource: dict[str, object], *,
+                      only: frozenset[str] | None = None, skip: frozenset[str] = frozenset()) -> list[bytes]:
+        """The tags a resource version is indexed under (string prefixes padded).
+
+        ``skip``/``only`` split the work: everything but ``_lastUpdated`` is computed
+        before the write transaction, ``_lastUpdated`` inside it, once the time is stamped.
+        """
         out: list[bytes] = []
         for code, terms in index_terms(rtype, resource).items():
+            if code in skip or (only is not None and code not in only):
+                continue
             out.extend(self.tags(rtype, code, terms))
             values = sum(1 for t in terms if t.startswith(_STRING_EXACT))
             prefixes = sum(1 for t in terms if t.startswith(_STRING_PREFIX))

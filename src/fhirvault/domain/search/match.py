@@ -19,6 +19,10 @@ reference  ``Type/id`` and ``[id]`` match relative references, and absolute ones
            (history stripped on both sides); canonical ``url`` matches any version,
            ``url|version`` that version; ``:[Type]``; ``:identifier`` matches
            Reference.identifier (``system|value``, ``|value``: no system, ``value``).
+           Type-restricted parameters (``where(resolve() is Patient)``, e.g. Observation
+           ``patient``) keep references of that type, local ``#id`` references to a
+           contained resource of that type (presence only: they are not searchable), and
+           identifier-only references unless their Reference.type names another type.
 date       R4 §3.1.1.4.2 range semantics with the precision of both sides; search range
            [slo, shi), value range [lo, hi) (a Period's missing end is +inf):
              eq  slo <= lo and hi <= shi      ne  not eq
@@ -87,7 +91,9 @@ def matches(criterion: Criterion, resource_type: str, resource: Mapping[str, Any
     if param.type == "composite":
         foci = composite_foci(param, resource)
         if modifier == "missing":
-            return any(isinstance(v, MissingValue) and v.missing == (not foci) for v in criterion.values)
+            return any(
+                isinstance(v, MissingValue) and v.missing == (not foci) for v in criterion.values
+            )
         return any(
             all(
                 value_matches(comp.type, comp_value, items, criterion)
@@ -101,7 +107,9 @@ def matches(criterion: Criterion, resource_type: str, resource: Mapping[str, Any
         )
     items = extract(param, resource)
     if modifier == "missing":
-        return any(isinstance(v, MissingValue) and v.missing == (not items) for v in criterion.values)
+        return any(
+            isinstance(v, MissingValue) and v.missing == (not items) for v in criterion.values
+        )
     found = any(value_matches(param.type, v, items, criterion) for v in criterion.values)
     return not found if modifier == "not" else found
 

@@ -156,8 +156,10 @@ def _build(data: dict[str, Any]) -> dict[str, Mapping[str, SearchParam]]:
     types: dict[str, dict[str, Any]] = data["types"]
     programs: dict[str, tuple[Path, ...]] = {}  # by JSON text: types share programs
 
-    def make(rtype: str, code: str, url: str, program: list[Any]) -> SearchParam:
+    def make(rtype: str, code: str, row: list[Any]) -> SearchParam:
+        url, program = row[0], row[1]
         meta = params[url]
+        targets = row[2] if len(row) > 2 else meta.get("targets", ())
         key = json.dumps(program, sort_keys=True)
         paths = programs.get(key)
         if paths is None:
@@ -168,7 +170,7 @@ def _build(data: dict[str, Any]) -> dict[str, Mapping[str, SearchParam]]:
             url=url,
             resource_type=rtype,
             paths=paths,
-            targets=frozenset(meta.get("targets", ())),
+            targets=frozenset(targets),
             components=tuple(Component(str(u), str(t)) for u, t in meta.get("components", ())),
         )
 
@@ -176,10 +178,10 @@ def _build(data: dict[str, Any]) -> dict[str, Mapping[str, SearchParam]]:
     out: dict[str, Mapping[str, SearchParam]] = {}
     for rtype in sorted(r4.resource_types()):
         entries: dict[str, SearchParam] = {}
-        for code, (url, program) in sorted(common.items()):
-            entries[code] = make(rtype, code, url, program)
-        for code, (url, program) in sorted(types.get(rtype, {}).items()):
-            entries[code] = make(rtype, code, url, program)
+        for code, row in sorted(common.items()):
+            entries[code] = make(rtype, code, row)
+        for code, row in sorted(types.get(rtype, {}).items()):
+            entries[code] = make(rtype, code, row)
         out[rtype] = MappingProxyType(entries)
     return out
 

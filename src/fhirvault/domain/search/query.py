@@ -91,6 +91,7 @@ __all__ = [
     "TokenValue",
     "UriValue",
     "date_query_terms",
+    "id_criterion",
     "number_key_range",
     "parse_search",
     "reference_criterion",
@@ -277,6 +278,7 @@ class ChainCriterion:
     param: SearchParam
     target_type: str
     inner: Criterion | ChainCriterion
+    base_url: str | None = None  # pass on to reference_criterion
 
     @property
     def code(self) -> str:
@@ -643,7 +645,8 @@ def _parse_value(
 
 def _date_cover(family: bytes, lo_day: int, hi_day: int) -> list[bytes]:
     return [
-        family + b"|%d|%d" % block for block in range_cover(lo_day, hi_day, DATE_LEVELS, DATE_BRANCH)
+        family + b"|%d|%d" % block
+        for block in range_cover(lo_day, hi_day, DATE_LEVELS, DATE_BRANCH)
     ]
 
 
@@ -810,8 +813,7 @@ def _criterion(
 ) -> AnyCriterion:
     if depth > MAX_CHAIN_DEPTH:
         raise SearchError(
-            "Search parameter chains and _has are limited to "
-            f"{MAX_CHAIN_DEPTH} levels.",
+            f"Search parameter chains and _has are limited to {MAX_CHAIN_DEPTH} levels.",
             None,
             "too-costly",
         )
@@ -830,7 +832,9 @@ def _criterion(
     mod = _check_modifier(param, modifier, ctx) if colon else None
     target_type = modifier if mod == "type" else None
     values = _parse_values(param, mod, target_type, raw, ctx)
-    return Criterion(key if _SAFE_NAME.fullmatch(key) else code, param, mod, values, target_type, base_url)
+    return Criterion(
+        key if _SAFE_NAME.fullmatch(key) else code, param, mod, values, target_type, base_url
+    )
 
 
 def _chain(
@@ -869,7 +873,7 @@ def _chain(
         raise _Unknown(f"{param.code}:{target}.{rest}")
     inner = _criterion(target, rest, raw, ctx.now_ms, ctx.base_url, depth + 1)
     assert not isinstance(inner, HasCriterion)  # rest does not start with _has:
-    return ChainCriterion(param.code, param, target, inner)
+    return ChainCriterion(param.code, param, target, inner, ctx.base_url)
 
 
 def _has(
@@ -885,9 +889,7 @@ def _has(
         raise SearchError("_has: unknown resource type.", "_has")
     ref = search_params(source_type).get(ref_code)
     if ref is None or ref.type != "reference":
-        raise SearchError(
-            f"_has: {source_type} has no reference parameter of that name.", "_has"
-        )
+        raise SearchError(f"_has: {source_type} has no reference parameter of that name.", "_has")
     if ref.targets and resource_type not in ref.targets:
         raise SearchError(
             f"_has: that {source_type} parameter cannot refer to a {resource_type}.", "_has"
@@ -1047,10 +1049,13 @@ def parse_search(
     )
 
 
-def reference_criterion(code: str, param: SearchParam, refs: Iterable[str]) -> Criterion:
+def reference_criterion(
+    code: str, param: SearchParam, refs: Iterable[str], *, base_url: str | None = None
+) -> Criterion:
     """An OR of relative references ("Type/id") on a reference parameter (resolved chains).
 
-    With no refs, the criterion matches nothing and its query_terms() is [].
+    base_url: the server's base (`ChainCriterion.base_url`), so that absolute references to
+    this server match too. With no refs, the criterion matches nothing; query_terms() is [].
     """
     if param.type != "reference":
         raise ValueError("reference_criterion needs a reference parameter")
@@ -1060,5 +1065,17 @@ def reference_criterion(code: str, param: SearchParam, refs: Iterable[str]) -> C
         if m is None or not r4.is_resource_type(m.group(1)):
             raise ValueError("reference_criterion takes [type]/[id] references")
         values.append(ReferenceValue("relative", type=m.group(1), id=m.group(2)))
-    return Criterion(code, param, None, tuple(values))
+    return Criterion(code, param, None, tuple(values), None, base_url)
 
+
+def id_criterion(resource_type: str, ids: Iterable[str]) -> Criterion:
+    """An OR of logical ids (``_id``), e.g. the resources a resolved `HasCriterion` found.
+
+    (The ids a source resource refers to through `HasCriterion.param` are the `id` of the
+    `values.extract(param, source)` items whose `type` is the searched type and whose
+    `base` is None or the server's base.) With no ids, query_terms() is [].
+    """
+    param = search_params(resource_type).get("_id")
+    if param is None:
+        raise ValueError("unknown resource type")
+    return Criterion("_id", param, None, tuple(TokenValue(None, i) for i in ids))

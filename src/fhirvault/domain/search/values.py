@@ -16,7 +16,9 @@ typed item according to its FHIR data type:
     date       (lo_ms, hi_ms): [lo, hi) in UTC milliseconds by the value's precision
                (``2020-03`` is the whole month; no time zone means UTC); Period start..end
                (a missing end is open to +inf, a missing start to -inf); Timing: the outer
-               limits of its events and repeat.boundsPeriod
+               limits of its events and repeat.boundsPeriod. (Invalid data stays consistent:
+               a Period ending before it starts, a Range with low > high are taken as the
+               span of both ends.)
     number     NumItem(lo, hi, lo_open, hi_open): decimal/integer as a point (the JSON number
                is kept as parsed: int, float or Decimal); Range as [low, high]
     quantity   QtyItem: Quantity/SimpleQuantity/Age/Duration/Count/Distance (comparator
@@ -66,7 +68,7 @@ import math
 import re
 import struct
 import unicodedata
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
@@ -96,9 +98,11 @@ __all__ = [
     "date_terms",
     "extract",
     "index_terms",
+    "items_of",
     "leaves",
     "normalise",
     "number_key",
+    "param_terms",
     "parse_date",
     "parse_reference",
     "range_cover",
@@ -207,9 +211,7 @@ def string_terms(value: str) -> list[bytes]:
             nb = n.encode()
             out = [b"s|" + nb[:k] for k in range(1, min(len(nb), STRING_PREFIX_TERMS) + 1)]
         else:
-            out = [
-                b"s|" + n[:k].encode() for k in range(1, min(len(n), STRING_PREFIX_TERMS) + 1)
-            ]
+            out = [b"s|" + n[:k].encode() for k in range(1, min(len(n), STRING_PREFIX_TERMS) + 1)]
     out.append(b"x|" + value.encode())
     return out
 
@@ -354,9 +356,7 @@ def range_cover(lo: int, hi: int, levels: int, branch: int) -> list[tuple[int, i
     while pos <= hi:
         level = 0
         while (
-            level + 1 < levels
-            and pos % sizes[level + 1] == 0
-            and pos + sizes[level + 1] - 1 <= hi
+            level + 1 < levels and pos % sizes[level + 1] == 0 and pos + sizes[level + 1] - 1 <= hi
         ):
             level += 1
         out.append((level, pos // sizes[level]))
@@ -439,19 +439,18 @@ def _reference_items(leaf: Any, path: Path, resource: Mapping[str, Any]) -> list
     if item is None:
         if ident_value is None and ident_system is None:
             return []
-        declared = leaf.get("type")
-        item = RefItem(type=declared if type(declared) is str else None)
+        declared = leaf.get("type")  # "Patient", or a StructureDefinition URL
+        kind = declared.rsplit("/", 1)[-1] if type(declared) is str and declared else None
+        item = RefItem(type=kind)
     if ident_value is not None or ident_system is not None:
         item = item._replace(ident_system=ident_system, ident_value=ident_value)
-    if path.targets is not None:
-        kind = item.type
+    if path.targets is not None:  # where(resolve() is Type)
         if item.local:
             kind = _contained_type(resource, item.id)
-        elif item.relative is None and item.url is None:
-            # Only an identifier: resolve() cannot tell; kept unless Reference.type says no.
+        elif item.relative is None and item.url is None and item.type is None:
+            return [item]  # an untyped identifier-only reference: resolve() cannot tell, kept
+        else:
             kind = item.type
-            if kind is None:
-                return [item]
         if kind not in path.targets:
             return []
     return [item]
@@ -581,7 +580,12 @@ def _string_items(leaf: Any, value_type: str) -> list[str]:
     if value_type == "Address":
         g = leaf.get
         return _strs(
-            g("line"), g("city"), g("district"), g("state"), g("postalCode"), g("country"),
+            g("line"),
+            g("city"),
+            g("district"),
+            g("state"),
+            g("postalCode"),
+            g("country"),
             g("text"),
         )
     return []
@@ -620,9 +624,7 @@ def _token_items(leaf: Any, path: Path) -> list[TokenItem]:
         id_type = leaf.get("type")
         if type(id_type) is dict and type(id_type.get("coding")) is list:
             types = tuple(
-                (t.system, t.code)
-                for c in id_type["coding"]
-                if (t := _coding_item(c)) is not None
+                (t.system, t.code) for c in id_type["coding"] if (t := _coding_item(c)) is not None
             )
         if system is None and value is None:
             return []
@@ -657,9 +659,7 @@ def _token_terms(item: TokenItem) -> list[bytes]:
             out.append(b"tn|" + code)
         for type_system, type_code in item.types:
             if type_system is not None and type_code is not None:
-                out.append(
-                    b"to|" + type_system.encode() + b"|" + type_code.encode() + b"|" + code
-                )
+                out.append(b"to|" + type_system.encode() + b"|" + type_code.encode() + b"|" + code)
     if system is not None:
         out.append(b"tS|" + system)
     return out
@@ -695,9 +695,13 @@ def _period(period: Mapping[str, Any]) -> DateItem | None:
     hi_rng = parse_date(end) if type(end) is str else None
     if lo_rng is None and hi_rng is None:
         return None
+    if lo_rng is not None and hi_rng is not None and lo_rng[0] >= hi_rng[1]:
+        # end before start (invalid data): the span of both values, so that index and
+        # verification still agree
+        return (min(lo_rng[0], hi_rng[0]), max(lo_rng[1], hi_rng[1]))
     lo = lo_rng[0] if lo_rng is not None else NEG_INF
     hi = hi_rng[1] if hi_rng is not None else POS_INF
-    return (lo, hi) if lo < hi else (lo, lo + 1)
+    return (lo, hi)
 
 
 def _number(value: Any) -> Num | None:
@@ -716,6 +720,8 @@ def _number_items(leaf: Any, value_type: str) -> list[NumItem]:
         hi = _number(leaf["high"].get("value")) if type(leaf.get("high")) is dict else None
         if lo is None and hi is None:
             return []
+        if lo is not None and hi is not None and to_decimal(lo) > to_decimal(hi):
+            lo, hi = hi, lo  # low above high (invalid data): keep index and match consistent
         return [NumItem(lo, hi)]
     value = _number(leaf)
     return [NumItem(value, value)] if value is not None else []
@@ -731,11 +737,17 @@ def _quantity_items(leaf: Any, value_type: str) -> list[QtyItem]:
         lo, hi = _number(low.get("value")), _number(high.get("value"))
         if lo is None and hi is None:
             return []
+        if lo is not None and hi is not None and to_decimal(lo) > to_decimal(hi):
+            lo, hi = hi, lo  # low above high (invalid data): keep index and match consistent
         units = low if lo is not None else high
         return [
             QtyItem(
-                lo, hi, False, False,
-                _opt_str(units.get("system")), _opt_str(units.get("code")),
+                lo,
+                hi,
+                False,
+                False,
+                _opt_str(units.get("system")),
+                _opt_str(units.get("code")),
                 _opt_str(units.get("unit")),
             )
         ]
@@ -744,9 +756,13 @@ def _quantity_items(leaf: Any, value_type: str) -> list[QtyItem]:
         return []
     if value_type == "Money":
         currency = _opt_str(leaf.get("currency"))
-        return [QtyItem(value, value, False, False, ISO_4217 if currency else None, currency, currency)]
+        return [
+            QtyItem(value, value, False, False, ISO_4217 if currency else None, currency, currency)
+        ]
     system, code, unit = (
-        _opt_str(leaf.get("system")), _opt_str(leaf.get("code")), _opt_str(leaf.get("unit"))
+        _opt_str(leaf.get("system")),
+        _opt_str(leaf.get("code")),
+        _opt_str(leaf.get("unit")),
     )
     comparator = leaf.get("comparator")
     if comparator == "<":
@@ -769,9 +785,7 @@ def _canonical_item(leaf: Any, value_type: str) -> list[RefItem]:
     return [RefItem(url=leaf)]
 
 
-def items_of(
-    param_type: str, path: Path, node: Any, resource: Mapping[str, Any]
-) -> list[Any]:
+def items_of(param_type: str, path: Path, node: Any, resource: Mapping[str, Any]) -> list[Any]:
     """Typed items of one path (see module docstring), walked from `node`."""
     found = _path_leaves(path, node, resource)
     if not found:
@@ -968,10 +982,3 @@ def index_terms(resource_type: str, resource: Mapping[str, Any]) -> dict[str, li
         if terms is not None:
             out[param.code] = terms
     return out
-
-
-# Re-exported for query.py; kept here so index and query share one implementation.
-reference_terms: Final[Callable[[RefItem], list[bytes]]] = _reference_terms
-token_terms: Final[Callable[[TokenItem], list[bytes]]] = _token_terms
-uri_terms: Final[Callable[[str], list[bytes]]] = _uri_terms
-key_suffixes: Final[Callable[[int], tuple[bytes, ...]]] = _key_suffixes
