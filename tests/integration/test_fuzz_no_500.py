@@ -63,3 +63,24 @@ def test_random_bytes_never_500(app: App, body: bytes) -> None:
     assert r.status_code < 500
     r = app.client.post("/oauth2/token", content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code < 500
+
+
+search_names = st.sampled_from(["family", "name", "birthdate", "identifier", "gender", "_id", "_lastUpdated",
+                                "general-practitioner", "address-city", "_has:Observation:patient:code", "_sort",
+                                "_include", "_revinclude", "_summary", "_elements", "_total", "_count",
+                                "organization.name", "link:Patient.family", "death-date", "telecom"])
+modifiers = st.sampled_from(["", ":exact", ":missing", ":not", ":contains", ":text", ":identifier", ":above",
+                             ":below", ":Patient", ":of-type", ":iterate", ":in"])
+hostile = st.one_of(st.text(max_size=30), st.sampled_from(
+    ["' OR 1=1 --", "\\", "\\,", "a|b|c|d", "ge", "eq2020-13-01", "2020-02-30", "1e999", "-0", "NaN",
+     "Patient/../../x", "http://evil/Patient/1", "%00", "$", "a$b", "|", "||", "Patient?", "1 UNION SELECT"]))
+
+
+@fuzz
+@given(st.lists(st.tuples(search_names, modifiers, hostile), min_size=1, max_size=4))
+def test_hostile_search_strings_never_500(app: App, params: list[tuple[str, str, str]]) -> None:
+    query = [(name + mod, value) for name, mod, value in params]
+    r = app.client.get("/fhir/Patient", params=query, headers=app.auth)
+    assert r.status_code in (200, 400), (query, r.text)
+    r = app.client.get("/fhir/Patient", params=query, headers={**app.auth, "Prefer": "handling=strict"})
+    assert r.status_code in (200, 400), (query, r.text)
