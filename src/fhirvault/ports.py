@@ -86,6 +86,7 @@ class SearchQuery:
     before_rk: int | None = None
     descending: bool = False
     limit: int = 100
+    ids: tuple[str, ...] | None = None  # restrict to these resource ids (``_id``)
 
 
 class WriteTx(Protocol):

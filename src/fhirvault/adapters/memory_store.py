@@ -266,6 +266,8 @@ class MemoryStore:
                     continue
                 if (q.after_rk is not None and rk <= q.after_rk) or (q.before_rk is not None and rk >= q.before_rk):
                     continue
+                if q.ids is not None and id not in q.ids:
+                    continue
                 if not all(any(rk in t.tagged.get(tag, ()) for tag in group) for group in q.tag_groups):
                     continue
                 v = _current(t, tenant, type, id)

@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS resources_current (
 );
 CREATE INDEX IF NOT EXISTS resources_current_type ON resources_current (tenant, type, rk);
 
+-- Resources whose tag list (resources_current.tags) is not yet in search_tags.
+CREATE TABLE IF NOT EXISTS index_dirty (
+    rk INTEGER PRIMARY KEY
+);
+
 -- Blind search index: truncated HMAC tags (keyed per tenant, type and parameter) → resource.
 CREATE TABLE IF NOT EXISTS search_tags (
     tag BLOB NOT NULL,

@@ -19,6 +19,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -59,16 +60,21 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed, not left behind
     # The search index is keyed by random tags, so writes touch pages all over it: keep them cached.
     conn.execute("PRAGMA cache_size=-262144")  # KiB: 256 MiB for the writer
+    # Checkpoint every ~80 MiB of WAL instead of 4 MiB: a page rewritten by many commits
+    # is copied back to the database once, not after every batch.
+    conn.execute("PRAGMA wal_autocheckpoint=20000")
     return conn
 
 
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c",)
+    __slots__ = ("_c", "index_changes")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
+        # (rk, old tags, new tags) recorded by the current job, applied to the pending index on commit
+        self.index_changes: list[tuple[int, bytes, bytes]] = []
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
@@ -93,6 +99,8 @@ class _Tx:
         return seq
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
+        """Record a resource's new tags. The tag list is durable now (in resources_current);
+        the search_tags rows follow at the next index flush (see SqliteStore)."""
         row = self._c.execute(
             "SELECT rk, tags FROM resources_current WHERE tenant=? AND type=? AND id=?", (tenant, type, id)
         ).fetchone()
@@ -102,12 +110,9 @@ class _Tx:
         new = b"".join(sorted(set(tags)))
         if old == new:
             return
-        old_set = {old[i : i + SEARCH_TAG_BYTES] for i in range(0, len(old), SEARCH_TAG_BYTES)}
-        new_set = {new[i : i + SEARCH_TAG_BYTES] for i in range(0, len(new), SEARCH_TAG_BYTES)}
-        self._c.executemany("DELETE FROM search_tags WHERE tag=? AND rk=?", [(t, rk) for t in old_set - new_set])
-        self._c.executemany("INSERT OR IGNORE INTO search_tags (tag, rk) VALUES (?,?)",
-                            [(t, rk) for t in new_set - old_set])
         self._c.execute("UPDATE resources_current SET tags=? WHERE rk=?", (new, rk))
+        self._c.execute("INSERT OR IGNORE INTO index_dirty (rk) VALUES (?)", (rk,))
+        self.index_changes.append((rk, old, new))
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._c.execute(
@@ -187,6 +192,128 @@ def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
 
 # A job: its name, the closure, and where to deliver the outcome: a thread
 # future (sync callers) or an asyncio future with its loop (async callers).
+_INDEX_FLUSH_S = 1.0  # the search_tags table catches up at least this often
+_INDEX_FLUSH_ROWS = 200_000  # ... or when this many tag changes are pending
+
+
+def _chunked(conn: sqlite3.Connection, template: str, rows: list[tuple[Any, ...]], chunk: int = 500) -> None:
+    """Run ``template`` (with ``{}`` for a VALUES list) over rows, a few hundred rows per statement.
+
+    One statement per row would release and re-take the GIL per row, which is slow
+    while the event-loop thread is busy.
+    """
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        width = len(part[0])
+        one = "(" + ",".join("?" * width) + ")"
+        conn.execute(template.format(",".join([one] * len(part))), [v for row in part for v in row])
+
+
+class _DeferredIndex:
+    """Search tags written in large, infrequent transactions.
+
+    Tags are random keys: each one dirties a random page of the index, and SQLite's
+    WAL rewrites every dirty page at every commit. Writing them with each group
+    commit made a create cost ~140-700 KiB of WAL. So a write transaction only
+    records the resource's new tag list (durable, in ``resources_current``) and
+    marks it in ``index_dirty``; the ``search_tags`` rows are applied here about
+    once a second in one sorted transaction. Until then the new tags are searched
+    in memory (``pending_rks``). After a crash, ``recover`` re-applies the tag lists
+    of the dirty resources. Tags an update removed may linger after a crash: they
+    only add candidates, which search always decrypts and verifies.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_tag: dict[bytes, set[int]] = {}
+        self._changes: dict[int, tuple[bytes, bytes]] = {}  # rk -> (tags in search_tags, latest tags)
+        self._rows = 0
+        self._since = time.monotonic()
+
+    @staticmethod
+    def _split(blob: bytes) -> set[bytes]:
+        return {blob[i : i + SEARCH_TAG_BYTES] for i in range(0, len(blob), SEARCH_TAG_BYTES)}
+
+    def stage(self, changes: list[tuple[int, bytes, bytes]]) -> None:
+        if not changes:
+            return
+        with self._lock:
+            if not self._changes:
+                self._since = time.monotonic()
+            for rk, old, new in changes:
+                flushed = self._changes[rk][0] if rk in self._changes else old
+                self._changes[rk] = (flushed, new)
+                for tag in self._split(new):
+                    self._by_tag.setdefault(tag, set()).add(rk)
+                self._rows += len(new) // SEARCH_TAG_BYTES
+
+    def pending_rks(self, tags: tuple[bytes, ...]) -> list[int]:
+        with self._lock:
+            if not self._by_tag:
+                return []
+            found: set[int] = set()
+            for tag in tags:
+                found |= self._by_tag.get(tag, set())
+            return sorted(found)
+
+    def due(self) -> bool:
+        return bool(self._changes) and (
+            self._rows >= _INDEX_FLUSH_ROWS or time.monotonic() - self._since >= _INDEX_FLUSH_S)
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Apply the pending tag changes in one transaction (writer thread only)."""
+        with self._lock:
+            changes = dict(self._changes)
+        if not changes:
+            return
+        gone: list[tuple[bytes, int]] = []
+        added: list[tuple[bytes, int]] = []
+        for rk, (flushed, latest) in changes.items():
+            before, after = self._split(flushed), self._split(latest)
+            gone += [(t, rk) for t in before - after]
+            added += [(t, rk) for t in after - before]
+        gone.sort()
+        added.sort()  # sorted keys touch each index page once
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            _chunked(conn, "DELETE FROM search_tags WHERE (tag, rk) IN (VALUES {})", gone)
+            _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
+            _chunked(conn, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", [(rk,) for rk in sorted(changes)])
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            log.exception("search index flush failed; will retry")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            return
+        with self._lock:
+            for rk, (_flushed, latest) in changes.items():
+                current = self._changes.get(rk)
+                if current is not None and current[1] == latest:
+                    del self._changes[rk]
+                elif current is not None:  # changed again meanwhile: what is flushed is `latest`
+                    self._changes[rk] = (latest, current[1])
+            self._by_tag = {}
+            for rk, (_f, latest) in self._changes.items():
+                for tag in self._split(latest):
+                    self._by_tag.setdefault(tag, set()).add(rk)
+            self._rows = sum(len(latest) // SEARCH_TAG_BYTES for _f, latest in self._changes.values())
+            self._since = time.monotonic()
+
+    def recover(self, conn: sqlite3.Connection) -> None:
+        """After a crash: re-apply the tag lists of resources whose tags were not flushed."""
+        rows = conn.execute(
+            "SELECT c.rk, c.tags FROM index_dirty d JOIN resources_current c ON c.rk = d.rk"
+        ).fetchall()
+        if not rows:
+            return
+        log.warning("rebuilding search index entries after an unclean shutdown", extra={"resources": len(rows)})
+        added = sorted((tag, rk) for rk, blob in rows for tag in self._split(blob))
+        conn.execute("BEGIN IMMEDIATE")
+        _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
+        conn.execute("DELETE FROM index_dirty")
+        conn.execute("COMMIT")
+
+
 _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
 _STOP = object()
 
@@ -218,6 +345,8 @@ class SqliteStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer_conn = _connect(path)
         self._migrate()
+        self._index = _DeferredIndex()
+        self._index.recover(self._writer_conn)
         self._closed = False
         self._lifecycle = threading.Lock()
         self._thread = threading.Thread(target=self._run_writer, name="fhirvault-writer", daemon=True)
@@ -243,7 +372,11 @@ class SqliteStore:
         conn = self._writer_conn
         tx = _Tx(conn)
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=_INDEX_FLUSH_S)
+            except queue.Empty:
+                self._index.flush(conn)  # idle: catch the index up
+                continue
             if first is _STOP:
                 break
             batch: list[_Job] = [first]
@@ -258,16 +391,21 @@ class SqliteStore:
                     break
                 batch.append(item)
             self._commit_batch(conn, tx, batch)
+            if self._index.due():
+                self._index.flush(conn)
             if stop:
                 break
+        self._index.flush(conn)
         conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, tx: _Tx, batch: list[_Job]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            changes: list[tuple[int, bytes, bytes]] = []
             for _name, fn, _fut, _loop in batch:
                 conn.execute("SAVEPOINT job")
+                tx.index_changes = []
                 try:
                     value = fn(tx)
                 except BaseException as exc:  # the job's own failure: undo only its work
@@ -281,7 +419,9 @@ class SqliteStore:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((True, value))
+                    changes.extend(tx.index_changes)
             conn.execute("COMMIT")
+            self._index.stage(changes)  # searchable before any writer hears back
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
             with contextlib.suppress(sqlite3.Error):
@@ -388,9 +528,18 @@ class SqliteStore:
         if q.before_rk is not None:
             clauses.append("c.rk < ?")
             args.append(q.before_rk)
+        if q.ids is not None:
+            clauses.append(f"c.id IN ({','.join('?' * len(q.ids))})")
+            args.extend(q.ids)
         for group in q.tag_groups:  # AND of ORs: each group is one criterion's tags
-            clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))")  # noqa: S608
+            # Pending first: a flush clears it only after its commit, which this query then sees.
+            pending = self._index.pending_rks(group)
+            clause = f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))"  # noqa: S608
             args.extend(group)
+            if pending:
+                clause = f"({clause} OR c.rk IN ({','.join('?' * len(pending))}))"
+                args.extend(pending)
+            clauses.append(clause)
         order = "DESC" if q.descending else "ASC"
         sql = (
             "SELECT c.rk, v.type, v.id, v.version, v.last_updated, v.deleted, v.key_id, v.blob, v.seq"  # noqa: S608

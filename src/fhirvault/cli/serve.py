@@ -51,6 +51,9 @@ def app_factory() -> Any:
     from fhirvault.web.app import create_app
 
     _exit_with_parent()
+    # The store's writer thread and the event loop share the GIL; a shorter switch
+    # interval keeps the writer from waiting up to 5 ms each time it needs it back.
+    sys.setswitchinterval(0.0005)
     settings = load_settings(json.loads(os.environ[WORKER_SETTINGS_ENV]), environ={})
     configure(settings.log_level)
     return create_app(build(settings))

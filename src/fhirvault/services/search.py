@@ -25,13 +25,14 @@ import orjson
 
 from fhirvault.domain import errors
 from fhirvault.domain.search.match import matches
-from fhirvault.domain.search.params import SearchParam, search_params
+from fhirvault.domain.search.params import SearchParam
 from fhirvault.domain.search.query import (
     AnyCriterion,
     ChainCriterion,
     Criterion,
     SortKey,
-    parse_search,
+    TokenValue,
+    id_criterion,
     reference_criterion,
 )
 from fhirvault.domain.search.values import RefItem, extract
@@ -46,13 +47,14 @@ CHAIN_CAP = 1_000
 _CHUNK = 256
 
 
+def _nothing(rtype: str) -> Criterion:
+    """A criterion no resource matches (an empty OR of ids)."""
+    return id_criterion(rtype, [])
+
+
 class TooCostly(errors.OperationOutcomeError):
     def __init__(self, message: str) -> None:
         super().__init__(400, [errors.Issue("error", "too-costly", message)])
-
-
-# A criterion that can match nothing (a resolved chain with no target).
-_NOTHING = reference_criterion("_nothing", search_params("Patient")["general-practitioner"], [])
 
 
 @dataclass(slots=True)
@@ -104,13 +106,14 @@ class SearchEngine:
                           if isinstance(item, RefItem) and item.type == rtype and item.id and item.base is None})
             if not ids:
                 return None
-            parsed = parse_search(rtype, [("_id", ",".join(ids))], strict=True)
-            out.extend(x for x in parsed.criteria if isinstance(x, Criterion))
+            out.append(id_criterion(rtype, ids))
         return out
 
     def _resolved_or_empty(self, rtype: str, criteria: tuple[AnyCriterion, ...]) -> list[Criterion]:
         resolved = self.resolve(rtype, criteria)
-        return resolved if resolved is not None else [_NOTHING]
+        if resolved is None:  # a criterion that matches nothing: a reference to no resource
+            return [_nothing(rtype)]
+        return resolved
 
     def _ids(self, rtype: str, criteria: tuple[AnyCriterion, ...]) -> list[str]:
         resolved = self.resolve(rtype, criteria)
@@ -121,28 +124,42 @@ class SearchEngine:
             raise TooCostly(f"A chained parameter matches more than {CHAIN_CAP} {rtype} resources: narrow it.")
         return [m.version.id for m in found.matches]
 
+    @staticmethod
+    def id_filter(criteria: list[Criterion]) -> tuple[str, ...] | None:
+        """``_id`` is routing data (in clear): it filters in SQL, not through tags."""
+        ids: set[str] | None = None
+        for c in criteria:
+            if c.param.code != "_id" or c.modifier is not None:
+                continue
+            values = {v.code for v in c.values if isinstance(v, TokenValue) and v.system is None and v.code}
+            if len(values) != len(c.values):
+                continue
+            ids = values if ids is None else ids & values
+        return tuple(sorted(ids)) if ids is not None else None
+
     def tag_groups(self, rtype: str, criteria: list[Criterion]) -> tuple[tuple[bytes, ...], ...]:
         groups = []
         for c in criteria:
-            if c is _NOTHING:
-                return ((),)
+            if c.param.code == "_id":
+                continue  # not indexed: see id_filter
             terms = c.query_terms()
             if terms is not None:
                 groups.append(tuple(self._index.tags(rtype, c.param.code, terms)))
         return tuple(groups)
 
     # -- candidates and verification ------------------------------------------
-    def _candidates(self, rtype: str, groups: tuple[tuple[bytes, ...], ...], after: int | None,
-                    before: int | None, descending: bool) -> Iterator[tuple[int, StoredVersion]]:
-        if any(not g for g in groups):
+    def _candidates(self, rtype: str, groups: tuple[tuple[bytes, ...], ...], ids: tuple[str, ...] | None,
+                    after: int | None, before: int | None, descending: bool) -> Iterator[tuple[int, StoredVersion]]:
+        if any(not g for g in groups) or (ids is not None and not ids):
             return  # a criterion with no possible value: nothing matches
-        if not groups and self._store.count_current(self._tenant, rtype) > SCAN_CAP:
+        if not groups and ids is None and self._store.count_current(self._tenant, rtype) > SCAN_CAP:
             raise TooCostly(
                 f"This search would scan more than {SCAN_CAP} {rtype} resources: add a criterion the index can "
-                "use (token, reference, string, date, number, quantity or uri without :not, :missing=true or ne)."
+                "use (not :not, :missing, ne, uri :below, or a one-letter string)."
             )
         while True:
-            batch = self._store.search(SearchQuery(self._tenant, (rtype,), groups, after, before, descending, _CHUNK))
+            batch = self._store.search(SearchQuery(self._tenant, (rtype,), groups, after, before, descending, _CHUNK,
+                                                   ids))
             yield from batch
             if len(batch) < _CHUNK:
                 return
@@ -158,7 +175,7 @@ class SearchEngine:
         found: list[Match] = []
         verified = 0
         exhausted = True
-        for rk, version in self._candidates(rtype, groups, after, before, descending):
+        for rk, version in self._candidates(rtype, groups, self.id_filter(criteria), after, before, descending):
             if len(found) >= limit:
                 exhausted = False
                 break

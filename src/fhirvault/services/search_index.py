@@ -25,6 +25,8 @@ from fhirvault.ports import SEARCH_TAG_BYTES
 from fhirvault.services.keys import KeyRing
 
 _STRING_PREFIX = b"s|"
+# _id is routing data kept in clear: searched in SQL, so unique per-resource tags are not written.
+_NOT_INDEXED = frozenset({"_id"})
 _STRING_EXACT = b"x|"
 
 
@@ -61,12 +63,13 @@ class SearchIndex:
         """
         out: list[bytes] = []
         for code, terms in index_terms(rtype, resource).items():
-            if code in skip or (only is not None and code not in only):
+            if code in _NOT_INDEXED or code in skip or (only is not None and code not in only):
                 continue
             out.extend(self.tags(rtype, code, terms))
             values = sum(1 for t in terms if t.startswith(_STRING_EXACT))
             prefixes = sum(1 for t in terms if t.startswith(_STRING_PREFIX))
             padding = values * STRING_PREFIX_TERMS - prefixes
             if padding > 0:  # random tags match nothing; they only hide lengths
-                out.extend(os.urandom(SEARCH_TAG_BYTES) for _ in range(padding))
+                noise = os.urandom(SEARCH_TAG_BYTES * padding)
+                out.extend(noise[i : i + SEARCH_TAG_BYTES] for i in range(0, len(noise), SEARCH_TAG_BYTES))
         return out

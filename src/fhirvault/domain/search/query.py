@@ -20,10 +20,24 @@ never the submitted value. Refused on purpose: ``:contains`` and ``:text`` (they
 n-gram indexes that leak too much about the data), ``:in``/``:not-in``/``:above``/``:below``
 on tokens (no terminology service).
 
-`Criterion.query_terms()` gives the plaintext terms (see `values`) whose union of matching
-resources is a superset of the resources that match; None when no index narrows the
-criterion (``:not``, ``ne``, ``:missing=true``, ...), and the caller must scan. Candidates are
-then verified by `match.matches`.
+`Criterion.query_terms()` gives the plaintext terms (see `values`, which documents the term
+scheme) whose union of matching resources is a superset of the resources that match; None
+when no index narrows the criterion, and the caller must scan. Candidates are then verified
+by `match.matches`. Terms by search value:
+
+    string     ``:exact``: x|text. Otherwise m = len(normalised query): m >= 2: s| + the
+               query's prefix of the longest indexed length <= m (`values.string_query_length`:
+               7 -> 6, 20 -> 12); m < 2: None
+    token      ``code``: tc|code; ``system|code``: ts|system|code; ``|code``: tc|code (the
+               codes with a system are verified away); ``system|``: tS|system;
+               ``:of-type``: to|type_system|type_code|value; ``:not``: None
+    reference  r|Type/id, ri|id, ru|url[|version], rI|system|value, rIv|value
+    uri        u|uri; ``:above``: u| of every prefix of the query ending before or at a "/";
+               ``:below``: None
+    number     n| blocks covering `number_key_range`; ``ne``: None
+    quantity   q| blocks covering `number_key_range` (units are verified); ``ne``: None
+    composite  c| + the token terms of the first component (if it is a token)
+    :missing   None (true and false)
 
 Date prefixes map to key ranges over the day-bucket families (lo day "dL", hi-1 ms day "dH";
 search value [slo, shi), resource value [lo, hi)):
@@ -37,6 +51,11 @@ search value [slo, shi), resource value [lo, hi)):
     eb  hi <= slo                          dH in [0, day(slo - 1)]
     ap  lo < B and hi > A                  dL in [day(A), day(B - 1)]  +  dH in [day(A), max]
         ([A, B) is the search range widened by 10 % of its distance to now)
+    ne                                     None
+
+A value within one day is indexed under the point family "dP" only (its day is both its lo
+and its hi day), so each dL or dH block looked up is also looked up in dP. For ``ap`` the
+dP blocks of the dL range suffice: a point day d has day(A) <= d <= day(B - 1).
 
 Numbers and quantities use the same idea with `number_key` on the value's ends (see match.py
 for the exact semantics).
@@ -61,14 +80,12 @@ from fhirvault.domain.search.values import (
     NUMBER_BRANCH,
     NUMBER_KEY_MAX,
     NUMBER_LEVELS,
-    PRESENCE,
-    STRING_PREFIX_TERMS,
     date_day,
     normalise,
     number_key,
     parse_date,
     range_cover,
-    slash_prefixes,
+    string_query_length,
 )
 
 __all__ = [
@@ -254,11 +271,7 @@ class Criterion:
 
     def query_terms(self) -> list[bytes] | None:
         """Terms whose union selects a superset of the matches; None: scan instead."""
-        if self.modifier == "missing":
-            if all(isinstance(v, MissingValue) and not v.missing for v in self.values):
-                return [PRESENCE]
-            return None
-        if self.modifier == "not":
+        if self.modifier in ("missing", "not"):
             return None
         out: list[bytes] = []
         for value in self.values:
@@ -643,11 +656,13 @@ def _parse_value(
 # ---------------------------------------------------------------- query terms
 
 
-def _date_cover(family: bytes, lo_day: int, hi_day: int) -> list[bytes]:
-    return [
-        family + b"|%d|%d" % block
-        for block in range_cover(lo_day, hi_day, DATE_LEVELS, DATE_BRANCH)
-    ]
+def _date_cover(family: bytes, lo_day: int, hi_day: int, points: bool = True) -> list[bytes]:
+    """Blocks of `family` covering [lo_day, hi_day], and the same blocks of dP if `points`."""
+    blocks = range_cover(lo_day, hi_day, DATE_LEVELS, DATE_BRANCH)
+    out = [family + b"|%d|%d" % block for block in blocks]
+    if points:
+        out.extend(b"dP|%d|%d" % block for block in blocks)
+    return out
 
 
 def date_query_terms(value: DateValue) -> list[bytes] | None:
@@ -670,7 +685,7 @@ def date_query_terms(value: DateValue) -> list[bytes] | None:
         a, b = value.ap_lo, value.ap_hi
         return [
             *_date_cover(b"dL", date_day(a), date_day(b - 1)),
-            *_date_cover(b"dH", date_day(a), DAY_MAX),
+            *_date_cover(b"dH", date_day(a), DAY_MAX, points=False),
         ]
     return None  # ne
 
@@ -709,32 +724,24 @@ def _token_query_terms(value: TokenValue) -> list[bytes]:
     if value.code is None:
         return [b"tS|" + (value.system or "").encode()]
     code = value.code.encode()
-    if value.system is None:
+    if not value.system:  # any system, or none (``|code``: verified)
         return [b"tc|" + code]
-    if value.system == "":
-        return [b"tn|" + code]
     return [b"ts|" + value.system.encode() + b"|" + code]
 
 
 def _uri_query_terms(value: UriValue, modifier: str | None) -> list[bytes] | None:
     uri = value.uri
-    exact = b"u|" + uri.encode()
     if modifier == "below":
-        prefixes = slash_prefixes(uri + "/")
-        if not prefixes:
-            return None
-        deepest = prefixes[min(len(prefixes), 8) - 1]
-        return [exact, b"ub|" + deepest.encode()]
+        return None
+    out = [b"u|" + uri.encode()]
     if modifier == "above":
-        out = [exact]
         i = uri.find("/")
         while i != -1:
             if i > 0:
                 out.append(b"u|" + uri[:i].encode())
             out.append(b"u|" + uri[: i + 1].encode())
             i = uri.find("/", i + 1)
-        return out
-    return [exact]
+    return out
 
 
 def _reference_query_terms(value: ReferenceValue) -> list[bytes] | None:
@@ -759,9 +766,10 @@ def _value_terms(crit: Criterion, value: SearchValue) -> list[bytes] | None:
     if isinstance(value, StringValue):
         if crit.modifier == "exact":
             return [b"x|" + value.text.encode()]
-        if not value.normalised:
-            return [PRESENCE]  # every value starts with the empty string
-        return [b"s|" + value.normalised[:STRING_PREFIX_TERMS].encode()]
+        length = string_query_length(len(value.normalised))
+        if length is None:
+            return None  # too short for an indexed prefix: scan
+        return [b"s|" + value.normalised[:length].encode()]
     if isinstance(value, TokenValue):
         return _token_query_terms(value)
     if isinstance(value, OfTypeValue):
@@ -781,16 +789,8 @@ def _value_terms(crit: Criterion, value: SearchValue) -> list[bytes] | None:
         rng = number_key_range(value, ranged)
         return None if rng is None else _number_cover(b"n", rng)
     if isinstance(value, QuantityValue):
-        rng = number_key_range(value.number, ranged)
-        if rng is None:
-            return None
-        if value.system is not None and value.code is not None:
-            prefix = b"qs|" + value.system.encode() + b"|" + value.code.encode()
-        elif value.code is not None:
-            prefix = b"qc|" + value.code.encode()
-        else:
-            prefix = b"q"
-        return _number_cover(prefix, rng)
+        rng = number_key_range(value.number, ranged)  # units are verified
+        return None if rng is None else _number_cover(b"q", rng)
     if isinstance(value, UriValue):
         return _uri_query_terms(value, crit.modifier)
     if isinstance(value, CompositeValue):

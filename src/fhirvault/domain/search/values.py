@@ -11,8 +11,8 @@ typed item according to its FHIR data type:
                binding has a single code system); boolean ("true"/"false"); id, uri, string
     reference  RefItem: Reference (relative ``Type/id`` with ``/_history/n`` stripped;
                absolute URL kept, and parsed into Type/id when it ends with Type/id;
-               identifier; local ``#id`` kept only as presence); canonical (url, version)
-               and uri (url)
+               identifier; local ``#id`` kept for :missing, with no index term); canonical
+               (url, version) and uri (url)
     date       (lo_ms, hi_ms): [lo, hi) in UTC milliseconds by the value's precision
                (``2020-03`` is the whole month; no time zone means UTC); Period start..end
                (a missing end is open to +inf, a missing start to -inf); Timing: the outer
@@ -26,34 +26,42 @@ typed item according to its FHIR data type:
                system urn:iso:std:iso:4217), Range ([low, high], units of low or high)
     uri        str: uri, url, canonical, oid, uuid
 
-Term scheme (bytes; the services layer HMACs each term per tenant, type and parameter):
+Term scheme (bytes; the services layer HMACs each term per tenant, type and parameter).
+Every term costs one random b-tree insert at ingest, so the scheme keeps only the families
+that common searches need; whatever a term cannot decide is verified by `match.matches`
+(there are no presence terms: ``:missing`` always scans and verifies):
 
-    every parameter with at least one value   b"p|"                      (for :missing)
     string  n = normalise(s): NFKD, combining marks dropped, casefold, every run of
             non-alphanumerics -> one space, stripped.
-            b"s|" + n[:k] for k = 1..min(len(n), 16) (UTF-8 of the first k characters),
-            b"x|" + s                                                    (for :exact)
-            The services layer pads each value's prefix terms with random dummy tags up to
-            STRING_PREFIX_TERMS, so the number of tags does not leak the length.
+            b"s|" + n[:k] for each k in STRING_PREFIX_LENGTHS = (2, 3, 4, 5, 6, 8, 12) with
+            k <= len(n) (k counts characters; the term holds their UTF-8), and
+            b"x|" + s (as sent, for :exact). A query of normalised length m >= 2 looks up
+            the prefix of the longest indexed length k <= m (`string_query_length`); m < 2
+            scans. The services layer pads each value's prefix terms with random dummy tags
+            up to STRING_PREFIX_TERMS (7), so the number of tags does not leak the length.
     token   b"tc|" + code (any system); b"ts|" + system + b"|" + code when a system is
-            known, b"tn|" + code when not; b"tS|" + system; a code whose system is only
-            implicit (its binding) gets both ts| and tn|.
+            known, explicit or implicit (the single code system of the element's required
+            binding); b"tS|" + system. ``|code`` (no system) looks up tc| and verification
+            drops the codes that have an explicit system.
             Identifier, for :of-type: b"to|" + type_system + b"|" + type_code + b"|" + value
     reference  b"r|Type/id", b"ri|id" (relative references and absolute URLs ending with
             Type/id); b"ru|" + url for absolute, canonical and uri values, plus
             b"ru|" + url + b"|" + version for versioned canonicals; Reference.identifier:
-            b"rI|" + system + b"|" + value and b"rIv|" + value
-    uri     b"u|" + uri (and b"u|" + url for a versioned canonical ``url|version``);
-            b"ub|" + p for the first 8 slash-prefixes p of the uri (`slash_prefixes`), for
-            :below
-    date    days since 1900-01-01 of lo and of hi - 1 ms, clamped into [0, 2^18);
-            for L in 0..5: b"dL|%d|%d" % (L, lo_day >> 3L), b"dH|%d|%d" % (L, hi_day >> 3L)
+            b"rI|" + system + b"|" + value and b"rIv|" + value. (A local ``#id`` reference
+            has no term.)
+    uri     b"u|" + uri (and b"u|" + url for a versioned canonical ``url|version``).
+            ``:above`` looks up u| of every prefix of the query; ``:below`` scans.
+    date    lo_day, hi_day: days since 1900-01-01 of lo and of hi - 1 ms, clamped into
+            [0, 2^18). When lo_day == hi_day (a date, dateTime or instant within one day,
+            the common case): for L in 0..5, b"dP|%d|%d" % (L, day >> 3L) (6 terms);
+            otherwise for L in 0..5: b"dL|%d|%d" % (L, lo_day >> 3L) and
+            b"dH|%d|%d" % (L, hi_day >> 3L) (12 terms). A point value is both its lo and its
+            hi: a query looking up blocks of dL or dH also looks up the same blocks of dP.
     number  `number_key`: order-preserving 24-bit key (float32 bits mapped to an unsigned
             order, top 24 bits) of each end of the value (one for a point);
             for L in 0..5: b"n|%d|%d" % (L, key >> 4L)
-    quantity  with the same level|bucket suffix: b"q|…" (value only),
-            b"qs|" + system + b"|" + code + b"|…", b"qc|" + code + b"|…" and
-            b"qc|" + unit + b"|…" (code or unit, for ``value||unit``)
+    quantity  the value only, with the same level|bucket suffix: b"q|%d|%d"; a query with
+            units looks up q| and verification checks the units.
     composite  b"c|" + each token term of the first component (candidates come from the
             first component; the rest is verified)
 
@@ -84,9 +92,8 @@ __all__ = [
     "NUMBER_KEY_MAX",
     "NUMBER_LEVELS",
     "POS_INF",
-    "PRESENCE",
+    "STRING_PREFIX_LENGTHS",
     "STRING_PREFIX_TERMS",
-    "URI_PREFIX_TERMS",
     "DateItem",
     "Item",
     "NumItem",
@@ -106,14 +113,15 @@ __all__ = [
     "parse_date",
     "parse_reference",
     "range_cover",
-    "slash_prefixes",
+    "string_query_length",
     "string_terms",
     "to_decimal",
 ]
 
-PRESENCE: Final = b"p|"
-STRING_PREFIX_TERMS: Final = 16
-URI_PREFIX_TERMS: Final = 8
+# Lengths (in characters of the normalised value) of the indexed string prefixes.
+STRING_PREFIX_LENGTHS: Final = (2, 3, 4, 5, 6, 8, 12)
+# Prefix tags per string value after padding (services.search_index): one per length.
+STRING_PREFIX_TERMS: Final = 7
 
 DAY_MS: Final = 86_400_000
 DAYS_1900_TO_1970: Final = 25_567
@@ -204,16 +212,31 @@ def normalise(value: str) -> str:
 
 
 def string_terms(value: str) -> list[bytes]:
+    """Prefix terms of the normalised value (see STRING_PREFIX_LENGTHS), then its x| term."""
     n = normalise(value)
     out: list[bytes] = []
-    if n:
+    if len(n) >= STRING_PREFIX_LENGTHS[0]:
         if n.isascii():
             nb = n.encode()
-            out = [b"s|" + nb[:k] for k in range(1, min(len(nb), STRING_PREFIX_TERMS) + 1)]
+            out = [b"s|" + nb[:k] for k in STRING_PREFIX_LENGTHS if k <= len(nb)]
         else:
-            out = [b"s|" + n[:k].encode() for k in range(1, min(len(n), STRING_PREFIX_TERMS) + 1)]
+            out = [b"s|" + n[:k].encode() for k in STRING_PREFIX_LENGTHS if k <= len(n)]
     out.append(b"x|" + value.encode())
     return out
+
+
+def string_query_length(length: int) -> int | None:
+    """The longest indexed prefix length <= `length` (of a normalised query); None: none.
+
+    Every value that starts with a query of that length has a prefix of this length, equal
+    to the query's prefix: the term of the query's prefix selects a superset.
+    """
+    best = None
+    for k in STRING_PREFIX_LENGTHS:
+        if k > length:
+            break
+        best = k
+    return best
 
 
 # ---------------------------------------------------------------- dates
@@ -298,16 +321,16 @@ def date_day(ms: int) -> int:
 
 
 @functools.lru_cache(maxsize=65_536)
-def _day_terms(day: int) -> tuple[bytes, ...]:
-    lows = [b"dL|%d|%d" % (level, day >> (3 * level)) for level in range(DATE_LEVELS)]
-    highs = [b"dH|%d|%d" % (level, day >> (3 * level)) for level in range(DATE_LEVELS)]
-    return (*lows, *highs)
+def _day_terms(family: bytes, day: int) -> tuple[bytes, ...]:
+    return tuple(family + b"|%d|%d" % (level, day >> (3 * level)) for level in range(DATE_LEVELS))
 
 
 def date_terms(lo: int, hi: int) -> list[bytes]:
-    lo_terms = _day_terms(date_day(lo))
-    hi_terms = _day_terms(date_day(hi - 1))
-    return [*lo_terms[:DATE_LEVELS], *hi_terms[DATE_LEVELS:]]
+    """dP terms of a value within one day, else dL terms of its lo day + dH of its hi day."""
+    lo_day, hi_day = date_day(lo), date_day(hi - 1)
+    if lo_day == hi_day:
+        return list(_day_terms(b"dP", lo_day))
+    return [*_day_terms(b"dL", lo_day), *_day_terms(b"dH", hi_day)]
 
 
 # ---------------------------------------------------------------- numbers
@@ -367,28 +390,11 @@ def range_cover(lo: int, hi: int, levels: int, branch: int) -> list[tuple[int, i
 # ---------------------------------------------------------------- uris
 
 
-def slash_prefixes(uri: str) -> list[str]:
-    """uri[:i] for every i where uri[i] == '/' and uri[i-1] is neither '/' nor ':'.
-
-    "http://a.org/fhir/ValueSet/1" -> ["http://a.org", "http://a.org/fhir",
-    "http://a.org/fhir/ValueSet"]. Whether a position qualifies depends only on the two
-    characters around it, so a uri and any longer uri it begins share these prefixes.
-    """
-    out = []
-    i = uri.find("/", 1)
-    while i != -1:
-        if uri[i - 1] not in "/:":
-            out.append(uri[:i])
-        i = uri.find("/", i + 1)
-    return out
-
-
 def _uri_terms(uri: str) -> list[bytes]:
     out = [b"u|" + uri.encode()]
     url, sep, _version = uri.partition("|")
     if sep:
         out.append(b"u|" + url.encode())
-    out.extend(b"ub|" + p.encode() for p in slash_prefixes(url)[:URI_PREFIX_TERMS])
     return out
 
 
@@ -655,8 +661,6 @@ def _token_terms(item: TokenItem) -> list[bytes]:
         out.append(b"tc|" + code)
         if system is not None:
             out.append(b"ts|" + system + b"|" + code)
-        if system is None or item.implicit:
-            out.append(b"tn|" + code)
         for type_system, type_code in item.types:
             if type_system is not None and type_code is not None:
                 out.append(b"to|" + type_system.encode() + b"|" + type_code.encode() + b"|" + code)
@@ -867,17 +871,8 @@ def _number_terms(items: Iterable[NumItem]) -> list[bytes]:
 def _quantity_terms(items: Iterable[QtyItem]) -> list[bytes]:
     out: list[bytes] = []
     for item in items:
-        prefixes = [b"q"]
-        if item.system is not None and item.code is not None:
-            prefixes.append(b"qs|" + item.system.encode() + b"|" + item.code.encode())
-        if item.code is not None:
-            prefixes.append(b"qc|" + item.code.encode())
-        if item.unit is not None and item.unit != item.code:
-            prefixes.append(b"qc|" + item.unit.encode())
         for key in _range_keys(item.lo, item.hi):
-            suffixes = _key_suffixes(key)
-            for prefix in prefixes:
-                out.extend(prefix + s for s in suffixes)
+            out.extend(b"q" + s for s in _key_suffixes(key))
     return out
 
 
@@ -906,19 +901,16 @@ def _terms(param_type: str, items: list[Any]) -> list[bytes]:
 
 
 def param_terms(param: SearchParam, resource: Mapping[str, Any]) -> list[bytes] | None:
-    """Distinct terms of one parameter on `resource`, presence term first; None if no value."""
+    """Distinct terms of one parameter on `resource`; None if it has none."""
     if param.type == "composite":
         foci = composite_foci(param, resource)
-        if not foci:
+        out = [b"c|" + t for _path, per in foci for t in _terms("token", per[0])]
+    else:
+        items = extract(param, resource)
+        if not items:
             return None
-        out = [PRESENCE]
-        for _path, per_component in foci:
-            out.extend(b"c|" + t for t in _terms("token", per_component[0]))
-        return list(dict.fromkeys(out))
-    items = extract(param, resource)
-    if not items:
-        return None
-    return list(dict.fromkeys([PRESENCE, *_terms(param.type, items)]))
+        out = _terms(param.type, items)
+    return list(dict.fromkeys(out)) if out else None
 
 
 # ---------------------------------------------------------------- index_terms
@@ -967,7 +959,7 @@ def _plan(resource_type: str) -> _Plan:
 
 
 def index_terms(resource_type: str, resource: Mapping[str, Any]) -> dict[str, list[bytes]]:
-    """code -> distinct plaintext terms, for every parameter with at least one value."""
+    """code -> distinct plaintext terms, for every parameter with at least one term."""
     plan = _plan(resource_type)
     dispatch = plan.dispatch
     todo: dict[SearchParam, None] = dict.fromkeys(plan.always)

@@ -27,11 +27,12 @@ from fhirvault.domain.search.query import (
     ChainCriterion,
     Criterion,
     HasCriterion,
+    StringValue,
     id_criterion,
     parse_search,
     reference_criterion,
 )
-from fhirvault.domain.search.values import extract, index_terms
+from fhirvault.domain.search.values import extract, index_terms, normalise
 
 BASE = "https://fhir.example.org/fhir"
 NOW_MS = 1_717_200_000_000  # 2024-06-01T00:00:00Z
@@ -504,6 +505,15 @@ ROWS: list[tuple[str, str, set[str]]] = [
     ("Observation", "value-string=mild", set()),
     ("Observation", "value-string:exact=Patient reports mild headache", {"obs-note"}),
     ("Condition", "abatement-string=after", {"cond-htn"}),
+    # queries between indexed prefix lengths (2, 3, 4, 5, 6, 8, 12): the shorter prefix
+    # selects, verification decides
+    ("Practitioner", "given=li", {"prac-2"}),
+    ("Practitioner", "given=gregory", {"prac-1"}),
+    ("Practitioner", "given=gregorx", set()),
+    ("Patient", "address=bahnhofstrasse 1", {"pat-anna"}),
+    ("Patient", "address=bahnhofstrasse 2", set()),
+    ("Patient", "address=bahnhofstrasse 12", set()),
+    ("Patient", "given=ann", {"pat-anna"}),
     # ---- token
     ("Patient", "gender=female", {"pat-anna", "pat-chloe"}),
     ("Patient", "gender=male,unknown", {"pat-bob", "pat-eve"}),
@@ -1059,6 +1069,36 @@ def test_string_terms_never_miss_a_match(name: str, query: str) -> None:
     assert matches(prefix_of_itself, "Patient", resource)
     for c in (crit, prefix_of_itself):
         if matches(c, "Patient", resource):
-            terms = c.query_terms()
-            assert terms is not None
-            assert set(terms) & set(index_terms("Patient", resource).get("family", [b"p|"]))
+            _assert_string_superset(c, resource)
+
+
+def _assert_string_superset(crit: Criterion, resource: Json) -> None:
+    """A matching string query selects the resource, or scans (normalised length < 2)."""
+    terms = crit.query_terms()
+    value = crit.values[0]
+    assert isinstance(value, StringValue)
+    if terms is None:
+        assert len(value.normalised) < 2
+        return
+    assert set(terms) & set(index_terms("Patient", resource).get("family", []))
+
+
+# Short words over a small alphabet, so that queries often are prefixes of the values, and
+# both sides cross the indexed prefix lengths (2, 3, 4, 5, 6, 8, 12).
+_WORDS = st.text(alphabet="abAéж -'", min_size=1, max_size=16)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(name=_WORDS, query=_WORDS, cut=st.integers(0, 16))
+def test_string_prefix_terms_never_miss_a_match(name: str, query: str, cut: int) -> None:
+    resource = {"resourceType": "Patient", "id": "x", "name": [{"family": name}]}
+    for text in (query, normalise(name)[:cut], name[:cut]):
+        if not text:
+            continue
+        escaped = text.replace("\\", "\\\\").replace(",", "\\,")
+        crit = parse_search("Patient", [("family", escaped)], strict=True).criteria[0]
+        assert isinstance(crit, Criterion)
+        if matches(crit, "Patient", resource):
+            _assert_string_superset(crit, resource)
+        elif text == normalise(name)[:cut]:
+            raise AssertionError("a prefix of the normalised value must match")

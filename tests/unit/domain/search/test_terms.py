@@ -23,7 +23,7 @@ from fhirvault.domain.search.params import Path as SPath
 from fhirvault.domain.search.values import (
     DAY_MAX,
     NUMBER_KEY_MAX,
-    PRESENCE,
+    STRING_PREFIX_LENGTHS,
     STRING_PREFIX_TERMS,
     NumItem,
     QtyItem,
@@ -38,7 +38,7 @@ from fhirvault.domain.search.values import (
     parse_date,
     parse_reference,
     range_cover,
-    slash_prefixes,
+    string_query_length,
     string_terms,
 )
 
@@ -276,15 +276,34 @@ def test_normalise() -> None:
 
 
 def test_string_terms() -> None:
-    assert string_terms("Jo") == [b"s|j", b"s|jo", b"x|Jo"]
+    assert STRING_PREFIX_LENGTHS == (2, 3, 4, 5, 6, 8, 12)
+    assert STRING_PREFIX_TERMS == len(STRING_PREFIX_LENGTHS) == 7
+    assert string_terms("Jo") == [b"s|jo", b"x|Jo"]
+    assert string_terms("J") == [b"x|J"]
+    assert string_terms("Li") == [b"s|li", b"x|Li"]
+    assert string_terms("Müller") == [
+        b"s|mu", b"s|mul", b"s|mull", b"s|mulle", b"s|muller", "x|Müller".encode()
+    ]
     long = string_terms("Bartholomew-Featherstonehaugh")
     prefixes = [t for t in long if t.startswith(b"s|")]
-    assert len(prefixes) == STRING_PREFIX_TERMS == 16
-    assert prefixes[-1] == b"s|bartholomew feat"
+    assert prefixes == [
+        b"s|ba", b"s|bar", b"s|bart", b"s|barth", b"s|bartho", b"s|bartholo", b"s|bartholomew "
+    ]
+    assert len(prefixes) == STRING_PREFIX_TERMS
     assert long[-1] == b"x|Bartholomew-Featherstonehaugh"
-    assert string_terms("Zoë") == [b"s|z", b"s|zo", b"s|zoe", "x|Zoë".encode()]
-    assert string_terms("日本") == ["s|日".encode(), "s|日本".encode(), "x|日本".encode()]
+    assert len(string_terms("abcdefghijk")) == 6 + 1  # lengths 2..8
+    assert len(string_terms("abcdefghijkl")) == 7 + 1
+    assert string_terms("Zoë") == [b"s|zo", b"s|zoe", "x|Zoë".encode()]
+    # lengths count characters, not UTF-8 bytes
+    assert string_terms("日本語") == ["s|日本".encode(), "s|日本語".encode(), "x|日本語".encode()]
     assert string_terms("!!") == [b"x|!!"]
+
+
+def test_string_query_length() -> None:
+    assert [string_query_length(n) for n in range(15)] == [
+        None, None, 2, 3, 4, 5, 6, 6, 8, 8, 8, 8, 12, 12, 12
+    ]
+    assert string_query_length(20) == 12
 
 
 # ---------------------------------------------------------------- dates
@@ -330,9 +349,15 @@ def test_date_terms_and_clamp() -> None:
     day = date_day(lo)
     assert day == 43_892  # days from 1900-01-01
     assert date_day(hi - 1) == day
-    assert date_terms(lo, hi) == [
+    # a value within one day: the point family only
+    assert date_terms(lo, hi) == [b"dP|%d|%d" % (lv, day >> (3 * lv)) for lv in range(6)]
+    instant = parse_date("2020-03-04T23:59:59.999Z") or (0, 0)
+    assert date_terms(*instant) == date_terms(lo, hi)
+    # a value across midnight: lo and hi families
+    two_days = (ms("2020-03-04T23:00:00Z"), ms("2020-03-05T01:00:00Z"))
+    assert date_terms(*two_days) == [
         *(b"dL|%d|%d" % (lv, day >> (3 * lv)) for lv in range(6)),
-        *(b"dH|%d|%d" % (lv, day >> (3 * lv)) for lv in range(6)),
+        *(b"dH|%d|%d" % (lv, (day + 1) >> (3 * lv)) for lv in range(6)),
     ]
     assert date_day(ms("1899-12-31")) == 0
     assert date_day(ms("1850-06-01")) == 0
@@ -340,8 +365,11 @@ def test_date_terms_and_clamp() -> None:
     assert date_day(-(2**62)) == 0 and date_day(2**62) == DAY_MAX
     year = parse_date("2020") or (0, 0)
     terms = date_terms(*year)
+    assert len(terms) == 12
     assert terms[0] == b"dL|0|%d" % date_day(year[0])
     assert terms[6] == b"dH|0|%d" % date_day(year[1] - 1)
+    # both ends clamped onto the same day: a point
+    assert date_terms(ms("1800"), ms("1850")) == [b"dP|%d|0" % lv for lv in range(6)]
 
 
 # ---------------------------------------------------------------- numbers and covers
@@ -398,15 +426,7 @@ def test_range_cover_examples() -> None:
     assert len(range_cover(1, NUMBER_KEY_MAX - 1, 6, 16)) <= 2 * 15 * 5 + 15
 
 
-# ---------------------------------------------------------------- uris and references
-
-
-def test_slash_prefixes() -> None:
-    assert slash_prefixes("http://a.org/fhir/ValueSet/1") == [
-        "http://a.org", "http://a.org/fhir", "http://a.org/fhir/ValueSet"
-    ]
-    assert slash_prefixes("urn:oid:1.2.3") == []
-    assert slash_prefixes("a//b/") == ["a", "a//b"]
+# ---------------------------------------------------------------- references
 
 
 def test_parse_reference() -> None:
@@ -440,30 +460,24 @@ OBSERVATION: dict[str, Any] = {
 
 def test_index_terms_of_an_observation() -> None:
     terms = index_terms("Observation", OBSERVATION)
-    assert terms["_id"] == [PRESENCE, b"tc|o1", b"tn|o1"]
+    assert terms["_id"] == [b"tc|o1"]
     assert terms["code"] == [
-        PRESENCE, b"tc|8867-4", b"ts|http://loinc.org|8867-4", b"tS|http://loinc.org",
-        b"tc|hr", b"tn|hr",
+        b"tc|8867-4", b"ts|http://loinc.org|8867-4", b"tS|http://loinc.org", b"tc|hr",
     ]
     assert terms["status"] == [
-        PRESENCE, b"tc|final", b"ts|http://hl7.org/fhir/observation-status|final", b"tn|final",
+        b"tc|final", b"ts|http://hl7.org/fhir/observation-status|final",
         b"tS|http://hl7.org/fhir/observation-status",
     ]
-    assert terms["subject"] == terms["patient"] == [PRESENCE, b"r|Patient/p1", b"ri|p1"]
+    assert terms["subject"] == terms["patient"] == [b"r|Patient/p1", b"ri|p1"]
     assert "encounter" not in terms and "value-string" not in terms
-    assert len(terms["date"]) == 13 and terms["date"][0] == PRESENCE
+    day = date_day(ms("2024-04-30T07:30:00Z"))
+    assert terms["date"] == [b"dP|%d|%d" % (lv, day >> (3 * lv)) for lv in range(6)]
     key = number_key(72)
-    assert terms["value-quantity"][:7] == [
-        PRESENCE, *(b"q|%d|%d" % (lv, key >> (4 * lv)) for lv in range(6))
-    ]
-    assert b"qs|http://unitsofmeasure.org|/min|0|%d" % key in terms["value-quantity"]
-    assert b"qc|/min|0|%d" % key in terms["value-quantity"]
-    assert b"qc|beats/minute|0|%d" % key in terms["value-quantity"]
-    assert terms["code-value-quantity"] == [PRESENCE] + [
-        b"c|" + t for t in terms["code"][1:]
-    ]
+    assert terms["value-quantity"] == [b"q|%d|%d" % (lv, key >> (4 * lv)) for lv in range(6)]
+    assert terms["code-value-quantity"] == [b"c|" + t for t in terms["code"]]
     for values in terms.values():
-        assert len(values) == len(set(values))
+        assert values and len(values) == len(set(values))
+        assert not any(t.startswith((b"p|", b"tn|", b"qs|", b"qc|", b"ub|")) for t in values)
 
 
 def test_index_terms_of_a_patient() -> None:
@@ -478,19 +492,27 @@ def test_index_terms_of_a_patient() -> None:
                                  "identifier": {"system": "urn:org", "value": "O9"}},
         "generalPractitioner": [{"reference": "#gp"}],
         "contained": [{"resourceType": "Practitioner", "id": "gp"}],
+        "gender": "male",
     }
     terms = index_terms("Patient", patient)
-    assert terms["family"] == [PRESENCE, b"s|n", b"s|ng", b"x|Ng"]
-    assert terms["given"] == [PRESENCE, b"s|a", b"s|al", b"x|Al"]
-    assert b"to|urn:t|MR|42" in terms["identifier"]
-    assert terms["phone"] == [PRESENCE, b"tc|555", b"tn|555"]
-    assert terms["email"] == [PRESENCE, b"tc|a@b", b"tn|a@b"]
+    assert terms["family"] == [b"s|ng", b"x|Ng"]
+    assert terms["given"] == [b"s|al", b"x|Al"]
+    assert terms["identifier"] == [b"tc|42", b"ts|urn:x|42", b"to|urn:t|MR|42", b"tS|urn:x"]
+    assert terms["phone"] == [b"tc|555"]
+    assert terms["email"] == [b"tc|a@b"]
+    assert terms["gender"] == [
+        b"tc|male", b"ts|http://hl7.org/fhir/administrative-gender|male",
+        b"tS|http://hl7.org/fhir/administrative-gender",
+    ]
     assert terms["organization"] == [
-        PRESENCE, b"r|Organization/o9", b"ri|o9", b"ru|https://h.org/fhir/Organization/o9",
+        b"r|Organization/o9", b"ri|o9", b"ru|https://h.org/fhir/Organization/o9",
         b"rI|urn:org|O9", b"rIv|O9",
     ]
-    assert terms["general-practitioner"] == [PRESENCE]  # contained: presence only
-    assert terms["deceased"] == [PRESENCE, b"tc|false", b"tn|false"]
+    # a contained reference is a value (for :missing) without a term
+    gp = search_params("Patient")["general-practitioner"]
+    assert extract(gp, patient) == [RefItem(id="gp", local=True)]
+    assert "general-practitioner" not in terms
+    assert terms["deceased"] == [b"tc|false"]
     assert "birthdate" not in terms and "address" not in terms
 
 
@@ -498,16 +520,103 @@ def test_index_terms_canonicals_and_uris() -> None:
     qr = {"resourceType": "QuestionnaireResponse", "id": "q", "status": "completed",
           "questionnaire": "http://a.org/Questionnaire/x|2.0"}
     assert index_terms("QuestionnaireResponse", qr)["questionnaire"] == [
-        PRESENCE, b"ru|http://a.org/Questionnaire/x", b"ru|http://a.org/Questionnaire/x|2.0"
+        b"ru|http://a.org/Questionnaire/x", b"ru|http://a.org/Questionnaire/x|2.0"
     ]
     vs = {"resourceType": "ValueSet", "id": "v", "status": "draft",
           "url": "http://a.org/fhir/ValueSet/x"}
-    assert index_terms("ValueSet", vs)["url"] == [
-        PRESENCE, b"u|http://a.org/fhir/ValueSet/x", b"ub|http://a.org", b"ub|http://a.org/fhir",
-        b"ub|http://a.org/fhir/ValueSet",
-    ]
-    deep = {**vs, "url": "http://a/" + "/".join("abcdefghijkl")}
-    assert len([t for t in index_terms("ValueSet", deep)["url"] if t.startswith(b"ub|")]) == 8
+    assert index_terms("ValueSet", vs)["url"] == [b"u|http://a.org/fhir/ValueSet/x"]
+
+
+# A typical heart-rate Observation and a typical Patient, as stored (id and lastUpdated set).
+TYPICAL_OBSERVATION: dict[str, Any] = {
+    "resourceType": "Observation",
+    "id": "obs-hr-1",
+    "meta": {"lastUpdated": "2024-05-01T10:00:00.123Z"},
+    "status": "final",
+    "category": [{"coding": [{
+        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+        "code": "vital-signs",
+    }]}],
+    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4",
+                         "display": "Heart rate"}]},
+    "subject": {"reference": "Patient/pat-1"},
+    "encounter": {"reference": "Encounter/enc-1"},
+    "effectiveDateTime": "2024-04-30T09:30:00+02:00",
+    "valueQuantity": {"value": 72, "unit": "beats/minute",
+                      "system": "http://unitsofmeasure.org", "code": "/min"},
+}
+
+TYPICAL_PATIENT: dict[str, Any] = {
+    "resourceType": "Patient",
+    "id": "pat-1",
+    "meta": {"lastUpdated": "2024-05-01T10:00:00.123Z"},
+    "identifier": [{
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                             "code": "MR"}]},
+        "system": "urn:oid:2.16.756.5.30.1.123.100.1.1",
+        "value": "MRN-0012345",
+    }],
+    "name": [{"use": "official", "family": "Müller", "given": ["Anna", "Maria"]}],
+    "gender": "female",
+    "birthDate": "1980-05-06",
+    "address": [{"use": "home", "line": ["Bahnhofstrasse 12"], "city": "Zürich",
+                 "postalCode": "8001", "country": "CH"}],
+}
+
+
+def _padded_tag_count(terms: dict[str, list[bytes]]) -> int:
+    """Tags stored for these terms: services.search_index pads string prefixes per value."""
+    total = 0
+    for values in terms.values():
+        exact = sum(1 for t in values if t.startswith(b"x|"))
+        prefixes = sum(1 for t in values if t.startswith(b"s|"))
+        total += len(values) + max(0, exact * STRING_PREFIX_TERMS - prefixes)
+    return total
+
+
+def test_term_counts_of_typical_resources() -> None:
+    """The ingest cost of a resource is its number of tags: these counts are the budget.
+
+    (Before the reduction: Observation 113 terms, Patient 136 terms / 275 padded tags.)
+    """
+    obs = index_terms("Observation", TYPICAL_OBSERVATION)
+    assert {code: len(t) for code, t in obs.items()} == {
+        "_id": 1,
+        "_lastUpdated": 6,
+        "status": 3,
+        "category": 3,
+        "code": 3,
+        "code-value-quantity": 3,
+        "combo-code": 3,
+        "combo-code-value-quantity": 3,
+        "patient": 2,
+        "subject": 2,
+        "encounter": 2,
+        "date": 6,
+        "value-quantity": 6,
+        "combo-value-quantity": 6,
+    }
+    assert sum(len(t) for t in obs.values()) == _padded_tag_count(obs) == 49
+
+    pat = index_terms("Patient", TYPICAL_PATIENT)
+    assert {code: len(t) for code, t in pat.items()} == {
+        "_id": 1,
+        "_lastUpdated": 6,
+        "deceased": 1,
+        "identifier": 4,
+        "name": 15,
+        "family": 6,
+        "given": 9,
+        "gender": 3,
+        "birthdate": 6,
+        "address": 20,
+        "address-city": 6,
+        "address-country": 2,
+        "address-postalcode": 4,
+        "address-use": 3,
+    }
+    assert sum(len(t) for t in pat.values()) == 86
+    assert _padded_tag_count(pat) == 128
 
 
 def test_items_of_numbers_quantities_and_timing() -> None:
