@@ -53,5 +53,9 @@ def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
                 r = c.get(f"/Patient/{pid}")
                 assert r.status_code == 200, (pid, r.status_code)
                 assert r.json()["name"][0]["family"] == family
+            # the search index caught up too (tags not yet flushed at the crash are rebuilt on start)
+            for pid, family in list(acknowledged.items())[-50:]:
+                found = c.get("/Patient", params={"family:exact": family}).json()
+                assert [e["resource"]["id"] for e in found.get("entry", [])] == [pid], family
     finally:
         restarted.stop()

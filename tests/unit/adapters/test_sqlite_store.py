@@ -75,3 +75,51 @@ def test_audit_table_is_append_only(store: SqliteStore) -> None:
     with pytest.raises(Exception, match="append-only"):
         store.write_sync("tamper", lambda tx: tx._c.execute("DELETE FROM audit_log"))
     assert len(store.audit_entries("t")) == 1
+
+
+def _tagged(store: SqliteStore, rid: str, tags: list[bytes]) -> None:
+    def job(tx: object) -> None:
+        current = tx.current("t", "Patient", rid)  # type: ignore[attr-defined]
+        version = current.version + 1 if current else 1
+        tx.insert_version("t", _v(rid, version))  # type: ignore[attr-defined]
+        tx.set_search_tags("t", "Patient", rid, tags)  # type: ignore[attr-defined]
+
+    store.write_sync("w", job)
+
+
+def _found(store: SqliteStore, tag: bytes) -> list[str]:
+    from fhirvault.ports import SearchQuery
+
+    return [v.id for _, v in store.search(SearchQuery("t", ("Patient",), ((tag,),)))]
+
+
+def test_search_tags_are_searchable_before_and_after_the_deferred_flush(store: SqliteStore) -> None:
+    a, b = b"A" * 8, b"B" * 8
+    _tagged(store, "p1", [a])
+    assert _found(store, a) == ["p1"]  # pending, not yet in search_tags
+    assert store._reader().execute("SELECT count(*) FROM search_tags").fetchone()[0] == 0
+    _tagged(store, "p1", [b])  # an update replaces the tags
+    assert _found(store, b) == ["p1"]
+    store.close()  # closing flushes
+    reopened = SqliteStore(store.path)
+    try:
+        assert _found(reopened, b) == ["p1"]
+        assert _found(reopened, a) == []
+        assert reopened._reader().execute("SELECT count(*) FROM index_dirty").fetchone()[0] == 0
+    finally:
+        reopened.close()
+
+
+def test_unflushed_tags_are_recovered_after_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    store = SqliteStore(path)
+    _tagged(store, "p1", [b"C" * 8])
+    # simulate a crash: the writer never flushes (the committed tag list and index_dirty row remain)
+    store._index.flush = lambda conn: None  # type: ignore[method-assign]
+    store.close()
+    reopened = SqliteStore(path)
+    try:
+        assert _found(reopened, b"C" * 8) == ["p1"]
+        assert reopened._reader().execute("SELECT count(*) FROM search_tags").fetchone()[0] == 1
+    finally:
+        reopened.close()
