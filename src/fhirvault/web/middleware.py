@@ -34,7 +34,7 @@ def _route_kind(path: str) -> str:
         return "/fhir"
     shape = [rest[0]]
     for p in rest[1:]:
-        shape.append(p if p.startswith("_") else "{id}" if len(shape) == 1 else "{vid}")
+        shape.append(p if p.startswith(("_", "$")) else "{id}" if len(shape) == 1 else "{vid}")
     return "/fhir/" + "/".join(shape)
 
 

@@ -22,3 +22,8 @@ def test_exception_logs_carry_no_message() -> None:
     assert report["type"] == "builtins.ValueError"
     line = JsonFormatter().format(record)
     assert "Claire" not in line and "builtins.ValueError" in line
+
+
+def test_route_kind_keeps_operations_and_search() -> None:
+    assert _route_kind("/fhir/Patient/8a1f/$everything") == "/fhir/Patient/{id}/$everything"
+    assert _route_kind("/fhir/Observation/_search") == "/fhir/Observation/_search"
