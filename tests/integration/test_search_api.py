@@ -214,3 +214,36 @@ def test_post_search_and_summary_count(shared_server: Server) -> None:
         res = subset["entry"][0]["resource"]
         assert "name" in res and "address" not in res
         assert any(t["code"] == "SUBSETTED" for t in res["meta"]["tag"])
+
+
+def test_includes_revincludes_chains_and_has(shared_server: Server) -> None:
+    org = {"resourceType": "Organization", "name": "Clinique des Lilas"}
+    with shared_server.client() as c:
+        oid = c.post("/Organization", json=org, headers=FHIR_JSON).json()["id"]
+        gp = c.post("/Practitioner", json={"resourceType": "Practitioner", "name": [{"family": "Houlier"}]},
+                    headers=FHIR_JSON).json()["id"]
+        pat = dict(PATIENT, name=[{"family": "Incluse"}], managingOrganization={"reference": f"Organization/{oid}"},
+                   generalPractitioner=[{"reference": f"Practitioner/{gp}"}])
+        pid = c.post("/Patient", json=pat, headers=FHIR_JSON).json()["id"]
+        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+               "subject": {"reference": f"Patient/{pid}"}}
+        c.post("/Observation", json=obs, headers=FHIR_JSON)
+        # _revinclude, and _include:iterate from the included patient to its organization
+        r = c.get("/Patient", params={"family": "incluse", "_revinclude": "Observation:subject"}).json()
+        assert {(e["resource"]["resourceType"], e["search"]["mode"]) for e in r["entry"]} == {
+            ("Patient", "match"), ("Observation", "include")}
+        r = c.get("/Observation", params={"subject:Patient.family": "incluse", "_include": "Observation:subject",
+                                          "_include:iterate": "Patient:organization"}).json()
+        assert {e["resource"]["resourceType"] for e in r["entry"]} == {"Observation", "Patient", "Organization"}
+        # two-level chain and reverse chaining
+        r = c.get("/Observation", params={"subject:Patient.organization.name": "clinique des lilas"}).json()
+        assert r["total"] == 1
+        r = c.get("/Organization", params={"_has:Patient:organization:family": "incluse"}).json()
+        assert [e["resource"]["id"] for e in r["entry"]] == [oid]
+        r = c.get("/Practitioner", params={"_has:Patient:general-practitioner:_has:Observation:subject:code:text": "x"})
+        assert r.status_code in (200, 400)
+        # Prefer: return=minimal on a transaction drops the resources from the response
+        bundle = {"resourceType": "Bundle", "type": "transaction",
+                  "entry": [{"resource": org, "request": {"method": "POST", "url": "Organization"}}]}
+        reply = c.post("", json=bundle, headers={**FHIR_JSON, "Prefer": "return=minimal"}).json()
+        assert "resource" not in reply["entry"][0] and reply["entry"][0]["response"]["location"]

@@ -221,8 +221,11 @@ class BundleProcessor:
             return results
 
         results = await self._repo.write_jobs("bundle.transaction", run_all) if jobs else []
+        minimal = "return=minimal" in (req.header("prefer") or "").replace(" ", "").lower()
         for (e, _), result in zip(jobs, results, strict=True):
             e.result = _write_result(e, result, req.base_url)
+            if minimal:
+                e.result.pop("resource", None)
         # 4. reads, after the writes
         for e in entries:
             if e.method in ("GET", "HEAD"):
