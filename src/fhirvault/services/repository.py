@@ -210,7 +210,7 @@ class Repository:
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, False, key.key_id, blob))
             # Most tags were computed before the transaction (off the writer thread); the
             # ones that depend on the stamped meta are computed here.
-            tx.set_search_tags(tenant, rtype, rid, tags + self._index.resource_tags(rtype, body, only=_STAMPED))
+            tx.set_search_tags(tenant, rtype, rid, tags + self._index.param_tags(rtype, "_lastUpdated", body))
             created = current is None or current.deleted
             status = status_new if created else status_old
             patient = self._patient_ref(key.key_id)

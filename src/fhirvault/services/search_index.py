@@ -20,7 +20,8 @@ import os
 import threading
 from collections.abc import Iterable
 
-from fhirvault.domain.search.values import STRING_PREFIX_TERMS, index_terms
+from fhirvault.domain.search.params import search_params
+from fhirvault.domain.search.values import STRING_PREFIX_TERMS, index_terms, param_terms
 from fhirvault.ports import SEARCH_TAG_BYTES
 from fhirvault.services.keys import KeyRing
 
@@ -54,16 +55,18 @@ class SearchIndex:
             out.append(mac.digest()[:SEARCH_TAG_BYTES])
         return out
 
-    def resource_tags(self, rtype: str, resource: dict[str, object], *,
-                      only: frozenset[str] | None = None, skip: frozenset[str] = frozenset()) -> list[bytes]:
-        """The tags a resource version is indexed under (string prefixes padded).
+    def param_tags(self, rtype: str, code: str, resource: dict[str, object]) -> list[bytes]:
+        """The tags of one parameter (``_lastUpdated`` is computed inside the write, once stamped)."""
+        param = search_params(rtype).get(code)
+        terms = param_terms(param, resource) if param is not None else None
+        return self.tags(rtype, code, terms) if terms else []
 
-        ``skip``/``only`` split the work: everything but ``_lastUpdated`` is computed
-        before the write transaction, ``_lastUpdated`` inside it, once the time is stamped.
-        """
+    def resource_tags(self, rtype: str, resource: dict[str, object], *,
+                      skip: frozenset[str] = frozenset()) -> list[bytes]:
+        """The tags a resource version is indexed under (string prefixes padded)."""
         out: list[bytes] = []
         for code, terms in index_terms(rtype, resource).items():
-            if code in _NOT_INDEXED or code in skip or (only is not None and code not in only):
+            if code in _NOT_INDEXED or code in skip:
                 continue
             out.extend(self.tags(rtype, code, terms))
             values = sum(1 for t in terms if t.startswith(_STRING_EXACT))
