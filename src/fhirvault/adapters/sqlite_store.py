@@ -268,7 +268,11 @@ class _DeferredIndex:
             return
         gone: list[tuple[bytes, int]] = []
         added: list[tuple[bytes, int]] = []
+        step = SEARCH_TAG_BYTES
         for rk, (flushed, latest) in changes.items():
+            if not flushed:  # a new resource (the common case): every tag is added
+                added += [(latest[i : i + step], rk) for i in range(0, len(latest), step)]
+                continue
             before, after = self._split(flushed), self._split(latest)
             gone += [(t, rk) for t in before - after]
             added += [(t, rk) for t in after - before]
