@@ -40,6 +40,7 @@ T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
+_PROBE = 2000  # index entries counted per criterion to pick the one that drives a search
 _VERSION_COLUMNS = "type, id, version, last_updated, deleted, key_id, blob, seq"
 # Statements are built from constants only; every value is a bound parameter.
 _SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM resource_versions"  # noqa: S608
@@ -535,10 +536,17 @@ class SqliteStore:
         if q.ids is not None:
             clauses.append(f"c.id IN ({','.join('?' * len(q.ids))})")
             args.extend(q.ids)
-        for group in q.tag_groups:  # AND of ORs: each group is one criterion's tags
+        # AND of ORs, one group per criterion. The most selective group drives (found by a bounded
+        # count of each group's index entries); the others are checked per candidate by
+        # primary-key seeks on (tag, rk), so a broad criterion never gets materialised.
+        for n, group in enumerate(self._by_selectivity(q.tag_groups)):
             # Pending first: a flush clears it only after its commit, which this query then sees.
             pending = self._index.pending_rks(group)
-            clause = f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({','.join('?' * len(group))}))"  # noqa: S608
+            marks = ",".join("?" * len(group))
+            if n == 0:
+                clause = f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({marks}))"  # noqa: S608
+            else:
+                clause = f"EXISTS (SELECT 1 FROM search_tags s WHERE s.tag IN ({marks}) AND s.rk = c.rk)"  # noqa: S608
             args.extend(group)
             if pending:
                 clause = f"({clause} OR c.rk IN ({','.join('?' * len(pending))}))"
@@ -552,6 +560,18 @@ class SqliteStore:
         )
         rows = self._reader().execute(sql, [*args, q.limit]).fetchall()
         return [(r[0], _version(r[1:])) for r in rows]
+
+    def _by_selectivity(self, groups: tuple[tuple[bytes, ...], ...]) -> list[tuple[bytes, ...]]:
+        if len(groups) < 2:
+            return list(groups)
+        reader = self._reader()
+
+        def estimate(group: tuple[bytes, ...]) -> int:
+            marks = ",".join("?" * len(group))
+            sql = f"SELECT count(*) FROM (SELECT 1 FROM search_tags WHERE tag IN ({marks}) LIMIT {_PROBE})"  # noqa: S608
+            return int(reader.execute(sql, group).fetchone()[0]) + len(self._index.pending_rks(group))
+
+        return sorted(groups, key=estimate)
 
     def count_current(self, tenant: str, type: str) -> int:
         row = self._reader().execute(

@@ -458,10 +458,11 @@ class Repository:
             return out
         limit_before = snap + 1 if before is None else min(before, snap + 1)
         if parsed.summary == "count" or parsed.total == "accurate" or parsed.sort:
-            everything = engine.find(rtype, criteria, limit=SORT_CAP + 1 if parsed.sort else VERIFY_CAP,
-                                     before=snap + 1)
-            if parsed.sort and len(everything.matches) > SORT_CAP:
-                raise TooCostly(f"_sort is limited to result sets of at most {SORT_CAP} resources: narrow the search.")
+            cap = SORT_CAP if parsed.sort else VERIFY_CAP
+            everything = engine.find(rtype, criteria, limit=cap + 1, before=snap + 1)
+            if len(everything.matches) > cap:  # never a silently truncated total
+                what = "_sort" if parsed.sort else "An exact total"
+                raise TooCostly(f"{what} is limited to result sets of at most {cap} resources: narrow the search.")
             out.total = len(everything.matches)
             if parsed.summary == "count":
                 return out
