@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -22,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -195,6 +197,7 @@ def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
 # future (sync callers) or an asyncio future with its loop (async callers).
 _INDEX_FLUSH_S = 1.0  # the search_tags table catches up at least this often
 _INDEX_FLUSH_ROWS = 200_000  # ... or when this many tag changes are pending
+_FLUSH_SLICE = 8_000  # index rows per flush transaction, between two write batches
 
 
 def _chunked(conn: sqlite3.Connection, template: str, rows: list[tuple[Any, ...]], chunk: int = 500) -> None:
@@ -208,6 +211,16 @@ def _chunked(conn: sqlite3.Connection, template: str, rows: list[tuple[Any, ...]
         width = len(part[0])
         one = "(" + ",".join("?" * width) + ")"
         conn.execute(template.format(",".join([one] * len(part))), [v for row in part for v in row])
+
+
+@dataclass
+class _Flush:
+    changes: dict[int, tuple[bytes, bytes]]
+    gone: list[tuple[bytes, int]]
+    added: list[tuple[bytes, int]]
+    gone_at: int = 0
+    added_at: int = 0
+    ms: float = 0.0
 
 
 class _DeferredIndex:
@@ -230,6 +243,7 @@ class _DeferredIndex:
         self._changes: dict[int, tuple[bytes, bytes]] = {}  # rk -> (tags in search_tags, latest tags)
         self._rows = 0
         self._since = time.monotonic()
+        self._job: _Flush | None = None
 
     @staticmethod
     def _split(blob: bytes) -> set[bytes]:
@@ -258,15 +272,14 @@ class _DeferredIndex:
             return sorted(found)
 
     def due(self) -> bool:
-        return bool(self._changes) and (
-            self._rows >= _INDEX_FLUSH_ROWS or time.monotonic() - self._since >= _INDEX_FLUSH_S)
+        return self._job is not None or (bool(self._changes) and (
+            self._rows >= _INDEX_FLUSH_ROWS or time.monotonic() - self._since >= _INDEX_FLUSH_S))
 
-    def flush(self, conn: sqlite3.Connection) -> None:
-        """Apply the pending tag changes in one transaction (writer thread only)."""
+    def _plan(self) -> _Flush | None:
         with self._lock:
             changes = dict(self._changes)
         if not changes:
-            return
+            return None
         gone: list[tuple[bytes, int]] = []
         added: list[tuple[bytes, int]] = []
         step = SEARCH_TAG_BYTES
@@ -278,18 +291,63 @@ class _DeferredIndex:
             gone += [(t, rk) for t in before - after]
             added += [(t, rk) for t in after - before]
         gone.sort()
-        added.sort()  # sorted keys touch each index page once
+        added.sort()  # sorted keys: each slice covers its own key range, each index page is written once
+        return _Flush(changes, gone, added)
+
+    def step(self, conn: sqlite3.Connection, budget: int = _FLUSH_SLICE) -> bool:
+        """Apply the next slice (at most ``budget`` rows) of a flush; True when nothing is left.
+
+        Slices keep each write transaction short, so writers never wait long behind the
+        index. Until the last slice commits, the flushed resources stay in the pending
+        map, so searches find them either way.
+        """
+        if self._job is None:
+            if not self.due():
+                return True
+            self._job = self._plan()
+            if self._job is None:
+                return True
+        job = self._job
+        started = time.perf_counter()
+        gone = job.gone[job.gone_at : job.gone_at + budget]
+        added = job.added[job.added_at : job.added_at + max(0, budget - len(gone))]
+        last = job.gone_at + len(gone) >= len(job.gone) and job.added_at + len(added) >= len(job.added)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            _chunked(conn, "DELETE FROM search_tags WHERE (tag, rk) IN (VALUES {})", gone)
-            _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
-            _chunked(conn, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", [(rk,) for rk in sorted(changes)])
+            if gone:
+                _chunked(conn, "DELETE FROM search_tags WHERE (tag, rk) IN (VALUES {})", gone)
+            if added:
+                _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
+            if last:
+                _chunked(conn, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", [(rk,) for rk in sorted(job.changes)])
             conn.execute("COMMIT")
         except sqlite3.Error:
             log.exception("search index flush failed; will retry")
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
-            return
+            return False
+        job.gone_at += len(gone)
+        job.added_at += len(added)
+        job.ms += (time.perf_counter() - started) * 1000
+        if not last:
+            return False
+        self._job = None
+        self._finish(job.changes)
+        log.debug("search index flushed", extra={"resources": len(job.changes), "added": len(job.added),
+                                                 "removed": len(job.gone), "ms": round(job.ms, 1)})
+        return True
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        """Apply everything pending now (idle time, shutdown)."""
+        while self._job is not None or self._changes:
+            self._since = -math.inf  # due now
+            before = (id(self._job), self._job.gone_at, self._job.added_at) if self._job else None
+            self.step(conn, budget=_FLUSH_SLICE * 10)
+            after = (id(self._job), self._job.gone_at, self._job.added_at) if self._job else None
+            if after is not None and after == before:
+                return  # the slice failed (logged): try again later
+
+    def _finish(self, changes: dict[int, tuple[bytes, bytes]]) -> None:
         with self._lock:
             for rk, (_flushed, latest) in changes.items():
                 current = self._changes.get(rk)
@@ -396,8 +454,7 @@ class SqliteStore:
                     break
                 batch.append(item)
             self._commit_batch(conn, tx, batch)
-            if self._index.due():
-                self._index.flush(conn)
+            self._index.step(conn)
             if stop:
                 break
         self._index.flush(conn)

@@ -27,7 +27,7 @@ by `match.matches`. Terms by search value:
 
     string     ``:exact``: x|text. Otherwise m = len(normalised query): m >= 2: s| + the
                query's prefix of the longest indexed length <= m (`values.string_query_length`:
-               7 -> 6, 20 -> 12); m < 2: None
+               7 -> 6, 20 -> 9); m < 2: None
     token      ``code``: tc|code; ``system|code``: ts|system|code; ``|code``: tc|code (the
                codes with a system are verified away); ``system|``: tS|system;
                ``:of-type``: to|type_system|type_code|value; ``:not``: None

@@ -33,12 +33,12 @@ that common searches need; whatever a term cannot decide is verified by `match.m
 
     string  n = normalise(s): NFKD, combining marks dropped, casefold, every run of
             non-alphanumerics -> one space, stripped.
-            b"s|" + n[:k] for each k in STRING_PREFIX_LENGTHS = (2, 3, 4, 5, 6, 8, 12) with
+            b"s|" + n[:k] for each k in STRING_PREFIX_LENGTHS = (2, 3, 4, 6, 9) with
             k <= len(n) (k counts characters; the term holds their UTF-8), and
             b"x|" + s (as sent, for :exact). A query of normalised length m >= 2 looks up
             the prefix of the longest indexed length k <= m (`string_query_length`); m < 2
             scans. The services layer pads each value's prefix terms with random dummy tags
-            up to STRING_PREFIX_TERMS (7), so the number of tags does not leak the length.
+            up to STRING_PREFIX_TERMS (5), so the number of tags does not leak the length.
     token   b"tc|" + code (any system); b"ts|" + system + b"|" + code when a system is
             known, explicit or implicit (the single code system of the element's required
             binding); b"tS|" + system. ``|code`` (no system) looks up tc| and verification
@@ -119,9 +119,9 @@ __all__ = [
 ]
 
 # Lengths (in characters of the normalised value) of the indexed string prefixes.
-STRING_PREFIX_LENGTHS: Final = (2, 3, 4, 5, 6, 8, 12)
+STRING_PREFIX_LENGTHS: Final = (2, 3, 4, 6, 9)
 # Prefix tags per string value after padding (services.search_index): one per length.
-STRING_PREFIX_TERMS: Final = 7
+STRING_PREFIX_TERMS: Final = 5
 
 DAY_MS: Final = 86_400_000
 DAYS_1900_TO_1970: Final = 25_567
