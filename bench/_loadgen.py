@@ -16,6 +16,7 @@ This module has no knowledge of FHIR resources: see ``crud.py``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -508,4 +509,22 @@ def format_row(label: str, s: dict[str, Any]) -> str:
     return (
         f"{label:<26}{s['count']:>9}{s['rps']:>10.1f}{s['p50_ms']:>9.2f}{s['p95_ms']:>9.2f}"
         f"{s['p99_ms']:>9.2f}{s['max_ms']:>9.2f}{s['errors']:>8}"
+    )
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The options every benchmark shares: where the server is and how to get a token."""
+    p.add_argument("--base-url", required=True, help="FHIR base, e.g. http://127.0.0.1:8080/fhir")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token", help="static bearer token")
+    auth.add_argument(
+        "--client-file",
+        help='JSON {"client_id": ..., "client_secret": ...} for the client_credentials grant',
+    )
+    p.add_argument(
+        "--token-url",
+        help="OAuth2 token endpoint for --client-file (default: <origin of --base-url>/oauth2/token)",
+    )
+    p.add_argument(
+        "--scope", default="system/*.cruds", help="scope requested (default: %(default)s)"
     )

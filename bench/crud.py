@@ -803,20 +803,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="FHIR R4 CRUD load generator (Health Samurai benchmark CRUD workload).",
     )
-    p.add_argument("--base-url", required=True, help="FHIR base, e.g. http://127.0.0.1:8080/fhir")
-    auth = p.add_mutually_exclusive_group()
-    auth.add_argument("--token", help="static bearer token")
-    auth.add_argument(
-        "--client-file",
-        help='JSON {"client_id": ..., "client_secret": ...} for the client_credentials grant',
-    )
-    p.add_argument(
-        "--token-url",
-        help="OAuth2 token endpoint for --client-file (default: <origin of --base-url>/oauth2/token)",
-    )
-    p.add_argument(
-        "--scope", default="system/*.cruds", help="scope requested (default: %(default)s)"
-    )
+    lg.add_server_args(p)
     p.add_argument(
         "--mode",
         choices=tuple(MODES),

@@ -68,20 +68,7 @@ def log_stdout(msg: str) -> None:
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """Server, auth and data-cache options (used by ingest.py and search.py)."""
-    p.add_argument("--base-url", required=True, help="FHIR base, e.g. http://127.0.0.1:8080/fhir")
-    auth = p.add_mutually_exclusive_group()
-    auth.add_argument("--token", help="static bearer token")
-    auth.add_argument(
-        "--client-file",
-        help='JSON {"client_id": ..., "client_secret": ...} for the client_credentials grant',
-    )
-    p.add_argument(
-        "--token-url",
-        help="OAuth2 token endpoint for --client-file (default: <origin of --base-url>/oauth2/token)",
-    )
-    p.add_argument(
-        "--scope", default="system/*.cruds", help="scope requested (default: %(default)s)"
-    )
+    lg.add_server_args(p)
     p.add_argument("--seed", type=int, default=1, help="carebundle cohort seed (default: 1)")
     p.add_argument(
         "--cache",
