@@ -860,19 +860,12 @@ def composite_foci(
 # ---------------------------------------------------------------- items -> terms
 
 
-def _number_terms(items: Iterable[NumItem]) -> list[bytes]:
+def _range_terms(family: bytes, items: Iterable[NumItem | QtyItem]) -> list[bytes]:
+    """Bucket terms of numbers (family b"n") and quantity values (family b"q")."""
     out: list[bytes] = []
     for item in items:
         for key in _range_keys(item.lo, item.hi):
-            out.extend(b"n" + s for s in _key_suffixes(key))
-    return out
-
-
-def _quantity_terms(items: Iterable[QtyItem]) -> list[bytes]:
-    out: list[bytes] = []
-    for item in items:
-        for key in _range_keys(item.lo, item.hi):
-            out.extend(b"q" + s for s in _key_suffixes(key))
+            out.extend(family + s for s in _key_suffixes(key))
     return out
 
 
@@ -891,9 +884,9 @@ def _terms(param_type: str, items: list[Any]) -> list[bytes]:
         for lo, hi in items:
             out.extend(date_terms(lo, hi))
     elif param_type == "number":
-        out = _number_terms(items)
+        out = _range_terms(b"n", items)
     elif param_type == "quantity":
-        out = _quantity_terms(items)
+        out = _range_terms(b"q", items)
     elif param_type == "uri":
         for u in items:
             out.extend(_uri_terms(u))
