@@ -52,9 +52,7 @@ of [child, literal] equalities (or null) and index an integer (or null).
 from __future__ import annotations
 
 import argparse
-import gzip
 import importlib.util
-import io
 import json
 import re
 import sys
@@ -663,17 +661,6 @@ class Build:
         }
 
 
-def write(data: Json, out: Path) -> int:
-    raw = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    buffer = io.BytesIO()
-    # mtime=0 and no file name in the header: identical input gives identical bytes.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, compresslevel=9, mtime=0) as gz:
-        gz.write(raw)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(buffer.getvalue())
-    return len(buffer.getvalue())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n", 1)[0])
     parser.add_argument("--source", type=Path, required=True, help="folder with the R4 files")
@@ -681,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     gen_r4 = load_gen_r4(Path(__file__).resolve().parent)
     data = Build(args.source, gen_r4).run()
-    size = write(data, args.out)
+    size = gen_r4.write(data, args.out)  # one deterministic gzip writer for every vendored table
     n_entries = sum(len(v) for v in data["types"].values())
     print(
         f"wrote {args.out}: {size} bytes, {len(data['params'])} parameters, "
