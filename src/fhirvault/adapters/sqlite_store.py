@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import os
 import queue
 import sqlite3
 import threading
@@ -685,13 +684,3 @@ class SqliteStore:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a new file's directory entry durable too."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
