@@ -36,7 +36,7 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     root = KeyFileProvider.create(settings.root_key_path)
-    store = SqliteStore(settings.database_path)
+    store = SqliteStore(settings.database_path, settings.audit_database_path)
     try:
         def setup(tx: WriteTx) -> None:
             tx.set_meta(INSTANCE_META, secrets.token_hex(8).encode())

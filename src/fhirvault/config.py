@@ -42,6 +42,12 @@ class Settings:
     max_bundle_entries: int = 5000
     log_level: str = "info"
     tenant: str = "default"
+    # Audit log: signed checkpoints, their witnesses (file:///…, syslog+udp://…, syslog+tcp://…;
+    # default: DATA_DIR/audit-witness.log — move it to another volume), full re-verification.
+    audit_checkpoint_seconds: int = 10
+    audit_witness_seconds: int = 60
+    audit_witnesses: tuple[str, ...] | None = None
+    audit_verify_hours: int = 6
 
     @property
     def root_key_path(self) -> Path:
@@ -50,6 +56,16 @@ class Settings:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "fhirvault.sqlite3"
+
+    @property
+    def audit_database_path(self) -> Path:
+        return self.data_dir / "audit.sqlite3"
+
+    @property
+    def audit_witness_specs(self) -> tuple[str, ...]:
+        if self.audit_witnesses is not None:
+            return self.audit_witnesses
+        return ("file://" + str(self.data_dir / "audit-witness.log"),)
 
 
 def _positive_int(lo: int, hi: int) -> Callable[[str, Any], int]:
@@ -96,6 +112,16 @@ def _base_url(name: str, raw: Any) -> str:
     return value
 
 
+def _witnesses(name: str, raw: Any) -> tuple[str, ...]:
+    items = [p.strip() for p in raw.split(",")] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise SettingsError(f"{name}: expected a list of witness URLs")
+    for item in items:
+        if item and not item.startswith(("file:///", "syslog+udp://", "syslog+tcp://")):
+            raise SettingsError(f"{name}: '{item}' is not file:///…, syslog+udp://… or syslog+tcp://…")
+    return tuple(i for i in items if i)
+
+
 def _tenant(name: str, raw: Any) -> str:
     value = _text(name, raw)
     if not value.replace("-", "").isalnum() or len(value) > 64:
@@ -119,6 +145,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_bundle_entries": _positive_int(1, 100_000),
     "log_level": _choice("debug", "info", "warning", "error"),
     "tenant": _tenant,
+    "audit_checkpoint_seconds": _positive_int(1, 3600),
+    "audit_witness_seconds": _positive_int(1, 86400),
+    "audit_witnesses": _witnesses,
+    "audit_verify_hours": _positive_int(1, 24 * 30),
 }
 assert set(_PARSERS) == {f.name for f in dataclasses.fields(Settings)}
 

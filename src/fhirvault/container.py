@@ -9,13 +9,18 @@ import orjson
 
 from fhirvault.adapters.keyfile import KeyFileProvider
 from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.adapters.witness import open_witness
 from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, ResourceStore
-from fhirvault.services.audit import TableAuditLog
+from fhirvault.services.audit import AuditTrail
 from fhirvault.services.auth import AuthService
+from fhirvault.services.audit_checkpoints import SIGNING_SECRET, AuditCheckpointer, CheckpointSigner, origin_for
+from fhirvault.services.health import HealthState
+from fhirvault.services.metrics import Metrics
+from fhirvault.services.secrets import ServiceSecrets
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
@@ -36,23 +41,46 @@ class Container:
     root: KeyFileProvider
     keys: KeyRing
     auth: AuthService
-    audit: TableAuditLog
+    audit: AuditTrail
     repository: Repository
     validator: Validator
+    health: HealthState
+    secrets: ServiceSecrets
+    audit_signer: CheckpointSigner
+    checkpointer: AuditCheckpointer
+    metrics: Metrics
+    _checkpointing: bool = False
+
+    def start_checkpoints(self) -> None:
+        """Sign audit checkpoints in the background (the server does; one-shot CLI commands do not)."""
+        if not self._checkpointing:
+            self._checkpointing = True
+            self.checkpointer.start()
 
     def close(self) -> None:
+        if self._checkpointing:
+            self._checkpointing = False
+            self.checkpointer.stop()  # a final checkpoint, sent to the witnesses
         self.store.close()
 
 
 def open_store(settings: Settings) -> SqliteStore:
-    return SqliteStore(settings.database_path)
+    return SqliteStore(settings.database_path, settings.audit_database_path)
 
 
-def issuer_for(store: ResourceStore) -> str:
+def instance_id(store: ResourceStore) -> str:
     instance = store.get_meta(INSTANCE_META)
     if instance is None:
         raise RuntimeError("this data directory was not initialised; run 'fhirvault init'")
-    return "urn:fhirvault:" + instance.decode()
+    return instance.decode()
+
+
+def issuer_for(store: ResourceStore) -> str:
+    return "urn:fhirvault:" + instance_id(store)
+
+
+def audit_signer_for(store: ResourceStore, secrets: ServiceSecrets) -> CheckpointSigner:
+    return CheckpointSigner(origin_for(instance_id(store)), secrets.get(SIGNING_SECRET))
 
 
 def build(settings: Settings, clock: Clock | None = None) -> Container:
@@ -62,16 +90,24 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
     try:
         keys = KeyRing(store, root, settings.tenant, clock)
         keys.load()
-        audit = TableAuditLog(settings.tenant, keys.for_compartment_sync(AUDIT_COMPARTMENT))
+        audit = AuditTrail(settings.tenant, keys.for_compartment_sync(AUDIT_COMPARTMENT),
+                           keys.index_subkey("audit-index"))
         auth = AuthService(store, root, clock, issuer=issuer_for(store), tenant=settings.tenant,
                            token_ttl_seconds=settings.token_ttl_seconds)
         validator = Validator.default()
         repository = Repository(store, keys, audit, validator, clock, SearchIndex(keys), tenant=settings.tenant,
                                 allow_unknown_elements=settings.validation == "lenient")
+        secrets = ServiceSecrets(store, root)
+        signer = audit_signer_for(store, secrets)
+        witnesses = [open_witness(spec) for spec in settings.audit_witness_specs]
+        checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
+                                         checkpoint_interval_s=settings.audit_checkpoint_seconds,
+                                         witness_interval_s=settings.audit_witness_seconds)
     except BaseException:
         store.close()
         raise
-    return Container(settings, clock, store, root, keys, auth, audit, repository, validator)
+    return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
+                     secrets, signer, checkpointer, Metrics())
 
 
 def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:

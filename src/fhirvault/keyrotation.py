@@ -2,6 +2,7 @@
 
 Root rotation is crash-safe: the new root key is added to the key file first
 (both keys are then present), the tenant keys and the token signing key are
+and the service secrets are
 re-wrapped in one transaction, and only then is the old root key removed. A
 crash in between leaves a key file that still opens everything.
 """
@@ -15,23 +16,26 @@ from fhirvault.container import SystemClock
 from fhirvault.ports import WriteTx
 from fhirvault.services.auth import SIGNING_META, AuthService
 from fhirvault.services.keys import KeyRing
+from fhirvault.services.secrets import ServiceSecrets
 
 
 def rotate_root_key(settings: Settings) -> str:
     provider = KeyFileProvider.load(settings.root_key_path)
     old_ids = [k for k in provider.key_ids]
-    store = SqliteStore(settings.database_path)
+    store = SqliteStore(settings.database_path, settings.audit_database_path)
     try:
         keys = KeyRing(store, provider, settings.tenant, SystemClock())
         keys.load()
         new_id = provider.begin_rotation()
         keys.rewrap_tenant_keys(provider)
         meta = store.get_meta(SIGNING_META)
-        if meta is not None:
-            def rewrap(tx: WriteTx) -> None:
-                AuthService.rewrap_signing_key(tx, provider, provider, meta)
 
-            store.write_sync("keys.rotate-root.signing", rewrap)
+        def rewrap(tx: WriteTx) -> None:
+            if meta is not None:
+                AuthService.rewrap_signing_key(tx, provider, provider, meta)
+            ServiceSecrets.rewrap_all(tx, provider, provider)
+
+        store.write_sync("keys.rotate-root.secrets", rewrap)
     finally:
         store.close()
     for kid in old_ids:
@@ -41,7 +45,7 @@ def rotate_root_key(settings: Settings) -> str:
 
 def rotate_tenant_key(settings: Settings) -> int:
     provider = KeyFileProvider.load(settings.root_key_path)
-    store = SqliteStore(settings.database_path)
+    store = SqliteStore(settings.database_path, settings.audit_database_path)
     try:
         keys = KeyRing(store, provider, settings.tenant, SystemClock())
         keys.load()

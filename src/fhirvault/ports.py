@@ -10,7 +10,7 @@ concurrent writers).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -52,6 +52,7 @@ class TenantKeyRow:
     version: int
     wrapped: bytes  # tenant key wrapped by the root key provider
     root_key_id: str
+    created_ms: int = field(default=0, compare=False)  # for the key-age metric
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,45 @@ class SearchQuery:
     ids: tuple[str, ...] | None = None  # restrict to these resource ids (``_id``)
 
 
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    """One entry of the audit log as stored: leaf ``seq - 1`` of the Merkle tree."""
+
+    seq: int
+    tenant: str
+    ts_ms: int
+    tags: bytes  # concatenated blind-index tags (SEARCH_TAG_BYTES each)
+    blob: bytes  # AEAD ciphertext of the record
+
+
+@dataclass(frozen=True, slots=True)
+class AuditCheckpoint:
+    """A signed tree head: the log had ``size`` entries with this root at ``ts_ms``."""
+
+    size: int
+    ts_ms: int
+    root: bytes
+    key_id: str
+    signature: bytes
+    witnessed: bool = False  # also published to the witnesses
+    proof_from: int = 0  # previous witnessed size (0: none)
+    proof: bytes = b""  # concatenated consistency proof hashes from proof_from
+
+
+@dataclass(frozen=True, slots=True)
+class AuditQuery:
+    """Audit entries of a tenant, newest or oldest first, optionally only those carrying one of ``tags``."""
+
+    tenant: str
+    tags: tuple[bytes, ...] = ()
+    after_seq: int = 0
+    before_seq: int | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    descending: bool = False
+    limit: int = 100
+
+
 class WriteTx(Protocol):
     """One open write transaction. Used only inside ``ResourceStore.write``."""
 
@@ -103,9 +143,17 @@ class WriteTx(Protocol):
     def replace_tenant_key(self, row: TenantKeyRow) -> None: ...
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]: ...
     def set_meta(self, name: str, value: bytes) -> None: ...
+    def get_meta(self, name: str) -> bytes | None: ...
+    def meta_names(self) -> list[str]: ...
     def insert_client(self, row: ClientRow) -> None: ...
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool: ...
-    def append_audit(self, tenant: str, ts_ms: int, blob: bytes) -> int: ...
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+        """Append an entry: ``seal(seq)`` is called with the entry's sequence number and returns
+        the ciphertext (so the encryption can bind the position). Returns the seq."""
+        ...
+
+    def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None: ...
+    def add_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
 
 
 class ResourceStore(Protocol):
@@ -130,6 +178,15 @@ class ResourceStore(Protocol):
     def get_meta(self, name: str) -> bytes | None: ...
     def client(self, client_id: str) -> ClientRow | None: ...
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]: ...
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        """Entries of every tenant in log order (what the Merkle tree covers)."""
+        ...
+
+    def audit_find(self, query: AuditQuery) -> list[AuditRow]: ...
+    def audit_size(self) -> int: ...
+    def audit_node(self, level: int, index: int) -> bytes | None: ...
+    def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]: ...
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None: ...
     def close(self) -> None: ...
 
 

@@ -49,7 +49,7 @@ def test_audit_records_who_what_which_patient(app: App) -> None:
     assert app.client.get(f"/fhir/Patient/{pid}", headers={"Authorization": "Bearer forged"}).status_code == 401
 
     store, audit = app.container.store, app.container.audit
-    records = [audit.decrypt(ts, blob) for _, ts, blob in store.audit_entries("default", limit=10_000)]
+    records = [audit.decrypt(seq, ts, blob) for seq, ts, blob in store.audit_entries("default", limit=10_000)]
     by = {(r["interaction"], r.get("entity", ""), r["status"]): r for r in records}
     created = by[("create", f"Observation/{oid}/_history/1", 201)]
     assert created["patient"] == f"Patient/{pid}" and created["action"] == "C" and created["outcome"] == "0"

@@ -18,6 +18,10 @@ from itertools import islice
 from typing import TYPE_CHECKING, TypeVar
 
 from fhirvault.ports import (
+    SEARCH_TAG_BYTES,
+    AuditCheckpoint,
+    AuditQuery,
+    AuditRow,
     ClientRow,
     HistoryQuery,
     SearchQuery,
@@ -51,7 +55,9 @@ class _Tables:
     meta: dict[str, bytes] = field(default_factory=dict)
     clients: dict[str, ClientRow] = field(default_factory=dict)
     jti: dict[str, int] = field(default_factory=dict)
-    audit: list[tuple[int, str, int, bytes]] = field(default_factory=list)  # (seq, tenant, ts_ms, blob)
+    audit: list[AuditRow] = field(default_factory=list)  # seq order; seq == index + 1
+    audit_nodes: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    audit_checkpoints: dict[int, AuditCheckpoint] = field(default_factory=dict)
     # search: resource key (rk) assigned at creation, and each resource's tags
     rks: dict[tuple[str, str, str], int] = field(default_factory=dict)
     tags: dict[int, frozenset[bytes]] = field(default_factory=dict)
@@ -155,7 +161,7 @@ class _Tx:
     def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
         if (row.tenant, row.version) in self._t.tenant_keys:
             raise ConstraintError(f"tenant key {row.tenant} v{row.version} already exists")
-        self._set(self._t.tenant_keys, (row.tenant, row.version), row)
+        self._set(self._t.tenant_keys, (row.tenant, row.version), dataclasses.replace(row, created_ms=created_ms))
 
     def replace_tenant_key(self, row: TenantKeyRow) -> None:
         if (row.tenant, row.version) in self._t.tenant_keys:
@@ -163,6 +169,12 @@ class _Tx:
 
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         return _tenant_keys(self._t, tenant)
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._t.meta.get(name)
+
+    def meta_names(self) -> list[str]:
+        return sorted(self._t.meta)
 
     def set_meta(self, name: str, value: bytes) -> None:
         self._set(self._t.meta, name, value)
@@ -181,12 +193,22 @@ class _Tx:
         self._set(seen, jti, expires_ms)
         return True
 
-    def append_audit(self, tenant: str, ts_ms: int, blob: bytes) -> int:
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
         audit = self._t.audit
-        seq = audit[-1][0] + 1 if audit else 1
-        audit.append((seq, tenant, ts_ms, blob))
+        seq = len(audit) + 1
+        audit.append(AuditRow(seq, tenant, ts_ms, tags, seal(seq)))
         self.undo.append(audit.pop)
         return seq
+
+    def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
+        for level, index, digest in nodes:
+            if (level, index) not in self._t.audit_nodes:
+                self._set(self._t.audit_nodes, (level, index), digest)
+
+    def add_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None:
+        if checkpoint.size in self._t.audit_checkpoints:
+            raise ConstraintError("checkpoint already recorded")
+        self._set(self._t.audit_checkpoints, checkpoint.size, checkpoint)
 
 
 class MemoryStore:
@@ -308,8 +330,44 @@ class MemoryStore:
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         with self._lock:
-            rows = ((s, ts, b) for s, tn, ts, b in self._t.audit if tn == tenant and s > after_seq)
+            rows = ((r.seq, r.ts_ms, r.blob) for r in self._t.audit[after_seq:] if r.tenant == tenant)
             return _limited(rows, limit)
+
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        with self._lock:
+            return _limited(self._t.audit[max(after_seq, 0):], limit)
+
+    def audit_find(self, q: AuditQuery) -> list[AuditRow]:
+        wanted = set(q.tags)
+        step = SEARCH_TAG_BYTES
+
+        def keep(r: AuditRow) -> bool:
+            return (r.tenant == q.tenant and r.seq > q.after_seq
+                    and (q.before_seq is None or r.seq < q.before_seq)
+                    and (q.since_ms is None or r.ts_ms >= q.since_ms)
+                    and (q.until_ms is None or r.ts_ms <= q.until_ms)
+                    and (not wanted or any(r.tags[i : i + step] in wanted for i in range(0, len(r.tags), step))))
+
+        with self._lock:
+            rows = reversed(self._t.audit) if q.descending else iter(self._t.audit)
+            return _limited((r for r in rows if keep(r)), q.limit)
+
+    def audit_size(self) -> int:
+        with self._lock:
+            return len(self._t.audit)
+
+    def audit_node(self, level: int, index: int) -> bytes | None:
+        with self._lock:
+            return self._t.audit_nodes.get((level, index))
+
+    def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
+        with self._lock:
+            return _limited((c for s, c in sorted(self._t.audit_checkpoints.items()) if s > after_size), limit)
+
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
+        with self._lock:
+            cps = self._t.audit_checkpoints
+            return cps[max(cps)] if cps else None
 
     def close(self) -> None:
         with self._lock:  # waits for a running job; later writes raise

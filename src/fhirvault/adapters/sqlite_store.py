@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fhirvault.adapters.sqlite_schema import SCHEMA, SCHEMA_VERSION
+from fhirvault.adapters.sqlite_schema import AUDIT_SCHEMA, SCHEMA, SCHEMA_VERSION
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
+    AuditCheckpoint,
+    AuditQuery,
+    AuditRow,
     ClientRow,
     HistoryQuery,
     SearchQuery,
@@ -54,10 +57,29 @@ def _version(row: tuple[Any, ...]) -> StoredVersion:
     return StoredVersion(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+# The audit file is the one place a hostile DBA is expected: read every column as the type it must
+# have (a row rewritten as text must fail verification, not crash the reader).
+_AUDIT_COLUMNS = "seq, CAST(tenant AS BLOB), CAST(ts_ms AS INTEGER), CAST(tags AS BLOB), CAST(blob AS BLOB)"
+
+
+def _audit_row(r: tuple[Any, ...]) -> AuditRow:
+    return AuditRow(r[0], bytes(r[1]).decode("utf-8", "replace"), r[2], bytes(r[3]), bytes(r[4]))
+
+
+def _checkpoint(r: tuple[Any, ...]) -> AuditCheckpoint:
+    return AuditCheckpoint(r[0], r[1], bytes(r[2]), r[3], bytes(r[4]), bool(r[5]), r[6], bytes(r[7]))
+
+
+def _attach_audit(conn: sqlite3.Connection, audit_path: Path) -> None:
+    conn.execute("ATTACH DATABASE ? AS audit", (str(audit_path),))
+
+
+def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
+    _attach_audit(conn, audit_path)
+    for schema in ("main", "audit"):
+        conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
+        conn.execute(f"PRAGMA {schema}.synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed, not left behind
     # The search index is keyed by random tags, so writes touch pages all over it: keep them cached.
@@ -157,6 +179,13 @@ class _Tx:
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         return _tenant_keys(self._c, tenant)
 
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._c.execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def meta_names(self) -> list[str]:
+        return [r[0] for r in self._c.execute("SELECT name FROM meta ORDER BY name")]
+
     def set_meta(self, name: str, value: bytes) -> None:
         self._c.execute(
             "INSERT INTO meta (name, value) VALUES (?,?) ON CONFLICT (name) DO UPDATE SET value=excluded.value",
@@ -178,15 +207,30 @@ class _Tx:
         )
         return cur.rowcount == 1
 
-    def append_audit(self, tenant: str, ts_ms: int, blob: bytes) -> int:
-        cur = self._c.execute("INSERT INTO audit_log (tenant, ts_ms, blob) VALUES (?,?,?)", (tenant, ts_ms, blob))
-        assert cur.lastrowid is not None
-        return cur.lastrowid
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+        seq = int(self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
+        self._c.execute("INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
+                        (seq, tenant, ts_ms, tags, seal(seq)))
+        if tags:
+            step = SEARCH_TAG_BYTES
+            self._c.executemany("INSERT OR IGNORE INTO audit.audit_index (tag, seq) VALUES (?,?)",
+                                [(tags[i : i + step], seq) for i in range(0, len(tags), step)])
+        return seq
+
+    def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
+        self._c.executemany("INSERT OR IGNORE INTO audit.audit_nodes (level, idx, hash) VALUES (?,?,?)", nodes)
+
+    def add_audit_checkpoint(self, cp: AuditCheckpoint) -> None:
+        self._c.execute(
+            "INSERT INTO audit.audit_checkpoints (size, ts_ms, root, key_id, signature, witnessed, proof_from, proof)"
+            " VALUES (?,?,?,?,?,?,?,?)",
+            (cp.size, cp.ts_ms, cp.root, cp.key_id, cp.signature, int(cp.witnessed), cp.proof_from, cp.proof),
+        )
 
 
 def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
     rows = conn.execute(
-        "SELECT tenant, version, wrapped, root_key_id FROM tenant_keys WHERE tenant=? ORDER BY version",
+        "SELECT tenant, version, wrapped, root_key_id, created_ms FROM tenant_keys WHERE tenant=? ORDER BY version",
         (tenant,),
     ).fetchall()
     return [TenantKeyRow(*r) for r in rows]
@@ -401,11 +445,12 @@ def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
 class SqliteStore:
     """The embedded default store: one SQLite file in WAL mode."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, audit_path: Path | None = None) -> None:
         self.path = path
+        self.audit_path = audit_path or path.with_name("audit.sqlite3")
         self._local = threading.local()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer_conn = _connect(path)
+        self._writer_conn = _connect(path, self.audit_path)
         self._migrate()
         self._index = _DeferredIndex()
         self._index.recover(self._writer_conn)
@@ -420,6 +465,7 @@ class SqliteStore:
     def _migrate(self) -> None:
         conn = self._writer_conn
         conn.executescript(SCHEMA)  # idempotent: every statement is IF NOT EXISTS
+        conn.executescript(AUDIT_SCHEMA)
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is None:
@@ -524,6 +570,7 @@ class SqliteStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            _attach_audit(conn, self.audit_path)
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA query_only=ON")
             conn.execute("PRAGMA cache_size=-65536")  # KiB: 64 MiB per reader thread
@@ -669,10 +716,58 @@ class SqliteStore:
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         rows = self._reader().execute(
-            "SELECT seq, ts_ms, blob FROM audit_log WHERE tenant=? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, ts_ms, blob FROM audit.audit_log WHERE tenant=? AND seq > ? ORDER BY seq LIMIT ?",
             (tenant, after_seq, limit),
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
+
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        rows = self._reader().execute(
+            f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+            (after_seq, limit),
+        ).fetchall()
+        return [_audit_row(r) for r in rows]
+
+    def audit_find(self, q: AuditQuery) -> list[AuditRow]:
+        clauses = ["l.tenant = ?", "l.seq > ?"]
+        args: list[Any] = [q.tenant, q.after_seq]
+        if q.before_seq is not None:
+            clauses.append("l.seq < ?")
+            args.append(q.before_seq)
+        if q.since_ms is not None:
+            clauses.append("l.ts_ms >= ?")
+            args.append(q.since_ms)
+        if q.until_ms is not None:
+            clauses.append("l.ts_ms <= ?")
+            args.append(q.until_ms)
+        if q.tags:
+            marks = ",".join("?" * len(q.tags))
+            clauses.append(f"l.seq IN (SELECT seq FROM audit.audit_index WHERE tag IN ({marks}))")
+            args.extend(q.tags)
+        order = "DESC" if q.descending else "ASC"
+        sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log l"  # noqa: S608
+               f" WHERE {' AND '.join(clauses)} ORDER BY l.seq {order} LIMIT ?")
+        return [_audit_row(r) for r in self._reader().execute(sql, [*args, q.limit]).fetchall()]
+
+    def audit_size(self) -> int:
+        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM audit.audit_log").fetchone()[0])
+
+    def audit_node(self, level: int, index: int) -> bytes | None:
+        row = self._reader().execute(
+            "SELECT hash FROM audit.audit_nodes WHERE level=? AND idx=?", (level, index)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
+        rows = self._reader().execute(
+            "SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof FROM audit.audit_checkpoints"
+            " WHERE size > ? ORDER BY size LIMIT ?", (after_size, limit)).fetchall()
+        return [_checkpoint(r) for r in rows]
+
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
+        row = self._reader().execute(
+            "SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof FROM audit.audit_checkpoints"
+            " ORDER BY size DESC LIMIT 1").fetchone()
+        return _checkpoint(row) if row else None
 
     def close(self) -> None:
         with self._lifecycle:

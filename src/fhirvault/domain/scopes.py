@@ -5,6 +5,10 @@ Type a resource type or ``*``; perms a subset of ``cruds`` in that order
 (v2), or ``read``/``write``/``*`` (v1, mapped to ``rs``/``cud``/``cruds``).
 Scopes with a query part (``?category=…``) are granular scopes that this
 release does not grant yet: they are parsed and reported as unsupported.
+
+Operational scopes (``fhirvault/…``) grant access to server operations, never to
+FHIR data: their context cannot be ``system``/``user``/``patient``, so they can
+never collide with, or be widened into, a SMART resource scope.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 PERMISSIONS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Z][A-Za-z]{1,63})\.([a-z*]+)(\?.*)?$")
+METRICS_SCOPE = "fhirvault/metrics.read"  # scrape /metrics; no FHIR access
+OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE})
 
 
 class ScopeError(ValueError):
@@ -36,6 +42,8 @@ def parse_scope(text: str) -> ResourceScope | None:
     """Parse one resource scope; None for non-resource scopes (openid, launch…)."""
     m = _SCOPE.match(text)
     if m is None:
+        if text in OPERATIONAL_SCOPES:
+            return None
         if "/" in text and "." in text:
             raise ScopeError("malformed resource scope")
         return None
@@ -65,6 +73,11 @@ def parse_scopes(text: str, *, strict: bool = True) -> list[ResourceScope]:
         if scope is not None:
             out.append(scope)
     return out
+
+
+def operational_scopes(text: str) -> list[str]:
+    """The known operational scopes in a space-separated scope string, once each, in order."""
+    return list(dict.fromkeys(item for item in text.split() if item in OPERATIONAL_SCOPES))
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,17 +5,21 @@ change and its trace commit together (and for reads, the response waits for
 its trace to be durable: no access without a record). The record carries who,
 what, which patient, outcome, when, from where and the request id — the fields
 IHE BALP AuditEvents are built from — encrypted under the tenant's audit key
-because it names patients. The tamper-evident Merkle log replaces the table
-behind ``append_audit`` later without changing callers.
+because it names patients. Entries form an RFC 9162 Merkle log (see
+``services/audit_checkpoints.py`` and ``fhirvault audit verify``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import struct
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-from fhirvault.ports import WriteTx
+from fhirvault.ports import SEARCH_TAG_BYTES, AuditRow, WriteTx
 from fhirvault.services.crypto import associated_data
 from fhirvault.services.keys import DataKey
 
@@ -40,13 +44,19 @@ class AuditRecord:
     patient: str | None = None  # Patient/id
     query: str | None = None
     detail: str | None = None  # why it was refused
+    user: str | None = None  # the person behind the client (fhirUser / login), once logins exist
+    role: str | None = None  # the user's role (practitioner, auditor…), once roles exist
+    purpose_of_use: str | None = None  # v3 PurposeOfUse code, e.g. TREAT, ETREAT (break-the-glass)
+    restricted: bool = False  # the resource carried an R or V confidentiality label
+    result_count: int | None = None  # searches, history, $everything: entries returned
+    category: str = "rest"  # rest (FHIR interaction) | security (login, token) | system (backup, keys, config)
 
     @property
     def action(self) -> str:
         return ACTION_BY_INTERACTION.get(self.interaction, "E")
 
     def to_json(self) -> bytes:
-        doc = {name: getattr(self, name) for name in self.__slots__ if getattr(self, name) is not None}
+        doc = {name: value for name in self.__slots__ if (value := getattr(self, name)) is not None and value is not False}
         doc["action"] = self.action
         return orjson.dumps(doc)
 
@@ -57,22 +67,65 @@ def outcome_for(status: int) -> str:
     return "4" if status < 500 else "8"
 
 
-def audit_aad(tenant: str, ts_ms: int) -> bytes:
-    return associated_data("audit", tenant, ts_ms)
+def audit_aad(tenant: str, seq: int, ts_ms: int) -> bytes:
+    # The position is authenticated: a row moved, replayed or renumbered no longer opens.
+    return associated_data("audit", tenant, seq, ts_ms)
 
 
-class TableAuditLog:
-    """AuditLog port over the store's append-only audit table."""
+_LEAF_PREFIX = b"fhirvault-audit-v1\x00"
 
-    def __init__(self, tenant: str, key: DataKey) -> None:
+
+def leaf_data(row: AuditRow) -> bytes:
+    """The bytes a Merkle leaf commits to: everything stored for the entry, unambiguously framed."""
+    tenant = row.tenant.encode()
+    return b"".join((_LEAF_PREFIX, struct.pack(">QQH", row.seq, row.ts_ms, len(tenant)), tenant,
+                     struct.pack(">I", len(row.tags)), row.tags, row.blob))
+
+
+class AuditTrail:
+    """AuditLog port: encrypted entries appended to the Merkle log inside the caller's transaction.
+
+    Each entry also carries blind-index tags (HMAC of the patient and of the agents)
+    so the trail can be searched by patient or agent without decrypting it all.
+    """
+
+    def __init__(self, tenant: str, key: DataKey, tag_key: bytes) -> None:
         self._tenant = tenant
         self._key = key
+        self._tag_key = tag_key
+
+    @property
+    def tenant(self) -> str:
+        return self._tenant
+
+    def tag(self, kind: str, value: str) -> bytes:
+        return hmac.new(self._tag_key, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()[:SEARCH_TAG_BYTES]
+
+    def tags_for(self, event: AuditRecord) -> bytes:
+        return self._tags(event.patient, event.client_id, event.user)
+
+    def tags_from(self, doc: dict[str, Any]) -> bytes:
+        """The tags a decrypted record implies (``audit verify`` checks the stored ones)."""
+        return self._tags(doc.get("patient"), doc.get("client_id"), doc.get("user"))
+
+    def _tags(self, patient: str | None, client_id: str | None, user: str | None) -> bytes:
+        tags = set()
+        if patient:
+            tags.add(self.tag("patient", patient))
+        if client_id:
+            tags.add(self.tag("agent", client_id))
+        if user:
+            tags.add(self.tag("agent", user))
+        return b"".join(sorted(tags))
 
     def record(self, tx: WriteTx, event: AuditRecord) -> None:
-        blob = self._key.aead.seal(event.to_json(), audit_aad(self._tenant, event.ts_ms))
-        tx.append_audit(self._tenant, event.ts_ms, blob)
+        plaintext = event.to_json()
+        aead, tenant, ts_ms = self._key.aead, self._tenant, event.ts_ms
+        tx.append_audit(tenant, ts_ms, lambda seq: aead.seal(plaintext, audit_aad(tenant, seq, ts_ms)),
+                        self.tags_for(event))
 
-    def decrypt(self, ts_ms: int, blob: bytes) -> dict[str, object]:
-        data = orjson.loads(self._key.aead.open(blob, audit_aad(self._tenant, ts_ms)))
+    def decrypt(self, seq: int, ts_ms: int, blob: bytes) -> dict[str, Any]:
+        """Raises DecryptionError if the entry was modified, moved or forged."""
+        data = orjson.loads(self._key.aead.open(blob, audit_aad(self._tenant, seq, ts_ms)))
         assert isinstance(data, dict)
         return data

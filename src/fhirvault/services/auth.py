@@ -27,7 +27,14 @@ from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet
 
-from fhirvault.domain.scopes import Grants, ResourceScope, ScopeError, narrow, parse_scopes
+from fhirvault.domain.scopes import (
+    Grants,
+    ResourceScope,
+    ScopeError,
+    narrow,
+    operational_scopes,
+    parse_scopes,
+)
 from fhirvault.ports import ClientRow, Clock, ResourceStore, RootKeyProvider, WriteTx
 from fhirvault.services.crypto import DecryptionError, associated_data
 
@@ -130,8 +137,10 @@ class AuthService:
     def register_client(self, name: str, scope: str, *, jwks: Mapping[str, Any] | None = None,
                         with_secret: bool = True) -> NewClient:
         scopes = parse_scopes(scope)  # raises ScopeError with a clear message
-        if not scopes:
-            raise ScopeError("at least one resource scope is required (e.g. system/*.cruds)")
+        operational = operational_scopes(scope)
+        if not scopes and not operational:
+            raise ScopeError("at least one resource scope (e.g. system/*.cruds) or operational scope"
+                             " (fhirvault/metrics.read) is required")
         if any(s.context != "system" for s in scopes):
             raise ScopeError("clients registered here use system/ scopes (user/ and patient/ need a login)")
         if jwks is not None:
@@ -148,7 +157,7 @@ class AuthService:
             tenant=self._tenant,
             name=name,
             secret_hash=_hasher.hash(secret) if secret else None,
-            scopes=" ".join(str(s) for s in scopes),
+            scopes=" ".join([*(str(s) for s in scopes), *operational]),
             jwks=orjson.dumps(dict(jwks)).decode() if jwks is not None else None,
             created_ms=self._clock.now_ms(),
         )
@@ -216,17 +225,19 @@ class AuthService:
 
     def issue(self, client: ClientRow, requested_scope: str | None) -> dict[str, Any]:
         allowed = parse_scopes(client.scopes, strict=False)
+        allowed_ops = operational_scopes(client.scopes)
         if requested_scope:
             try:
                 requested = parse_scopes(requested_scope)
             except ScopeError as exc:
                 raise OAuthError("invalid_scope", str(exc)) from None
             granted = narrow(requested, allowed)
+            granted_ops = [s for s in operational_scopes(requested_scope) if s in allowed_ops]
         else:
-            granted = allowed
-        if not granted:
+            granted, granted_ops = allowed, allowed_ops
+        if not granted and not granted_ops:
             raise OAuthError("invalid_scope", "none of the requested scopes is allowed for this client")
-        scope = " ".join(str(s) for s in granted)
+        scope = " ".join([*(str(s) for s in granted), *granted_ops])
         now = self._clock.now_ms() // 1000
         jti = secrets.token_urlsafe(16)
         claims = {

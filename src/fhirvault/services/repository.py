@@ -34,7 +34,7 @@ from fhirvault.domain.search.query import (
 )
 from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, WriteTx
-from fhirvault.services.audit import AuditRecord, TableAuditLog, outcome_for
+from fhirvault.services.audit import AuditRecord, AuditTrail, outcome_for
 from fhirvault.services.auth import Principal
 from fhirvault.services.crypto import DecryptionError, associated_data
 from fhirvault.services.keys import (
@@ -108,7 +108,7 @@ def _etag_version(version: int | None, current: StoredVersion | None) -> None:
 
 
 class Repository:
-    def __init__(self, store: ResourceStore, keys: KeyRing, audit: TableAuditLog, validator: Validator,
+    def __init__(self, store: ResourceStore, keys: KeyRing, audit: AuditTrail, validator: Validator,
                  clock: Clock, index: SearchIndex, *, tenant: str, allow_unknown_elements: bool = False) -> None:
         self._store = store
         self._index = index

@@ -1,4 +1,4 @@
-"""The ASGI application: /fhir (FHIR REST), /oauth2 (token), discovery and health checks."""
+"""The ASGI application: /fhir (FHIR REST), /oauth2 (token), discovery, health checks, /metrics."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from fhirvault.container import Container, capability_bytes
 from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
 from fhirvault.fhir.router import FhirRouter
+from fhirvault.services.audit_monitor import AuditMonitor
+from fhirvault.services.metrics import Metrics, tenant_key_created
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
+from fhirvault.web.metrics_endpoint import MetricsEndpoint
 from fhirvault.web.middleware import RequestContextMiddleware
 from fhirvault.web.oauth import OAuthEndpoints
 
@@ -61,7 +64,10 @@ class _Dispatcher:
 def create_app(container: Container) -> ASGIApp:
     settings = container.settings
     repo = container.repository
-    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url)
+    metrics = container.metrics
+    metrics.watch_health(container.health)
+    metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
+    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics)
     docs = _PerBaseUrl(container)
     types = frozenset(resource_types())
 
@@ -72,18 +78,34 @@ def create_app(container: Container) -> ASGIApp:
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
                         max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries)
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
-                        public_base_url=settings.public_base_url)
+                        public_base_url=settings.public_base_url, metrics=metrics)
 
     async def livez(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    def keys_loaded() -> bool:
+        try:
+            return container.keys.kek_version >= 1
+        except ValueError:  # no tenant key version loaded
+            return False
+
     async def readyz(request: Request) -> Response:
+        """Ready = database writable, tenant key loaded, audit log verified since start."""
+        checks: dict[str, str] = {}
         try:
             await container.store.write("health.ready", lambda tx: None)
+            checks["database"] = "ok"
         except Exception:
-            log.exception("readiness check failed")
-            return JSONResponse({"status": "unavailable"}, 503)
-        return JSONResponse({"status": "ready"})
+            log.exception("readiness check: database not writable")
+            checks["database"] = "failed"
+        checks["keys"] = "ok" if keys_loaded() else "failed"
+        verified = container.health.audit_verified
+        checks["audit"] = "ok" if verified is True else "pending" if verified is None else "failed"
+        failed = [name for name, state in checks.items() if state != "ok"]
+        if failed:
+            return JSONResponse({"status": "unavailable", "failed": failed, "checks": checks}, 503,
+                                {"Cache-Control": "no-store"})
+        return JSONResponse({"status": "ready", "checks": checks}, headers={"Cache-Control": "no-store"})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
@@ -92,7 +114,10 @@ def create_app(container: Container) -> ASGIApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        monitor = AuditMonitor(container)
+        monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
         yield
+        monitor.stop()
         container.close()
 
     other = Starlette(
@@ -102,11 +127,12 @@ def create_app(container: Container) -> ASGIApp:
             Route("/.well-known/smart-configuration", oauth.smart_configuration, methods=["GET"]),
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
         ],
         exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,
     )
-    return RequestContextMiddleware(_Dispatcher(fhir, other), hsts=settings.tls_cert is not None)
+    return RequestContextMiddleware(_Dispatcher(fhir, other), hsts=settings.tls_cert is not None, metrics=metrics)
 
 
 __all__ = ["create_app"]

@@ -11,6 +11,7 @@ from fhirvault.domain.errors import OperationOutcomeError
 from fhirvault.fhir.messages import FhirRequest
 from fhirvault.fhir.router import FhirRouter, is_public
 from fhirvault.services.auth import AuthService, TokenError
+from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import IntegrityError, Repository, RequestContext
 from fhirvault.web.asgi import (
     BodyTooLarge,
@@ -31,13 +32,14 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
 
 class FhirEndpoint:
     def __init__(self, router: FhirRouter, auth: AuthService, repo: Repository, *, prefix: str,
-                 max_body: int, public_base_url: str | None) -> None:
+                 max_body: int, public_base_url: str | None, metrics: Metrics | None = None) -> None:
         self._router = router
         self._auth = auth
         self._repo = repo
         self._prefix = prefix
         self._max_body = max_body
         self._public_base = public_base_url
+        self._metrics = metrics
 
     def base_url(self, scope: Scope, headers: dict[str, str]) -> str:
         if self._public_base:
@@ -54,6 +56,8 @@ class FhirEndpoint:
         try:
             await self._handle(scope, receive, send, method)
         except OperationOutcomeError as exc:
+            if exc.status == 403 and self._metrics is not None:
+                self._metrics.auth_failure("forbidden")
             await send_outcome(send, exc, head)
         except BodyTooLarge:
             await send_outcome(send, errors.too_large(f"The request body exceeds {self._max_body} bytes."), head)
@@ -79,18 +83,25 @@ class FhirEndpoint:
     async def _authenticate(self, ctx: RequestContext, headers: dict[str, str]) -> RequestContext:
         authorization = headers.get("authorization")
         if authorization is None:
+            self._auth_failed("missing_token")
             await self._repo.audit_event(ctx, "authenticate", 401, "no access token")
             exc = errors.unauthorized("Authentication required: send an OAuth 2.0 bearer token.")
             exc.headers = {"WWW-Authenticate": 'Bearer realm="fhirvault"'}
             raise exc
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            self._auth_failed("invalid_token")
             await self._repo.audit_event(ctx, "authenticate", 401, "not a bearer token")
             raise errors.unauthorized("The Authorization header must carry a Bearer token.", "invalid_request")
         try:
             principal = self._auth.verify(token.strip())
         except TokenError as exc:
+            self._auth_failed("invalid_token")
             await self._repo.audit_event(ctx, "authenticate", 401, str(exc))
             raise errors.unauthorized(f"Invalid access token: {exc}.") from None
         set_client_id(principal.client_id)
         return RequestContext(principal, ctx.request_id, ctx.source_ip)
+
+    def _auth_failed(self, kind: str) -> None:
+        if self._metrics is not None:
+            self._metrics.auth_failure(kind)

@@ -10,6 +10,7 @@ import time
 
 from fhirvault.domain import errors
 from fhirvault.logs import request_id_var
+from fhirvault.services.metrics import Metrics
 from fhirvault.web.asgi import ASGIApp, Message, Receive, Scope, Send, send_outcome
 from fhirvault.web.context import REQUEST_ID_KEY, new_client_holder
 
@@ -38,10 +39,64 @@ def _route_kind(path: str) -> str:
     return "/fhir/" + "/".join(shape)
 
 
+_NON_FHIR = {"oauth2/token": "token", "metrics": "metrics", "livez": "health", "readyz": "health",
+             "oauth2/jwks": "discovery", ".well-known/smart-configuration": "discovery"}
+_TYPE_LEVEL = {"GET": "search", "HEAD": "search", "POST": "create", "PUT": "update", "PATCH": "patch",
+               "DELETE": "delete"}
+_INSTANCE_LEVEL = {"GET": "read", "HEAD": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def _interaction(method: str, path: str) -> str:
+    """The FHIR interaction a request is for, from a fixed set (a metrics label: never ids)."""
+    if not path.startswith("/fhir/") and path != "/fhir":
+        return _NON_FHIR.get(path.strip("/"), "other")
+    parts = [p for p in path[5:].split("/") if p]
+    n = len(parts)
+    if n == 0:
+        return "transaction" if method == "POST" else "search" if method in ("GET", "HEAD") else "other"
+    last = parts[-1]
+    if last[0] == "$":
+        return "operation"
+    if n == 1:
+        if last == "metadata":
+            return "capabilities"
+        if last == "_history":
+            return "history"
+        if last == "_search":
+            return "search" if method in ("GET", "POST") else "other"
+        return _TYPE_LEVEL.get(method, "other")
+    if last == "_history":
+        return "history" if n <= 3 and method in ("GET", "HEAD") else "other"
+    if n == 2:
+        if parts[0] == ".well-known":
+            return "discovery"
+        if last == "_search":
+            return "search" if method in ("GET", "POST") else "other"
+        return _INSTANCE_LEVEL.get(method, "other")
+    if n == 4 and parts[2] == "_history" and method in ("GET", "HEAD"):
+        return "vread"
+    return "other"
+
+
+_interactions: dict[tuple[str, str], str] = {}
+
+
+def _interaction_of(method: str, route: str) -> str:
+    """``_interaction`` memoised on the route shape (ids already replaced), bounded in size."""
+    key = (method, route)
+    found = _interactions.get(key)
+    if found is None:
+        found = _interaction(method, route)
+        if len(_interactions) < 2048:  # the first segment is client-chosen: do not grow without bound
+            _interactions[key] = found
+    return found
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
+    def __init__(self, app: ASGIApp, *, hsts: bool, metrics: Metrics | None = None) -> None:
         self.app = app
         self.hsts = hsts
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,13 +130,18 @@ class RequestContextMiddleware:
             if not sent:
                 await send_outcome(wrapped_send, errors.internal_error())
         finally:
+            elapsed = time.perf_counter() - started
+            method: str = scope["method"]
+            route = _route_kind(scope["path"])
+            if self.metrics is not None:
+                self.metrics.observe_request(_interaction_of(method, route), method, status, elapsed)
             access_log.info(
                 "request",
                 extra={
-                    "method": scope["method"],
-                    "route": _route_kind(scope["path"]),
+                    "method": method,
+                    "route": route,
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "duration_ms": round(elapsed * 1000, 2),
                     "client_id": holder.get("client_id"),
                 },
             )

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from fhirvault.services.auth import AuthService, OAuthError
+from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository, RequestContext
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
 
@@ -57,8 +58,10 @@ _HASH_CONCURRENCY = 2
 
 
 class OAuthEndpoints:
-    def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None) -> None:
+    def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None,
+                 metrics: Metrics | None = None) -> None:
         self._auth = auth
+        self._metrics = metrics
         self._repo = repo
         self._public = public_base_url
         self._hash_slots: asyncio.Semaphore | None = None
@@ -68,6 +71,8 @@ class OAuthEndpoints:
         try:
             result = await self._token(request)
         except OAuthError as exc:
+            if exc.error in ("invalid_client", "invalid_scope") and self._metrics is not None:
+                self._metrics.auth_failure("client_auth" if exc.error == "invalid_client" else "invalid_scope")
             await self._repo.audit_event(ctx, "token", exc.status, exc.error)
             headers = {"WWW-Authenticate": 'Basic realm="fhirvault"'} if exc.status == 401 else None
             return _json(exc.status, exc.body(), headers)

@@ -20,6 +20,9 @@ import pytest
 from fhirvault.adapters.memory_store import ConstraintError, MemoryStore
 from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.ports import (
+    SEARCH_TAG_BYTES,
+    AuditCheckpoint,
+    AuditQuery,
     ClientRow,
     HistoryQuery,
     ResourceStore,
@@ -167,13 +170,13 @@ def test_history_count_honours_filters_but_not_limit(histories: ResourceStore) -
 def test_a_failing_job_among_concurrent_writes_leaves_no_trace(store: ResourceStore) -> None:
     def bad(tx: WriteTx) -> int:
         tx.insert_version("t", _v("bad", 1))
-        tx.append_audit("t", 1, b"bad")
+        tx.append_audit("t", 1, lambda _s: b"bad")
         tx.set_meta("bad", b"1")
         raise ValueError("refused")
 
     def good(i: int) -> Callable[[WriteTx], int]:
         def job(tx: WriteTx) -> int:
-            tx.append_audit("t", i, b"ok")
+            tx.append_audit("t", i, lambda _s: b"ok")
             return tx.insert_version("t", _v(f"p{i}", 1))
         return job
 
@@ -200,7 +203,7 @@ def test_a_failing_job_undoes_every_kind_of_write(store: ResourceStore) -> None:
         tx.insert_tenant_key(TenantKeyRow("t", 1, b"tk1", "rk-a"), 1)
         tx.set_meta("m", b"old")
         tx.remember_jti("expired", 5, 1)
-        tx.append_audit("t", 1, b"a1")
+        tx.append_audit("t", 1, lambda _s: b"a1")
 
     store.write_sync("setup", setup)
 
@@ -223,7 +226,7 @@ def test_a_failing_job_undoes_every_kind_of_write(store: ResourceStore) -> None:
         tx.set_meta("n", b"new")
         tx.insert_client(ClientRow("c", "t", "C", None, "system/*.read", None, 1))
         assert tx.remember_jti("j", 100, 50)  # also forgets "expired"
-        tx.append_audit("t", 2, b"a2")
+        tx.append_audit("t", 2, lambda _s: b"a2")
         raise ValueError("refused")
 
     with pytest.raises(ValueError, match="refused"):
@@ -419,10 +422,10 @@ def test_jti_replay_and_expiry(store: ResourceStore) -> None:
 
 def test_audit_append_and_entries(store: ResourceStore) -> None:
     assert store.audit_entries("t") == []
-    seqs = store.write_sync("a", lambda tx: [tx.append_audit(tn, ts, b"e%d" % ts)
+    seqs = store.write_sync("a", lambda tx: [tx.append_audit(tn, ts, lambda _s: b"e%d" % ts)
                                              for tn, ts in [("t", 1), ("u", 2), ("t", 3), ("t", 4)]])
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
-    more = store.write_sync("a", lambda tx: tx.append_audit("t", 5, b"e5"))
+    more = store.write_sync("a", lambda tx: tx.append_audit("t", 5, lambda _s: b"e5"))
     assert more > seqs[-1]
     entries = store.audit_entries("t")
     assert entries == [(seqs[0], 1, b"e1"), (seqs[2], 3, b"e3"), (seqs[3], 4, b"e4"), (more, 5, b"e5")]
@@ -430,3 +433,26 @@ def test_audit_append_and_entries(store: ResourceStore) -> None:
     assert store.audit_entries("t", after_seq=seqs[2]) == entries[2:]
     assert store.audit_entries("t", limit=2) == entries[:2]
     assert store.audit_entries("t", after_seq=more) == []
+
+
+def test_audit_seal_sees_its_seq_and_rows_cover_every_tenant(store: ResourceStore) -> None:
+    tag = b"T" * SEARCH_TAG_BYTES
+    store.write_sync("a", lambda tx: [tx.append_audit(tn, ts, lambda seq: b"seq=%d" % seq, tag if ts == 2 else b"")
+                                      for tn, ts in [("t", 1), ("u", 2), ("t", 3)]])
+    rows = store.audit_rows()
+    assert [(r.seq, r.tenant, r.blob) for r in rows] == [(1, "t", b"seq=1"), (2, "u", b"seq=2"), (3, "t", b"seq=3")]
+    assert store.audit_size() == 3 and store.audit_rows(after_seq=2) == rows[2:]
+    assert [r.seq for r in store.audit_find(AuditQuery("u", tags=(tag,)))] == [2]
+    assert store.audit_find(AuditQuery("t", tags=(tag,))) == []
+    assert [r.seq for r in store.audit_find(AuditQuery("t", descending=True))] == [3, 1]
+    assert [r.seq for r in store.audit_find(AuditQuery("t", since_ms=2))] == [3]
+
+
+def test_audit_nodes_and_checkpoints(store: ResourceStore) -> None:
+    cp = AuditCheckpoint(4, 10, b"r" * 32, "k1", b"s" * 64)
+    store.write_sync("c", lambda tx: (tx.add_audit_nodes([(1, 0, b"h" * 32)]), tx.add_audit_checkpoint(cp)))
+    assert store.audit_node(1, 0) == b"h" * 32 and store.audit_node(1, 1) is None
+    assert store.latest_audit_checkpoint() == cp and store.audit_checkpoints() == [cp]
+    assert store.audit_checkpoints(after_size=4) == []
+    with pytest.raises(DUPLICATE):
+        store.write_sync("dup", lambda tx: tx.add_audit_checkpoint(cp))

@@ -1,0 +1,1 @@
+"""Backups, continuous replication, restore and disaster-recovery drills."""
