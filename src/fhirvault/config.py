@@ -15,7 +15,10 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fhirvault.services.alert_settings import AlertSettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -48,6 +51,11 @@ class Settings:
     audit_witness_seconds: int = 60
     audit_witnesses: tuple[str, ...] | None = None
     audit_verify_hours: int = 6
+    # Patients' access-history view names the individual professional only if the policy says so.
+    access_history_show_names: bool = False
+    # Tables of the config file, parsed by their own modules (see SECTIONS).
+    alerts: AlertSettings | None = None
+    config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
     def root_key_path(self) -> Path:
@@ -112,6 +120,17 @@ def _base_url(name: str, raw: Any) -> str:
     return value
 
 
+def _bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name}: expected true or false")
+
+
 def _witnesses(name: str, raw: Any) -> tuple[str, ...]:
     items = [p.strip() for p in raw.split(",")] if isinstance(raw, str) else raw
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
@@ -149,8 +168,24 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_witness_seconds": _positive_int(1, 86400),
     "audit_witnesses": _witnesses,
     "audit_verify_hours": _positive_int(1, 24 * 30),
+    "access_history_show_names": _bool,
 }
-assert set(_PARSERS) == {f.name for f in dataclasses.fields(Settings)}
+# Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
+SECTIONS = ("alerts",)
+
+
+def _parse_section(name: str, raw: Mapping[str, Any], origin: str, data_dir: Path,
+                   environ: Mapping[str, str]) -> Any:
+    # Imported here: those modules import SettingsError from this one.
+    if name == "alerts":
+        from fhirvault.services.alert_settings import parse_alert_settings
+
+        return parse_alert_settings(raw, origin, data_dir, environ)
+    raise AssertionError(name)
+
+
+NOT_PARSED = (*SECTIONS, "config_path")
+assert set(_PARSERS) == {f.name for f in dataclasses.fields(Settings)} - set(NOT_PARSED)
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
@@ -165,7 +200,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, tuple[str, str]]:
     return found
 
 
-def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
+def _from_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -174,12 +209,16 @@ def _from_file(path: Path) -> dict[str, tuple[Any, str]]:
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
     found: dict[str, tuple[Any, str]] = {}
+    sections: dict[str, Any] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if name in SECTIONS:
+            sections[name] = value
+            continue
         if name not in _PARSERS:
             raise SettingsError(f"unknown setting '{key}' in config file {path}")
         found[name] = (value, f"config file {path}")
-    return found
+    return found, sections
 
 
 def load_settings(
@@ -201,7 +240,7 @@ def load_settings(
         if data_dir_raw is not None:
             candidate = Path(str(data_dir_raw[0])).expanduser() / CONFIG_FILE_NAME
             file_path = candidate if candidate.is_file() else None
-    file_values = _from_file(file_path) if file_path is not None else {}
+    file_values, sections = _from_file(file_path) if file_path is not None else ({}, {})
 
     merged: dict[str, Any] = {}
     for name, parse in _PARSERS.items():
@@ -217,7 +256,10 @@ def load_settings(
         raise SettingsError("data_dir is required: pass --data-dir or set FHIRVAULT_DATA_DIR")
     if ("tls_cert" in merged) != ("tls_key" in merged):
         raise SettingsError("tls_cert and tls_key must be given together")
-    settings = Settings(**merged)
+    for name in SECTIONS:
+        merged[name] = _parse_section(name, sections.get(name, {}), f"config file {file_path}",
+                                      merged["data_dir"], environ)
+    settings = Settings(**merged, config_path=file_path)
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("default_page_size must not exceed max_page_size")
     return settings

@@ -9,6 +9,8 @@ import orjson
 
 from fhirvault.adapters.keyfile import KeyFileProvider
 from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.adapters.alert_sinks import build_sinks
+from fhirvault.adapters.sqlite_alerts import SqliteAlertStore
 from fhirvault.adapters.witness import open_witness
 from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
@@ -17,8 +19,12 @@ from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, ResourceStore
 from fhirvault.services.audit import AuditTrail
 from fhirvault.services.auth import AuthService
+from fhirvault.services.alert_settings import AlertSettings
+from fhirvault.services.alerts import AlertService
+from fhirvault.services.audit_query import AuditReader
 from fhirvault.services.audit_checkpoints import SIGNING_SECRET, AuditCheckpointer, CheckpointSigner, origin_for
 from fhirvault.services.health import HealthState
+from fhirvault.services.detection import DetectionEngine
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.secrets import ServiceSecrets
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
@@ -49,7 +55,28 @@ class Container:
     audit_signer: CheckpointSigner
     checkpointer: AuditCheckpointer
     metrics: Metrics
+    audit_reader: AuditReader
+    alerts: AlertService | None = None
+    detection: DetectionEngine | None = None
     _checkpointing: bool = False
+
+    def enable_alerting(self) -> DetectionEngine:
+        """Real-time detection over the audit stream, alerts stored in alerts.sqlite3 and sent to the sinks.
+
+        Only the server does this (it starts delivery threads); one-shot CLI commands do not."""
+        if self.detection is not None:
+            return self.detection
+        a = self.settings.alerts or AlertSettings.default(self.settings.data_dir)
+        alerts = AlertService(SqliteAlertStore(self.settings.data_dir / "alerts.sqlite3"), build_sinks(a.sinks),
+                              self.clock, renotify_seconds=a.renotify_seconds, queue_size=a.queue_size,
+                              retry_attempts=a.retry_attempts, retry_initial_seconds=a.retry_initial_seconds,
+                              retry_max_seconds=a.retry_max_seconds)
+        detection = DetectionEngine(a.detection, alerts, self.clock)
+        metrics = self.metrics
+        alerts.on_fired(lambda alert: metrics.alert_fired(alert.rule, alert.severity))
+        self.audit.observers.append(detection.observe)
+        self.alerts, self.detection = alerts, detection
+        return detection
 
     def start_checkpoints(self) -> None:
         """Sign audit checkpoints in the background (the server does; one-shot CLI commands do not)."""
@@ -61,6 +88,8 @@ class Container:
         if self._checkpointing:
             self._checkpointing = False
             self.checkpointer.stop()  # a final checkpoint, sent to the witnesses
+        if self.alerts is not None:
+            self.alerts.close(timeout=5.0)
         self.store.close()
 
 
@@ -99,6 +128,8 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
                                 allow_unknown_elements=settings.validation == "lenient")
         secrets = ServiceSecrets(store, root)
         signer = audit_signer_for(store, secrets)
+        audit_reader = AuditReader.over_store(store, audit, repository, clock, server_id=issuer_for(store),
+                                              show_names=settings.access_history_show_names, push_patients=True)
         witnesses = [open_witness(spec) for spec in settings.audit_witness_specs]
         checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
                                          checkpoint_interval_s=settings.audit_checkpoint_seconds,
@@ -107,7 +138,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         store.close()
         raise
     return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
-                     secrets, signer, checkpointer, Metrics())
+                     secrets, signer, checkpointer, Metrics(), audit_reader)
 
 
 def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -92,11 +93,15 @@ def _current(t: _Tables, tenant: str, type: str, id: str) -> StoredVersion | Non
 class _Tx:
     """WriteTx over the tables; every change first logs how to undo it."""
 
-    __slots__ = ("_t", "undo")
+    __slots__ = ("_t", "committed", "undo")
 
     def __init__(self, tables: _Tables) -> None:
         self._t = tables
         self.undo: list[Callable[[], object]] = []
+        self.committed: list[Callable[[], None]] = []
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.committed.append(fn)
 
     def _set(self, table: dict[K, V], key: K, value: V) -> None:
         if key in table:
@@ -211,6 +216,13 @@ class _Tx:
         self._set(self._t.audit_checkpoints, checkpoint.size, checkpoint)
 
 
+def _run_callback(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # a commit hook must not turn a durable write into a failure
+        logging.getLogger("fhirvault.store").exception("commit callback failed")
+
+
 class MemoryStore:
     """The in-memory store: nothing survives the process."""
 
@@ -232,7 +244,10 @@ class MemoryStore:
         tx = _Tx(self._t)
         self._in_job = True
         try:
-            return fn(tx)
+            value = fn(tx)
+            for callback in tx.committed:
+                _run_callback(callback)
+            return value
         except BaseException as exc:
             for undo in reversed(tx.undo):
                 undo()

@@ -93,12 +93,16 @@ def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "index_changes")
+    __slots__ = ("_c", "committed", "index_changes")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
         # (rk, old tags, new tags) recorded by the current job, applied to the pending index on commit
         self.index_changes: list[tuple[int, bytes, bytes]] = []
+        self.committed: list[Callable[[], None]] = []  # the current job's on_commit callbacks
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.committed.append(fn)
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
@@ -433,9 +437,18 @@ def _deliver(fut: Any, ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
-def _settle(outcomes: list[tuple[Any, bool, Any]]) -> None:
+def _run_callbacks(hooks: list[Callable[[], None]]) -> None:
+    for hook in hooks:
+        try:
+            hook()
+        except Exception:  # a commit hook must not turn a durable write into a failure
+            log.exception("commit callback failed")
+
+
+def _settle(outcomes: list[tuple[Any, bool, Any, list[Callable[[], None]]]]) -> None:
     """Deliver a batch's outcomes on the event loop: one wake-up per batch, not per job."""
-    for fut, ok, value in outcomes:
+    for fut, ok, value, hooks in outcomes:
+        _run_callbacks(hooks)
         try:
             _deliver(fut, ok, value)
         except Exception:  # never strand the rest of the batch
@@ -507,12 +520,14 @@ class SqliteStore:
 
     def _commit_batch(self, conn: sqlite3.Connection, tx: _Tx, batch: list[_Job]) -> None:
         outcomes: list[tuple[bool, Any]] = []
+        callbacks: list[list[Callable[[], None]]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             changes: list[tuple[int, bytes, bytes]] = []
             for _name, fn, _fut, _loop in batch:
                 conn.execute("SAVEPOINT job")
                 tx.index_changes = []
+                tx.committed = []
                 try:
                     value = fn(tx)
                 except BaseException as exc:  # the job's own failure: undo only its work
@@ -523,9 +538,11 @@ class SqliteStore:
                         wrapped.__cause__ = exc
                         exc = wrapped
                     outcomes.append((False, exc))
+                    callbacks.append([])
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((True, value))
+                    callbacks.append(tx.committed)
                     changes.extend(tx.index_changes)
             conn.execute("COMMIT")
             self._index.stage(changes)  # searchable before any writer hears back
@@ -534,15 +551,17 @@ class SqliteStore:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
             outcomes = [(False, exc)] * len(batch)
+            callbacks = [[] for _ in batch]
         else:
             self.commits += 1
             self.batched_jobs += len(batch)
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any]]] = {}
-        for (_name, _fn, fut, loop), (ok, value) in zip(batch, outcomes, strict=True):
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any, list[Callable[[], None]]]]] = {}
+        for (_name, _fn, fut, loop), (ok, value), hooks in zip(batch, outcomes, callbacks, strict=True):
             if loop is None:
+                _run_callbacks(hooks)
                 _deliver(fut, ok, value)
             else:
-                by_loop.setdefault(loop, []).append((fut, ok, value))
+                by_loop.setdefault(loop, []).append((fut, ok, value, hooks))
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(_settle, items)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fhirvault.config import Settings, load_settings
+from fhirvault.config import NOT_PARSED, Settings, load_settings
 from fhirvault.logs import configure, dict_config
 
 log = logging.getLogger("fhirvault.serve")
@@ -24,8 +24,17 @@ WORKER_SETTINGS_ENV = "_FHIRVAULT_WORKER_SETTINGS"  # not FHIRVAULT_*: internal,
 
 
 def _encode(settings: Settings) -> str:
+    # The flat settings travel as values; the config file's tables are parsed again from the file.
     return json.dumps({f.name: (str(v) if isinstance(v := getattr(settings, f.name), Path) else v)
-                       for f in dataclasses.fields(settings) if getattr(settings, f.name) is not None})
+                       for f in dataclasses.fields(settings)
+                       if getattr(settings, f.name) is not None and f.name not in NOT_PARSED}
+                      | {"_config_path": str(settings.config_path) if settings.config_path else None})
+
+
+def _decode(raw: str) -> Settings:
+    values = json.loads(raw)
+    path = values.pop("_config_path", None)
+    return load_settings(values, environ=os.environ, config_file=Path(path) if path else None)
 
 
 def _exit_with_parent() -> None:
@@ -54,7 +63,7 @@ def app_factory() -> Any:
     # The store's writer thread and the event loop share the GIL; a shorter switch
     # interval keeps the writer from waiting up to 5 ms each time it needs it back.
     sys.setswitchinterval(0.0005)
-    settings = load_settings(json.loads(os.environ[WORKER_SETTINGS_ENV]), environ={})
+    settings = _decode(os.environ[WORKER_SETTINGS_ENV])
     configure(settings.log_level)
     return create_app(build(settings))
 

@@ -33,6 +33,40 @@ def _includes(rtype: str) -> list[str]:
     return sorted(f"{rtype}:{code}" for code, p in search_params(rtype).items() if p.type == "reference")
 
 
+# AuditEvent is served from the audit trail (services/audit_query.py), read-only.
+AUDIT_SEARCH_PARAMS = ("action", "agent", "date", "entity", "outcome", "patient", "subtype")
+AUDIT_DOC = (
+    "Served from the server's tamper-evident audit trail (IHE BALP AuditEvents); the server alone writes it. "
+    "Search: repeated parameters AND, comma-separated values OR; _count, _sort=date|-date (default -date) "
+    "and an opaque _cursor for paging. Reading the trail is itself audited."
+)
+ACCESS_HISTORY = {
+    "name": "access-history",
+    "definition": "urn:fhirvault:OperationDefinition/Patient-access-history",
+    "documentation": "GET Patient/[id]/$access-history: a searchset of the accesses to this patient's record "
+                     "(who by role and organisation, what, when, why). Parameters: date, action, outcome, "
+                     "_count, _sort, _cursor.",
+}
+
+
+def _rev_includes(rtype: str, resource_types: list[str]) -> dict[str, Any]:
+    """searchRevInclude, without AuditEvent (not in the resource store) and omitted when empty."""
+    found = sorted({i for t in resource_types if t != "AuditEvent" for i in _includes(t)
+                    if rtype in search_params(t)[i.split(":")[1]].targets})
+    return {"searchRevInclude": found} if found else {}
+
+
+def _audit_event_resource() -> dict[str, Any]:
+    params = search_params("AuditEvent")
+    return {
+        "type": "AuditEvent",
+        "interaction": [{"code": "read"}, {"code": "search-type"}],
+        "searchParam": [{"name": code, "type": params[code].type, "definition": params[code].url}
+                        for code in AUDIT_SEARCH_PARAMS],
+        "documentation": AUDIT_DOC,
+    }
+
+
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
                          published_ms_instant: str) -> dict[str, Any]:
     resources = [
@@ -47,13 +81,14 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "conditionalUpdate": True,
             "conditionalDelete": "single",
             "searchInclude": ["*", *_includes(rtype)],
-            "searchRevInclude": sorted({i for t in resource_types for i in _includes(t)
-                                        if rtype in search_params(t)[i.split(":")[1]].targets}),
+            **_rev_includes(rtype, resource_types),
             "searchParam": _search_params(rtype),
             **({"operation": [{"name": "everything",
-                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]}
+                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+                              ACCESS_HISTORY]}
                if rtype == "Patient" else {}),
         }
+        if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types
     ]
     return {

@@ -20,9 +20,11 @@ from fhirvault.domain.instants import http_date, instant, parse_fhir_datetime, p
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
+from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
 from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
 from fhirvault.fhir.negotiation import require_json_body, require_patch_body, response_type
+from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
 from fhirvault.services.search import SearchOutcome
 
@@ -72,9 +74,10 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
-                 max_bundle_entries: int = 10_000) -> None:
+                 max_bundle_entries: int = 10_000, audit_reader: AuditReader) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
+        self._trail = audit_reader
         self._types = resource_types
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
@@ -101,7 +104,9 @@ class FhirRouter:
         if n == 0:
             if method == "POST":
                 require_json_body(req.header("content-type"))
-                return await self._bundles.handle(req, _parse_body(req.body))
+                bundle = _parse_body(req.body)
+                await self._refuse_audit_writes(req, bundle)
+                return await self._bundles.handle(req, bundle)
             raise errors.not_implemented("System-level search is not supported; search one resource type.")
         if n == 1 and seg[0] == "_history":
             self._allow(method, "GET")
@@ -109,6 +114,8 @@ class FhirRouter:
         rtype = seg[0]
         if not is_resource_type(rtype):
             raise errors.not_found("Unknown resource type.")
+        if rtype == "AuditEvent":  # served from the audit trail, never from the resource store
+            return await self._audit_event(req)
         if n == 1:
             if method == "POST":
                 return await self._create(req, rtype)
@@ -140,6 +147,9 @@ class FhirRouter:
         if n == 3 and seg[2] == "$everything" and rtype == "Patient":
             self._allow(method, "GET")
             return await self._everything(req, rid)
+        if n == 3 and seg[2] == "$access-history" and rtype == "Patient":
+            self._allow(method, "GET")
+            return await self._access_history(req, rid)
         if seg[2] != "_history" or n > 4:
             raise errors.not_found("Unknown URL.")
         self._allow(method, "GET")
@@ -191,6 +201,58 @@ class FhirRouter:
         keep = [(k, v) for k, v in req.query if k in ("_type", "_since")]
         return FhirResponse(200, _searchset(req, f"Patient/{pid}/$everything", ParsedSearch("Patient"),
                                             outcome, count, keep))
+
+    # -- the audit trail ----------------------------------------------------------
+    async def _audit_event(self, req: FhirRequest) -> FhirResponse:
+        """AuditEvent: search and read only; the server alone writes the trail."""
+        seg, method = req.segments, req.method
+        reading = method in ("GET", "HEAD")
+        if len(seg) == 1 and reading:
+            return await self._audit_search(req, list(req.query))
+        if seg[1:] == ["_search"] and method == "POST":
+            return await self._audit_search(req, [*req.query, *_form_params(req)])
+        if len(seg) == 2 and reading and seg[1] not in ("_search", "_history"):
+            _check_id(seg[1])
+            seq, record = await self._trail.read(req.ctx, seg[1])
+            body = to_audit_event(seq, record, server_id=self._trail.server_id, base_url=req.base_url)
+            return FhirResponse(200, orjson.dumps(body), {"ETag": 'W/"1"'})
+        if not reading:
+            interaction = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "operation")
+            target = f"AuditEvent/{seg[1]}" if len(seg) > 1 and _ID.match(seg[1]) else "AuditEvent"
+            await self._trail.refuse_write(req.ctx, interaction, target)
+        raise errors.method_not_allowed("AuditEvent supports read and search only.")
+
+    async def _audit_search(self, req: FhirRequest, params: list[tuple[str, str]]) -> FhirResponse:
+        query, page = await self._trail.search(req.ctx, params, count=self._page_size(params),
+                                               base_url=req.base_url)
+        events = [to_audit_event(seq, r, server_id=self._trail.server_id, base_url=req.base_url)
+                  for seq, r in page.entries]
+        return FhirResponse(200, _audit_bundle(req, "AuditEvent", query, page, events))
+
+    async def _access_history(self, req: FhirRequest, pid: str) -> FhirResponse:
+        params = list(req.query)
+        query, page = await self._trail.access_history(req.ctx, pid, params, count=self._page_size(params))
+        trail = self._trail
+        events = [to_patient_view(seq, r, f"Patient/{pid}", server_id=trail.server_id, show_names=trail.show_names)
+                  for seq, r in page.entries]
+        return FhirResponse(200, _audit_bundle(req, f"Patient/{pid}/$access-history", query, page, events))
+
+    def _page_size(self, params: list[tuple[str, str]]) -> int:
+        """The page size cap; the query's own _count (validated by the parser) may lower it."""
+        return self._default_count if all(k != "_count" for k, _ in params) else self._max_count
+
+    async def _refuse_audit_writes(self, req: FhirRequest, bundle: Any) -> None:
+        """Transaction entries are written through the repository, not routed: refuse AuditEvent writes here."""
+        entries = bundle.get("entry") if isinstance(bundle, dict) and bundle.get("type") == "transaction" else None
+        if not isinstance(entries, list):
+            return
+        for entry in entries:
+            request = entry.get("request") if isinstance(entry, dict) else None
+            if not isinstance(request, dict) or str(request.get("method", "GET")).upper() in ("GET", "HEAD"):
+                continue
+            url = str(request.get("url", "")).split("?")[0].strip("/")
+            if url.split("/")[0] == "AuditEvent" or url.startswith(req.base_url.rstrip("/") + "/AuditEvent"):
+                await self._trail.refuse_write(req.ctx, "transaction", "AuditEvent")
 
     @staticmethod
     def _allow(method: str, allowed: str) -> None:
@@ -439,6 +501,24 @@ def _searchset(req: FhirRequest, rtype: str, parsed: ParsedSearch, out: SearchOu
     bundle["link"] = links
     if parsed.summary != "count":
         bundle["entry"] = entries
+    return orjson.dumps(bundle)
+
+
+def _audit_bundle(req: FhirRequest, path: str, query: AuditQuery, page: AuditPage,
+                  events: list[dict[str, Any]]) -> bytes:
+    base_link = f"{req.base_url}/{path}"
+    keep = [*query.criteria, ("_sort", "-date" if query.descending else "date")]
+    if query.count is not None:
+        keep.append(("_count", str(query.count)))
+    links = [{"relation": "self", "url": f"{base_link}?{urlencode(keep)}"}]
+    if page.next_cursor is not None:
+        links.append({"relation": "next", "url": f"{base_link}?{urlencode([*keep, ('_cursor', page.next_cursor)])}"})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset"}
+    if page.total is not None:
+        bundle["total"] = page.total
+    bundle["link"] = links
+    bundle["entry"] = [{"fullUrl": f"{req.base_url}/AuditEvent/{e['id']}", "resource": e, "search": {"mode": "match"}}
+                       for e in events]
     return orjson.dumps(bundle)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,8 @@ class AuditTrail:
         self._tenant = tenant
         self._key = key
         self._tag_key = tag_key
+        # Called with each record once it is durable (real-time detection), on the writer's event loop.
+        self.observers: list[Callable[[AuditRecord], None]] = []
 
     @property
     def tenant(self) -> str:
@@ -102,16 +105,20 @@ class AuditTrail:
         return hmac.new(self._tag_key, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()[:SEARCH_TAG_BYTES]
 
     def tags_for(self, event: AuditRecord) -> bytes:
-        return self._tags(event.patient, event.client_id, event.user)
+        return self._tags(event.patient, event.entity, event.client_id, event.user)
 
     def tags_from(self, doc: dict[str, Any]) -> bytes:
         """The tags a decrypted record implies (``audit verify`` checks the stored ones)."""
-        return self._tags(doc.get("patient"), doc.get("client_id"), doc.get("user"))
+        return self._tags(doc.get("patient"), doc.get("entity"), doc.get("client_id"), doc.get("user"))
 
-    def _tags(self, patient: str | None, client_id: str | None, user: str | None) -> bytes:
-        tags = set()
-        if patient:
-            tags.add(self.tag("patient", patient))
+    def _tags(self, patient: str | None, entity: str | None, client_id: str | None, user: str | None) -> bytes:
+        # One tag per patient named (searches and history name several, comma-separated), and the
+        # patient a refused or Patient-level access was about (its entity), so a patient's access
+        # history is an index lookup.
+        patients = {p for p in (patient or "").split(",") if p}
+        if entity and entity.startswith("Patient/"):
+            patients.add("/".join(entity.split("/")[:2]).split("$")[0])
+        tags = {self.tag("patient", p) for p in patients}
         if client_id:
             tags.add(self.tag("agent", client_id))
         if user:
@@ -123,6 +130,14 @@ class AuditTrail:
         aead, tenant, ts_ms = self._key.aead, self._tenant, event.ts_ms
         tx.append_audit(tenant, ts_ms, lambda seq: aead.seal(plaintext, audit_aad(tenant, seq, ts_ms)),
                         self.tags_for(event))
+        if self.observers:
+            observers = tuple(self.observers)
+
+            def notify() -> None:
+                for observer in observers:
+                    observer(event)
+
+            tx.on_commit(notify)
 
     def decrypt(self, seq: int, ts_ms: int, blob: bytes) -> dict[str, Any]:
         """Raises DecryptionError if the entry was modified, moved or forged."""

@@ -9,6 +9,8 @@ key id).
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 import uuid
 from collections.abc import Callable
@@ -132,9 +134,17 @@ class Repository:
         raise errors.forbidden(f"Access denied: the token's scopes do not allow this interaction on {rtype}.")
 
     async def audit_event(self, ctx: RequestContext, interaction: str, status: int, detail: str,
-                          entity: str | None = None) -> None:
-        """Record an event that is not a resource write: a refusal, a token issued…"""
+                          entity: str | None = None, *, client_id: str | None = None,
+                          category: str = "rest") -> None:
+        """Record an event that is not a resource write: a refusal, a token issued…
+
+        ``client_id`` names the client when there is no principal yet (a token request: the
+        id the caller claimed, so failures can be counted per account)."""
         record = self._record(ctx, interaction, status, entity=entity, detail=detail)
+        if client_id is not None and record.client_id is None:
+            record = dataclasses.replace(record, client_id=client_id[:128])
+        if category != record.category:
+            record = dataclasses.replace(record, category=category)
         await self._store.write("audit.event", lambda tx: self._audit.record(tx, record))
 
     async def remember_assertion(self, assertion_id: str, expires_ms: int) -> bool:
@@ -225,9 +235,16 @@ class Repository:
     # that may await or fail cheaply), giving a job that runs inside one store
     # transaction. A single interaction writes its job alone; a transaction bundle
     # writes all its entries' jobs in one job, so they commit or fail together.
+    @staticmethod
+    def _check_writable(rtype: str) -> None:
+        # Defence in depth: the router already serves AuditEvent from the trail, read-only.
+        if rtype == "AuditEvent":
+            raise errors.method_not_allowed("AuditEvents are written only by the server; they are read-only.")
+
     async def prepare_create(self, ctx: RequestContext, rtype: str, body: dict[str, Any],
                              rid: str | None = None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
+        self._check_writable(rtype)
         await self.authorize(ctx, rtype, "c", "create")
         body.pop("id", None)  # R4: the server assigns the id and ignores one in the body
         self._validate(rtype, body)
@@ -242,6 +259,7 @@ class Repository:
     async def prepare_update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                              if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
+        self._check_writable(rtype)
         await self.authorize(ctx, rtype, "u", "update", f"{rtype}/{rid}")
         if body.get("id") != rid:
             raise errors.bad_request("The id in the body must be present and match the id in the URL.", "id")
@@ -261,6 +279,7 @@ class Repository:
                             if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
         """Apply the patch to the current version; the job fails with ConcurrentChange if that version changed."""
         self.check_type(rtype)
+        self._check_writable(rtype)
         await self.authorize(ctx, rtype, "u", "patch", f"{rtype}/{rid}")
         if not isinstance(operations, list) or not operations or not all(isinstance(o, dict) for o in operations):
             raise errors.bad_request("A JSON Patch body is a non-empty array of operation objects.")
@@ -299,6 +318,7 @@ class Repository:
                              *, missing_ok: bool = False) -> Callable[[WriteTx], int | None]:
         """Logical delete job. It returns the deletion's version, or None if there was nothing to delete."""
         self.check_type(rtype)
+        self._check_writable(rtype)
         await self.authorize(ctx, rtype, "d", "delete", f"{rtype}/{rid}")
         tenant = self.tenant
 

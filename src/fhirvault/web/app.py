@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,8 @@ from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
 from fhirvault.fhir.router import FhirRouter
 from fhirvault.services.audit_monitor import AuditMonitor
+from fhirvault.services.audit_verify import VerifyReport
+from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.metrics import Metrics, tenant_key_created
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
@@ -61,13 +64,29 @@ class _Dispatcher:
         await self._other(scope, receive, send)
 
 
+async def _alert_housekeeping(container: Container, detection: DetectionEngine) -> None:
+    """Every few seconds: the clock-jump check, and the open-alert gauges."""
+    while True:
+        try:
+            detection.check_clock()
+            if container.alerts is not None:
+                by_severity: dict[str, int] = {}
+                for (_rule, severity), n in container.alerts.open_counts().items():
+                    by_severity[severity] = by_severity.get(severity, 0) + n
+                container.metrics.alerts_open_now(by_severity)
+        except Exception:
+            log.exception("alert housekeeping failed")
+        await asyncio.sleep(5)
+
+
 def create_app(container: Container) -> ASGIApp:
     settings = container.settings
     repo = container.repository
     metrics = container.metrics
     metrics.watch_health(container.health)
     metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
-    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics)
+    detection = container.enable_alerting()
+    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled)
     docs = _PerBaseUrl(container)
     types = frozenset(resource_types())
 
@@ -76,7 +95,8 @@ def create_app(container: Container) -> ASGIApp:
         return docs.capability(base_url, token_url), orjson.dumps(oauth.smart_configuration_for(token_url))
 
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
-                        max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries)
+                        max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries,
+                        audit_reader=container.audit_reader)
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url, metrics=metrics)
 
@@ -115,8 +135,15 @@ def create_app(container: Container) -> ASGIApp:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         monitor = AuditMonitor(container)
+        def audit_failed(report: VerifyReport) -> None:
+            detection.system_alert(AUDIT_VERIFICATION, "critical", "audit log verification failed (first bad "
+                                   f"entry {report.first_bad_seq}): {report.problems[0]}", "audit-log")
+
+        monitor.on_failure.append(audit_failed)
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
+        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection))
         yield
+        housekeeping.cancel()
         monitor.stop()
         container.close()
 

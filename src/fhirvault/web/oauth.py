@@ -6,7 +6,7 @@ import asyncio
 import base64
 import binascii
 import logging
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
 import orjson
@@ -57,10 +57,15 @@ def token_url_for(request: Request, public_base_url: str | None) -> str:
 _HASH_CONCURRENCY = 2
 
 
+class Throttle(Protocol):
+    def __call__(self, *, source_ip: str | None, client_id: str | None) -> bool: ...
+
+
 class OAuthEndpoints:
     def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, throttled: Throttle | None = None) -> None:
         self._auth = auth
+        self._throttled = throttled
         self._metrics = metrics
         self._repo = repo
         self._public = public_base_url
@@ -68,19 +73,24 @@ class OAuthEndpoints:
 
     async def token(self, request: Request) -> Response:
         ctx = RequestContext(None, request_id_of(request.scope), client_ip(request.scope))
+        claimed: dict[str, str] = {}
         try:
-            result = await self._token(request)
+            result = await self._token(request, ctx, claimed)
         except OAuthError as exc:
             if exc.error in ("invalid_client", "invalid_scope") and self._metrics is not None:
                 self._metrics.auth_failure("client_auth" if exc.error == "invalid_client" else "invalid_scope")
-            await self._repo.audit_event(ctx, "token", exc.status, exc.error)
+            await self._repo.audit_event(ctx, "token", exc.status, exc.error, client_id=claimed.get("id"),
+                                         category="security")
             headers = {"WWW-Authenticate": 'Basic realm="fhirvault"'} if exc.status == 401 else None
+            if exc.status == 429:
+                headers = {"Retry-After": "60"}
             return _json(exc.status, exc.body(), headers)
         set_client_id(result[0])
-        await self._repo.audit_event(ctx, "token", 200, "token issued to " + result[0])
+        await self._repo.audit_event(ctx, "token", 200, "token issued", client_id=result[0], category="security")
         return _json(200, result[1])
 
-    async def _token(self, request: Request) -> tuple[str, dict[str, Any]]:
+    async def _token(self, request: Request, ctx: RequestContext,
+                     claimed: dict[str, str]) -> tuple[str, dict[str, Any]]:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype != "application/x-www-form-urlencoded":
             raise OAuthError("invalid_request", "the token request must be application/x-www-form-urlencoded")
@@ -101,6 +111,13 @@ class OAuthEndpoints:
             raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
         token_url = token_url_for(request, self._public)
         basic = _basic(request.headers.get("authorization"))
+        claimed_id = basic[0] if basic else form.get("client_id")
+        if claimed_id:
+            claimed["id"] = claimed_id
+        # Refuse a locked account or a throttled source before any password hashing: a flood of
+        # guesses then costs microseconds and never queues behind the hash slots others need.
+        if self._throttled is not None and self._throttled(source_ip=ctx.source_ip, client_id=claimed_id):
+            raise OAuthError("invalid_client", "too many failed attempts; try again later", 429)
         if self._hash_slots is None:  # created lazily, inside the server's event loop
             self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         async with self._hash_slots:  # and off the event loop itself

@@ -456,3 +456,24 @@ def test_audit_nodes_and_checkpoints(store: ResourceStore) -> None:
     assert store.audit_checkpoints(after_size=4) == []
     with pytest.raises(DUPLICATE):
         store.write_sync("dup", lambda tx: tx.add_audit_checkpoint(cp))
+
+
+def test_on_commit_runs_after_success_only(store: ResourceStore) -> None:
+    seen: list[str] = []
+
+    def ok(tx: WriteTx) -> None:
+        tx.on_commit(lambda: seen.append("ok"))
+        tx.set_meta("x", b"1")
+
+    def bad(tx: WriteTx) -> None:
+        tx.on_commit(lambda: seen.append("bad"))
+        raise ValueError("refused")
+
+    async def run() -> list[object]:
+        return await asyncio.gather(store.write("ok", ok), store.write("bad", bad), return_exceptions=True)
+
+    results = asyncio.run(run())
+    assert isinstance(results[1], ValueError)
+    assert seen == ["ok"]
+    store.write_sync("sync", ok)
+    assert seen == ["ok", "ok"]
