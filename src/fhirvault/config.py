@@ -53,6 +53,8 @@ class Settings:
     audit_verify_hours: int = 6
     # Patients' access-history view names the individual professional only if the policy says so.
     access_history_show_names: bool = False
+    # Store source IPs in the audit trail as keyed hashes (GDPR data minimisation) instead of in clear.
+    audit_hash_source_ips: bool = False
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
     config_path: Path | None = None  # the config file these settings were read from, if any
@@ -169,6 +171,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_witnesses": _witnesses,
     "audit_verify_hours": _positive_int(1, 24 * 30),
     "access_history_show_names": _bool,
+    "audit_hash_source_ips": _bool,
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
 SECTIONS = ("alerts",)

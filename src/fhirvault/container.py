@@ -7,29 +7,34 @@ from dataclasses import dataclass
 
 import orjson
 
-from fhirvault.adapters.keyfile import KeyFileProvider
-from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.adapters.alert_sinks import build_sinks
+from fhirvault.adapters.keyfile import KeyFileProvider
 from fhirvault.adapters.sqlite_alerts import SqliteAlertStore
+from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.adapters.witness import open_witness
 from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, ResourceStore
-from fhirvault.services.audit import AuditTrail
-from fhirvault.services.auth import AuthService
 from fhirvault.services.alert_settings import AlertSettings
 from fhirvault.services.alerts import AlertService
+from fhirvault.services.audit import AuditTrail
+from fhirvault.services.audit_checkpoints import (
+    SIGNING_SECRET,
+    AuditCheckpointer,
+    CheckpointSigner,
+    origin_for,
+)
 from fhirvault.services.audit_query import AuditReader
-from fhirvault.services.audit_checkpoints import SIGNING_SECRET, AuditCheckpointer, CheckpointSigner, origin_for
-from fhirvault.services.health import HealthState
+from fhirvault.services.auth import AuthService
 from fhirvault.services.detection import DetectionEngine
-from fhirvault.services.metrics import Metrics
-from fhirvault.services.secrets import ServiceSecrets
+from fhirvault.services.health import HealthState
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
+from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
+from fhirvault.services.secrets import ServiceSecrets
 
 INSTANCE_META = "instance-id"
 
@@ -120,7 +125,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         keys = KeyRing(store, root, settings.tenant, clock)
         keys.load()
         audit = AuditTrail(settings.tenant, keys.for_compartment_sync(AUDIT_COMPARTMENT),
-                           keys.index_subkey("audit-index"))
+                           keys.index_subkey("audit-index"), hash_source_ips=settings.audit_hash_source_ips)
         auth = AuthService(store, root, clock, issuer=issuer_for(store), tenant=settings.tenant,
                            token_ttl_seconds=settings.token_ttl_seconds)
         validator = Validator.default()

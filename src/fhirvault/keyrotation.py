@@ -40,6 +40,7 @@ def rotate_root_key(settings: Settings) -> str:
         store.close()
     for kid in old_ids:
         provider.retire(kid)
+    _audit(settings, f"root key rotated: new root key {new_id}; tenant keys and service secrets re-wrapped")
     return new_id
 
 
@@ -49,6 +50,18 @@ def rotate_tenant_key(settings: Settings) -> int:
     try:
         keys = KeyRing(store, provider, settings.tenant, SystemClock())
         keys.load()
-        return keys.rotate_tenant_key()
+        version = keys.rotate_tenant_key()
     finally:
         store.close()
+    _audit(settings, f"tenant key rotated to version {version}; data keys re-wrapped")
+    return version
+
+
+def _audit(settings: Settings, detail: str) -> None:
+    from fhirvault.container import build
+
+    container = build(settings)
+    try:
+        container.audit.record_system_event(container.store, container.clock, "key-rotation", detail)
+    finally:
+        container.close()

@@ -761,7 +761,7 @@ class SqliteStore:
             args.append(q.until_ms)
         if q.tags:
             marks = ",".join("?" * len(q.tags))
-            clauses.append(f"l.seq IN (SELECT seq FROM audit.audit_index WHERE tag IN ({marks}))")
+            clauses.append(f"l.seq IN (SELECT seq FROM audit.audit_index WHERE tag IN ({marks}))")  # noqa: S608
             args.extend(q.tags)
         order = "DESC" if q.descending else "ASC"
         sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log l"  # noqa: S608

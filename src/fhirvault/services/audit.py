@@ -11,6 +11,7 @@ because it names patients. Entries form an RFC 9162 Merkle log (see
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import struct
@@ -20,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from fhirvault.ports import SEARCH_TAG_BYTES, AuditRow, WriteTx
+from fhirvault.ports import SEARCH_TAG_BYTES, AuditRow, Clock, ResourceStore, WriteTx
 from fhirvault.services.crypto import associated_data
 from fhirvault.services.keys import DataKey
 
@@ -90,10 +91,11 @@ class AuditTrail:
     so the trail can be searched by patient or agent without decrypting it all.
     """
 
-    def __init__(self, tenant: str, key: DataKey, tag_key: bytes) -> None:
+    def __init__(self, tenant: str, key: DataKey, tag_key: bytes, *, hash_source_ips: bool = False) -> None:
         self._tenant = tenant
         self._key = key
         self._tag_key = tag_key
+        self._hash_ips = hash_source_ips
         # Called with each record once it is durable (real-time detection), on the writer's event loop.
         self.observers: list[Callable[[AuditRecord], None]] = []
 
@@ -126,7 +128,12 @@ class AuditTrail:
         return b"".join(sorted(tags))
 
     def record(self, tx: WriteTx, event: AuditRecord) -> None:
-        plaintext = event.to_json()
+        stored = event
+        if self._hash_ips and event.source_ip:
+            # Pseudonymised but stable: the same address gives the same value, so patterns remain visible.
+            digest = hmac.new(self._tag_key, b"source-ip\x00" + event.source_ip.encode(), hashlib.sha256)
+            stored = dataclasses.replace(event, source_ip="hmac-sha256:" + digest.hexdigest()[:32])
+        plaintext = stored.to_json()
         aead, tenant, ts_ms = self._key.aead, self._tenant, event.ts_ms
         tx.append_audit(tenant, ts_ms, lambda seq: aead.seal(plaintext, audit_aad(tenant, seq, ts_ms)),
                         self.tags_for(event))
@@ -138,6 +145,13 @@ class AuditTrail:
                     observer(event)
 
             tx.on_commit(notify)
+
+    def record_system_event(self, store: ResourceStore, clock: Clock, interaction: str, detail: str, *,
+                            status: int = 200, actor: str | None = None) -> None:
+        """A configuration, key or backup event from the CLI or a background job (its own transaction)."""
+        event = AuditRecord(clock.now_ms(), interaction, outcome_for(status), status, "-", user=actor,
+                            detail=detail, category="system")
+        store.write_sync("audit.system", lambda tx: self.record(tx, event))
 
     def decrypt(self, seq: int, ts_ms: int, blob: bytes) -> dict[str, Any]:
         """Raises DecryptionError if the entry was modified, moved or forged."""

@@ -35,7 +35,7 @@ from fhirvault.services.audit import leaf_data
 
 log = logging.getLogger("fhirvault.audit")
 
-SIGNING_SECRET = "audit-signing"
+SIGNING_SECRET = "audit-signing"  # noqa: S105 - the name of a stored secret, not a secret
 NODE_MIN_LEVEL = 8  # keep complete subtrees of 256 leaves and more: 1/128 of the entries
 _READ_BATCH = 20_000
 

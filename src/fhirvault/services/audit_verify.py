@@ -25,7 +25,11 @@ from fhirvault.domain import merkle
 from fhirvault.domain.merkle import CompactTree
 from fhirvault.ports import AuditCheckpoint, AuditRow, ResourceStore
 from fhirvault.services.audit import AuditTrail, leaf_data
-from fhirvault.services.audit_checkpoints import CheckpointVerifier, WitnessedCheckpoint, decode_proof
+from fhirvault.services.audit_checkpoints import (
+    CheckpointVerifier,
+    WitnessedCheckpoint,
+    decode_proof,
+)
 from fhirvault.services.crypto import DecryptionError
 
 _BATCH = 20_000

@@ -9,9 +9,8 @@ key id).
 
 from __future__ import annotations
 
-import dataclasses
-
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -20,8 +20,9 @@ from fhirvault.domain.r4 import resource_types
 from fhirvault.fhir.router import FhirRouter
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
+from fhirvault.services.config_audit import changed_settings
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
-from fhirvault.services.metrics import Metrics, tenant_key_created
+from fhirvault.services.metrics import tenant_key_created
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
 from fhirvault.web.metrics_endpoint import MetricsEndpoint
@@ -140,6 +141,7 @@ def create_app(container: Container) -> ASGIApp:
                                    f"entry {report.first_bad_seq}): {report.problems[0]}", "audit-log")
 
         monitor.on_failure.append(audit_failed)
+        changed_settings(container)  # a config-change audit record when the settings differ from the last start
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection))
         yield

@@ -1,0 +1,49 @@
+"""Configuration changes leave an audit record: compared at each server start with the last one seen."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fhirvault.config import Settings
+from fhirvault.ports import WriteTx
+
+_META = "config-last-seen"
+
+
+def _flat(settings: Settings) -> dict[str, Any]:
+    """Every setting as plain JSON values; config-file tables as a digest (they may name secret files)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            value = hashlib.sha256(repr(value).encode()).hexdigest()[:16]
+        elif isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f.name] = value
+    return out
+
+
+def changed_settings(container: Any) -> list[str]:
+    """Record a ``config-change`` system event if the settings differ from the last start; return the names."""
+    current = _flat(container.settings)
+    raw = container.store.get_meta(_META)
+    previous: dict[str, Any] = orjson.loads(raw) if raw else {}
+    changed = sorted(k for k in current.keys() | previous.keys() if current.get(k) != previous.get(k))
+    if not changed:
+        return []
+    detail = "first start" if not previous else "changed: " + ", ".join(changed)
+    encoded = orjson.dumps(current)
+
+    def remember(tx: WriteTx) -> None:
+        tx.set_meta(_META, encoded)
+
+    container.store.write_sync("config.seen", remember)
+    container.audit.record_system_event(container.store, container.clock, "config-change", detail)
+    return changed
