@@ -65,12 +65,27 @@ class TokenError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Principal:
+    """Who is calling: the client, and (for tokens issued after a user login) the user behind it.
+
+    Claims in our access tokens: ``sub`` (user id, or the client id for client_credentials),
+    ``client_id``, ``scope``, and for user tokens ``role`` (practitioner, nurse, admin_staff, patient,
+    auditor, security_officer, platform_admin), ``fhirUser`` (e.g. ``Practitioner/123``), ``patient``
+    (SMART launch context: the patient id a patient/ scope is bound to), ``org`` (the user's
+    Organization id) and ``sid`` (login session, for logout/revocation).
+    """
+
     client_id: str
     tenant: str
     scope: str
     grants: Grants
     expires_at: int
     token_id: str
+    user: str | None = None
+    role: str | None = None
+    fhir_user: str | None = None
+    patient: str | None = None
+    organization: str | None = None
+    session_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,13 +293,23 @@ class AuthService:
         except (ValueError, TypeError, KeyError):
             raise TokenError("access token malformed") from None
         claims = decoded.claims
+        def opt(name: str) -> str | None:
+            value = claims.get(name)
+            return str(value) if value is not None else None
+
         principal = Principal(
-            client_id=str(claims["sub"]),
+            client_id=str(claims.get("client_id") or claims["sub"]),
             tenant=str(claims["tenant"]),
             scope=str(claims["scope"]),
             grants=Grants(tuple(parse_scopes(str(claims["scope"]), strict=False))),
             expires_at=int(claims["exp"]),
             token_id=str(claims["jti"]),
+            user=str(claims["sub"]) if opt("role") is not None else None,
+            role=opt("role"),
+            fhir_user=opt("fhirUser"),
+            patient=opt("patient"),
+            organization=opt("org"),
+            session_id=opt("sid"),
         )
         with self._cache_lock:
             self._cache[token] = principal

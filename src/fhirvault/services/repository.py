@@ -153,10 +153,12 @@ class Repository:
 
     def _record(self, ctx: RequestContext, interaction: str, status: int, *, entity: str | None = None,
                 patient: str | None = None, query: str | None = None, detail: str | None = None) -> AuditRecord:
+        p = ctx.principal
         return AuditRecord(
             ts_ms=self._clock.now_ms(), interaction=interaction, outcome=outcome_for(status), status=status,
-            request_id=ctx.request_id, client_id=ctx.principal.client_id if ctx.principal else None,
+            request_id=ctx.request_id, client_id=p.client_id if p else None,
             source_ip=ctx.source_ip, entity=entity, patient=patient, query=query, detail=detail,
+            user=p.user if p else None, role=p.role if p else None,
         )
 
     # -- helpers -----------------------------------------------------------------
