@@ -55,6 +55,11 @@ class Settings:
     access_history_show_names: bool = False
     # Store source IPs in the audit trail as keyed hashes (GDPR data minimisation) instead of in clear.
     audit_hash_source_ips: bool = False
+    # User logins: sessions end after this idle time or this absolute time; a login expires unused.
+    session_idle_minutes: int = 15
+    session_max_hours: int = 12
+    refresh_token_days: int = 30
+    break_glass_hours: int = 4
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
     config_path: Path | None = None  # the config file these settings were read from, if any
@@ -172,6 +177,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "audit_verify_hours": _positive_int(1, 24 * 30),
     "access_history_show_names": _bool,
     "audit_hash_source_ips": _bool,
+    "session_idle_minutes": _positive_int(1, 24 * 60),
+    "session_max_hours": _positive_int(1, 24 * 7),
+    "refresh_token_days": _positive_int(1, 365),
+    "break_glass_hours": _positive_int(1, 72),
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
 SECTIONS = ("alerts",)

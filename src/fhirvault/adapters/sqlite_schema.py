@@ -135,3 +135,7 @@ BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit.audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
 """
+
+# -- identity: users, login sessions, authorization codes, refresh tokens (see services/users.py) --
+
+# -- access control: break-the-glass grants and their review (see services/break_glass.py) --

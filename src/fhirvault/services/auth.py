@@ -71,7 +71,8 @@ class Principal:
     ``client_id``, ``scope``, and for user tokens ``role`` (practitioner, nurse, admin_staff, patient,
     auditor, security_officer, platform_admin), ``fhirUser`` (e.g. ``Practitioner/123``), ``patient``
     (SMART launch context: the patient id a patient/ scope is bound to), ``org`` (the user's
-    Organization id) and ``sid`` (login session, for logout/revocation).
+    Organization id), ``sid`` (login session, for logout/revocation) and ``clearance`` (list of
+    confidentiality codes, e.g. ``["R"]``, the user may read beyond normal data).
     """
 
     client_id: str
@@ -86,6 +87,8 @@ class Principal:
     patient: str | None = None
     organization: str | None = None
     session_id: str | None = None
+    # Confidentiality codes (v3 Confidentiality: R, V) this user may see beyond normal (N) data.
+    clearances: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +313,7 @@ class AuthService:
             patient=opt("patient"),
             organization=opt("org"),
             session_id=opt("sid"),
+            clearances=frozenset(str(c) for c in claims.get("clearance") or ()),
         )
         with self._cache_lock:
             self._cache[token] = principal

@@ -134,7 +134,8 @@ class Repository:
 
     async def audit_event(self, ctx: RequestContext, interaction: str, status: int, detail: str,
                           entity: str | None = None, *, client_id: str | None = None,
-                          category: str = "rest") -> None:
+                          category: str = "rest", user: str | None = None, role: str | None = None,
+                          patient: str | None = None, purpose_of_use: str | None = None) -> None:
         """Record an event that is not a resource write: a refusal, a token issued…
 
         ``client_id`` names the client when there is no principal yet (a token request: the
@@ -144,6 +145,10 @@ class Repository:
             record = dataclasses.replace(record, client_id=client_id[:128])
         if category != record.category:
             record = dataclasses.replace(record, category=category)
+        if user or role or patient or purpose_of_use:
+            record = dataclasses.replace(record, user=user or record.user, role=role or record.role,
+                                         patient=patient or record.patient,
+                                         purpose_of_use=purpose_of_use or record.purpose_of_use)
         await self._store.write("audit.event", lambda tx: self._audit.record(tx, record))
 
     async def remember_assertion(self, assertion_id: str, expires_ms: int) -> bool:
