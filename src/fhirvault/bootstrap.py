@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fhirvault.adapters.keyfile import KeyFileProvider, write_private_file
 from fhirvault.adapters.sqlite_store import SqliteStore
-from fhirvault.config import Settings
+from fhirvault.config import CONFIG_FILE_NAME, Settings
 from fhirvault.container import INSTANCE_META, SystemClock, issuer_for
 from fhirvault.ports import Clock, WriteTx
 from fhirvault.services.auth import AuthService
@@ -31,7 +31,8 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     """Create everything a new deployment needs. Returns the admin credentials file."""
     clock = clock or SystemClock()
     data_dir = settings.data_dir
-    if data_dir.exists() and any(data_dir.iterdir()):
+    # The config file may be put in place first (DATA_DIR/fhirvault.toml is read by default).
+    if data_dir.exists() and any(p.name != CONFIG_FILE_NAME for p in data_dir.iterdir()):
         raise InitError(f"refusing to initialise: {data_dir} exists and is not empty")
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from fhirvault.backup.settings import BackupSettings
     from fhirvault.services.alert_settings import AlertSettings
 
 ENV_PREFIX = "FHIRVAULT_"
@@ -62,6 +63,7 @@ class Settings:
     break_glass_hours: int = 4
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
+    backup: BackupSettings | None = None
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -183,7 +185,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "break_glass_hours": _positive_int(1, 72),
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts",)
+SECTIONS = ("alerts", "backup")
 
 
 def _parse_section(name: str, raw: Mapping[str, Any], origin: str, data_dir: Path,
@@ -193,6 +195,10 @@ def _parse_section(name: str, raw: Mapping[str, Any], origin: str, data_dir: Pat
         from fhirvault.services.alert_settings import parse_alert_settings
 
         return parse_alert_settings(raw, origin, data_dir, environ)
+    if name == "backup":
+        from fhirvault.backup.settings import parse_backup_settings
+
+        return parse_backup_settings(raw, origin) if raw else None
     raise AssertionError(name)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fhirvault import __version__
+from fhirvault.cli import backup as backup_cli
 from fhirvault.config import Settings, SettingsError, load_settings
 
 
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_rot = keys_sub.add_parser("rotate", help="rotate the root key or the tenant key (re-wraps, no re-encryption)")
     _settings_options(p_rot)
     p_rot.add_argument("--level", choices=["root", "tenant"], required=True)
+
+    from fhirvault.cli import audit as audit_cli
+
+    audit_cli.register(sub, _settings_options)
+    backup_cli.register(sub, _settings_options)
     return parser
 
 
@@ -67,6 +73,8 @@ def _fail(message: str, code: int = 2) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in backup_cli.COMMANDS:
+        return backup_cli.run(args, _load)
     try:
         settings = _load(args)
     except SettingsError as exc:
@@ -82,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _client_create(settings, args)
         if args.command == "keys":
             return _rotate(settings, args.level)
+        if args.command == "audit":
+            from fhirvault.cli import audit as audit_cli
+
+            return audit_cli.run(args, settings)
     except KeyboardInterrupt:
         return 130
     return _fail("unknown command")

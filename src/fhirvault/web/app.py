@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fhirvault.backup.scheduler import BackupScheduler
 from fhirvault.container import Container, capability_bytes
 from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
@@ -65,11 +66,14 @@ class _Dispatcher:
         await self._other(scope, receive, send)
 
 
-async def _alert_housekeeping(container: Container, detection: DetectionEngine) -> None:
-    """Every few seconds: the clock-jump check, and the open-alert gauges."""
+async def _alert_housekeeping(container: Container, detection: DetectionEngine,
+                              backups: BackupScheduler | None) -> None:
+    """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges."""
     while True:
         try:
             detection.check_clock()
+            if backups is not None:
+                backups.update_metrics()
             if container.alerts is not None:
                 by_severity: dict[str, int] = {}
                 for (_rule, severity), n in container.alerts.open_counts().items():
@@ -143,9 +147,14 @@ def create_app(container: Container) -> ASGIApp:
         monitor.on_failure.append(audit_failed)
         changed_settings(container)  # a config-change audit record when the settings differ from the last start
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
-        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection))
+        backups = BackupScheduler(container, detection, settings.backup) if settings.backup else None
+        if backups is not None:
+            backups.start()  # scheduled backups and continuous replication, when configured
+        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
         yield
         housekeeping.cancel()
+        if backups is not None:
+            backups.stop()
         monitor.stop()
         container.close()
 

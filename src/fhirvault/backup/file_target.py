@@ -1,0 +1,118 @@
+"""``file:///path``: a backup target in a local (or mounted) directory.
+
+Each object is a file under the root. ``put`` writes a temp file, fsyncs it,
+renames it into place and fsyncs the directory, so a crash leaves either the
+whole object or nothing (a stray ``.tmp-*`` file at worst, never listed).
+Object lock is not enforced here: use an S3 target with object lock for
+immutability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from fhirvault.backup.target import TargetError, TargetNotFound, TargetUnavailable
+
+_TMP = ".tmp-"
+
+
+def path_from_url(url: str) -> Path:
+    parsed = urlparse(url)
+    if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
+        raise TargetError(f"not a local target URL (expected file:///absolute/path): {url}")
+    return Path(unquote(parsed.path))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileTarget:
+    def __init__(self, root: Path, location: str) -> None:
+        self._root = root.absolute()
+        self._location = location
+
+    @classmethod
+    def from_url(cls, url: str, location: str) -> FileTarget:
+        return cls(path_from_url(url), location)
+
+    @property
+    def url(self) -> str:
+        return self._root.as_uri()
+
+    @property
+    def location(self) -> str:
+        return self._location
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") or p.startswith(_TMP) for p in parts):
+            raise TargetError(f"invalid object key: {key!r}")
+        return self._root.joinpath(*parts)
+
+    def put(self, key: str, data: bytes, *, retain_until_ms: int | None = None) -> None:
+        path = self._path(key)
+        tmp = path.with_name(_TMP + secrets.token_hex(6))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TargetUnavailable(f"{self.url}: no space left on the target") from None
+            raise TargetUnavailable(f"{self.url}: cannot write an object: {exc.strerror}") from None
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise TargetNotFound(f"{self.url}: no object {key}") from None
+        except OSError as exc:
+            raise TargetUnavailable(f"{self.url}: cannot read an object: {exc.strerror}") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> Iterator[str]:
+        if not self._root.is_dir():
+            raise TargetUnavailable(f"{self.url}: the target directory does not exist")
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(self._root):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_TMP)]
+            rel = Path(dirpath).relative_to(self._root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            # Prune whole subtrees that cannot match the prefix.
+            dirnames[:] = [d for d in dirnames if (base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/")]
+            keys.extend(base + f for f in filenames if not f.startswith(_TMP) and (base + f).startswith(prefix))
+        yield from sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TargetUnavailable(f"{self.url}: cannot delete an object: {exc.strerror}") from None
+        with contextlib.suppress(OSError):
+            _fsync_dir(path.parent)
