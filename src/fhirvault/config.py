@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from fhirvault.backup.settings import BackupSettings
     from fhirvault.services.alert_settings import AlertSettings
+    from fhirvault.services.federation_settings import IdentityProviderSettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -64,6 +65,7 @@ class Settings:
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
     backup: BackupSettings | None = None
+    identity_providers: tuple[IdentityProviderSettings, ...] = ()  # [[identity_providers]]: OIDC federation
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -185,10 +187,10 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "break_glass_hours": _positive_int(1, 72),
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts", "backup")
+SECTIONS = ("alerts", "backup", "identity_providers")
 
 
-def _parse_section(name: str, raw: Mapping[str, Any], origin: str, data_dir: Path,
+def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
                    environ: Mapping[str, str]) -> Any:
     # Imported here: those modules import SettingsError from this one.
     if name == "alerts":
@@ -199,6 +201,10 @@ def _parse_section(name: str, raw: Mapping[str, Any], origin: str, data_dir: Pat
         from fhirvault.backup.settings import parse_backup_settings
 
         return parse_backup_settings(raw, origin) if raw else None
+    if name == "identity_providers":
+        from fhirvault.services.federation_settings import parse_identity_providers
+
+        return parse_identity_providers(raw, origin, environ) if raw else ()
     raise AssertionError(name)
 
 

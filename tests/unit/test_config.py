@@ -47,3 +47,44 @@ def test_unknown_key_in_file(tmp_path: Path) -> None:
     cfg.write_text("port = [")
     with pytest.raises(SettingsError, match="not valid TOML"):
         load_settings({"data_dir": tmp_path}, environ={}, config_file=cfg)
+
+
+def test_config_file_tables_are_parsed_by_their_modules(tmp_path: Path) -> None:
+    secret = tmp_path / "idp-secret"
+    secret.write_text("s3cr3t\n")
+    (tmp_path / "target").mkdir()
+    cfg = tmp_path / "fhirvault.toml"
+    cfg.write_text(f"""
+audit_witnesses = ["file:///mnt/witness/fhirvault.log", "syslog+udp://127.0.0.1:514"]
+
+[alerts.rules.brute_force]
+failures = 3
+
+[backup]
+replicate_to = "offsite"
+[backup.targets.offsite]
+url = "file://{tmp_path / 'target'}"
+location = "FR"
+
+[[identity_providers]]
+name = "keycloak"
+display_name = "Hospital login"
+issuer = "http://127.0.0.1:8081/realms/h"
+client_id = "fhirvault"
+client_secret_file = "{secret}"
+role_claim = "roles"
+role_map = {{ doctor = "practitioner" }}
+""")
+    s = load_settings({"data_dir": tmp_path / "data"}, environ={}, config_file=cfg)
+    assert s.config_path == cfg
+    assert s.audit_witness_specs == ("file:///mnt/witness/fhirvault.log", "syslog+udp://127.0.0.1:514")
+    assert s.alerts is not None and s.alerts.detection.brute_force.failures == 3
+    assert s.backup is not None and s.backup.replicate_to == "offsite" and s.backup.targets["offsite"].location == "FR"
+    assert [p.name for p in s.identity_providers] == ["keycloak"]
+
+
+def test_a_table_error_names_the_key_and_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "fhirvault.toml"
+    cfg.write_text('[backup.targets.x]\nurl = "file:///tmp/x"\nlocation = "US"\n')
+    with pytest.raises(SettingsError, match="outside the EEA.*fhirvault.toml"):
+        load_settings({"data_dir": tmp_path / "data"}, environ={}, config_file=cfg)
