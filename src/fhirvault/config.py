@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from fhirvault.backup.settings import BackupSettings
     from fhirvault.services.alert_settings import AlertSettings
     from fhirvault.services.federation_settings import IdentityProviderSettings
+    from fhirvault.services.relationships import RelationshipSettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -66,6 +67,7 @@ class Settings:
     alerts: AlertSettings | None = None
     backup: BackupSettings | None = None
     identity_providers: tuple[IdentityProviderSettings, ...] = ()  # [[identity_providers]]: OIDC federation
+    access: RelationshipSettings | None = None  # [access]: which care relationships open a patient's record
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -187,7 +189,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "break_glass_hours": _positive_int(1, 72),
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts", "backup", "identity_providers")
+SECTIONS = ("alerts", "backup", "identity_providers", "access")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -205,6 +207,10 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.federation_settings import parse_identity_providers
 
         return parse_identity_providers(raw, origin, environ) if raw else ()
+    if name == "access":
+        from fhirvault.services.relationships import parse_access_settings
+
+        return parse_access_settings(raw, origin) if raw else None
     raise AssertionError(name)
 
 

@@ -130,7 +130,8 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
                            token_ttl_seconds=settings.token_ttl_seconds)
         validator = Validator.default()
         repository = Repository(store, keys, audit, validator, clock, SearchIndex(keys), tenant=settings.tenant,
-                                allow_unknown_elements=settings.validation == "lenient")
+                                allow_unknown_elements=settings.validation == "lenient",
+                                break_glass_hours=settings.break_glass_hours, relationships=settings.access)
         secrets = ServiceSecrets(store, root)
         signer = audit_signer_for(store, secrets)
         audit_reader = AuditReader.over_store(store, audit, repository, clock, server_id=issuer_for(store),

@@ -129,6 +129,91 @@ class AuditQuery:
     limit: int = 100
 
 
+# -- identity: users, SMART apps, login sessions, authorization codes, refresh tokens --
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    user_id: str  # opaque, stable ("u-…"): the token's sub and the audit trail's user
+    tenant: str
+    username: str  # normalised (lower case), unique per tenant
+    password_hash: str | None  # Argon2id; None for federated-only users
+    role: str
+    fhir_user: str | None  # e.g. Practitioner/123, Patient/abc
+    organization: str | None
+    clearances: str  # space-separated confidentiality codes (R V)
+    totp: bytes | None  # AEAD envelope of the TOTP secret
+    totp_last_step: int  # last accepted TOTP time step (replay protection)
+    disabled: bool
+    failures: int  # consecutive failed logins
+    locked_until_ms: int  # back-off; -1 = locked until an admin unlocks
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AppRow:
+    """Authorization-code settings of a client (SMART app): exact redirect URIs, public or not."""
+
+    client_id: str
+    redirect_uris: tuple[str, ...]
+    public: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LoginSessionRow:
+    session_id: str  # SHA-256 of the browser cookie; the tokens' sid
+    user_id: str
+    created_ms: int
+    last_seen_ms: int
+    amr: str  # space-separated: pwd otp fed
+    ended_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthCodeRow:
+    code_hash: bytes
+    family_id: str  # every token issued from this code shares it (revoked together on replay)
+    client_id: str
+    user_id: str
+    session_id: str
+    redirect_uri: str
+    scope: str
+    code_challenge: str
+    nonce: str | None
+    patient: str | None
+    auth_time_ms: int
+    expires_ms: int
+    used: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenRow:
+    token_hash: bytes
+    family_id: str
+    client_id: str
+    user_id: str
+    session_id: str
+    scope: str
+    patient: str | None
+    auth_time_ms: int
+    expires_ms: int
+    created_ms: int
+    used: bool = False  # rotated away: presenting it again is a reuse
+    revoked: bool = False
+
+
+# -- break-the-glass: emergency access grants and their review (see services/break_glass.py) --
+@dataclass(frozen=True, slots=True)
+class BreakGlassRow:
+    grant_id: str
+    tenant: str
+    user_id: str
+    patient_id: str
+    created_ms: int
+    expires_ms: int
+    status: str  # open (awaiting review) | closed (reviewed)
+    key_id: str  # the tenant data key sealing ``blob``
+    blob: bytes  # AEAD of the JSON details: reason, purpose, role, review decision and note
+
+
 class WriteTx(Protocol):
     """One open write transaction. Used only inside ``ResourceStore.write``."""
 
@@ -160,6 +245,41 @@ class WriteTx(Protocol):
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None: ...
     def add_audit_checkpoint(self, checkpoint: AuditCheckpoint) -> None: ...
+
+    # -- identity --
+    def insert_user(self, row: UserRow) -> None: ...
+    def update_user(self, row: UserRow) -> None: ...
+    def user_for_update(self, user_id: str) -> UserRow | None: ...
+    def link_identity(self, provider: str, issuer: str, subject: str, user_id: str) -> None: ...
+    def upsert_app(self, row: AppRow) -> None: ...
+    def insert_login_session(self, row: LoginSessionRow) -> None: ...
+    def touch_login_session(self, session_id: str, now_ms: int) -> None: ...
+    def end_login_session(self, session_id: str, now_ms: int) -> None: ...
+    def insert_code(self, row: AuthCodeRow) -> None: ...
+    def consume_code(self, code_hash: bytes, now_ms: int) -> AuthCodeRow | None:
+        """The code as it was (``used`` tells a replay) and mark it used; expired codes are purged."""
+        ...
+
+    def insert_refresh(self, row: RefreshTokenRow) -> None: ...
+    def consume_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        """The refresh token as it was and mark it used (rotation)."""
+        ...
+
+    def record_issued(self, jti: str, family_id: str, session_id: str, expires_ms: int) -> None: ...
+    def revoke_tokens(self, now_ms: int, *, family_id: str | None = None, session_id: str | None = None) -> int:
+        """Revoke the refresh tokens and the unexpired access tokens of a family or a session."""
+        ...
+
+    def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None: ...
+    def revoke_jti(self, jti: str, expires_ms: int, now_ms: int) -> None: ...
+    def end_user_sessions(self, user_id: str, now_ms: int) -> int:
+        """End every live session of a user and revoke their tokens (account disabled)."""
+        ...
+
+    # -- break-the-glass --
+    def put_break_glass(self, row: BreakGlassRow) -> None:
+        """Insert or replace a grant (a review replaces its status and details)."""
+        ...
 
 
 class ResourceStore(Protocol):
@@ -193,6 +313,25 @@ class ResourceStore(Protocol):
     def audit_node(self, level: int, index: int) -> bytes | None: ...
     def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]: ...
     def latest_audit_checkpoint(self) -> AuditCheckpoint | None: ...
+    # -- identity --
+    def user(self, user_id: str) -> UserRow | None: ...
+    def user_by_username(self, tenant: str, username: str) -> UserRow | None: ...
+    def users(self, tenant: str) -> list[UserRow]: ...
+    def linked_user(self, provider: str, issuer: str, subject: str) -> str | None: ...
+    def app(self, client_id: str) -> AppRow | None: ...
+    def login_session(self, session_id: str) -> LoginSessionRow | None: ...
+    def refresh_token(self, token_hash: bytes) -> RefreshTokenRow | None: ...
+    def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
+        """Revoked access-token ids not yet expired, with seq > after_seq: (seq, jti, expires_ms)."""
+        ...
+
+    # -- break-the-glass --
+    def break_glass(self, tenant: str, grant_id: str) -> BreakGlassRow | None: ...
+    def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
+                         expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
+        """Grants, newest first, filtered by review status, user, and/or still running after a time."""
+        ...
+
     def close(self) -> None: ...
 
 

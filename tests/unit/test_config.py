@@ -86,5 +86,5 @@ role_map = {{ doctor = "practitioner" }}
 def test_a_table_error_names_the_key_and_the_file(tmp_path: Path) -> None:
     cfg = tmp_path / "fhirvault.toml"
     cfg.write_text('[backup.targets.x]\nurl = "file:///tmp/x"\nlocation = "US"\n')
-    with pytest.raises(SettingsError, match="outside the EEA.*fhirvault.toml"):
+    with pytest.raises(SettingsError, match=r"outside the EEA.*fhirvault\.toml"):
         load_settings({"data_dir": tmp_path / "data"}, environ={}, config_file=cfg)

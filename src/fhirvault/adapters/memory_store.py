@@ -20,14 +20,20 @@ from typing import TYPE_CHECKING, TypeVar
 
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
+    AppRow,
     AuditCheckpoint,
     AuditQuery,
     AuditRow,
+    AuthCodeRow,
+    BreakGlassRow,
     ClientRow,
     HistoryQuery,
+    LoginSessionRow,
+    RefreshTokenRow,
     SearchQuery,
     StoredVersion,
     TenantKeyRow,
+    UserRow,
     WrappedKey,
 )
 
@@ -63,6 +69,18 @@ class _Tables:
     rks: dict[tuple[str, str, str], int] = field(default_factory=dict)
     tags: dict[int, frozenset[bytes]] = field(default_factory=dict)
     tagged: dict[bytes, frozenset[int]] = field(default_factory=dict)  # tag -> rks
+    # -- break-the-glass --
+    break_glass: dict[str, BreakGlassRow] = field(default_factory=dict)
+    # -- identity --
+    users: dict[str, UserRow] = field(default_factory=dict)
+    links: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    apps: dict[str, AppRow] = field(default_factory=dict)
+    login_sessions: dict[str, LoginSessionRow] = field(default_factory=dict)
+    codes: dict[bytes, AuthCodeRow] = field(default_factory=dict)
+    refresh: dict[bytes, RefreshTokenRow] = field(default_factory=dict)
+    issued: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # jti -> (family, session, exp)
+    revoked: dict[str, tuple[int, int]] = field(default_factory=dict)  # jti -> (seq, exp)
+    revoked_seq: int = 0
 
 
 def _limited(rows: Iterable[X], limit: int) -> list[X]:
@@ -215,6 +233,115 @@ class _Tx:
             raise ConstraintError("checkpoint already recorded")
         self._set(self._t.audit_checkpoints, checkpoint.size, checkpoint)
 
+
+    # -- break-the-glass --
+    def put_break_glass(self, row: BreakGlassRow) -> None:
+        self._set(self._t.break_glass, row.grant_id, row)
+
+    # -- identity --
+    def insert_user(self, row: UserRow) -> None:
+        if row.user_id in self._t.users or any(
+                u.tenant == row.tenant and u.username == row.username for u in self._t.users.values()):
+            raise ConstraintError("user already exists")
+        self._set(self._t.users, row.user_id, row)
+
+    def update_user(self, row: UserRow) -> None:
+        self._set(self._t.users, row.user_id, row)
+
+    def user_for_update(self, user_id: str) -> UserRow | None:
+        return self._t.users.get(user_id)
+
+    def link_identity(self, provider: str, issuer: str, subject: str, user_id: str) -> None:
+        self._set(self._t.links, (provider, issuer, subject), user_id)
+
+    def upsert_app(self, row: AppRow) -> None:
+        self._set(self._t.apps, row.client_id, row)
+
+    def insert_login_session(self, row: LoginSessionRow) -> None:
+        if row.session_id in self._t.login_sessions:
+            raise ConstraintError("session already exists")
+        self._set(self._t.login_sessions, row.session_id, row)
+
+    def touch_login_session(self, session_id: str, now_ms: int) -> None:
+        row = self._t.login_sessions.get(session_id)
+        if row is not None:
+            self._set(self._t.login_sessions, session_id,
+                      dataclasses.replace(row, last_seen_ms=max(row.last_seen_ms, now_ms)))
+
+    def end_login_session(self, session_id: str, now_ms: int) -> None:
+        row = self._t.login_sessions.get(session_id)
+        if row is not None and row.ended_ms == 0:
+            self._set(self._t.login_sessions, session_id, dataclasses.replace(row, ended_ms=now_ms))
+
+    def insert_code(self, row: AuthCodeRow) -> None:
+        if row.code_hash in self._t.codes:
+            raise ConstraintError("code already exists")
+        self._set(self._t.codes, row.code_hash, row)
+
+    def consume_code(self, code_hash: bytes, now_ms: int) -> AuthCodeRow | None:
+        for old in [h for h, c in self._t.codes.items() if c.expires_ms < now_ms - 3_600_000]:
+            self._delete(self._t.codes, old)
+        row = self._t.codes.get(code_hash)
+        if row is not None:
+            self._set(self._t.codes, code_hash, dataclasses.replace(row, used=True))
+        return row
+
+    def insert_refresh(self, row: RefreshTokenRow) -> None:
+        if row.token_hash in self._t.refresh:
+            raise ConstraintError("refresh token already exists")
+        self._set(self._t.refresh, row.token_hash, row)
+
+    def consume_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._t.refresh.get(token_hash)
+        if row is not None:
+            self._set(self._t.refresh, token_hash, dataclasses.replace(row, used=True))
+        return row
+
+    def record_issued(self, jti: str, family_id: str, session_id: str, expires_ms: int) -> None:
+        if jti in self._t.issued:
+            raise ConstraintError("jti already recorded")
+        self._set(self._t.issued, jti, (family_id, session_id, expires_ms))
+
+    def _add_revoked(self, jti: str, expires_ms: int) -> bool:
+        if jti in self._t.revoked:
+            return False
+        seq = self._t.revoked_seq + 1
+        old_seq = self._t.revoked_seq
+        self.undo.append(lambda: setattr(self._t, "revoked_seq", old_seq))
+        self._t.revoked_seq = seq
+        self._set(self._t.revoked, jti, (seq, expires_ms))
+        return True
+
+    def revoke_tokens(self, now_ms: int, *, family_id: str | None = None, session_id: str | None = None) -> int:
+        if family_id is None and session_id is None:
+            return 0
+        n = 0
+        for h, r in list(self._t.refresh.items()):
+            match = r.family_id == family_id if family_id is not None else r.session_id == session_id
+            if match and not r.revoked:
+                self._set(self._t.refresh, h, dataclasses.replace(r, revoked=True))
+                n += 1
+        for jti, (fam, sid, exp) in list(self._t.issued.items()):
+            match = fam == family_id if family_id is not None else sid == session_id
+            if match and exp >= now_ms and self._add_revoked(jti, exp):
+                n += 1
+        return n
+
+    def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._t.refresh.get(token_hash)
+        if row is not None:
+            self._set(self._t.refresh, token_hash, dataclasses.replace(row, revoked=True))
+        return row
+
+    def revoke_jti(self, jti: str, expires_ms: int, now_ms: int) -> None:
+        self._add_revoked(jti, expires_ms)
+
+    def end_user_sessions(self, user_id: str, now_ms: int) -> int:
+        ids = [r.session_id for r in self._t.login_sessions.values() if r.user_id == user_id and r.ended_ms == 0]
+        for sid in ids:
+            self.end_login_session(sid, now_ms)
+            self.revoke_tokens(now_ms, session_id=sid)
+        return len(ids)
 
 def _run_callback(callback: Callable[[], None]) -> None:
     try:
@@ -383,6 +510,54 @@ class MemoryStore:
         with self._lock:
             cps = self._t.audit_checkpoints
             return cps[max(cps)] if cps else None
+
+    # -- break-the-glass --
+    def break_glass(self, tenant: str, grant_id: str) -> BreakGlassRow | None:
+        with self._lock:
+            row = self._t.break_glass.get(grant_id)
+            return row if row is not None and row.tenant == tenant else None
+
+    def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
+                         expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
+        with self._lock:
+            rows = [r for r in self._t.break_glass.values() if r.tenant == tenant
+                    and (status is None or r.status == status) and (user_id is None or r.user_id == user_id)
+                    and (expires_after_ms is None or r.expires_ms > expires_after_ms)]
+        return sorted(rows, key=lambda r: r.created_ms, reverse=True)[:limit]
+
+    # -- identity --
+    def user(self, user_id: str) -> UserRow | None:
+        with self._lock:
+            return self._t.users.get(user_id)
+
+    def user_by_username(self, tenant: str, username: str) -> UserRow | None:
+        with self._lock:
+            return next((u for u in self._t.users.values() if u.tenant == tenant and u.username == username), None)
+
+    def users(self, tenant: str) -> list[UserRow]:
+        with self._lock:
+            return sorted((u for u in self._t.users.values() if u.tenant == tenant), key=lambda u: u.username)
+
+    def linked_user(self, provider: str, issuer: str, subject: str) -> str | None:
+        with self._lock:
+            return self._t.links.get((provider, issuer, subject))
+
+    def app(self, client_id: str) -> AppRow | None:
+        with self._lock:
+            return self._t.apps.get(client_id)
+
+    def login_session(self, session_id: str) -> LoginSessionRow | None:
+        with self._lock:
+            return self._t.login_sessions.get(session_id)
+
+    def refresh_token(self, token_hash: bytes) -> RefreshTokenRow | None:
+        with self._lock:
+            return self._t.refresh.get(token_hash)
+
+    def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
+        with self._lock:
+            rows = [(seq, jti, exp) for jti, (seq, exp) in self._t.revoked.items() if seq > after_seq and exp >= now_ms]
+        return sorted(rows)
 
     def close(self) -> None:
         with self._lock:  # waits for a running job; later writes raise

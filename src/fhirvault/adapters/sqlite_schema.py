@@ -137,5 +137,107 @@ BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
 """
 
 # -- identity: users, login sessions, authorization codes, refresh tokens (see services/users.py) --
+IDENTITY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    user_id         TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    username        TEXT NOT NULL,
+    password_hash   TEXT,
+    role            TEXT NOT NULL,
+    fhir_user       TEXT,
+    organization    TEXT,
+    clearances      TEXT NOT NULL DEFAULT '',
+    totp            BLOB,                       -- AEAD envelope of the TOTP secret
+    totp_last_step  INTEGER NOT NULL DEFAULT 0,
+    disabled        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    locked_until_ms INTEGER NOT NULL DEFAULT 0, -- -1: locked until an admin unlocks
+    created_ms      INTEGER NOT NULL,
+    UNIQUE (tenant, username)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS federated_links (
+    provider TEXT NOT NULL,
+    issuer   TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    PRIMARY KEY (provider, issuer, subject)
+) WITHOUT ROWID;
+-- Authorization-code clients (SMART apps): exact redirect URIs (JSON list), public or confidential.
+CREATE TABLE IF NOT EXISTS oauth_apps (
+    client_id     TEXT PRIMARY KEY,
+    redirect_uris TEXT NOT NULL,
+    public        INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS login_sessions (
+    session_id   TEXT PRIMARY KEY,  -- SHA-256 of the cookie
+    user_id      TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    amr          TEXT NOT NULL,
+    ended_ms     INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+-- Codes, refresh tokens: only SHA-256 hashes are stored.
+CREATE TABLE IF NOT EXISTS auth_codes (
+    code_hash      BLOB PRIMARY KEY,
+    family_id      TEXT NOT NULL,
+    client_id      TEXT NOT NULL,
+    user_id        TEXT NOT NULL,
+    session_id     TEXT NOT NULL,
+    redirect_uri   TEXT NOT NULL,
+    scope          TEXT NOT NULL,
+    code_challenge TEXT NOT NULL,
+    nonce          TEXT,
+    patient        TEXT,
+    auth_time_ms   INTEGER NOT NULL,
+    expires_ms     INTEGER NOT NULL,
+    used           INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash   BLOB PRIMARY KEY,
+    family_id    TEXT NOT NULL,
+    client_id    TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    patient      TEXT,
+    auth_time_ms INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    used         INTEGER NOT NULL DEFAULT 0,
+    revoked      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family_id);
+CREATE INDEX IF NOT EXISTS refresh_tokens_session ON refresh_tokens (session_id);
+-- Access tokens issued to users, so a family or a session can revoke them.
+CREATE TABLE IF NOT EXISTS issued_tokens (
+    jti        TEXT PRIMARY KEY,
+    family_id  TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS issued_tokens_family ON issued_tokens (family_id);
+CREATE INDEX IF NOT EXISTS issued_tokens_session ON issued_tokens (session_id);
+-- Revoked access-token ids until they expire; seq lets every process pick up new ones.
+CREATE TABLE IF NOT EXISTS revoked_jtis (
+    seq        INTEGER PRIMARY KEY,
+    jti        TEXT NOT NULL UNIQUE,
+    expires_ms INTEGER NOT NULL
+);
+"""
 
 # -- access control: break-the-glass grants and their review (see services/break_glass.py) --
+BREAK_GLASS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS break_glass (
+    grant_id   TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    patient_id TEXT NOT NULL,   -- a resource id: routing data, like the resources table's ids
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    status     TEXT NOT NULL,   -- open | closed
+    key_id     TEXT NOT NULL,
+    blob       BLOB NOT NULL    -- AEAD: reason, purpose of use, review decision and note
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS break_glass_user ON break_glass (tenant, user_id, expires_ms);
+CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, created_ms);
+"""

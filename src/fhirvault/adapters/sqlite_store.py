@@ -26,17 +26,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fhirvault.adapters.sqlite_schema import AUDIT_SCHEMA, SCHEMA, SCHEMA_VERSION
+import orjson
+
+from fhirvault.adapters.sqlite_schema import (
+    AUDIT_SCHEMA,
+    BREAK_GLASS_SCHEMA,
+    IDENTITY_SCHEMA,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
+    AppRow,
     AuditCheckpoint,
     AuditQuery,
     AuditRow,
+    AuthCodeRow,
+    BreakGlassRow,
     ClientRow,
     HistoryQuery,
+    LoginSessionRow,
+    RefreshTokenRow,
     SearchQuery,
     StoredVersion,
     TenantKeyRow,
+    UserRow,
     WrappedKey,
 )
 
@@ -68,6 +82,48 @@ def _audit_row(r: tuple[Any, ...]) -> AuditRow:
 
 def _checkpoint(r: tuple[Any, ...]) -> AuditCheckpoint:
     return AuditCheckpoint(r[0], r[1], bytes(r[2]), r[3], bytes(r[4]), bool(r[5]), r[6], bytes(r[7]))
+
+
+# -- break-the-glass --
+_BG_COLUMNS = "grant_id, tenant, user_id, patient_id, created_ms, expires_ms, status, key_id, blob"
+
+
+def _break_glass(r: tuple[Any, ...]) -> BreakGlassRow:
+    return BreakGlassRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
+
+
+# -- identity --
+_USER_COLUMNS = ("user_id, tenant, username, password_hash, role, fhir_user, organization, clearances, totp,"
+                 " totp_last_step, disabled, failures, locked_until_ms, created_ms")
+# The newest row stays, so its seq is never reused (other processes poll by seq).
+_PURGE_REVOKED = "DELETE FROM revoked_jtis WHERE expires_ms < ? AND seq < (SELECT max(seq) FROM revoked_jtis)"
+_CODE_COLUMNS = ("code_hash, family_id, client_id, user_id, session_id, redirect_uri, scope, code_challenge,"
+                 " nonce, patient, auth_time_ms, expires_ms, used")
+_REFRESH_COLUMNS = ("token_hash, family_id, client_id, user_id, session_id, scope, patient, auth_time_ms,"
+                    " expires_ms, created_ms, used, revoked")
+
+
+def _user(r: tuple[Any, ...]) -> UserRow:
+    return UserRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]) if r[8] is not None else None,
+                   r[9], bool(r[10]), r[11], r[12], r[13])
+
+
+def _user_values(u: UserRow) -> tuple[Any, ...]:
+    return (u.user_id, u.tenant, u.username, u.password_hash, u.role, u.fhir_user, u.organization, u.clearances,
+            u.totp, u.totp_last_step, int(u.disabled), u.failures, u.locked_until_ms, u.created_ms)
+
+
+def _code(r: tuple[Any, ...]) -> AuthCodeRow:
+    return AuthCodeRow(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], bool(r[12]))
+
+
+def _refresh(r: tuple[Any, ...]) -> RefreshTokenRow:
+    return RefreshTokenRow(bytes(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], bool(r[10]),
+                           bool(r[11]))
+
+
+def _app(r: tuple[Any, ...]) -> AppRow:
+    return AppRow(r[0], tuple(orjson.loads(r[1])), bool(r[2]))
 
 
 def _attach_audit(conn: sqlite3.Connection, audit_path: Path) -> None:
@@ -231,6 +287,112 @@ class _Tx:
             (cp.size, cp.ts_ms, cp.root, cp.key_id, cp.signature, int(cp.witnessed), cp.proof_from, cp.proof),
         )
 
+
+    # -- break-the-glass --
+    def put_break_glass(self, row: BreakGlassRow) -> None:
+        self._c.execute(f"REPLACE INTO break_glass ({_BG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        (row.grant_id, row.tenant, row.user_id, row.patient_id, row.created_ms, row.expires_ms,
+                         row.status, row.key_id, row.blob))
+
+    # -- identity --
+    def insert_user(self, row: UserRow) -> None:
+        self._c.execute(f"INSERT INTO users ({_USER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        _user_values(row))
+
+    def update_user(self, row: UserRow) -> None:
+        self._c.execute(f"REPLACE INTO users ({_USER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        _user_values(row))
+
+    def user_for_update(self, user_id: str) -> UserRow | None:
+        row = self._c.execute(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id=?", (user_id,)).fetchone()  # noqa: S608
+        return _user(row) if row else None
+
+    def link_identity(self, provider: str, issuer: str, subject: str, user_id: str) -> None:
+        self._c.execute("REPLACE INTO federated_links (provider, issuer, subject, user_id) VALUES (?,?,?,?)",
+                        (provider, issuer, subject, user_id))
+
+    def upsert_app(self, row: AppRow) -> None:
+        self._c.execute("REPLACE INTO oauth_apps (client_id, redirect_uris, public) VALUES (?,?,?)",
+                        (row.client_id, orjson.dumps(list(row.redirect_uris)).decode(), int(row.public)))
+
+    def insert_login_session(self, row: LoginSessionRow) -> None:
+        self._c.execute("INSERT INTO login_sessions (session_id, user_id, created_ms, last_seen_ms, amr, ended_ms)"
+                        " VALUES (?,?,?,?,?,?)",
+                        (row.session_id, row.user_id, row.created_ms, row.last_seen_ms, row.amr, row.ended_ms))
+
+    def touch_login_session(self, session_id: str, now_ms: int) -> None:
+        self._c.execute("UPDATE login_sessions SET last_seen_ms=max(last_seen_ms, ?) WHERE session_id=?",
+                        (now_ms, session_id))
+
+    def end_login_session(self, session_id: str, now_ms: int) -> None:
+        self._c.execute("UPDATE login_sessions SET ended_ms=? WHERE session_id=? AND ended_ms=0", (now_ms, session_id))
+
+    def insert_code(self, row: AuthCodeRow) -> None:
+        self._c.execute(f"INSERT INTO auth_codes ({_CODE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        (row.code_hash, row.family_id, row.client_id, row.user_id, row.session_id, row.redirect_uri,
+                         row.scope, row.code_challenge, row.nonce, row.patient, row.auth_time_ms, row.expires_ms,
+                         int(row.used)))
+
+    def consume_code(self, code_hash: bytes, now_ms: int) -> AuthCodeRow | None:
+        # Used codes are kept an hour past expiry so a late replay still revokes its tokens.
+        self._c.execute("DELETE FROM auth_codes WHERE expires_ms < ?", (now_ms - 3_600_000,))
+        row = self._c.execute(f"SELECT {_CODE_COLUMNS} FROM auth_codes WHERE code_hash=?",  # noqa: S608
+                              (code_hash,)).fetchone()
+        if row is None:
+            return None
+        self._c.execute("UPDATE auth_codes SET used=1 WHERE code_hash=?", (code_hash,))
+        return _code(row)
+
+    def insert_refresh(self, row: RefreshTokenRow) -> None:
+        self._c.execute(f"INSERT INTO refresh_tokens ({_REFRESH_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        (row.token_hash, row.family_id, row.client_id, row.user_id, row.session_id, row.scope,
+                         row.patient, row.auth_time_ms, row.expires_ms, row.created_ms, int(row.used),
+                         int(row.revoked)))
+
+    def consume_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._c.execute(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=?",  # noqa: S608
+                              (token_hash,)).fetchone()
+        if row is None:
+            return None
+        self._c.execute("UPDATE refresh_tokens SET used=1 WHERE token_hash=?", (token_hash,))
+        return _refresh(row)
+
+    def record_issued(self, jti: str, family_id: str, session_id: str, expires_ms: int) -> None:
+        self._c.execute("INSERT INTO issued_tokens (jti, family_id, session_id, expires_ms) VALUES (?,?,?,?)",
+                        (jti, family_id, session_id, expires_ms))
+
+    def revoke_tokens(self, now_ms: int, *, family_id: str | None = None, session_id: str | None = None) -> int:
+        column, value = ("family_id", family_id) if family_id is not None else ("session_id", session_id)
+        if value is None:
+            return 0
+        self._c.execute("DELETE FROM issued_tokens WHERE expires_ms < ?", (now_ms,))
+        self._c.execute(_PURGE_REVOKED, (now_ms,))
+        n = self._c.execute(f"UPDATE refresh_tokens SET revoked=1 WHERE {column}=? AND revoked=0",  # noqa: S608
+                            (value,)).rowcount
+        n += self._c.execute(
+            f"INSERT OR IGNORE INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
+            f" WHERE {column}=?", (value,)).rowcount
+        return int(n)
+
+    def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._c.execute(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=?",  # noqa: S608
+                              (token_hash,)).fetchone()
+        if row is None:
+            return None
+        self._c.execute("UPDATE refresh_tokens SET revoked=1 WHERE token_hash=?", (token_hash,))
+        return _refresh(row)
+
+    def revoke_jti(self, jti: str, expires_ms: int, now_ms: int) -> None:
+        self._c.execute(_PURGE_REVOKED, (now_ms,))
+        self._c.execute("INSERT OR IGNORE INTO revoked_jtis (jti, expires_ms) VALUES (?,?)", (jti, expires_ms))
+
+    def end_user_sessions(self, user_id: str, now_ms: int) -> int:
+        ids = [r[0] for r in self._c.execute("SELECT session_id FROM login_sessions WHERE user_id=? AND ended_ms=0",
+                                             (user_id,)).fetchall()]
+        for sid in ids:
+            self.end_login_session(sid, now_ms)
+            self.revoke_tokens(now_ms, session_id=sid)
+        return len(ids)
 
 def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
     rows = conn.execute(
@@ -479,6 +641,8 @@ class SqliteStore:
         conn = self._writer_conn
         conn.executescript(SCHEMA)  # idempotent: every statement is IF NOT EXISTS
         conn.executescript(AUDIT_SCHEMA)
+        conn.executescript(BREAK_GLASS_SCHEMA)  # break-the-glass grants (IF NOT EXISTS: old data dirs gain it)
+        conn.executescript(IDENTITY_SCHEMA)  # identity tables (CREATE IF NOT EXISTS: old data dirs gain them)
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is None:
@@ -787,6 +951,69 @@ class SqliteStore:
             "SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof FROM audit.audit_checkpoints"
             " ORDER BY size DESC LIMIT 1").fetchone()
         return _checkpoint(row) if row else None
+
+    # -- break-the-glass --
+    def break_glass(self, tenant: str, grant_id: str) -> BreakGlassRow | None:
+        row = self._reader().execute(f"SELECT {_BG_COLUMNS} FROM break_glass WHERE tenant=? AND grant_id=?",  # noqa: S608
+                                     (tenant, grant_id)).fetchone()
+        return _break_glass(row) if row else None
+
+    def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
+                         expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
+        where: list[str] = ["tenant=?"]
+        args: list[str | int] = [tenant]
+        for clause, value in (("status=?", status), ("user_id=?", user_id), ("expires_ms>?", expires_after_ms)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        rows = self._reader().execute(
+            f"SELECT {_BG_COLUMNS} FROM break_glass WHERE {' AND '.join(where)}"  # noqa: S608
+            " ORDER BY created_ms DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_break_glass(r) for r in rows]
+
+    # -- identity --
+    def user(self, user_id: str) -> UserRow | None:
+        row = self._reader().execute(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id=?",  # noqa: S608
+                                     (user_id,)).fetchone()
+        return _user(row) if row else None
+
+    def user_by_username(self, tenant: str, username: str) -> UserRow | None:
+        row = self._reader().execute(f"SELECT {_USER_COLUMNS} FROM users WHERE tenant=? AND username=?",  # noqa: S608
+                                     (tenant, username)).fetchone()
+        return _user(row) if row else None
+
+    def users(self, tenant: str) -> list[UserRow]:
+        rows = self._reader().execute(f"SELECT {_USER_COLUMNS} FROM users WHERE tenant=? ORDER BY username",  # noqa: S608
+                                      (tenant,)).fetchall()
+        return [_user(r) for r in rows]
+
+    def linked_user(self, provider: str, issuer: str, subject: str) -> str | None:
+        row = self._reader().execute(
+            "SELECT user_id FROM federated_links WHERE provider=? AND issuer=? AND subject=?",
+            (provider, issuer, subject)).fetchone()
+        return str(row[0]) if row else None
+
+    def app(self, client_id: str) -> AppRow | None:
+        row = self._reader().execute("SELECT client_id, redirect_uris, public FROM oauth_apps WHERE client_id=?",
+                                     (client_id,)).fetchone()
+        return _app(row) if row else None
+
+    def login_session(self, session_id: str) -> LoginSessionRow | None:
+        row = self._reader().execute(
+            "SELECT session_id, user_id, created_ms, last_seen_ms, amr, ended_ms FROM login_sessions"
+            " WHERE session_id=?", (session_id,)).fetchone()
+        return LoginSessionRow(*row) if row else None
+
+    def refresh_token(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._reader().execute(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=?",  # noqa: S608
+                                     (token_hash,)).fetchone()
+        return _refresh(row) if row else None
+
+    def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
+        rows = self._reader().execute(
+            "SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > ? AND expires_ms >= ? ORDER BY seq",
+            (after_seq, now_ms)).fetchall()
+        return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
 
     def close(self) -> None:
         with self._lifecycle:

@@ -11,6 +11,7 @@ from typing import Any
 
 from fhirvault import __version__
 from fhirvault.cli import backup as backup_cli
+from fhirvault.cli import users as users_cli
 from fhirvault.config import Settings, SettingsError, load_settings
 
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_cli.register(sub, _settings_options)
     backup_cli.register(sub, _settings_options)
+    users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fhirvault.cli.serve import serve
 
             return serve(settings)
+        if users_cli.handles(args):
+            return users_cli.run(args, settings)
         if args.command == "client":
             return _client_create(settings, args)
         if args.command == "keys":

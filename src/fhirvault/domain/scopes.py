@@ -3,8 +3,10 @@
 A scope is ``context/Type.perms``: context ``system``, ``user`` or ``patient``;
 Type a resource type or ``*``; perms a subset of ``cruds`` in that order
 (v2), or ``read``/``write``/``*`` (v1, mapped to ``rs``/``cud``/``cruds``).
-Scopes with a query part (``?category=…``) are granular scopes that this
-release does not grant yet: they are parsed and reported as unsupported.
+Scopes with a query part (``patient/Observation.rs?category=…``) are SMART v2
+granular scopes: the query is kept as (name, value) pairs and the policy
+(``domain/policy.py``) grants through such a scope only the resources that match
+it, using the search matcher.
 
 Operational scopes (``fhirvault/…``) grant access to server operations, never to
 FHIR data: their context cannot be ``system``/``user``/``patient``, so they can
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode
 
 PERMISSIONS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
@@ -32,10 +35,12 @@ class ResourceScope:
     context: str
     resource_type: str  # '*' for all
     permissions: frozenset[str]
+    query: tuple[tuple[str, str], ...] = ()  # granular scope: the resource must match these criteria
 
     def __str__(self) -> str:
         perms = "".join(p for p in PERMISSIONS if p in self.permissions)
-        return f"{self.context}/{self.resource_type}.{perms}"
+        text = f"{self.context}/{self.resource_type}.{perms}"
+        return f"{text}?{urlencode(self.query)}" if self.query else text
 
 
 def parse_scope(text: str) -> ResourceScope | None:
@@ -48,8 +53,16 @@ def parse_scope(text: str) -> ResourceScope | None:
             raise ScopeError("malformed resource scope")
         return None
     context, rtype, perms, query = m.groups()
+    pairs: tuple[tuple[str, str], ...] = ()
     if query:
-        raise ScopeError("granular scopes with a query are not supported yet")
+        if rtype == "*":
+            raise ScopeError("a granular scope (with a query) must name one resource type")
+        try:
+            pairs = tuple(parse_qsl(query[1:], keep_blank_values=False, strict_parsing=True))
+        except ValueError:
+            raise ScopeError("malformed scope query") from None
+        if not pairs or len(pairs) > 8 or any(not k or k.startswith("_") for k, _ in pairs):
+            raise ScopeError("a scope query needs 1-8 plain search parameters")
     if perms in _V1:
         letters = _V1[perms]
     else:
@@ -57,7 +70,7 @@ def parse_scope(text: str) -> ResourceScope | None:
         if not re.fullmatch("c?r?u?d?s?", perms) or not perms:
             raise ScopeError("scope permissions must be a subset of 'cruds', in that order")
         letters = perms
-    return ResourceScope(context, rtype, frozenset(letters))
+    return ResourceScope(context, rtype, frozenset(letters), pairs)
 
 
 def parse_scopes(text: str, *, strict: bool = True) -> list[ResourceScope]:
@@ -102,13 +115,19 @@ class Grants:
                 types.add(s.resource_type)
         return frozenset(types & all_types)
 
+    def for_contexts(self, contexts: frozenset[str], resource_type: str,
+                     permission: str) -> tuple[ResourceScope, ...]:
+        """The scopes of these contexts (user, patient…) granting ``permission`` on ``resource_type``."""
+        return tuple(s for s in self.scopes if s.context in contexts and permission in s.permissions
+                     and s.resource_type in ("*", resource_type))
+
 
 def narrow(requested: list[ResourceScope], allowed: list[ResourceScope]) -> list[ResourceScope]:
     """The part of ``requested`` that ``allowed`` covers (never more than either).
 
     A wildcard request is narrowed to the specific types the client may use.
     """
-    grants: dict[tuple[str, str], set[str]] = {}
+    grants: dict[tuple[str, str, tuple[tuple[str, str], ...]], set[str]] = {}
     for req in requested:
         for a in allowed:
             if a.context != req.context:
@@ -119,7 +138,11 @@ def narrow(requested: list[ResourceScope], allowed: list[ResourceScope]) -> list
                 rtype = a.resource_type
             else:
                 continue
+            # A query only narrows: keep the allowed one's, else the requested one's.
+            if a.query and req.query and a.query != req.query:
+                continue
+            query = a.query or req.query
             perms = a.permissions & req.permissions
             if perms:
-                grants.setdefault((req.context, rtype), set()).update(perms)
-    return [ResourceScope(c, t, frozenset(p)) for (c, t), p in grants.items()]
+                grants.setdefault((req.context, rtype, query), set()).update(perms)
+    return [ResourceScope(c, t, frozenset(p), q) for (c, t, q), p in grants.items()]

@@ -48,6 +48,15 @@ ACCESS_HISTORY = {
                      "_count, _sort, _cursor.",
 }
 
+BREAK_GLASS = {
+    "name": "break-glass",
+    "definition": "urn:fhirvault:OperationDefinition/Patient-break-glass",
+    "documentation": "POST Patient/[id]/$break-glass with Parameters reason (string, at least 10 characters) and "
+                     "purposeOfUse (ETREAT): emergency access of a practitioner or nurse without a care "
+                     "relationship, for a limited time; every access is recorded as ETREAT, the security "
+                     "officer is alerted and reviews the case (docs/access-control.md).",
+}
+
 
 def _rev_includes(rtype: str, resource_types: list[str]) -> dict[str, Any]:
     """searchRevInclude, without AuditEvent (not in the resource store) and omitted when empty."""
@@ -85,7 +94,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             **({"operation": [{"name": "everything",
                                "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                              ACCESS_HISTORY]}
+                              ACCESS_HISTORY, BREAK_GLASS]}
                if rtype == "Patient" else {}),
         }
         if rtype != "AuditEvent" else _audit_event_resource()

@@ -147,6 +147,9 @@ class FhirRouter:
         if n == 3 and seg[2] == "$everything" and rtype == "Patient":
             self._allow(method, "GET")
             return await self._everything(req, rid)
+        if n == 3 and seg[2] == "$break-glass" and rtype == "Patient":
+            self._allow(method, "POST")
+            return await self._break_glass(req, rid)
         if n == 3 and seg[2] == "$access-history" and rtype == "Patient":
             self._allow(method, "GET")
             return await self._access_history(req, rid)
@@ -201,6 +204,30 @@ class FhirRouter:
         keep = [(k, v) for k, v in req.query if k in ("_type", "_since")]
         return FhirResponse(200, _searchset(req, f"Patient/{pid}/$everything", ParsedSearch("Patient"),
                                             outcome, count, keep))
+
+    async def _break_glass(self, req: FhirRequest, pid: str) -> FhirResponse:
+        """Patient/{id}/$break-glass: Parameters(reason, purposeOfUse=ETREAT) -> a time-limited grant."""
+        require_json_body(req.header("content-type"))
+        body = _parse_body(req.body)
+        if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
+            raise errors.bad_request("$break-glass takes a Parameters resource.", code="structure")
+        values: dict[str, Any] = {}
+        for param in body.get("parameter") or ():
+            if isinstance(param, dict) and param.get("name") in ("reason", "purposeOfUse"):
+                value = param.get("valueString")
+                if value is None and isinstance(param.get("valueCode"), str):
+                    value = param["valueCode"]
+                if value is None and isinstance(param.get("valueCoding"), dict):
+                    value = param["valueCoding"].get("code")
+                values[param["name"]] = value
+        grant = await self._repo.start_break_glass(req.ctx, pid, values.get("reason"), values.get("purposeOfUse"))
+        out = {"resourceType": "Parameters", "parameter": [
+            {"name": "grant", "valueString": grant.grant_id},
+            {"name": "patient", "valueReference": {"reference": f"Patient/{pid}"}},
+            {"name": "purposeOfUse", "valueCode": grant.purpose_of_use},
+            {"name": "expires", "valueInstant": instant(grant.expires_ms)},
+        ]}
+        return FhirResponse(201, orjson.dumps(out))
 
     # -- the audit trail ----------------------------------------------------------
     async def _audit_event(self, req: FhirRequest) -> FhirResponse:
@@ -275,8 +302,7 @@ class FhirRouter:
         inm = req.header("if-none-match")
         ims = req.header("if-modified-since")
         if inm is not None or ims is not None:
-            await self._repo.authorize(req.ctx, rtype, "r", "read", f"{rtype}/{rid}")
-            current = self._repo.current_version(rtype, rid)
+            current = await self._repo.readable_current(req.ctx, rtype, rid)
             if current is not None and not current.deleted:
                 not_modified = False
                 if inm is not None:

@@ -381,14 +381,20 @@ class AuditReader:
     def permits(self, ctx: RequestContext, permission: str, patient_id: str | None = None) -> bool:
         """Whether the caller may read (r) or search (s) the trail; ``patient_id`` for $access-history.
 
-        Today: SMART system scopes on AuditEvent. The auditor and security-officer roles, and
-        a patient-context token (``patient/AuditEvent.s`` for its own patient id), are each
-        one more condition here.
+        Backend services: SMART system scopes on AuditEvent. Users: the auditor and security-officer
+        roles read the whole trail; a patient reads only their own ``$access-history``; every
+        other role nothing (docs/access-control.md).
         """
         p = ctx.principal
         if p is None or p.tenant != self._repo.tenant:
             return False
-        return p.grants.allows("AuditEvent", permission)
+        if p.role is None:  # backend services: system scopes
+            return p.grants.allows("AuditEvent", permission)
+        if p.role in ("auditor", "security_officer"):
+            return True
+        # A patient reads the history of access to their own record, and nothing else of the trail.
+        return (p.role == "patient" and patient_id is not None and p.fhir_user == f"Patient/{patient_id}"
+                and permission == "s")
 
     async def authorize(self, ctx: RequestContext, permission: str, interaction: str, entity: str,
                         patient_id: str | None = None) -> None:

@@ -8,6 +8,9 @@
   the same hash as a known one, so timing does not reveal which ids exist.
 * Access tokens are short-lived ES256 JWTs signed with a server key that is
   kept wrapped by the root key. Verified tokens are cached until they expire.
+* Revocation: every check consults the revoked-jti set (after the cache, so a cached token is
+  refused at once). Revocations made by this process are added to the set before the revoking
+  call returns; others' are picked up from the store at most ``REVOCATION_POLL_S`` later.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from __future__ import annotations
 import base64
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from argon2 import PasswordHasher
@@ -33,9 +38,18 @@ from fhirvault.domain.scopes import (
     ScopeError,
     narrow,
     operational_scopes,
+    parse_scope,
     parse_scopes,
 )
-from fhirvault.ports import ClientRow, Clock, ResourceStore, RootKeyProvider, WriteTx
+from fhirvault.ports import (
+    AppRow,
+    ClientRow,
+    Clock,
+    ResourceStore,
+    RootKeyProvider,
+    UserRow,
+    WriteTx,
+)
 from fhirvault.services.crypto import DecryptionError, associated_data
 
 JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -44,6 +58,9 @@ _ACCESS_ALG = "ES256"
 SIGNING_META = "token-signing-key"
 _TOKEN_CACHE_MAX = 50_000
 _MAX_ASSERTION_LIFETIME_S = 300
+REVOCATION_POLL_S = 1.0
+# Non-resource scopes a SMART app may be registered for and request.
+APP_SCOPES = frozenset({"openid", "fhirUser", "profile", "launch/patient", "offline_access", "online_access"})
 
 
 class OAuthError(Exception):
@@ -125,6 +142,9 @@ class AuthService:
         self._verify_keys = KeySet.import_key_set(self.jwks)  # type: ignore[arg-type]
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._revoked: dict[str, int] = {}  # jti -> expiry (s)
+        self._revoked_seq = 0
+        self._revoked_polled = float("-inf")
 
     # -- server signing key ---------------------------------------------------
     def _load_signing_key(self) -> ECKey:
@@ -180,6 +200,53 @@ class AuthService:
             created_ms=self._clock.now_ms(),
         )
         self._store.write_sync("clients.create", lambda tx: tx.insert_client(row))
+        return NewClient(client_id, secret, name, row.scopes)
+
+
+    def register_app(self, name: str, scope: str, redirect_uris: list[str], *, public: bool,
+                     jwks: Mapping[str, Any] | None = None) -> NewClient:
+        """A SMART app (authorization code + PKCE): user/ and patient/ scopes plus openid, fhirUser,
+        launch/patient, offline_access, online_access; exact redirect URIs."""
+        scopes = parse_scopes(scope)
+        if not scopes:
+            raise ScopeError("at least one user/ or patient/ resource scope is required")
+        if any(s.context == "system" for s in scopes):
+            raise ScopeError("apps acting for a person use user/ and patient/ scopes, not system/")
+        extra = [s for s in scope.split() if parse_scope_or_none(s) is None]
+        unknown = [s for s in extra if s not in APP_SCOPES]
+        if unknown:
+            raise ScopeError(f"unsupported scope: {unknown[0]} (allowed besides resource scopes: "
+                             f"{', '.join(sorted(APP_SCOPES))})")
+        if not redirect_uris:
+            raise ScopeError("at least one --redirect-uri is required")
+        for uri in redirect_uris:
+            parsed = urlsplit(uri)
+            loopback = parsed.hostname in ("127.0.0.1", "localhost", "::1")
+            if parsed.fragment or not parsed.netloc or (
+                    parsed.scheme != "https" and not (parsed.scheme == "http" and loopback)):
+                raise ScopeError(f"redirect URI must be https (or http on a loopback address), without a"
+                                 f" fragment: {uri}")
+        if jwks is not None:
+            try:
+                KeySet.import_key_set(dict(jwks))  # type: ignore[arg-type]
+            except (JoseError, ValueError, TypeError, KeyError):
+                raise ScopeError("the JWK Set is not valid") from None
+        client_id = "fv-" + secrets.token_hex(10)
+        secret = None if public or jwks is not None else secrets.token_urlsafe(32)
+        row = ClientRow(
+            client_id=client_id, tenant=self._tenant, name=name,
+            secret_hash=_hasher.hash(secret) if secret else None,
+            scopes=" ".join([*(str(s) for s in scopes), *dict.fromkeys(extra)]),
+            jwks=orjson.dumps(dict(jwks)).decode() if jwks is not None else None,
+            created_ms=self._clock.now_ms(),
+        )
+        app = AppRow(client_id, tuple(redirect_uris), public)
+
+        def create(tx: WriteTx) -> None:
+            tx.insert_client(row)
+            tx.upsert_app(app)
+
+        self._store.write_sync("clients.create", create)
         return NewClient(client_id, secret, name, row.scopes)
 
     # -- token endpoint ------------------------------------------------------
@@ -273,6 +340,8 @@ class AuthService:
             cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at > now:
+                if self.is_revoked(cached.token_id, now):
+                    raise TokenError("access token revoked")
                 return cached
             with self._cache_lock:
                 self._cache.pop(token, None)
@@ -296,6 +365,9 @@ class AuthService:
         except (ValueError, TypeError, KeyError):
             raise TokenError("access token malformed") from None
         claims = decoded.claims
+        if self.is_revoked(str(claims["jti"]), now):
+            raise TokenError("access token revoked")
+
         def opt(name: str) -> str | None:
             value = claims.get(name)
             return str(value) if value is not None else None
@@ -320,6 +392,93 @@ class AuthService:
             while len(self._cache) > _TOKEN_CACHE_MAX:
                 self._cache.popitem(last=False)
         return principal
+
+
+    # -- user tokens (authorization code / refresh grants) ------------------------
+    def issue_user_token(self, client_id: str, scope: str, user: UserRow, *, patient: str | None,
+                         session_id: str) -> tuple[str, str, int]:
+        """An access token for a logged-in user: (token, jti, exp in seconds).
+
+        Claim names are a contract with the policy engine (see Principal)."""
+        now = self._clock.now_ms() // 1000
+        jti = secrets.token_urlsafe(16)
+        claims: dict[str, Any] = {
+            "iss": self.issuer, "aud": self.audience, "sub": user.user_id, "client_id": client_id,
+            "tenant": self._tenant, "scope": scope, "iat": now, "nbf": now, "exp": now + self._ttl, "jti": jti,
+            "role": user.role, "sid": session_id,
+        }
+        if user.fhir_user:
+            claims["fhirUser"] = user.fhir_user
+        if user.organization:
+            claims["org"] = user.organization
+        if user.clearances:
+            claims["clearance"] = user.clearances.split()
+        if patient:
+            claims["patient"] = patient
+        token = jwt.encode({"alg": _ACCESS_ALG, "kid": self.kid, "typ": "at+jwt"}, claims, self._key,
+                           algorithms=[_ACCESS_ALG])
+        return token, jti, now + self._ttl
+
+    def id_token(self, *, issuer: str, client_id: str, user: UserRow, nonce: str | None, auth_time_ms: int,
+                 amr: list[str], session_id: str, fhir_user: bool) -> str:
+        """An OpenID Connect ID token (ES256, same key as access tokens, published in the JWKS)."""
+        now = self._clock.now_ms() // 1000
+        claims: dict[str, Any] = {
+            "iss": issuer, "aud": client_id, "azp": client_id, "sub": user.user_id, "iat": now,
+            "exp": now + self._ttl, "auth_time": auth_time_ms // 1000, "amr": amr, "sid": session_id,
+            "preferred_username": user.username,
+        }
+        if nonce:
+            claims["nonce"] = nonce
+        if fhir_user and user.fhir_user:
+            claims["fhirUser"] = user.fhir_user
+        return jwt.encode({"alg": _ACCESS_ALG, "kid": self.kid, "typ": "JWT"}, claims, self._key,
+                          algorithms=[_ACCESS_ALG])
+
+    def own_token_claims(self, token: str) -> dict[str, Any] | None:
+        """Claims of an access token this server signed (expired or not); None if it is not one."""
+        if len(token) > 4096:
+            return None
+        try:
+            decoded = jwt.decode(token, self._verify_keys, algorithms=[_ACCESS_ALG])
+        except (JoseError, ValueError, TypeError, KeyError):
+            return None
+        claims = decoded.claims
+        if decoded.header.get("typ") != "at+jwt" or claims.get("iss") != self.issuer or "jti" not in claims:
+            return None
+        return claims
+
+    # -- revocation ---------------------------------------------------------------
+    def note_revoked(self, jti: str, expires_at: int) -> None:
+        """This process revoked ``jti``: refuse it from now on (the store has it durably)."""
+        with self._cache_lock:
+            self._revoked[jti] = expires_at
+
+    def is_revoked(self, jti: str, now: int) -> bool:
+        mono = time.monotonic()
+        if mono - self._revoked_polled >= REVOCATION_POLL_S:
+            self._poll_revocations(now, mono)
+        return jti in self._revoked
+
+    def poll_revocations(self) -> None:
+        """Read revocations from the store now (after this process revoked tokens in bulk)."""
+        self._poll_revocations(self._clock.now_ms() // 1000, time.monotonic())
+
+    def _poll_revocations(self, now: int, mono: float) -> None:
+        rows = self._store.revoked_jtis(self._revoked_seq, now * 1000)
+        with self._cache_lock:
+            self._revoked_polled = mono
+            for seq, jti, exp_ms in rows:
+                self._revoked[jti] = exp_ms // 1000
+                self._revoked_seq = max(self._revoked_seq, seq)
+            if len(self._revoked) > 1024:  # drop the expired ones now and then
+                self._revoked = {j: e for j, e in self._revoked.items() if e >= now}
+
+def parse_scope_or_none(text: str) -> ResourceScope | None:
+    try:
+        return parse_scope(text)
+    except ScopeError:
+        return None
 
 
 def unverified_claims(assertion: str) -> dict[str, Any]:

@@ -39,7 +39,7 @@ AUDIT_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 
 INTERACTIONS = frozenset({
     "read", "vread", "search", "create", "update", "patch", "delete", "history", "capabilities",
-    "transaction", "operation", "token", "discovery", "metrics", "health", "other",
+    "transaction", "operation", "token", "login", "discovery", "metrics", "health", "other",
 })
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # client_auth: token endpoint refused the client; invalid_scope: it refused the scopes asked for;

@@ -23,6 +23,7 @@ from fhirvault.domain import errors
 from fhirvault.domain.compartment import patient_of
 from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import instant
+from fhirvault.domain.policy import ETREAT, Decision, labels_of
 from fhirvault.domain.r4 import is_resource_type, patient_compartment_params, resource_types
 from fhirvault.domain.search.params import search_params
 from fhirvault.domain.search.query import (
@@ -35,8 +36,18 @@ from fhirvault.domain.search.query import (
 )
 from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, WriteTx
+from fhirvault.services.access import Access, AccessGuard
 from fhirvault.services.audit import AuditRecord, AuditTrail, outcome_for
 from fhirvault.services.auth import Principal
+from fhirvault.services.break_glass import (
+    CLOSED,
+    DECISIONS,
+    MAX_TEXT,
+    MIN_REASON,
+    OPEN,
+    BreakGlass,
+    Grant,
+)
 from fhirvault.services.crypto import DecryptionError, associated_data
 from fhirvault.services.keys import (
     TENANT_COMPARTMENT,
@@ -45,6 +56,7 @@ from fhirvault.services.keys import (
     KeyRing,
     patient_compartment,
 )
+from fhirvault.services.relationships import WATCHED_TYPES, Relationships, RelationshipSettings
 from fhirvault.services.search import (
     INCLUDE_CAP,
     SORT_CAP,
@@ -59,6 +71,8 @@ from fhirvault.services.search_index import SearchIndex
 
 _MAX_PATCH_RETRIES = 5
 _STAMPED = frozenset({"_lastUpdated"})  # search parameters on the meta the write transaction stamps
+_RELATIONSHIP_LIMIT = 5_000  # resources one relationship source may return
+_BREAK_GLASS_ROLES = frozenset({"practitioner", "nurse"})
 T = TypeVar("T")
 
 
@@ -110,7 +124,8 @@ def _etag_version(version: int | None, current: StoredVersion | None) -> None:
 
 class Repository:
     def __init__(self, store: ResourceStore, keys: KeyRing, audit: AuditTrail, validator: Validator,
-                 clock: Clock, index: SearchIndex, *, tenant: str, allow_unknown_elements: bool = False) -> None:
+                 clock: Clock, index: SearchIndex, *, tenant: str, allow_unknown_elements: bool = False,
+                 relationships: RelationshipSettings | None = None, break_glass_hours: float = 4) -> None:
         self._store = store
         self._index = index
         self._engine: SearchEngine | None = None
@@ -120,22 +135,68 @@ class Repository:
         self._clock = clock
         self.tenant = tenant
         self._lenient = allow_unknown_elements
+        # Access control: relationships and consents are read from the data through the search engine.
+        self.relationships = Relationships(self._internal_find, clock, relationships)
+        self.break_glass = BreakGlass(store, keys, clock, tenant=tenant, hours=break_glass_hours)
+        self.guard = AccessGuard(tenant, self.relationships, self.break_glass, self._patient_id)
 
     # -- policy ----------------------------------------------------------------
+    # Decisions are made by domain/policy.py; services/access.py gathers their facts. Here they are
+    # applied to every interaction: type-level first (may this caller ever do this on this type?),
+    # then on each resource before it leaves the repository or is written.
     async def authorize(self, ctx: RequestContext, rtype: str, permission: str, interaction: str,
-                        entity: str | None = None) -> None:
-        """Default deny: the token's SMART scopes must grant ``permission`` on ``rtype``."""
-        p = ctx.principal
-        if p is not None and p.tenant == self.tenant and p.grants.allows(rtype, permission):
-            return
-        detail = f"scope does not allow '{permission}' on {rtype}"
-        await self.audit_event(ctx, interaction, 403, detail, entity=entity)
-        raise errors.forbidden(f"Access denied: the token's scopes do not allow this interaction on {rtype}.")
+                        entity: str | None = None) -> Access:
+        """Default deny, type-level: may the caller ever exercise ``permission`` on ``rtype``?"""
+        access = self.guard.for_principal(ctx.principal, interaction)
+        decision = access.type_level(rtype, permission)
+        if not decision.allowed:
+            await self._refuse(ctx, interaction, decision, entity, rtype=rtype)
+        return access
+
+    async def _refuse(self, ctx: RequestContext, interaction: str, decision: Decision, entity: str | None, *,
+                      rtype: str | None = None, patient: str | None = None, status: int | None = None) -> None:
+        """Record the refusal with its reason, then answer 404 (hidden) or 403.
+
+        The audit record says 403 either way: it was a refusal, whatever the client was told."""
+        await self.audit_event(ctx, interaction, 403, decision.reason, entity=entity,
+                               patient=f"Patient/{patient}" if patient else None, restricted=decision.restricted)
+        if (status or decision.status) == 404:
+            raise errors.not_found("Resource not found.")
+        if decision.reason.startswith("scope"):
+            raise errors.forbidden(f"Access denied: the token's scopes do not allow this interaction on {rtype}.")
+        raise errors.forbidden(f"Access denied: {decision.reason}.")
+
+    async def _check(self, ctx: RequestContext, access: Access, v: StoredVersion, document: dict[str, Any],
+                     interaction: str, permission: str, entity: str) -> Decision:
+        """The decision on one stored resource; a refusal is recorded and raised."""
+        decision = access.version(v, document, permission)
+        if not decision.allowed:
+            await self._refuse(ctx, interaction, decision, entity, rtype=v.type, patient=self._patient_id(v.key_id))
+        return decision
+
+    async def _check_new(self, ctx: RequestContext, access: Access, rtype: str, body: dict[str, Any],
+                         interaction: str, permission: str, entity: str | None, *, new: bool = False) -> Decision:
+        """The decision on content being written (the caller wrote it: a refusal is a 403)."""
+        pid = patient_of(rtype, body)
+        decision = access.resource(rtype, body, pid, permission=permission, new=new)
+        if not decision.allowed:
+            await self._refuse(ctx, interaction, decision, entity, rtype=rtype, patient=pid, status=403)
+        return decision
+
+    def _internal_find(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The server's own searches (relationships, consents): unfiltered, never audited, never returned."""
+        parsed = parse_search(rtype, params, strict=True, base_url=None, now_ms=self._clock.now_ms())
+        engine = self.engine()
+        criteria = engine.resolve(rtype, parsed.criteria)
+        if criteria is None:
+            return []
+        return [m.resource for m in engine.find(rtype, criteria, limit=_RELATIONSHIP_LIMIT).matches]
 
     async def audit_event(self, ctx: RequestContext, interaction: str, status: int, detail: str,
                           entity: str | None = None, *, client_id: str | None = None,
                           category: str = "rest", user: str | None = None, role: str | None = None,
-                          patient: str | None = None, purpose_of_use: str | None = None) -> None:
+                          patient: str | None = None, purpose_of_use: str | None = None,
+                          restricted: bool = False) -> None:
         """Record an event that is not a resource write: a refusal, a token issued…
 
         ``client_id`` names the client when there is no principal yet (a token request: the
@@ -145,10 +206,11 @@ class Repository:
             record = dataclasses.replace(record, client_id=client_id[:128])
         if category != record.category:
             record = dataclasses.replace(record, category=category)
-        if user or role or patient or purpose_of_use:
+        if user or role or patient or purpose_of_use or restricted:
             record = dataclasses.replace(record, user=user or record.user, role=role or record.role,
                                          patient=patient or record.patient,
-                                         purpose_of_use=purpose_of_use or record.purpose_of_use)
+                                         purpose_of_use=purpose_of_use or record.purpose_of_use,
+                                         restricted=restricted or record.restricted)
         await self._store.write("audit.event", lambda tx: self._audit.record(tx, record))
 
     async def remember_assertion(self, assertion_id: str, expires_ms: int) -> bool:
@@ -157,13 +219,16 @@ class Repository:
         return await self._store.write("oauth.jti", lambda tx: tx.remember_jti(assertion_id, expires_ms, now))
 
     def _record(self, ctx: RequestContext, interaction: str, status: int, *, entity: str | None = None,
-                patient: str | None = None, query: str | None = None, detail: str | None = None) -> AuditRecord:
+                patient: str | None = None, query: str | None = None, detail: str | None = None,
+                purpose: str | None = None, restricted: bool = False,
+                result_count: int | None = None) -> AuditRecord:
         p = ctx.principal
         return AuditRecord(
             ts_ms=self._clock.now_ms(), interaction=interaction, outcome=outcome_for(status), status=status,
             request_id=ctx.request_id, client_id=p.client_id if p else None,
             source_ip=ctx.source_ip, entity=entity, patient=patient, query=query, detail=detail,
-            user=p.user if p else None, role=p.role if p else None,
+            user=p.user if p else None, role=p.role if p else None, purpose_of_use=purpose,
+            restricted=restricted, result_count=result_count,
         )
 
     # -- helpers -----------------------------------------------------------------
@@ -194,15 +259,20 @@ class Repository:
             raise IntegrityError(f"{v.type} version failed its integrity check: {type(exc).__name__}") from None
 
     def _patient_ref(self, key_id: str) -> str | None:
+        pid = self._patient_id(key_id)
+        return "Patient/" + pid if pid is not None else None
+
+    def _patient_id(self, key_id: str) -> str | None:
+        """The patient compartment a version is filed under, from its data key: no decryption needed."""
         if not key_id:
             return None
         compartment = self._keys.by_id(key_id).compartment
-        return "Patient/" + compartment[len("patient/"):] if compartment.startswith("patient/") else None
+        return compartment[len("patient/"):] if compartment.startswith("patient/") else None
 
     def _seal_job(self, ctx: RequestContext, interaction: str, rtype: str, rid: str, body: dict[str, Any],
                   key: DataKey, if_match: int | None, *, must_exist: bool = False,
                   expect_version: int | None = None, status_new: int = 201, status_old: int = 200,
-                  ) -> Callable[[WriteTx], ResourceResult]:
+                  decision: Decision | None = None) -> Callable[[WriteTx], ResourceResult]:
         """A write job: checks versions, stamps meta, encrypts, stores the version and its audit record."""
         tenant = self.tenant
         tags = self._index.resource_tags(rtype, body, skip=_STAMPED)
@@ -230,8 +300,12 @@ class Repository:
             created = current is None or current.deleted
             status = status_new if created else status_old
             patient = self._patient_ref(key.key_id)
-            self._audit.record(tx, self._record(ctx, interaction, status, entity=f"{rtype}/{rid}/_history/{version}",
-                                                patient=patient))
+            self._audit.record(tx, self._record(
+                ctx, interaction, status, entity=f"{rtype}/{rid}/_history/{version}", patient=patient,
+                purpose=decision.purpose_of_use if decision else None,
+                restricted=bool(decision and decision.restricted)))
+            if rtype in WATCHED_TYPES:
+                tx.on_commit(self.relationships.invalidate)
             return ResourceResult(rtype, rid, version, now, plaintext, created)
 
         return job
@@ -251,13 +325,15 @@ class Repository:
                              rid: str | None = None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
         self._check_writable(rtype)
-        await self.authorize(ctx, rtype, "c", "create")
+        access = await self.authorize(ctx, rtype, "c", "create")
         body.pop("id", None)  # R4: the server assigns the id and ignores one in the body
         self._validate(rtype, body)
         rid = rid or str(uuid.uuid4())
         body["id"] = rid
+        decision = None if access.simple else await self._check_new(ctx, access, rtype, body, "create", "c", rtype,
+                                                                    new=True)
         key = await self._key_for(rtype, body)
-        return self._seal_job(ctx, "create", rtype, rid, body, key, None)
+        return self._seal_job(ctx, "create", rtype, rid, body, key, None, decision=decision)
 
     async def create(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> ResourceResult:
         return await self._store.write("resource.create", await self.prepare_create(ctx, rtype, body))
@@ -266,16 +342,27 @@ class Repository:
                              if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
         self.check_type(rtype)
         self._check_writable(rtype)
-        await self.authorize(ctx, rtype, "u", "update", f"{rtype}/{rid}")
+        entity = f"{rtype}/{rid}"
+        access = await self.authorize(ctx, rtype, "u", "update", entity)
         if body.get("id") != rid:
             raise errors.bad_request("The id in the body must be present and match the id in the URL.", "id")
         self._validate(rtype, body)
         current = self._store.read_current(self.tenant, rtype, rid)
-        if current is None or current.deleted:
+        creating = current is None or current.deleted
+        if creating:
             # update-as-create: the client chooses the id, which needs create permission too.
-            await self.authorize(ctx, rtype, "c", "update", f"{rtype}/{rid}")
+            await self.authorize(ctx, rtype, "c", "update", entity)
+        decision = None
+        if not access.simple:
+            if not creating:
+                assert current is not None
+                await self._check(ctx, access, current, orjson.loads(self._open(current)), "update", "u", entity)
+            elif current is not None:  # re-creating a deleted resource: judged on what it was
+                await self._check_deleted(ctx, access, current, "update", entity)
+            decision = await self._check_new(ctx, access, rtype, body, "update", "c" if creating else "u", entity,
+                                             new=creating)
         key = await self._key_for(rtype, body)
-        return self._seal_job(ctx, "update", rtype, rid, body, key, if_match)
+        return self._seal_job(ctx, "update", rtype, rid, body, key, if_match, decision=decision)
 
     async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                      if_match: int | None) -> ResourceResult:
@@ -286,16 +373,20 @@ class Repository:
         """Apply the patch to the current version; the job fails with ConcurrentChange if that version changed."""
         self.check_type(rtype)
         self._check_writable(rtype)
-        await self.authorize(ctx, rtype, "u", "patch", f"{rtype}/{rid}")
+        access = await self.authorize(ctx, rtype, "u", "patch", f"{rtype}/{rid}")
         if not isinstance(operations, list) or not operations or not all(isinstance(o, dict) for o in operations):
             raise errors.bad_request("A JSON Patch body is a non-empty array of operation objects.")
         current = self._store.read_current(self.tenant, rtype, rid)
         if current is None or current.deleted:
             if current is not None:
+                if not access.simple:
+                    await self._check_deleted(ctx, access, current, "patch", f"{rtype}/{rid}")
                 raise errors.gone("Resource was deleted.")
             raise errors.not_found("Resource not found.")
-        _etag_version(if_match, current)
         document = orjson.loads(self._open(current))
+        if not access.simple:
+            await self._check(ctx, access, current, document, "patch", "u", f"{rtype}/{rid}")
+        _etag_version(if_match, current)
         try:
             patched = jsonpatch.JsonPatch(operations).apply(document)
         except jsonpatch.JsonPatchTestFailed:
@@ -306,9 +397,11 @@ class Repository:
         if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
             raise errors.bad_request("A patch may not change the resource's id or resourceType.")
         self._validate(rtype, patched)
+        decision = None if access.simple else await self._check_new(ctx, access, rtype, patched, "patch", "u",
+                                                                    f"{rtype}/{rid}")
         key = await self._key_for(rtype, patched)
         return self._seal_job(ctx, "patch", rtype, rid, patched, key, if_match,
-                              must_exist=True, expect_version=current.version)
+                              must_exist=True, expect_version=current.version, decision=decision)
 
     async def patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
                     if_match: int | None) -> ResourceResult:
@@ -325,8 +418,16 @@ class Repository:
         """Logical delete job. It returns the deletion's version, or None if there was nothing to delete."""
         self.check_type(rtype)
         self._check_writable(rtype)
-        await self.authorize(ctx, rtype, "d", "delete", f"{rtype}/{rid}")
+        access = await self.authorize(ctx, rtype, "d", "delete", f"{rtype}/{rid}")
         tenant = self.tenant
+        decision: Decision | None = None
+        if not access.simple:
+            seen = self._store.read_current(tenant, rtype, rid)
+            if seen is not None and not seen.deleted:
+                decision = await self._check(ctx, access, seen, orjson.loads(self._open(seen)), "delete", "d",
+                                             f"{rtype}/{rid}")
+            elif seen is not None:
+                await self._check_deleted(ctx, access, seen, "delete", f"{rtype}/{rid}")
 
         def job(tx: WriteTx) -> int | None:
             current = tx.current(tenant, rtype, rid)
@@ -335,12 +436,18 @@ class Repository:
                 raise errors.not_found("Resource not found.")
             if current is None or current.deleted:
                 return None
+            if decision is None and not access.simple:
+                raise ConcurrentChange()  # created between the check and the write: decide again
             version = current.version + 1
             now = self._clock.now_ms()
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, True, "", b""))
             tx.set_search_tags(tenant, rtype, rid, [])
             self._audit.record(tx, self._record(ctx, "delete", 204, entity=f"{rtype}/{rid}/_history/{version}",
-                                                patient=self._patient_ref(current.key_id)))
+                                                patient=self._patient_ref(current.key_id),
+                                                purpose=decision.purpose_of_use if decision else None,
+                                                restricted=bool(decision and decision.restricted)))
+            if rtype in WATCHED_TYPES:
+                tx.on_commit(self.relationships.invalidate)
             return version
 
         return job
@@ -352,36 +459,69 @@ class Repository:
     async def delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None) -> int | None:
         return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
 
-    async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion) -> ResourceResult:
+    async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion,
+                            access: Access) -> ResourceResult:
         body = self._open(v)
-        record = self._record(ctx, interaction, 200, entity=f"{v.type}/{v.id}/_history/{v.version}",
-                              patient=self._patient_ref(v.key_id))
+        entity = f"{v.type}/{v.id}/_history/{v.version}"
+        purpose, restricted = None, False
+        if not access.simple:
+            decision = await self._check(ctx, access, v, orjson.loads(body), interaction, "r", entity)
+            purpose, restricted = decision.purpose_of_use, decision.restricted
+        elif b"v3-Confidentiality" in body:
+            restricted = bool(labels_of(orjson.loads(body)))
+        record = self._record(ctx, interaction, 200, entity=entity, patient=self._patient_ref(v.key_id),
+                              purpose=purpose, restricted=restricted)
         await self._store.write("audit.read", lambda tx: self._audit.record(tx, record))
         return ResourceResult(v.type, v.id, v.version, v.last_updated_ms, body)
 
+    async def _check_deleted(self, ctx: RequestContext, access: Access, v: StoredVersion, interaction: str,
+                             entity: str) -> None:
+        """A deletion has no content: the caller must have been allowed to read what was deleted
+        (else 404, so that 410 does not reveal that a forbidden resource existed)."""
+        before = self._store.read_version(self.tenant, v.type, v.id, v.version - 1) if v.version > 1 else None
+        if before is None or before.deleted:
+            await self._refuse(ctx, interaction, Decision(False, "deleted resource of unknown compartment",
+                                                          hidden=True), entity)
+            return
+        await self._check(ctx, access, before, orjson.loads(self._open(before)), interaction, "r", entity)
+
     async def read(self, ctx: RequestContext, rtype: str, rid: str) -> ResourceResult:
         self.check_type(rtype)
-        await self.authorize(ctx, rtype, "r", "read", f"{rtype}/{rid}")
+        access = await self.authorize(ctx, rtype, "r", "read", f"{rtype}/{rid}")
         v = self._store.read_current(self.tenant, rtype, rid)
         if v is None:
             raise errors.not_found("Resource not found.")
         if v.deleted:
+            if not access.simple:
+                await self._check_deleted(ctx, access, v, "read", f"{rtype}/{rid}")
             raise errors.gone("Resource was deleted.", {"ETag": f'W/"{v.version}"'})
-        return await self._audited_read(ctx, "read", v)
+        return await self._audited_read(ctx, "read", v, access)
+
+    async def readable_current(self, ctx: RequestContext, rtype: str, rid: str) -> StoredVersion | None:
+        """The current version's routing data (conditional reads: If-None-Match), once the caller is
+        known to be allowed to read it, so that a 304 never confirms a forbidden resource."""
+        access = await self.authorize(ctx, rtype, "r", "read", f"{rtype}/{rid}")
+        current = self._store.read_current(self.tenant, rtype, rid)
+        if current is None or current.deleted or access.simple:
+            return current
+        await self._check(ctx, access, current, orjson.loads(self._open(current)), "read", "r", f"{rtype}/{rid}")
+        return current
 
     def current_version(self, rtype: str, rid: str) -> StoredVersion | None:
-        """Routing data only (for conditional reads); no content, no audit needed."""
+        """Routing data only; callers serving clients use readable_current."""
         return self._store.read_current(self.tenant, rtype, rid)
 
     async def vread(self, ctx: RequestContext, rtype: str, rid: str, version: int) -> ResourceResult:
         self.check_type(rtype)
-        await self.authorize(ctx, rtype, "r", "vread", f"{rtype}/{rid}/_history/{version}")
+        access = await self.authorize(ctx, rtype, "r", "vread", f"{rtype}/{rid}/_history/{version}")
         v = self._store.read_version(self.tenant, rtype, rid, version)
         if v is None:
             raise errors.not_found("Version not found.")
         if v.deleted:
+            if not access.simple:
+                await self._check_deleted(ctx, access, v, "vread", f"{rtype}/{rid}")
             raise errors.gone("This version is a deletion.")
-        return await self._audited_read(ctx, "vread", v)
+        return await self._audited_read(ctx, "vread", v, access)
 
     async def history(self, ctx: RequestContext, rtype: str | None, rid: str | None, *, since_ms: int | None,
                       before_seq: int | None, count: int, all_types: frozenset[str]) -> HistoryPage:
@@ -390,25 +530,46 @@ class Repository:
             self.check_type(rtype)
             interaction = "history-instance" if rid else "history-type"
             # Instance history reads one resource (r); type history lists many (s), as SMART v2 says.
-            await self.authorize(ctx, rtype, "r" if rid else "s", interaction, f"{rtype}/{rid}" if rid else None)
+            access = await self.authorize(ctx, rtype, "r" if rid else "s", interaction,
+                                          f"{rtype}/{rid}" if rid else None)
         else:
             interaction = "history-system"
             p = ctx.principal
-            types = p.grants.types_with("s", all_types) if p is not None else frozenset()
+            access = self.guard.for_principal(p, interaction)
+            if p is not None and p.role is not None:
+                types = frozenset(t for t in all_types if access.type_level(t, "s").allowed)
+            else:
+                types = p.grants.types_with("s", all_types) if p is not None else frozenset()
             if types is not None and not types:
                 await self.authorize(ctx, "*", "s", interaction)
+        if rid is not None and rtype is not None and not access.simple:
+            # The instance as a whole: judged on its latest content (404 when forbidden).
+            current = self._store.read_current(self.tenant, rtype, rid)
+            if current is not None and current.deleted:
+                await self._check_deleted(ctx, access, current, interaction, f"{rtype}/{rid}")
+            elif current is not None:
+                await self._check(ctx, access, current, orjson.loads(self._open(current)), interaction, "r",
+                                  f"{rtype}/{rid}")
         query = HistoryQuery(self.tenant, rtype, rid, types, since_ms, before_seq, count + 1)
         rows = self._store.history(query)
         has_more = len(rows) > count
         rows = rows[:count]
+        next_seq = rows[-1].seq if has_more and rows else None
         entries = [HistoryEntry(v, None if v.deleted else self._open(v)) for v in rows]
+        if not access.simple:
+            # Each version on its own content; deletions only inside an instance the caller may read.
+            permission = "r" if rid else "s"
+            entries = [e for e in entries if (e.body is None and rid is not None) or (
+                e.body is not None and access.version(e.version, orjson.loads(e.body), permission).allowed)]
+            rows = [e.version for e in entries]
         total = self._store.history_count(HistoryQuery(self.tenant, rtype, rid, None, since_ms)) if rid else None
         patients = sorted({p for p in (self._patient_ref(v.key_id) for v in rows) if p})
         record = self._record(ctx, interaction, 200, entity=f"{rtype}/{rid}" if rid else rtype,
                               patient=",".join(patients) or None,
-                              query=f"_since={since_ms} _count={count} before={before_seq}")
+                              query=f"_since={since_ms} _count={count} before={before_seq}",
+                              purpose=access.purpose(), restricted=access.restricted, result_count=len(entries))
         await self._store.write("audit.history", lambda tx: self._audit.record(tx, record))
-        return HistoryPage(entries, rows[-1].seq if has_more and rows else None, total)
+        return HistoryPage(entries, next_seq, total)
 
 
     # -- search ---------------------------------------------------------------
@@ -427,10 +588,9 @@ class Repository:
                 await self.authorize(ctx, c.source_type, "s", "search")
                 await self._authorize_types(ctx, (c.inner,))
 
-    def _may_read(self, ctx: RequestContext, rtype: str) -> bool:
-        p = ctx.principal
-        return p is not None and p.tenant == self.tenant and (
-            p.grants.allows(rtype, "r") or p.grants.allows(rtype, "s"))
+    @staticmethod
+    def _may_read(access: Access, rtype: str) -> bool:
+        return access.type_level(rtype, "r").allowed or access.type_level(rtype, "s").allowed
 
     async def parse(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]], *, strict: bool,
                     base_url: str | None) -> ParsedSearch:
@@ -442,19 +602,29 @@ class Repository:
 
     async def search(self, ctx: RequestContext, parsed: ParsedSearch, *, count: int, after: int | None,
                      before: int | None, snapshot: int | None, offset: int, query_text: str) -> SearchOutcome:
-        """Run a parsed search for one page; the caller formats the Bundle."""
-        outcome = await asyncio.to_thread(self._search_page, parsed, count, after, before, snapshot, offset)
+        """Run a parsed search for one page; the caller formats the Bundle.
+
+        Every candidate goes through the caller's access decision before it is paged or counted:
+        ``_total`` and ``_summary=count`` count only what the caller may see."""
+        access = self.guard.for_principal(ctx.principal, "search")
+        visible = None if access.simple else access
+        outcome = await asyncio.to_thread(self._search_page, parsed, count, after, before, snapshot, offset, visible)
         allowed: list[Match] = []
         for m in outcome.includes:
-            if self._may_read(ctx, m.version.type):
+            # Included resources are read, not searched: judged with 'r' on their own content.
+            if self._may_read(access, m.version.type) and (
+                    access.simple or access.version(m.version, m.resource, "r").allowed):
                 allowed.append(m)
             elif not any(w.code == "suppressed" for w in outcome.warnings):
                 outcome.warnings.append(Issue("warning", "suppressed",
-                                              "Some included resources were left out: the token may not read them."))
+                                              "Some included resources were left out: the caller may not read them."))
         outcome.includes = allowed
         patients = {p for p in (self._patient_ref(m.version.key_id) for m in outcome.matches + allowed) if p}
+        restricted = access.restricted or any(labels_of(m.resource) for m in outcome.matches + allowed)
         record = self._record(ctx, "search", 200, entity=parsed.resource_type, patient=",".join(sorted(patients)) or None,
-                              query=query_text)
+                              query=query_text, purpose=access.purpose(), restricted=restricted,
+                              result_count=len(outcome.matches) + len(allowed),
+                              detail=f"{access.withheld} resources withheld by policy" if access.withheld else None)
         await self._store.write("audit.search", lambda tx: self._audit.record(tx, record))
         return outcome
 
@@ -463,29 +633,31 @@ class Repository:
         parsed = await self.parse(ctx, rtype, params, strict=True, base_url=None)
         if not parsed.criteria:
             raise errors.bad_request("A conditional request needs at least one search criterion.")
+        access = self.guard.for_principal(ctx.principal, "search")
+        visible = None if access.simple else access  # a match the caller may not see is no match
 
         def run() -> list[str]:
-            criteria = self.engine().resolve(rtype, parsed.criteria)
+            criteria = self.engine().resolve(rtype, parsed.criteria, visible)
             if criteria is None:
                 return []
-            return [m.version.id for m in self.engine().find(rtype, criteria, limit=limit).matches]
+            return [m.version.id for m in self.engine().find(rtype, criteria, limit=limit, visible=visible).matches]
 
         return await asyncio.to_thread(run)
 
     def _search_page(self, parsed: ParsedSearch, count: int, after: int | None, before: int | None,
-                     snapshot: int | None, offset: int) -> SearchOutcome:
+                     snapshot: int | None, offset: int, visible: Access | None = None) -> SearchOutcome:
         engine = self.engine()
         rtype = parsed.resource_type
         snap = snapshot if snapshot is not None else self._store.max_rk()
         out = SearchOutcome([], [], None, None, None, None, None, snap, [])
-        criteria = engine.resolve(rtype, parsed.criteria)
+        criteria = engine.resolve(rtype, parsed.criteria, visible)
         if criteria is None:
             out.total = 0
             return out
         limit_before = snap + 1 if before is None else min(before, snap + 1)
         if parsed.summary == "count" or parsed.total == "accurate" or parsed.sort:
             cap = SORT_CAP if parsed.sort else VERIFY_CAP
-            everything = engine.find(rtype, criteria, limit=cap + 1, before=snap + 1)
+            everything = engine.find(rtype, criteria, limit=cap + 1, before=snap + 1, visible=visible)
             if len(everything.matches) > cap:  # never a silently truncated total
                 what = "_sort" if parsed.sort else "An exact total"
                 raise TooCostly(f"{what} is limited to result sets of at most {cap} resources: narrow the search.")
@@ -497,17 +669,18 @@ class Repository:
                 out.matches = ordered[offset:offset + count]
                 out.next_offset = offset + count if offset + count < len(ordered) else None
                 out.prev_offset = max(0, offset - count) if offset > 0 else None
-                out.includes = self._includes(parsed, out.matches)
+                out.includes = self._includes(parsed, out.matches, visible)
                 return out
         if before is not None:  # previous page: walk backwards, then restore the order
-            found = engine.find(rtype, criteria, limit=count + 1, before=limit_before, descending=True)
+            found = engine.find(rtype, criteria, limit=count + 1, before=limit_before, descending=True,
+                                visible=visible)
             page = found.matches[:count]
             page.reverse()
             out.matches = page
             out.next_after = page[-1].rk if page else None
             out.prev_before = page[0].rk if len(found.matches) > count and page else None
         else:
-            found = engine.find(rtype, criteria, limit=count + 1, after=after, before=limit_before)
+            found = engine.find(rtype, criteria, limit=count + 1, after=after, before=limit_before, visible=visible)
             out.matches = found.matches[:count]
             if len(found.matches) > count and out.matches:
                 out.next_after = out.matches[-1].rk
@@ -515,28 +688,34 @@ class Repository:
                 out.prev_before = out.matches[0].rk
             if after is None and out.total is None and len(found.matches) <= count:
                 out.total = len(found.matches)  # everything fit on the first page: the total is known
-        out.includes = self._includes(parsed, out.matches)
+        out.includes = self._includes(parsed, out.matches, visible)
         return out
 
     async def everything(self, ctx: RequestContext, pid: str, *, types: frozenset[str] | None, since_ms: int | None,
                          count: int, offset: int, snapshot: int | None) -> SearchOutcome:
         """Patient/$everything: the patient and every resource of its compartment, paged by offset."""
-        await self.authorize(ctx, "Patient", "r", "operation", f"Patient/{pid}")
+        access = await self.authorize(ctx, "Patient", "r", "operation", f"Patient/{pid}")
         patient = self._store.read_current(self.tenant, "Patient", pid)
         if patient is None:
             raise errors.not_found("Resource not found.")
         if patient.deleted:
+            if not access.simple:
+                await self._check_deleted(ctx, access, patient, "operation", f"Patient/{pid}")
             raise errors.gone("Resource was deleted.")
-        wanted = sorted(t for t in compartment_types() if (types is None or t in types) and self._may_read(ctx, t))
-        skipped = [t for t in compartment_types() if (types is None or t in types) and not self._may_read(ctx, t)]
+        patient_doc = orjson.loads(self._open(patient))
+        if not access.simple:
+            # The patient first: without access to the patient, nothing of the compartment (404).
+            await self._check(ctx, access, patient, patient_doc, "operation", "r", f"Patient/{pid}/$everything")
+        visible = None if access.simple else access
+        wanted = sorted(t for t in compartment_types() if (types is None or t in types) and self._may_read(access, t))
+        skipped = [t for t in compartment_types() if (types is None or t in types) and not self._may_read(access, t)]
 
         def run() -> SearchOutcome:
             snap = snapshot if snapshot is not None else self._store.max_rk()
             engine = self.engine()
             everything: list[Match] = []
             if types is None or "Patient" in types:
-                body = self._open(patient)
-                everything.append(Match(0, patient, body, orjson.loads(body)))
+                everything.append(Match(0, patient, self._open(patient), patient_doc))
             for rtype in wanted:
                 seen: set[int] = set()
                 rows: list[Match] = []
@@ -545,7 +724,7 @@ class Repository:
                     if param is None or param.type != "reference":
                         continue
                     crit = reference_criterion(code, param, [f"Patient/{pid}"])
-                    for m in engine.find(rtype, [crit], limit=VERIFY_CAP, before=snap + 1).matches:
+                    for m in engine.find(rtype, [crit], limit=VERIFY_CAP, before=snap + 1, visible=visible).matches:
                         if m.rk not in seen and (rtype != "Patient" or m.version.id != pid):
                             seen.add(m.rk)
                             rows.append(m)
@@ -565,11 +744,15 @@ class Repository:
         outcome = await asyncio.to_thread(run)
         patients = f"Patient/{pid}"
         record = self._record(ctx, "operation", 200, entity=f"Patient/{pid}/$everything", patient=patients,
-                              query=f"_type={sorted(types) if types else '*'} _since={since_ms} offset={offset}")
+                              query=f"_type={sorted(types) if types else '*'} _since={since_ms} offset={offset}",
+                              purpose=access.purpose(), restricted=access.restricted or any(
+                                  labels_of(m.resource) for m in outcome.matches),
+                              result_count=len(outcome.matches))
         await self._store.write("audit.everything", lambda tx: self._audit.record(tx, record))
         return outcome
 
-    def _includes(self, parsed: ParsedSearch, page: list[Match]) -> list[Match]:
+    def _includes(self, parsed: ParsedSearch, page: list[Match], visible: Access | None = None) -> list[Match]:
+        """_include and _revinclude targets; the caller filters them again with 'r' on their content."""
         if not page or not (parsed.includes or parsed.revincludes):
             return []
         engine = self.engine()
@@ -609,7 +792,7 @@ class Repository:
                     continue
                 refs = [f"{m.version.type}/{m.version.id}" for m in frontier]
                 crit = reference_criterion(inc.param.code, inc.param, refs)
-                for r in engine.find(inc.source_type, [crit], limit=INCLUDE_CAP).matches:
+                for r in engine.find(inc.source_type, [crit], limit=INCLUDE_CAP, visible=visible).matches:
                     key = (r.version.type, r.version.id)
                     if key not in seen and len(included) + len(new) < INCLUDE_CAP:
                         seen.add(key)
@@ -617,6 +800,65 @@ class Repository:
             included.extend(new)
             frontier = new
         return included
+
+
+    # -- break-the-glass ----------------------------------------------------------
+    async def start_break_glass(self, ctx: RequestContext, pid: str, reason: Any, purpose: Any) -> Grant:
+        """Emergency access of a practitioner or nurse to one patient (Patient/{id}/$break-glass)."""
+        entity = f"Patient/{pid}"
+        p = ctx.principal
+        if p is None or p.tenant != self.tenant or p.role not in _BREAK_GLASS_ROLES or not p.user:
+            await self._refuse(ctx, "break-the-glass", Decision(False, "break-the-glass is for practitioners and"
+                                                                       " nurses"), entity)
+        assert p is not None and p.user is not None
+        await self.authorize(ctx, "Patient", "r", "break-the-glass", entity)
+        if not isinstance(reason, str) or len(reason.strip()) < MIN_REASON or len(reason) > MAX_TEXT:
+            raise errors.bad_request(f"'reason' is required: {MIN_REASON} to {MAX_TEXT} characters.", "reason")
+        if purpose != ETREAT:
+            raise errors.bad_request("'purposeOfUse' must be ETREAT (emergency treatment).", "purposeOfUse")
+        patient = self._store.read_current(self.tenant, "Patient", pid)
+        if patient is None or patient.deleted:
+            raise errors.not_found("Resource not found.")
+        record = dataclasses.replace(self._record(ctx, "break-the-glass", 201, entity=entity, patient=entity,
+                                                  purpose=ETREAT, detail="emergency access started"))
+        return await self.break_glass.start(user_id=p.user, role=p.role, fhir_user=p.fhir_user, patient_id=pid,
+                                            reason=reason.strip(), purpose=ETREAT,
+                                            audit=lambda tx: self._audit.record(tx, record))
+
+    async def _security_officer(self, ctx: RequestContext, interaction: str, entity: str) -> str:
+        p = ctx.principal
+        if p is None or p.tenant != self.tenant or p.role != "security_officer" or not p.user:
+            await self.audit_event(ctx, interaction, 403, "break-the-glass review is for security officers",
+                                   entity=entity, category="security")
+            raise errors.forbidden("Access denied: the break-the-glass queue is for security officers.")
+        return p.user
+
+    async def break_glass_queue(self, ctx: RequestContext, status: str | None) -> list[Grant]:
+        await self._security_officer(ctx, "break-the-glass-queue", "break-glass")
+        if status not in (None, OPEN, CLOSED):
+            raise errors.bad_request("status must be open or closed.", "status")
+        grants = self.break_glass.queue(status)
+        await self.audit_event(ctx, "break-the-glass-queue", 200, f"{len(grants)} grants listed",
+                               entity="break-glass", category="security")
+        return grants
+
+    async def review_break_glass(self, ctx: RequestContext, grant_id: str, decision: Any, note: Any) -> Grant:
+        entity = f"break-glass/{grant_id[:64]}"
+        reviewer = await self._security_officer(ctx, "break-the-glass-review", entity)
+        if decision not in DECISIONS:
+            raise errors.bad_request("decision must be justified or unjustified.", "decision")
+        if not isinstance(note, str) or not note.strip() or len(note) > MAX_TEXT:
+            raise errors.bad_request(f"a note (1 to {MAX_TEXT} characters) is required.", "note")
+        grant = self.break_glass.get(grant_id) if len(grant_id) <= 64 else None
+        if grant is None:
+            raise errors.not_found("No such break-the-glass grant.")
+        if grant.status != OPEN:
+            raise errors.conflict("This break-the-glass case was already reviewed.")
+        record = dataclasses.replace(
+            self._record(ctx, "break-the-glass-review", 200, entity=entity, patient=f"Patient/{grant.patient_id}",
+                         detail=f"decision: {decision}"), category="security")
+        return await self.break_glass.review(grant, reviewer=reviewer, decision=decision, note=note.strip(),
+                                             audit=lambda tx: self._audit.record(tx, record))
 
 
 def compartment_types() -> list[str]:

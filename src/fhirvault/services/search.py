@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -57,6 +57,19 @@ class TooCostly(errors.OperationOutcomeError):
         super().__init__(400, [errors.Issue("error", "too-costly", message)])
 
 
+class Visibility(Protocol):
+    """What the caller may see (services/access.py): checked for every candidate, so that pages, totals,
+    chains and ``_has`` never count or reveal a resource the caller may not read."""
+
+    def before(self, version: StoredVersion) -> bool:
+        """A cheap check on routing data (the compartment of the data key) before decrypting."""
+        ...
+
+    def after(self, rtype: str, resource: dict[str, Any], version: StoredVersion) -> bool:
+        """The full decision on the decrypted resource."""
+        ...
+
+
 @dataclass(slots=True)
 class Match:
     rk: int
@@ -81,10 +94,13 @@ class SearchEngine:
         self._tenant = tenant
 
     # -- criteria --------------------------------------------------------------
-    def resolve(self, rtype: str, criteria: tuple[AnyCriterion, ...]) -> list[Criterion] | None:
+    def resolve(self, rtype: str, criteria: tuple[AnyCriterion, ...],
+                visible: Visibility | None = None) -> list[Criterion] | None:
         """Plain criteria for ``rtype``: chains and ``_has`` become OR-lists of ids.
 
         None means a sub-search matched nothing, so the whole search matches nothing.
+        Sub-searches run over what ``visible`` lets the caller see: a chain through a resource
+        the caller may not read cannot reveal it.
         """
         out: list[Criterion] = []
         for c in criteria:
@@ -92,14 +108,14 @@ class SearchEngine:
                 out.append(c)
                 continue
             if isinstance(c, ChainCriterion):
-                ids = self._ids(c.target_type, (c.inner,))
+                ids = self._ids(c.target_type, (c.inner,), visible)
                 if not ids:
                     return None
                 out.append(reference_criterion(c.name, c.param, [f"{c.target_type}/{i}" for i in ids]))
                 continue
             # HasCriterion: the ids that source resources matching `inner` point to through `param`
-            sources = self.find(c.source_type, self._resolved_or_empty(c.source_type, (c.inner,)),
-                                limit=CHAIN_CAP + 1)
+            sources = self.find(c.source_type, self._resolved_or_empty(c.source_type, (c.inner,), visible),
+                                limit=CHAIN_CAP + 1, visible=visible)
             if len(sources.matches) > CHAIN_CAP:
                 raise TooCostly(f"_has matches more than {CHAIN_CAP} {c.source_type} resources: narrow it.")
             ids = sorted({item.id for m in sources.matches for item in extract(c.param, m.resource)
@@ -109,17 +125,18 @@ class SearchEngine:
             out.append(id_criterion(rtype, ids))
         return out
 
-    def _resolved_or_empty(self, rtype: str, criteria: tuple[AnyCriterion, ...]) -> list[Criterion]:
-        resolved = self.resolve(rtype, criteria)
+    def _resolved_or_empty(self, rtype: str, criteria: tuple[AnyCriterion, ...],
+                           visible: Visibility | None) -> list[Criterion]:
+        resolved = self.resolve(rtype, criteria, visible)
         if resolved is None:  # a criterion that matches nothing: a reference to no resource
             return [_nothing(rtype)]
         return resolved
 
-    def _ids(self, rtype: str, criteria: tuple[AnyCriterion, ...]) -> list[str]:
-        resolved = self.resolve(rtype, criteria)
+    def _ids(self, rtype: str, criteria: tuple[AnyCriterion, ...], visible: Visibility | None) -> list[str]:
+        resolved = self.resolve(rtype, criteria, visible)
         if resolved is None:
             return []
-        found = self.find(rtype, resolved, limit=CHAIN_CAP + 1)
+        found = self.find(rtype, resolved, limit=CHAIN_CAP + 1, visible=visible)
         if len(found.matches) > CHAIN_CAP:
             raise TooCostly(f"A chained parameter matches more than {CHAIN_CAP} {rtype} resources: narrow it.")
         return [m.version.id for m in found.matches]
@@ -169,8 +186,10 @@ class SearchEngine:
                 after = batch[-1][0]
 
     def find(self, rtype: str, criteria: list[Criterion], *, limit: int, after: int | None = None,
-             before: int | None = None, descending: bool = False) -> Found:
-        """Up to ``limit`` verified matches in rk order, strictly after/before the cursors."""
+             before: int | None = None, descending: bool = False, visible: Visibility | None = None) -> Found:
+        """Up to ``limit`` verified matches in rk order, strictly after/before the cursors.
+
+        With ``visible``, a resource the caller may not see is skipped as if it did not match."""
         groups = self.tag_groups(rtype, criteria)
         found: list[Match] = []
         verified = 0
@@ -179,12 +198,15 @@ class SearchEngine:
             if len(found) >= limit:
                 exhausted = False
                 break
+            if visible is not None and not visible.before(version):
+                continue
             verified += 1
             if verified > VERIFY_CAP:
                 raise TooCostly(f"This search would decrypt more than {VERIFY_CAP} candidates: narrow it.")
             body = self._open(version)
             resource = orjson.loads(body)
-            if all(matches(c, rtype, resource) for c in criteria):
+            if all(matches(c, rtype, resource) for c in criteria) and (
+                    visible is None or visible.after(rtype, resource, version)):
                 found.append(Match(rk, version, body, resource))
         return Found(found, exhausted, verified)
 

@@ -23,9 +23,12 @@ from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
 from fhirvault.services.config_audit import changed_settings
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
+from fhirvault.services.federation import OidcProvider
 from fhirvault.services.metrics import tenant_key_created
+from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
+from fhirvault.web.login import IdentityWeb
 from fhirvault.web.metrics_endpoint import MetricsEndpoint
 from fhirvault.web.middleware import RequestContextMiddleware
 from fhirvault.web.oauth import OAuthEndpoints
@@ -91,7 +94,10 @@ def create_app(container: Container) -> ASGIApp:
     metrics.watch_health(container.health)
     metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
     detection = container.enable_alerting()
-    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled)
+    providers = [OidcProvider(p) for p in settings.identity_providers]  # discovery/JWKS caches live on these
+    identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
+    oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
+                           server=identity.server)
     docs = _PerBaseUrl(container)
     types = frozenset(resource_types())
 
@@ -163,8 +169,10 @@ def create_app(container: Container) -> ASGIApp:
             Route("/oauth2/token", oauth.token, methods=["POST"], name="token"),
             Route("/oauth2/jwks", oauth.jwks, methods=["GET"]),
             Route("/.well-known/smart-configuration", oauth.smart_configuration, methods=["GET"]),
+            *identity.routes(oauth),
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            *admin_web.routes(container),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
         ],
         exception_handlers={404: http_error, 405: http_error},

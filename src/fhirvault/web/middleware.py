@@ -40,7 +40,9 @@ def _route_kind(path: str) -> str:
 
 
 _NON_FHIR = {"oauth2/token": "token", "metrics": "metrics", "livez": "health", "readyz": "health",
-             "oauth2/jwks": "discovery", ".well-known/smart-configuration": "discovery"}
+             "oauth2/jwks": "discovery", ".well-known/smart-configuration": "discovery",
+             ".well-known/openid-configuration": "discovery", "oauth2/authorize": "login", "logout": "login",
+             "oauth2/revoke": "token", "oauth2/introspect": "token"}
 _TYPE_LEVEL = {"GET": "search", "HEAD": "search", "POST": "create", "PUT": "update", "PATCH": "patch",
                "DELETE": "delete"}
 _INSTANCE_LEVEL = {"GET": "read", "HEAD": "read", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}

@@ -1,4 +1,5 @@
-"""OAuth 2.0 endpoints: the token endpoint and discovery documents."""
+"""OAuth 2.0 endpoints: token (client credentials, authorization code, refresh), revocation
+(RFC 7009), introspection (RFC 7662), JWKS and discovery (SMART, OpenID Connect)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fhirvault.services.auth import AuthService, OAuthError
+from fhirvault.services.auth import APP_SCOPES, AuthService, OAuthError
 from fhirvault.services.metrics import Metrics
+from fhirvault.services.oauth_server import GrantFailure, OAuthServer
 from fhirvault.services.repository import Repository, RequestContext
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
 
@@ -58,13 +60,40 @@ _HASH_CONCURRENCY = 2
 
 
 class Throttle(Protocol):
-    def __call__(self, *, source_ip: str | None, client_id: str | None) -> bool: ...
+    def __call__(self, *, source_ip: str | None, client_id: str | None, user: str | None = None) -> bool: ...
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """An application/x-www-form-urlencoded body (bounded; a repeated parameter is an error)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/x-www-form-urlencoded":
+        raise OAuthError("invalid_request", "the request must be application/x-www-form-urlencoded")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _MAX_FORM:
+            raise OAuthError("invalid_request", "request too large")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
+    except (UnicodeDecodeError, ValueError):
+        raise OAuthError("invalid_request", "malformed form body") from None
+    form = dict(pairs)
+    if len(form) != len(pairs):
+        raise OAuthError("invalid_request", "a parameter was repeated")
+    return form
+
+
+def base_url_for(request: Request, public_base_url: str | None) -> str:
+    """The server's external base URL (the OpenID issuer of ID tokens)."""
+    return public_base_url or str(request.base_url).rstrip("/")
 
 
 class OAuthEndpoints:
     def __init__(self, auth: AuthService, repo: Repository, public_base_url: str | None,
-                 metrics: Metrics | None = None, throttled: Throttle | None = None) -> None:
+                 metrics: Metrics | None = None, throttled: Throttle | None = None,
+                 server: OAuthServer | None = None) -> None:
         self._auth = auth
+        self._server = server
         self._throttled = throttled
         self._metrics = metrics
         self._repo = repo
@@ -86,29 +115,19 @@ class OAuthEndpoints:
                 headers = {"Retry-After": "60"}
             return _json(exc.status, exc.body(), headers)
         set_client_id(result[0])
-        await self._repo.audit_event(ctx, "token", 200, "token issued", client_id=result[0], category="security")
+        await self._repo.audit_event(ctx, "token", 200, "token issued", client_id=result[0], category="security",
+                                     user=result[2])
         return _json(200, result[1])
 
     async def _token(self, request: Request, ctx: RequestContext,
-                     claimed: dict[str, str]) -> tuple[str, dict[str, Any]]:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/x-www-form-urlencoded":
-            raise OAuthError("invalid_request", "the token request must be application/x-www-form-urlencoded")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > _MAX_FORM:
-                raise OAuthError("invalid_request", "request too large")
-        try:
-            pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
-        except (UnicodeDecodeError, ValueError):
-            raise OAuthError("invalid_request", "malformed form body") from None
-        form = dict(pairs)
-        if len(form) != len(pairs):
-            raise OAuthError("invalid_request", "a parameter was repeated")
+                     claimed: dict[str, str]) -> tuple[str, dict[str, Any], str | None]:
+        form = await read_form(request)
         grant = form.get("grant_type")
+        if grant in ("authorization_code", "refresh_token") and self._server is not None:
+            return await self._user_grant(request, ctx, claimed, form, grant)
         if grant != "client_credentials":
-            raise OAuthError("unsupported_grant_type", "only client_credentials is supported")
+            raise OAuthError("unsupported_grant_type",
+                             "supported: client_credentials, authorization_code, refresh_token")
         token_url = token_url_for(request, self._public)
         basic = _basic(request.headers.get("authorization"))
         claimed_id = basic[0] if basic else form.get("client_id")
@@ -126,13 +145,103 @@ class OAuthEndpoints:
             exp = int(assertion_id.rsplit(":", 1)[1])
             if not await self._repo.remember_assertion(assertion_id, exp * 1000):
                 raise OAuthError("invalid_client", "client assertion was already used", 401)
-        return client.client_id, self._auth.issue(client, form.get("scope"))
+        return client.client_id, self._auth.issue(client, form.get("scope")), None
+
+    async def _authenticate(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
+                            form: dict[str, str]) -> Any:
+        """Client authentication for user grants, revocation: public apps by id, others by credentials."""
+        assert self._server is not None
+        token_url = token_url_for(request, self._public)
+        basic = _basic(request.headers.get("authorization"))
+        claimed_id = basic[0] if basic else form.get("client_id")
+        if claimed_id:
+            claimed["id"] = claimed_id
+        if self._throttled is not None and self._throttled(source_ip=ctx.source_ip, client_id=claimed_id):
+            raise OAuthError("invalid_client", "too many failed attempts; try again later", 429)
+        if self._hash_slots is None:
+            self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
+        async with self._hash_slots:
+            client, assertion_id = await run_in_threadpool(self._server.authenticate, form, basic, token_url)
+        if assertion_id is not None:
+            exp = int(assertion_id.rsplit(":", 1)[1])
+            if not await self._repo.remember_assertion(assertion_id, exp * 1000):
+                raise OAuthError("invalid_client", "client assertion was already used", 401)
+        return client
+
+    async def _user_grant(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
+                          form: dict[str, str], grant: str) -> tuple[str, dict[str, Any], str | None]:
+        server = self._server
+        assert server is not None
+        client = await self._authenticate(request, ctx, claimed, form)
+        try:
+            if grant == "authorization_code":
+                result = await run_in_threadpool(server.exchange_code, form, client,
+                                                 base_url_for(request, self._public))
+            else:
+                result = await run_in_threadpool(server.refresh, form, client)
+        except GrantFailure as failure:
+            if failure.event is not None:
+                log.warning("token family revoked", extra={"event": failure.event, "revoked": failure.revoked})
+                await self._repo.audit_event(ctx, failure.event, 400, f"{failure.event}: {failure.revoked} tokens"
+                                             " revoked", client_id=client.client_id, category="security",
+                                             user=failure.user_id)
+            raise failure.error from None
+        return result.client_id, result.response, result.user_id
+
+    async def revoke(self, request: Request) -> Response:
+        """RFC 7009: 200 whether or not the token was known; errors only for client authentication."""
+        ctx = RequestContext(None, request_id_of(request.scope), client_ip(request.scope))
+        claimed: dict[str, str] = {}
+        server = self._server
+        if server is None:
+            return _json(404, {"error": "invalid_request", "error_description": "not enabled"})
+        try:
+            form = await read_form(request)
+            client = await self._authenticate(request, ctx, claimed, form)
+            user = await run_in_threadpool(server.revoke, form.get("token", ""), client)
+        except OAuthError as exc:
+            await self._repo.audit_event(ctx, "token-revoke", exc.status, exc.error, client_id=claimed.get("id"),
+                                         category="security")
+            return _json(exc.status, exc.body(), {"WWW-Authenticate": 'Basic realm="fhirvault"'}
+                         if exc.status == 401 else None)
+        await self._repo.audit_event(ctx, "token-revoke", 200, "revocation request", client_id=client.client_id,
+                                     category="security", user=user)
+        return Response(b"", 200, {"Cache-Control": "no-store"})
+
+    async def introspect(self, request: Request) -> Response:
+        """RFC 7662, for authenticated confidential clients (resource servers)."""
+        ctx = RequestContext(None, request_id_of(request.scope), client_ip(request.scope))
+        server = self._server
+        if server is None:
+            return _json(404, {"error": "invalid_request", "error_description": "not enabled"})
+        claimed: dict[str, str] = {}
+        try:
+            form = await read_form(request)
+            basic = _basic(request.headers.get("authorization"))
+            claimed_id = basic[0] if basic else form.get("client_id")
+            if claimed_id:
+                claimed["id"] = claimed_id
+            if self._throttled is not None and self._throttled(source_ip=ctx.source_ip, client_id=claimed_id):
+                raise OAuthError("invalid_client", "too many failed attempts; try again later", 429)
+            if self._hash_slots is None:
+                self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
+            auth_form = {k: v for k, v in form.items() if k not in ("token", "token_type_hint")}
+            async with self._hash_slots:
+                await run_in_threadpool(self._auth.authenticate_client, auth_form, basic,
+                                        token_url_for(request, self._public))
+        except OAuthError as exc:
+            await self._repo.audit_event(ctx, "token", exc.status, exc.error, client_id=claimed.get("id"),
+                                         category="security")
+            return _json(exc.status, exc.body(), {"WWW-Authenticate": 'Basic realm="fhirvault"'}
+                         if exc.status == 401 else None)
+        return _json(200, await run_in_threadpool(server.introspect, form.get("token", "")))
 
     def smart_configuration_for(self, token: str) -> dict[str, Any]:
-        return {
+        base = token.removesuffix("/oauth2/token")
+        doc: dict[str, Any] = {
             "issuer": self._auth.issuer,
             "token_endpoint": token,
-            "jwks_uri": token.rsplit("/", 1)[0] + "/jwks",
+            "jwks_uri": base + "/oauth2/jwks",
             "grant_types_supported": ["client_credentials"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
             "token_endpoint_auth_signing_alg_values_supported": SUPPORTED_ASSERTION_ALGS,
@@ -141,6 +250,50 @@ class OAuthEndpoints:
             "capabilities": ["client-confidential-asymmetric", "client-confidential-symmetric",
                              "permission-v1", "permission-v2"],
         }
+        if self._server is None:
+            return doc
+        doc.update({
+            "issuer": base,  # the iss of our ID tokens (access tokens keep the server's own issuer)
+            "authorization_endpoint": base + "/oauth2/authorize",
+            "revocation_endpoint": base + "/oauth2/revoke",
+            "introspection_endpoint": base + "/oauth2/introspect",
+            "grant_types_supported": ["authorization_code", "client_credentials", "refresh_token"],
+            "response_types_supported": ["code"],
+            "code_challenge_methods_supported": ["S256"],
+            "scopes_supported": [*sorted(APP_SCOPES), "patient/*.rs", "user/*.rs", "user/*.cruds",
+                                 "patient/*.cruds", "system/*.cruds", "system/*.rs"],
+            "capabilities": ["launch-standalone", "client-public", "client-confidential-symmetric",
+                             "client-confidential-asymmetric", "sso-openid-connect", "context-standalone-patient",
+                             "permission-v1", "permission-v2", "permission-patient", "permission-user",
+                             "permission-offline", "permission-online"],
+        })
+        return doc
+
+    def openid_configuration_for(self, base: str) -> dict[str, Any]:
+        return {
+            "issuer": base,
+            "authorization_endpoint": base + "/oauth2/authorize",
+            "token_endpoint": base + "/oauth2/token",
+            "jwks_uri": base + "/oauth2/jwks",
+            "revocation_endpoint": base + "/oauth2/revoke",
+            "introspection_endpoint": base + "/oauth2/introspect",
+            "end_session_endpoint": base + "/logout",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["ES256"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt",
+                                                      "none"],
+            "token_endpoint_auth_signing_alg_values_supported": SUPPORTED_ASSERTION_ALGS,
+            "scopes_supported": sorted(APP_SCOPES),
+            "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "amr", "sid", "azp",
+                                 "fhirUser", "preferred_username"],
+        }
+
+    async def openid_configuration(self, request: Request) -> Response:
+        return _json(200, self.openid_configuration_for(base_url_for(request, self._public)))
 
     async def smart_configuration(self, request: Request) -> Response:
         return _json(200, self.smart_configuration_for(token_url_for(request, self._public)))

@@ -1,0 +1,253 @@
+"""Care relationships and consents, read from FHIR data with the search engine.
+
+A practitioner reaches a patient's compartment only through a relationship recorded
+in the data (docs/access-control.md lists the sources). The patient set of a
+practitioner is computed with a handful of searches over the encrypted store and
+cached for ``cache_seconds``; any committed write of a type that can change it
+(CareTeam, Encounter, Patient, EpisodeOfCare, PractitionerRole, Consent) drops every
+cached answer at once, so a new CareTeam membership or a withdrawn consent applies
+to the next request.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fhirvault.domain.compartment import patient_id_from_reference
+from fhirvault.domain.instants import instant
+from fhirvault.domain.policy import Consent, ConsentRule
+from fhirvault.domain.search.values import parse_reference
+from fhirvault.ports import Clock
+
+# Writes of these types can change a relationship or a consent: they invalidate the caches.
+WATCHED_TYPES = frozenset({"CareTeam", "Encounter", "Patient", "EpisodeOfCare", "PractitionerRole", "Consent"})
+_LIMIT = 5_000  # resources read per source and practitioner (beyond: the oldest are ignored)
+_DAY_MS = 86_400_000
+_PRIVACY = "patient-privacy"
+
+# (resource type, search parameters) -> resources; runs unfiltered, for the server's own use.
+Finder = Callable[[str, list[tuple[str, str]]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class RelationshipSettings:
+    """Which recorded relationships open a patient's compartment to a practitioner (config.py: ``access``)."""
+
+    care_team: bool = True  # active CareTeam with the practitioner, their role or organisation as member
+    encounter: bool = True  # Encounter with the practitioner as participant…
+    encounter_statuses: frozenset[str] = frozenset({"planned", "arrived", "triaged", "in-progress", "onleave",
+                                                    "finished"})
+    encounter_days: int = 30  # …that ended at most this many days ago (or has not ended)
+    general_practitioner: bool = True  # Patient.generalPractitioner
+    episode_of_care: bool = True  # active EpisodeOfCare managed by the user's organisation
+    cache_seconds: float = 30.0
+
+
+def _ref(node: Any) -> str | None:
+    if isinstance(node, dict) and isinstance(node.get("reference"), str):
+        return str(node["reference"])
+    return None
+
+
+def _patient(node: Any) -> str | None:
+    ref = _ref(node)
+    return patient_id_from_reference(ref) if ref else None
+
+
+def _local(ref: str | None) -> str | None:
+    """'Type/id' for a local reference (also absolute ones to this server: the parser drops the base)."""
+    item = parse_reference(ref) if ref else None
+    return f"{item.type}/{item.id}" if item is not None and item.type and item.id else None
+
+
+class Relationships:
+    def __init__(self, find: Finder, clock: Clock, settings: RelationshipSettings | None = None) -> None:
+        self._find = find
+        self._clock = clock
+        self.settings = settings or RelationshipSettings()
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._patients: dict[tuple[str, str | None], tuple[float, int, Mapping[str, str]]] = {}
+        self._consents: dict[str, tuple[float, int, Consent]] = {}
+        self.lookups = 0  # relationship computations (cache misses), for tests and metrics
+
+    def invalidate(self) -> None:
+        """A watched type was written: forget every cached answer."""
+        with self._lock:
+            self._generation += 1
+            self._patients.clear()
+            self._consents.clear()
+
+    # -- practitioners ------------------------------------------------------------
+    def patients_of(self, fhir_user: str | None, organization: str | None) -> Mapping[str, str]:
+        """patient id -> how the user reaches it (careteam, encounter, gp, episode)."""
+        if not fhir_user and not organization:
+            return {}
+        key = (fhir_user or "", organization)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._patients.get(key)
+            if hit is not None and hit[0] > now and hit[1] == self._generation:
+                return hit[2]
+            generation = self._generation
+        found = self._compute(fhir_user, organization)
+        with self._lock:
+            if generation == self._generation:  # not invalidated while computing
+                if len(self._patients) > 10_000:
+                    self._patients.clear()
+                self._patients[key] = (now + self.settings.cache_seconds, generation, found)
+        return found
+
+    def _compute(self, fhir_user: str | None, organization: str | None) -> dict[str, str]:
+        self.lookups += 1
+        s = self.settings
+        out: dict[str, str] = {}
+        members: list[str] = []
+        if fhir_user and fhir_user.startswith("Practitioner/"):
+            members.append(fhir_user)
+            members.extend(f"PractitionerRole/{r['id']}" for r in self._find(
+                "PractitionerRole", [("practitioner", fhir_user)]) if r.get("active", True) is not False)
+        orgs = [f"Organization/{organization}"] if organization else []
+        if s.care_team and (members or orgs):
+            for team in self._find("CareTeam", [("participant", ",".join(members + orgs)), ("status", "active")]):
+                if (pid := _patient(team.get("subject"))) is not None:
+                    out.setdefault(pid, "careteam")
+        if s.general_practitioner and members:
+            for patient in self._find("Patient", [("general-practitioner", ",".join(members))]):
+                if isinstance(patient.get("id"), str) and patient.get("active", True) is not False:
+                    out.setdefault(patient["id"], "gp")
+        if s.encounter and members:
+            horizon = instant(self._clock.now_ms() - s.encounter_days * _DAY_MS)
+            for enc in self._find("Encounter", [("participant", ",".join(members))]):
+                if enc.get("status") not in s.encounter_statuses:
+                    continue
+                period = enc.get("period")
+                end = period.get("end") if isinstance(period, dict) else None
+                if enc.get("status") == "finished" and not (isinstance(end, str) and end >= horizon[:len(end)]):
+                    continue  # finished too long ago (or with no end date)
+                if (pid := _patient(enc.get("subject"))) is not None:
+                    out.setdefault(pid, "encounter")
+        if s.episode_of_care and orgs:
+            for episode in self._find("EpisodeOfCare", [("organization", orgs[0]), ("status", "active")]):
+                if (pid := _patient(episode.get("patient"))) is not None:
+                    out.setdefault(pid, "episode")
+        return out
+
+    # -- consent ------------------------------------------------------------------
+    def consent_for(self, patient_id: str) -> Consent:
+        """The deny provisions of the patient's active privacy consents (cached like relationships)."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._consents.get(patient_id)
+            if hit is not None and hit[0] > now and hit[1] == self._generation:
+                return hit[2]
+            generation = self._generation
+        rules: list[ConsentRule] = []
+        today = instant(self._clock.now_ms())
+        for consent in self._find("Consent", [("patient", f"Patient/{patient_id}"), ("status", "active")]):
+            if _PRIVACY in _codes(consent.get("scope")):
+                rules.extend(consent_rules(consent, today))
+        found = Consent(tuple(rules))
+        with self._lock:
+            if generation == self._generation:
+                if len(self._consents) > 100_000:
+                    self._consents.clear()
+                self._consents[patient_id] = (now + self.settings.cache_seconds, generation, found)
+        return found
+
+
+def _codes(concept: Any) -> set[str]:
+    """Codes of a CodeableConcept, as 'code' and 'system|code'."""
+    out: set[str] = set()
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    for c in codings if isinstance(codings, list) else ():
+        if isinstance(c, dict) and isinstance(c.get("code"), str):
+            out.add(c["code"])
+            if isinstance(c.get("system"), str):
+                out.add(f"{c['system']}|{c['code']}")
+    return out
+
+
+def _current(period: Any, today: str) -> bool:
+    if not isinstance(period, dict):
+        return True
+    start, end = period.get("start"), period.get("end")
+    if isinstance(start, str) and start[:10] > today[:10]:
+        return False
+    return not (isinstance(end, str) and end[:10] < today[:10])
+
+
+def consent_rules(consent: Mapping[str, Any], today: str) -> list[ConsentRule]:
+    """Deny provisions (root and nested) of one Consent, each with its actor/class/label/code conditions.
+
+    Permit provisions are not exceptions to a deny here: denying more than asked is the safe side.
+    """
+    rules: list[ConsentRule] = []
+
+    def walk(provision: Any, depth: int) -> None:
+        if not isinstance(provision, dict) or depth > 8 or not _current(provision.get("period"), today):
+            return
+        if provision.get("type") == "deny":
+            actors = {_local(_ref(a.get("reference"))) for a in provision.get("actor") or () if isinstance(a, dict)}
+            classes = {c.get("code") for c in provision.get("class") or () if isinstance(c, dict)}
+            labels = {c.get("code") for c in provision.get("securityLabel") or () if isinstance(c, dict)}
+            codes: set[str] = set()
+            for concept in provision.get("code") or ():
+                codes |= _codes(concept)
+            rules.append(ConsentRule(frozenset(a for a in actors if a), frozenset(c for c in classes if c),
+                                     frozenset(c for c in labels if c), frozenset(codes)))
+        for child in provision.get("provision") or ():
+            walk(child, depth + 1)
+
+    walk(consent.get("provision"), 0)
+    return rules
+
+
+_BOOLS = ("care_team", "encounter", "general_practitioner", "episode_of_care")
+
+
+def parse_access_settings(raw: Any, origin: str) -> RelationshipSettings:
+    """The ``[access]`` table of the config file (config.py SECTIONS), e.g.::
+
+        [access]
+        encounter_days = 14
+        episode_of_care = false
+        cache_seconds = 10
+    """
+    # Imported here: config imports the section parsers lazily, and this module is one.
+    from fhirvault.config import SettingsError
+
+    if raw is None:
+        return RelationshipSettings()
+    if not isinstance(raw, dict):
+        raise SettingsError(f"{origin}: [access] must be a table")
+    known = {*_BOOLS, "encounter_days", "encounter_statuses", "cache_seconds"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(f"{origin}: unknown setting access.{unknown[0]}")
+    values: dict[str, Any] = {}
+    for name in _BOOLS:
+        if name in raw:
+            if not isinstance(raw[name], bool):
+                raise SettingsError(f"{origin}: access.{name} must be true or false")
+            values[name] = raw[name]
+    if "encounter_days" in raw:
+        days = raw["encounter_days"]
+        if not isinstance(days, int) or isinstance(days, bool) or not 0 <= days <= 3650:
+            raise SettingsError(f"{origin}: access.encounter_days must be an integer from 0 to 3650")
+        values["encounter_days"] = days
+    if "encounter_statuses" in raw:
+        statuses = raw["encounter_statuses"]
+        if not isinstance(statuses, list) or not all(isinstance(s, str) for s in statuses):
+            raise SettingsError(f"{origin}: access.encounter_statuses must be a list of Encounter.status codes")
+        values["encounter_statuses"] = frozenset(statuses)
+    if "cache_seconds" in raw:
+        seconds = raw["cache_seconds"]
+        if not isinstance(seconds, int | float) or isinstance(seconds, bool) or not 0 <= seconds <= 600:
+            raise SettingsError(f"{origin}: access.cache_seconds must be a number from 0 to 600")
+        values["cache_seconds"] = float(seconds)
+    return RelationshipSettings(**values)

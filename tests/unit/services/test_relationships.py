@@ -1,0 +1,99 @@
+"""services/relationships.py: relationship sources, the encounter window, consent parsing and the cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fhirvault.domain.instants import instant
+from fhirvault.services.relationships import Relationships, RelationshipSettings, consent_rules
+
+NOW = 1_790_000_000_000
+DAY = 86_400_000
+
+
+class Clock:
+    def now_ms(self) -> int:
+        return NOW
+
+
+class Data:
+    """A fake finder: resources by type, matched on the few parameters the service uses."""
+
+    def __init__(self) -> None:
+        self.by_type: dict[str, list[dict[str, Any]]] = {}
+        self.calls = 0
+
+    def add(self, resource: dict[str, Any]) -> None:
+        self.by_type.setdefault(resource["resourceType"], []).append(resource)
+
+    def find(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        self.calls += 1
+        wanted = dict(params)
+        out = []
+        for r in self.by_type.get(rtype, []):
+            text = str(r)
+            if all(any(v in text for v in value.split(",")) for k, value in wanted.items() if k != "status") and (
+                    "status" not in wanted or r.get("status") == wanted["status"]):
+                out.append(r)
+        return out
+
+
+def test_sources_and_encounter_window() -> None:
+    data = Data()
+    data.add({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/a"},
+              "participant": [{"member": {"reference": "PractitionerRole/r1"}}]})
+    data.add({"resourceType": "PractitionerRole", "id": "r1", "practitioner": {"reference": "Practitioner/1"}})
+    data.add({"resourceType": "Patient", "id": "b", "generalPractitioner": [{"reference": "Practitioner/1"}]})
+    data.add({"resourceType": "Encounter", "status": "finished", "subject": {"reference": "Patient/c"},
+              "period": {"end": instant(NOW - 2 * DAY)}, "participant": [{"individual": {"reference": "Practitioner/1"}}]})
+    data.add({"resourceType": "Encounter", "status": "finished", "subject": {"reference": "Patient/old"},
+              "period": {"end": instant(NOW - 90 * DAY)},
+              "participant": [{"individual": {"reference": "Practitioner/1"}}]})
+    data.add({"resourceType": "EpisodeOfCare", "status": "active", "patient": {"reference": "Patient/d"},
+              "managingOrganization": {"reference": "Organization/o1"}})
+    rel = Relationships(data.find, Clock())
+    assert rel.patients_of("Practitioner/1", "o1") == {"a": "careteam", "b": "gp", "c": "encounter", "d": "episode"}
+    no_gp = Relationships(data.find, Clock(), RelationshipSettings(general_practitioner=False, episode_of_care=False))
+    assert set(no_gp.patients_of("Practitioner/1", "o1")) == {"a", "c"}
+
+
+def test_cache_and_invalidation() -> None:
+    data = Data()
+    rel = Relationships(data.find, Clock())
+    assert rel.patients_of("Practitioner/1", None) == {}
+    calls = data.calls
+    assert rel.patients_of("Practitioner/1", None) == {}
+    assert data.calls == calls  # cached
+    data.add({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/a"},
+              "participant": [{"member": {"reference": "Practitioner/1"}}]})
+    rel.invalidate()
+    assert rel.patients_of("Practitioner/1", None) == {"a": "careteam"}
+
+
+def test_consent_rules() -> None:
+    today = instant(NOW)
+    consent = {"provision": {"type": "permit", "provision": [
+        {"type": "deny", "actor": [{"reference": {"reference": "Practitioner/9"}}],
+         "class": [{"code": "Observation"}], "securityLabel": [{"code": "R"}],
+         "code": [{"coding": [{"system": "http://loinc.org", "code": "1-1"}]}]},
+        {"type": "deny", "period": {"end": "2001-01-01"}},  # over
+        {"type": "permit"}]}}
+    [rule] = consent_rules(consent, today)
+    assert rule.actors == {"Practitioner/9"} and rule.classes == {"Observation"} and rule.labels == {"R"}
+    assert rule.codes == {"1-1", "http://loinc.org|1-1"}
+    [opt_out] = consent_rules({"provision": {"type": "deny"}}, today)
+    assert opt_out.opt_out
+
+
+def test_access_settings() -> None:
+    import pytest
+
+    from fhirvault.config import SettingsError
+    from fhirvault.services.relationships import parse_access_settings
+
+    s = parse_access_settings({"encounter_days": 14, "episode_of_care": False, "cache_seconds": 5}, "test")
+    assert s.encounter_days == 14 and not s.episode_of_care and s.cache_seconds == 5 and s.care_team
+    assert parse_access_settings(None, "t") == RelationshipSettings()
+    for bad in ({"encounter_days": -1}, {"care_team": "yes"}, {"nope": 1}, {"cache_seconds": 1e6}):
+        with pytest.raises(SettingsError):
+            parse_access_settings(bad, "t")
