@@ -510,6 +510,7 @@ class PruneResult:
     deleted_manifests: list[str]
     deleted_chunks: int = 0
     pending_chunks: int = 0  # unreferenced, deleted at a later prune once the grace period is over
+    deleted_segments: int = 0  # replication segments every retained backup already contains
     notes: list[str] = field(default_factory=list)
 
 
@@ -596,5 +597,21 @@ def prune(target: BackupTarget, root: RootKeyProvider, instance_id: str, policy:
         retry.run("recording unreferenced chunks",
                   lambda: target.put(GC_PENDING, seal(seal_key, "gc", "pending", orjson.dumps(pending))))
     result.pending_chunks = len(pending)
+    result.deleted_segments = _prune_segments(target, seal_key, opened, now, policy, dry_run)
     return result
+
+
+def _prune_segments(target: BackupTarget, seal_key: bytes, opened: dict[str, tuple[Manifest, ManifestBody]],
+                    now: int, policy: RetentionSettings, dry_run: bool) -> int:
+    """Replication segments: point-in-time restore is promised within ``keep_all_days``, from the oldest
+    backup of that window; segments that backup already contains are deleted."""
+    if not opened:
+        return 0
+    from fhirvault.backup.replication import prune_segments
+
+    window_start = now - policy.keep_all_days * 86_400_000
+    ordered = sorted(opened.values(), key=lambda mb: mb[0].created_ms)
+    in_window = [mb for mb in ordered if mb[0].created_ms >= window_start]
+    anchor = in_window[0] if in_window else ordered[-1]
+    return prune_segments(target, seal_key, anchor[1].watermarks, dry_run=dry_run)
 

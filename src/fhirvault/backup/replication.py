@@ -51,7 +51,7 @@ from fhirvault.backup.changefeed import (
     tables,
 )
 from fhirvault.backup.objects import open_sealed, seal
-from fhirvault.backup.target import BackupTarget, TargetError
+from fhirvault.backup.target import BackupTarget, TargetError, TargetImmutable
 from fhirvault.ports import ResourceStore, WriteTx
 from fhirvault.services.keys import KeyRing
 from fhirvault.services.repository import resource_aad
@@ -86,6 +86,30 @@ def list_generations(target: BackupTarget) -> dict[str, list[str]]:
 
 def load_segment(target: BackupTarget, name: str, backup_key: bytes) -> Segment:
     return Segment.decode(open_sealed(backup_key, KIND, name, target.get(name)))
+
+
+def prune_segments(target: BackupTarget, backup_key: bytes, base: Watermarks, *, dry_run: bool = False) -> int:
+    """Delete the segments that ``base`` (a retained backup's watermarks) already contains.
+
+    Replay from any backup at or after ``base`` skips them anyway. The last segment of each
+    generation is kept: a restarted replicator resumes from it. Returns how many were deleted.
+    """
+    deleted = 0
+    base_rv = base.get(MAIN_DB, {}).get("resource_versions", 0)
+    for keys in list_generations(target).values():
+        for key in keys[:-1]:
+            after_rv = int(key.rsplit("-", 1)[1].split(".", 1)[0])
+            if after_rv > base_rv:
+                break  # this and the later segments hold versions the base does not have
+            if not _covered(load_segment(target, key, backup_key), base):
+                break
+            if not dry_run:
+                try:
+                    target.delete(key)
+                except TargetImmutable:
+                    break
+            deleted += 1
+    return deleted
 
 
 def _open_ro(path: Path) -> sqlite3.Connection:

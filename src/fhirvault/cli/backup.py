@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fhirvault.config import Settings, SettingsError
+from fhirvault.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
     from fhirvault.backup.settings import BackupSettings
@@ -219,6 +219,8 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
 
     target = _target(args, settings)
     result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings))
+    _audit(settings, "backup", f"backup {result.backup_id} to {target.url}: {result.uploaded_chunks}/"
+                               f"{result.chunks} chunks uploaded")
     if args.json:
         print(json.dumps(result.__dict__))
     else:
@@ -226,6 +228,17 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
               f"files, {result.uploaded_chunks} of {result.chunks} chunks uploaded "
               f"({result.uploaded_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
     return 0
+
+
+def _audit(settings: Settings, interaction: str, detail: str) -> None:
+    """A system event in the data directory's audit trail (backup and restore runs are traced)."""
+    from fhirvault.container import build
+
+    container = build(settings)
+    try:
+        container.audit.record_system_event(container.store, container.clock, interaction, detail)
+    finally:
+        container.close()
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -286,8 +299,32 @@ def _restore(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     print(f"restored backup {res.backup_id} (snapshot {_iso(res.snapshot_ms)}) into {res.data_dir}: "
           f"{res.size / 1e6:.1f} MB in {res.seconds:.1f} s")
+    status = 0
+    report = res.replayed
+    recovery_ms = getattr(report, "last_commit_ms", None) or res.snapshot_ms
+    restored = load_settings({"data_dir": res.data_dir})
+    approximate = list(getattr(report, "approximate_tags", None) or [])
+    if approximate:
+        # A cut inside a segment can leave extra search tags on resources changed twice in it: rebuild them.
+        from fhirvault.backup.replication import retag
+        from fhirvault.container import build
+
+        container = build(restored)
+        try:
+            retag(container.store, container.keys, approximate)
+        finally:
+            container.close()
+    if report is not None:
+        print(f"replayed {getattr(report, 'segments_applied', '?')} replication segments; "
+              f"recovery point {_iso(recovery_ms)}")
+    gap = getattr(report, "gap", None)
+    if gap:
+        print(f"error: replication segments are missing ({gap}): the data stops at {_iso(recovery_ms)}",
+              file=sys.stderr)
+        status = 1
+    _audit(restored, "restore", f"restored backup {res.backup_id}; recovery point {_iso(recovery_ms)}")
     print(f"next: fhirvault serve --data-dir {res.data_dir}")
-    return 0
+    return status
 
 
 def _prune(args: argparse.Namespace, settings: Settings) -> int:
