@@ -69,3 +69,18 @@ def test_the_server_replicates_changes_within_seconds(tmp_path: Path) -> None:
         print(f"replication: first segment on the target {time.monotonic() - acked:.2f} s after the 201")
     finally:
         srv.stop()
+
+
+def test_a_scheduled_drill_feeds_the_metrics_and_the_audit(app: App, tmp_path: Path) -> None:
+    assert app.client.post("/fhir/Patient", json=PATIENT, headers=app.auth).status_code == 201
+    (tmp_path / "target").mkdir()
+    settings = _backup_settings(f"file://{tmp_path / 'target'}")
+    scheduler = BackupScheduler(app.container, app.container.enable_alerting(), settings)  # type: ignore[arg-type]
+    assert scheduler.run_once()
+    assert scheduler.drill_once()
+    scrape = generate_latest(app.container.metrics.registry).decode()
+    rto = [line for line in scrape.splitlines() if line.startswith("fhirvault_dr_drill_rto_seconds ")]
+    assert rto and float(rto[0].split()[1]) > 0
+    drills = [r for r in _audit(app) if r["interaction"] == "dr-drill"]
+    assert len(drills) == 1 and "passed" in str(drills[0]["detail"])
+    assert list((app.settings.data_dir / "dr-drills").glob("*.json"))

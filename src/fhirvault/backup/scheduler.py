@@ -28,6 +28,7 @@ log = logging.getLogger("fhirvault.backup")
 
 BACKUP_FAILED = "backup_failed"
 BACKUP_STALE = "backup_stale"
+DR_DRILL_FAILED = "dr_drill_failed"
 
 
 class BackupScheduler:
@@ -78,9 +79,34 @@ class BackupScheduler:
                     f"uploaded, verified; {len(pruned.deleted_manifests)} old backups pruned")
         return True
 
-    def _audit(self, detail: str, status: int = 200) -> None:
+    def drill_once(self) -> bool:
+        """Restore the latest backup into a scratch directory, serve it, compare, verify; report RPO/RTO."""
+        from fhirvault.backup.drill import DrillReport, run_drill
+        from fhirvault.backup.engine import default_replay
+
+        c = self._c
+        name = "?"
+        report: DrillReport | None = None
         try:
-            self._c.audit.record_system_event(self._c.store, self._c.clock, "backup", detail, status=status)
+            name = self._target_name()
+            report, _files = run_drill(c.settings, open_target("", self._settings), replay=default_replay(),
+                                       report_dir=c.settings.data_dir / "dr-drills")
+            problem = "; ".join(report.problems[:2])
+        except Exception as exc:
+            problem = f"{type(exc).__name__}: {str(exc)[:200]}"
+        if report is not None and report.ok:
+            c.metrics.dr_drill_succeeded(rpo_seconds=report.rpo_seconds, rto_seconds=report.rto_seconds)
+            self._audit(f"disaster-recovery drill from {name} passed: RPO {report.rpo_seconds:.1f} s, "
+                        f"RTO {report.rto_seconds:.1f} s", interaction="dr-drill")
+            return True
+        self._detection.system_alert(DR_DRILL_FAILED, "high", f"disaster-recovery drill from {name} failed: "
+                                     f"{problem}", f"dr-drill:{name}")
+        self._audit(f"disaster-recovery drill from {name} failed", status=500, interaction="dr-drill")
+        return False
+
+    def _audit(self, detail: str, status: int = 200, interaction: str = "backup") -> None:
+        try:
+            self._c.audit.record_system_event(self._c.store, self._c.clock, interaction, detail, status=status)
         except Exception:
             log.exception("could not audit a backup run")
 
@@ -101,6 +127,12 @@ class BackupScheduler:
             target = open_target(self._settings.replicate_to, self._settings)
             self.replicator = Replicator(self._c.settings.data_dir, target, keys.seal_key)
             self.replicator.start()
+        if self._settings.drill_interval_seconds:
+            def drills() -> None:
+                while not self._stop.wait(self._settings.drill_interval_seconds):
+                    self.drill_once()
+
+            threading.Thread(target=drills, name="fhirvault-dr-drills", daemon=True).start()
         if not self.interval:
             return
 

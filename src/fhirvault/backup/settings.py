@@ -85,6 +85,7 @@ class BackupSettings:
     schedule: ScheduleSettings = ScheduleSettings()
     retention: RetentionSettings = RetentionSettings()
     replicate_to: str | None = None  # a target name: ship committed changes there continuously
+    drill_interval_seconds: int = 0  # run `dr drill` against the default target this often (0: never)
 
 
 def check_location(name: str, location: Any, allow_outside_eea: bool) -> str:
@@ -189,7 +190,7 @@ def parse_backup_settings(raw: Mapping[str, Any], origin: str) -> BackupSettings
 def _parse(raw: Mapping[str, Any]) -> BackupSettings:
     top = _table("backup", raw)
     _unknown("backup", top, {"targets", "default_target", "interval", "jitter", "max_age", "retention",
-                             "replicate_to"})
+                             "replicate_to", "drill_interval"})
     targets = {n: _target(n, t, "backup") for n, t in _table("backup.targets", top.get("targets", {})).items()}
     default = top.get("default_target")
     if default is not None and default not in targets:
@@ -216,4 +217,7 @@ def _parse(raw: Mapping[str, Any]) -> BackupSettings:
     replicate_to = top.get("replicate_to")
     if replicate_to is not None and replicate_to not in targets:
         raise SettingsError(f"backup.replicate_to: no target named '{replicate_to}'")
-    return BackupSettings(targets, default, schedule, retention, replicate_to)
+    drill = duration_seconds("backup.drill_interval", top.get("drill_interval", 0))
+    if drill and drill < 3600:
+        raise SettingsError("backup.drill_interval: at least 1h (a drill restores and starts a whole server)")
+    return BackupSettings(targets, default, schedule, retention, replicate_to, drill)
