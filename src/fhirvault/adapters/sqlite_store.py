@@ -422,6 +422,21 @@ def _chunked(conn: sqlite3.Connection, template: str, rows: list[tuple[Any, ...]
         conn.execute(template.format(",".join([one] * len(part))), [v for row in part for v in row])
 
 
+def _delete_tags(conn: sqlite3.Connection, rows: list[tuple[bytes, int]], chunk: int = 500) -> None:
+    """Delete (tag, rk) pairs a few hundred per statement.
+
+    ``(tag, rk) IN (VALUES …)`` alone makes SQLite scan the whole index (its planner does not use a
+    row-value IN list on a WITHOUT ROWID primary key): the extra ``tag IN (…)`` turns it into key seeks,
+    58 ms → 3 ms per 500 rows on a 400,000-row index.
+    """
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        tags = ",".join("?" * len(part))
+        pairs = ",".join(["(?,?)"] * len(part))
+        conn.execute(f"DELETE FROM search_tags WHERE tag IN ({tags}) AND (tag, rk) IN (VALUES {pairs})",  # noqa: S608
+                     [t for t, _ in part] + [v for row in part for v in row])
+
+
 @dataclass
 class _Flush:
     changes: dict[int, tuple[bytes, bytes]]
@@ -524,7 +539,7 @@ class _DeferredIndex:
         try:
             conn.execute("BEGIN IMMEDIATE")
             if gone:
-                _chunked(conn, "DELETE FROM search_tags WHERE (tag, rk) IN (VALUES {})", gone)
+                _delete_tags(conn, gone)
             if added:
                 _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
             if last:

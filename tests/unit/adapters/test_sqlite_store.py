@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,22 @@ def test_unflushed_tags_are_recovered_after_a_crash(tmp_path: Path) -> None:
         assert reopened._reader().execute("SELECT count(*) FROM search_tags").fetchone()[0] == 1
     finally:
         reopened.close()
+
+
+def test_flushed_tags_an_update_dropped_are_deleted_from_the_index(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    tags = [i.to_bytes(8, "big") for i in range(1, 700)]  # more than one delete statement's worth
+    _tagged(store, "p1", tags)
+    _tagged(store, "p2", tags[:3])
+    store.close()  # flushed
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    _tagged(store, "p1", tags[600:])  # keeps 99 of its tags, drops 600
+    store.close()
+    conn = sqlite3.connect(tmp_path / "db.sqlite3")
+    rows = conn.execute("SELECT tag, rk FROM search_tags ORDER BY rk, tag").fetchall()
+    conn.close()
+    by_rk: dict[int, set[bytes]] = {}
+    for tag, rk in rows:
+        by_rk.setdefault(rk, set()).add(tag)
+    assert sorted(map(len, by_rk.values())) == [3, 99]
+    assert set(tags[600:]) in by_rk.values()
