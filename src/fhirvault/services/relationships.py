@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from fhirvault.domain.compartment import patient_id_from_reference
 from fhirvault.domain.instants import instant
 from fhirvault.domain.policy import Consent, ConsentRule
@@ -58,6 +60,65 @@ def _patient(node: Any) -> str | None:
     return patient_id_from_reference(ref) if ref else None
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a write of a watched resource may have changed, for targeted cache invalidation."""
+
+    refs: frozenset[str] = frozenset()  # Practitioner/…, PractitionerRole/…, Organization/… named before or after
+    consent_patients: frozenset[str] = frozenset()  # patients whose consent may have changed
+    everything: bool = False
+
+
+def _refs(nodes: Any, key: str | None = None) -> list[str]:
+    out = []
+    for node in nodes if isinstance(nodes, list) else []:
+        target = node.get(key) if key and isinstance(node, dict) else node
+        if (ref := _local(_ref(target))) is not None:
+            out.append(ref)
+    return out
+
+
+def _facts(rtype: str, body: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], frozenset[str]]:
+    """The fields of ``body`` the relationship sources read (a fingerprint), and the actors they name."""
+    if body is None:
+        return (), frozenset()
+    if rtype == "CareTeam":
+        refs = _refs(body.get("participant"), "member") + _refs([body.get("managingOrganization")])
+        return (body.get("status"), _ref(body.get("subject")), sorted(refs)), frozenset(refs)
+    if rtype == "Encounter":
+        refs = _refs(body.get("participant"), "individual")
+        period = body.get("period")
+        end = period.get("end") if isinstance(period, dict) else None
+        return (body.get("status"), _ref(body.get("subject")), sorted(refs), end), frozenset(refs)
+    if rtype == "Patient":
+        refs = _refs(body.get("generalPractitioner"))
+        return (body.get("active"), sorted(refs)), frozenset(refs)
+    if rtype == "EpisodeOfCare":
+        refs = _refs([body.get("managingOrganization")])
+        return (body.get("status"), _ref(body.get("patient")), refs), frozenset(refs)
+    if rtype == "PractitionerRole":
+        refs = _refs([body.get("practitioner")])
+        return (body.get("active"), refs, body.get("id")), frozenset(refs) | {f"PractitionerRole/{body.get('id')}"}
+    return (orjson.dumps(body, option=orjson.OPT_SORT_KEYS),), frozenset()
+
+
+def relationship_change(rtype: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> Change | None:
+    """None when the write cannot change any relationship or consent (the common update)."""
+    if rtype == "Consent":
+        patients = {p for body in (old, new) if body is not None
+                    if (p := _patient(body.get("patient"))) is not None}
+        return Change(consent_patients=frozenset(patients), everything=not patients)
+    if rtype not in WATCHED_TYPES:
+        return None
+    old_facts, old_refs = _facts(rtype, old)
+    new_facts, new_refs = _facts(rtype, new)
+    if old_facts == new_facts and old is not None and new is not None:
+        return None
+    if (new is None and not old_refs) or (old is None and not new_refs):
+        return None  # created or deleted without naming anyone: no one's patients change
+    return Change(refs=old_refs | new_refs)
+
+
 def _local(ref: str | None) -> str | None:
     """'Type/id' for a local reference (also absolute ones to this server: the parser drops the base)."""
     item = parse_reference(ref) if ref else None
@@ -72,15 +133,25 @@ class Relationships:
         self._lock = threading.Lock()
         self._generation = 0
         self._patients: dict[tuple[str, str | None], tuple[float, int, Mapping[str, str]]] = {}
+        self._computing: dict[tuple[str, str | None], threading.Event] = {}
         self._consents: dict[str, tuple[float, int, Consent]] = {}
         self.lookups = 0  # relationship computations (cache misses), for tests and metrics
 
-    def invalidate(self) -> None:
-        """A watched type was written: forget every cached answer."""
+    def invalidate(self, change: Change | None = None) -> None:
+        """A watched type was written: forget the answers it may have changed (all without ``change``)."""
         with self._lock:
-            self._generation += 1
-            self._patients.clear()
-            self._consents.clear()
+            self._generation += 1  # a computation running now may have read the old data: not cached
+            if change is None or change.everything or any(r.startswith("PractitionerRole/") for r in change.refs):
+                self._patients.clear()  # a role links a practitioner we cannot tell from here
+                if change is None or change.everything:
+                    self._consents.clear()
+            else:
+                for key in [k for k in self._patients if k[0] in change.refs or
+                            (k[1] is not None and f"Organization/{k[1]}" in change.refs)]:
+                    del self._patients[key]
+            if change is not None:
+                for patient in change.consent_patients:
+                    self._consents.pop(patient, None)
 
     # -- practitioners ------------------------------------------------------------
     def patients_of(self, fhir_user: str | None, organization: str | None) -> Mapping[str, str]:
@@ -88,19 +159,31 @@ class Relationships:
         if not fhir_user and not organization:
             return {}
         key = (fhir_user or "", organization)
-        now = time.monotonic()
-        with self._lock:
-            hit = self._patients.get(key)
-            if hit is not None and hit[0] > now and hit[1] == self._generation:
-                return hit[2]
-            generation = self._generation
-        found = self._compute(fhir_user, organization)
-        with self._lock:
-            if generation == self._generation:  # not invalidated while computing
-                if len(self._patients) > 10_000:
-                    self._patients.clear()
-                self._patients[key] = (now + self.settings.cache_seconds, generation, found)
-        return found
+        while True:
+            now = time.monotonic()
+            with self._lock:
+                hit = self._patients.get(key)
+                if hit is not None and hit[0] > now:
+                    return hit[2]
+                running = self._computing.get(key)
+                if running is None:
+                    running = self._computing[key] = threading.Event()
+                    generation = self._generation
+                    break
+            # Another request is computing this set: wait for it instead of repeating the searches.
+            running.wait(timeout=30)
+        try:
+            found = self._compute(fhir_user, organization)
+            with self._lock:
+                if generation == self._generation:  # not invalidated while computing
+                    if len(self._patients) > 10_000:
+                        self._patients.clear()
+                    self._patients[key] = (now + self.settings.cache_seconds, generation, found)
+            return found
+        finally:
+            with self._lock:
+                self._computing.pop(key, None)
+            running.set()
 
     def _compute(self, fhir_user: str | None, organization: str | None) -> dict[str, str]:
         self.lookups += 1
@@ -143,7 +226,7 @@ class Relationships:
         now = time.monotonic()
         with self._lock:
             hit = self._consents.get(patient_id)
-            if hit is not None and hit[0] > now and hit[1] == self._generation:
+            if hit is not None and hit[0] > now:
                 return hit[2]
             generation = self._generation
         rules: list[ConsentRule] = []

@@ -56,7 +56,12 @@ from fhirvault.services.keys import (
     KeyRing,
     patient_compartment,
 )
-from fhirvault.services.relationships import WATCHED_TYPES, Relationships, RelationshipSettings
+from fhirvault.services.relationships import (
+    WATCHED_TYPES,
+    Relationships,
+    RelationshipSettings,
+    relationship_change,
+)
 from fhirvault.services.search import (
     INCLUDE_CAP,
     SORT_CAP,
@@ -305,7 +310,10 @@ class Repository:
                 purpose=decision.purpose_of_use if decision else None,
                 restricted=bool(decision and decision.restricted)))
             if rtype in WATCHED_TYPES:
-                tx.on_commit(self.relationships.invalidate)
+                before = orjson.loads(self._open(current)) if current is not None and not current.deleted else None
+                change = relationship_change(rtype, before, body)
+                if change is not None:
+                    tx.on_commit(lambda: self.relationships.invalidate(change))
             return ResourceResult(rtype, rid, version, now, plaintext, created)
 
         return job
@@ -447,7 +455,9 @@ class Repository:
                                                 purpose=decision.purpose_of_use if decision else None,
                                                 restricted=bool(decision and decision.restricted)))
             if rtype in WATCHED_TYPES:
-                tx.on_commit(self.relationships.invalidate)
+                change = relationship_change(rtype, orjson.loads(self._open(current)), None)
+                if change is not None:
+                    tx.on_commit(lambda: self.relationships.invalidate(change))
             return version
 
         return job

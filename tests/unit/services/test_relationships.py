@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fhirvault.domain.instants import instant
-from fhirvault.services.relationships import Relationships, RelationshipSettings, consent_rules
+from fhirvault.services.relationships import (
+    Relationships,
+    RelationshipSettings,
+    consent_rules,
+    relationship_change,
+)
 
 NOW = 1_790_000_000_000
 DAY = 86_400_000
@@ -97,3 +102,65 @@ def test_access_settings() -> None:
     for bad in ({"encounter_days": -1}, {"care_team": "yes"}, {"nope": 1}, {"cache_seconds": 1e6}):
         with pytest.raises(SettingsError):
             parse_access_settings(bad, "t")
+
+
+def _team(subject: str, *members: str, status: str = "active") -> dict[str, Any]:
+    return {"resourceType": "CareTeam", "status": status, "subject": {"reference": subject},
+            "participant": [{"member": {"reference": m}} for m in members]}
+
+
+def test_writes_that_change_no_relationship_keep_the_cache() -> None:
+    patient = {"resourceType": "Patient", "id": "p", "name": [{"family": "A"}]}
+    renamed = {**patient, "name": [{"family": "B"}]}
+    assert relationship_change("Patient", None, patient) is None  # a new patient without GP
+    assert relationship_change("Patient", patient, renamed) is None  # a name change
+    enc = {"resourceType": "Encounter", "status": "in-progress", "subject": {"reference": "Patient/p"},
+           "participant": [{"individual": {"reference": "Practitioner/1"}}]}
+    assert relationship_change("Encounter", enc, {**enc, "reasonCode": [{"text": "x"}]}) is None
+    finished = relationship_change("Encounter", enc, {**enc, "status": "finished"})
+    assert finished is not None and finished.refs == {"Practitioner/1"}
+    moved = relationship_change("CareTeam", _team("Patient/p", "Practitioner/1"), _team("Patient/p", "Practitioner/2"))
+    assert moved is not None and moved.refs == {"Practitioner/1", "Practitioner/2"}
+    consent = relationship_change("Consent", None, {"resourceType": "Consent", "patient": {"reference": "Patient/p"}})
+    assert consent is not None and consent.consent_patients == {"p"} and not consent.refs
+    assert relationship_change("Observation", None, {"resourceType": "Observation"}) is None
+
+
+def test_invalidation_is_targeted_to_the_practitioners_named() -> None:
+    data = Data()
+    data.add(_team("Patient/a", "Practitioner/1"))
+    data.add(_team("Patient/b", "Practitioner/2"))
+    rel = Relationships(data.find, Clock())
+    assert rel.patients_of("Practitioner/1", None) == {"a": "careteam"}
+    assert rel.patients_of("Practitioner/2", None) == {"b": "careteam"}
+    calls = data.calls
+    data.add(_team("Patient/c", "Practitioner/2"))
+    rel.invalidate(relationship_change("CareTeam", None, _team("Patient/c", "Practitioner/2")))
+    assert rel.patients_of("Practitioner/1", None) == {"a": "careteam"}
+    assert data.calls == calls  # practitioner 1's set was kept
+    assert rel.patients_of("Practitioner/2", None) == {"b": "careteam", "c": "careteam"}
+
+
+def test_concurrent_misses_compute_once() -> None:
+    import threading
+    import time as _time
+
+    data = Data()
+    data.add(_team("Patient/a", "Practitioner/1"))
+    slow_calls = []
+
+    def slow_find(rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        slow_calls.append(rtype)
+        _time.sleep(0.05)
+        return data.find(rtype, params)
+
+    rel = Relationships(slow_find, Clock())
+    results: list[object] = []
+    threads = [threading.Thread(target=lambda: results.append(rel.patients_of("Practitioner/1", None)))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [{"a": "careteam"}] * 8
+    assert rel.lookups == 1
