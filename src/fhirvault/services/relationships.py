@@ -134,6 +134,8 @@ class Relationships:
         self._generation = 0
         self._patients: dict[tuple[str, str | None], tuple[float, int, Mapping[str, str]]] = {}
         self._computing: dict[tuple[str, str | None], threading.Event] = {}
+        # Patients that have any active Consent at all (most have none: their lookups skip the search).
+        self._with_consent: tuple[float, int, frozenset[str] | None] | None = None
         self._consents: dict[str, tuple[float, int, Consent]] = {}
         self.lookups = 0  # relationship computations (cache misses), for tests and metrics
 
@@ -152,6 +154,8 @@ class Relationships:
             if change is not None:
                 for patient in change.consent_patients:
                     self._consents.pop(patient, None)
+            if change is None or change.everything or change.consent_patients:
+                self._with_consent = None
 
     # -- practitioners ------------------------------------------------------------
     def patients_of(self, fhir_user: str | None, organization: str | None) -> Mapping[str, str]:
@@ -221,6 +225,21 @@ class Relationships:
         return out
 
     # -- consent ------------------------------------------------------------------
+    def _patients_with_consent(self, now: float) -> frozenset[str] | None:
+        """Who has an active Consent (None when there are too many to list: look each one up)."""
+        with self._lock:
+            known = self._with_consent
+            generation = self._generation
+        if known is not None and known[0] > now:
+            return known[2]
+        found = self._find("Consent", [("status", "active")])
+        listed = None if len(found) >= _LIMIT else frozenset(
+            p for c in found if (p := _patient(c.get("patient"))) is not None)
+        with self._lock:
+            if generation == self._generation:
+                self._with_consent = (now + self.settings.cache_seconds, generation, listed)
+        return listed
+
     def consent_for(self, patient_id: str) -> Consent:
         """The deny provisions of the patient's active privacy consents (cached like relationships)."""
         now = time.monotonic()
@@ -229,6 +248,9 @@ class Relationships:
             if hit is not None and hit[0] > now:
                 return hit[2]
             generation = self._generation
+        listed = self._patients_with_consent(now)
+        if listed is not None and patient_id not in listed:
+            return Consent()
         rules: list[ConsentRule] = []
         today = instant(self._clock.now_ms())
         for consent in self._find("Consent", [("patient", f"Patient/{patient_id}"), ("status", "active")]):

@@ -164,3 +164,18 @@ def test_concurrent_misses_compute_once() -> None:
         t.join()
     assert results == [{"a": "careteam"}] * 8
     assert rel.lookups == 1
+
+
+def test_patients_without_any_consent_need_no_search() -> None:
+    data = Data()
+    rel = Relationships(data.find, Clock())
+    assert rel.consent_for("a").rules == ()
+    calls = data.calls
+    for pid in ("b", "c", "d"):
+        assert rel.consent_for(pid).rules == ()
+    assert data.calls == calls  # one listing of consented patients served them all
+    consent = {"resourceType": "Consent", "status": "active", "patient": {"reference": "Patient/c"},
+               "scope": {"coding": [{"code": "patient-privacy"}]}, "provision": {"type": "deny"}}
+    data.add(consent)
+    rel.invalidate(relationship_change("Consent", None, consent))
+    assert rel.consent_for("c").rules and rel.consent_for("b").rules == ()
