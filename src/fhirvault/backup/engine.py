@@ -447,7 +447,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
             _restore_file(target, keys, body, f, staging / f.name, retry)
         replayed = None
         if replay is not None:
-            replayed = replay(target, keys.backup_key, staging, body.watermarks, at_ms)
+            replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
         _check_databases(staging, [f.name for f in body.files if f.kind == "sqlite"])
         _fsync_dir(staging)
         if to_dir.exists():
