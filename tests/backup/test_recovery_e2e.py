@@ -29,25 +29,27 @@ def test_new_machine_with_recovery_file_or_shares_serves_the_data_again(tmp_path
     config = tmp_path / "backup.toml"
     config.write_text(f'[backup.targets.offsite]\nurl = "{target_dir.as_uri()}"\nlocation = "FR"\n')
     srv = start_server(old, tmp_path / "old.log")
-    ids = seed(srv, 30, 2)
-    creds = srv.creds
-    with srv.client() as c:
-        original = c.get(f"/Patient/{ids[7]}").json()
-    assert original["name"][0]["family"].startswith(MARKER)
+    try:
+        ids = seed(srv, 30, 2)
+        creds = srv.creds
+        with srv.client() as c:
+            original = c.get(f"/Patient/{ids[7]}").json()
+        assert original["name"][0]["family"].startswith(MARKER)
 
-    # Day 0: escrow (passphrase file and 2-of-3 shares), kept apart from the backups.
-    (tmp_path / "pass").write_text("correct horse battery staple\n")
-    r = fv("escrow", "export", "--data-dir", str(old), "--out", str(vault / "recovery.json"),
-           "--passphrase-file", str(tmp_path / "pass"), "--shares", "3", "--threshold", "2",
-           "--out-dir", str(vault / "shares"))
-    assert r.returncode == 0, r.stderr
-    # Backups run while the server serves.
-    r = fv("backup", "create", "--data-dir", str(old), "--target", "offsite", "--backup-config", str(config))
-    assert r.returncode == 0, r.stderr
-    assert "complete" in r.stdout
-    r = fv("backup", "verify", "--data-dir", str(old), "--target", "offsite", "--backup-config", str(config))
-    assert r.returncode == 0, r.stderr
-    srv.kill_all()
+        # Day 0: escrow (passphrase file and 2-of-3 shares), kept apart from the backups.
+        (tmp_path / "pass").write_text("correct horse battery staple\n")
+        r = fv("escrow", "export", "--data-dir", str(old), "--out", str(vault / "recovery.json"),
+               "--passphrase-file", str(tmp_path / "pass"), "--shares", "3", "--threshold", "2",
+               "--out-dir", str(vault / "shares"))
+        assert r.returncode == 0, r.stderr
+        # Backups run while the server serves.
+        r = fv("backup", "create", "--data-dir", str(old), "--target", "offsite", "--backup-config", str(config))
+        assert r.returncode == 0, r.stderr
+        assert "complete" in r.stdout
+        r = fv("backup", "verify", "--data-dir", str(old), "--target", "offsite", "--backup-config", str(config))
+        assert r.returncode == 0, r.stderr
+    finally:
+        srv.kill_all()  # the server is lost (and never leaked if an assertion above fails)
 
     # The server is lost.
     shutil.rmtree(old)
