@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from pathlib import Path
 
+from fhirvault.adapters.files import replace_durably
 from fhirvault.adapters.memory_keys import MemoryRootKeyProvider, RootKeyError, new_root_key_id
 from fhirvault.services.crypto import new_key
 
@@ -24,19 +24,7 @@ class KeyFileError(RootKeyError):
 
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, readable by the owner only, and sync it."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(path, data, 0o600)
 
 
 class KeyFileProvider(MemoryRootKeyProvider):

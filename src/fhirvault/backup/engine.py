@@ -36,6 +36,7 @@ from typing import Protocol, TypeVar
 
 import orjson
 
+from fhirvault.adapters.files import fsync_dir, write_new
 from fhirvault.backup.manifest import (
     CHUNK_PREFIX,
     MANIFEST_PREFIX,
@@ -396,25 +397,6 @@ class RestoreResult:
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, backup_id: str | None = None,
                    at_ms: int | None = None, replay: Replay | None = None, retry: Retry = DEFAULT_RETRY) -> RestoreResult:
     """Rebuild a data directory from a backup; ``to_dir`` must be absent or empty.
@@ -434,7 +416,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
     staging.mkdir(mode=0o700)
     try:
         try:
-            _write_private(staging / "root.key", root_key_file)
+            write_new(staging / "root.key", root_key_file)
             root = KeyFileProvider.load(staging / "root.key")
         except (OSError, ValueError) as exc:
             raise RestoreError(f"the root key material is unusable: {exc}") from None
@@ -449,11 +431,11 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
         _check_databases(staging, [f.name for f in body.files if f.kind == "sqlite"])
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()
         os.rename(staging, to_dir)
-        _fsync_dir(to_dir.parent)
+        fsync_dir(to_dir.parent)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if exc.errno in _NO_SPACE:

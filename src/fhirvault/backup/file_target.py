@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from fhirvault.adapters.files import fsync_dir, write_new
 from fhirvault.backup.target import TargetError, TargetNotFound, TargetUnavailable
 
 _TMP = ".tmp-"
@@ -27,14 +28,6 @@ def path_from_url(url: str) -> Path:
     if parsed.scheme != "file" or parsed.netloc not in ("", "localhost") or not parsed.path:
         raise TargetError(f"not a local target URL (expected file:///absolute/path): {url}")
     return Path(unquote(parsed.path))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FileTarget:
@@ -65,16 +58,9 @@ class FileTarget:
         tmp = path.with_name(_TMP + secrets.token_hex(6))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_new(tmp, data)
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -115,4 +101,4 @@ class FileTarget:
         except OSError as exc:
             raise TargetUnavailable(f"{self.url}: cannot delete an object: {exc.strerror}") from None
         with contextlib.suppress(OSError):
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
