@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -128,40 +129,29 @@ class OAuthEndpoints:
         if grant != "client_credentials":
             raise OAuthError("unsupported_grant_type",
                              "supported: client_credentials, authorization_code, refresh_token")
+        client = await self._authenticate(request, ctx, claimed, form, self._auth.authenticate_client)
+        return client.client_id, self._auth.issue(client, form.get("scope")), None
+
+    async def _authenticate(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
+                            form: dict[str, str], check: Callable[..., tuple[Any, str | None]] | None = None) -> Any:
+        """Client authentication with ``check`` (default: the user-app check of the authorization server).
+
+        A locked account or a throttled source is refused before any password hashing: a flood of
+        guesses then costs microseconds and never queues behind the hash slots others need."""
+        if check is None:
+            assert self._server is not None
+            check = self._server.authenticate
         token_url = token_url_for(request, self._public)
         basic = _basic(request.headers.get("authorization"))
         claimed_id = basic[0] if basic else form.get("client_id")
         if claimed_id:
             claimed["id"] = claimed_id
-        # Refuse a locked account or a throttled source before any password hashing: a flood of
-        # guesses then costs microseconds and never queues behind the hash slots others need.
         if self._throttled is not None and self._throttled(source_ip=ctx.source_ip, client_id=claimed_id):
             raise OAuthError("invalid_client", "too many failed attempts; try again later", 429)
         if self._hash_slots is None:  # created lazily, inside the server's event loop
             self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         async with self._hash_slots:  # and off the event loop itself
-            client, assertion_id = await run_in_threadpool(self._auth.authenticate_client, form, basic, token_url)
-        if assertion_id is not None:
-            exp = int(assertion_id.rsplit(":", 1)[1])
-            if not await self._repo.remember_assertion(assertion_id, exp * 1000):
-                raise OAuthError("invalid_client", "client assertion was already used", 401)
-        return client.client_id, self._auth.issue(client, form.get("scope")), None
-
-    async def _authenticate(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
-                            form: dict[str, str]) -> Any:
-        """Client authentication for user grants, revocation: public apps by id, others by credentials."""
-        assert self._server is not None
-        token_url = token_url_for(request, self._public)
-        basic = _basic(request.headers.get("authorization"))
-        claimed_id = basic[0] if basic else form.get("client_id")
-        if claimed_id:
-            claimed["id"] = claimed_id
-        if self._throttled is not None and self._throttled(source_ip=ctx.source_ip, client_id=claimed_id):
-            raise OAuthError("invalid_client", "too many failed attempts; try again later", 429)
-        if self._hash_slots is None:
-            self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
-        async with self._hash_slots:
-            client, assertion_id = await run_in_threadpool(self._server.authenticate, form, basic, token_url)
+            client, assertion_id = await run_in_threadpool(check, form, basic, token_url)
         if assertion_id is not None:
             exp = int(assertion_id.rsplit(":", 1)[1])
             if not await self._repo.remember_assertion(assertion_id, exp * 1000):
