@@ -149,13 +149,14 @@ def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "committed", "index_changes")
+    __slots__ = ("_c", "audit_next", "committed", "index_changes")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
         # (rk, old tags, new tags) recorded by the current job, applied to the pending index on commit
         self.index_changes: list[tuple[int, bytes, bytes]] = []
         self.committed: list[Callable[[], None]] = []  # the current job's on_commit callbacks
+        self.audit_next: int | None = None  # next audit seq (None: read it from the table)
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
@@ -268,13 +269,19 @@ class _Tx:
         return cur.rowcount == 1
 
     def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
-        seq = int(self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
+        # The writer thread is the only appender: the next seq is kept here, and forgotten whenever
+        # a job or a batch rolls back (see SqliteStore._commit_batch).
+        if self.audit_next is None:
+            self.audit_next = int(self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
+        seq = self.audit_next
         self._c.execute("INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
                         (seq, tenant, ts_ms, tags, seal(seq)))
+        self.audit_next = seq + 1
         if tags:
             step = SEARCH_TAG_BYTES
-            self._c.executemany("INSERT OR IGNORE INTO audit.audit_index (tag, seq) VALUES (?,?)",
-                                [(tags[i : i + step], seq) for i in range(0, len(tags), step)])
+            rows = [v for i in range(0, len(tags), step) for v in (tags[i : i + step], seq)]
+            values = ",".join(["(?,?)"] * (len(rows) // 2))
+            self._c.execute(f"INSERT OR IGNORE INTO audit.audit_index (tag, seq) VALUES {values}", rows)  # noqa: S608
         return seq
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
@@ -710,6 +717,7 @@ class SqliteStore:
                 try:
                     value = fn(tx)
                 except BaseException as exc:  # the job's own failure: undo only its work
+                    tx.audit_next = None  # the job may have appended audit entries that are now gone
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
@@ -726,6 +734,7 @@ class SqliteStore:
             conn.execute("COMMIT")
             self._index.stage(changes)  # searchable before any writer hears back
         except Exception as exc:  # the commit itself failed: nothing is durable
+            tx.audit_next = None
             log.error("write batch failed", extra={"error": type(exc).__name__})
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")

@@ -74,6 +74,7 @@ def audit_aad(tenant: str, seq: int, ts_ms: int) -> bytes:
     return associated_data("audit", tenant, seq, ts_ms)
 
 
+_TAG_CACHE = 100_000
 _LEAF_PREFIX = b"fhirvault-audit-v1\x00"
 
 
@@ -96,6 +97,7 @@ class AuditTrail:
         self._key = key
         self._tag_key = tag_key
         self._hash_ips = hash_source_ips
+        self._tag_cache: dict[tuple[str, str], bytes] = {}
         # Called with each record once it is durable (real-time detection), on the writer's event loop.
         self.observers: list[Callable[[AuditRecord], None]] = []
 
@@ -104,7 +106,15 @@ class AuditTrail:
         return self._tenant
 
     def tag(self, kind: str, value: str) -> bytes:
-        return hmac.new(self._tag_key, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()[:SEARCH_TAG_BYTES]
+        # The same clients and patients recur constantly: remember their tags (bounded).
+        key = (kind, value)
+        found = self._tag_cache.get(key)
+        if found is None:
+            found = hmac.new(self._tag_key, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()[:SEARCH_TAG_BYTES]
+            if len(self._tag_cache) >= _TAG_CACHE:
+                self._tag_cache.clear()
+            self._tag_cache[key] = found
+        return found
 
     def tags_for(self, event: AuditRecord) -> bytes:
         return self._tags(event.patient, event.entity, event.client_id, event.user)

@@ -194,6 +194,8 @@ def test_a_failing_job_among_concurrent_writes_leaves_no_trace(store: ResourceSt
     assert store.get_meta("bad") is None
     assert store.history_count(HistoryQuery("t")) == 60
     assert [b for _, _, b in store.audit_entries("t")] == [b"ok"] * 60
+    # the failed job's audit entry left no hole: positions stay contiguous (the Merkle leaves)
+    assert [r.seq for r in store.audit_rows(limit=1000)] == list(range(1, 61))
 
 
 def test_a_failing_job_undoes_every_kind_of_write(store: ResourceStore) -> None:
