@@ -271,11 +271,21 @@ class _Tx:
     def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
         # The writer thread is the only appender: the next seq is kept here, and forgotten whenever
         # a job or a batch rolls back (see SqliteStore._commit_batch).
-        if self.audit_next is None:
-            self.audit_next = int(self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
-        seq = self.audit_next
-        self._c.execute("INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
-                        (seq, tenant, ts_ms, tags, seal(seq)))
+        for attempt in (1, 2):
+            if self.audit_next is None:
+                self.audit_next = int(
+                    self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
+            seq = self.audit_next
+            try:
+                self._c.execute("INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
+                                (seq, tenant, ts_ms, tags, seal(seq)))
+            except sqlite3.IntegrityError:
+                # Another process (a CLI command on the live data directory) appended meanwhile.
+                self.audit_next = None
+                if attempt == 2:
+                    raise
+                continue
+            break
         self.audit_next = seq + 1
         if tags:
             step = SEARCH_TAG_BYTES

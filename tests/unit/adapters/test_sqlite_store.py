@@ -143,3 +143,16 @@ def test_flushed_tags_an_update_dropped_are_deleted_from_the_index(tmp_path: Pat
         by_rk.setdefault(rk, set()).add(tag)
     assert sorted(map(len, by_rk.values())) == [3, 99]
     assert set(tags[600:]) in by_rk.values()
+
+
+def test_audit_entries_appended_by_another_process_do_not_collide(tmp_path: Path) -> None:
+    server = SqliteStore(tmp_path / "db.sqlite3")
+    cli = SqliteStore(tmp_path / "db.sqlite3")  # e.g. `fhirvault user create` on a live data dir
+    try:
+        server.write_sync("a", lambda tx: tx.append_audit("t", 1, lambda seq: b"s%d" % seq))
+        cli.write_sync("a", lambda tx: tx.append_audit("t", 2, lambda seq: b"c%d" % seq))
+        server.write_sync("a", lambda tx: tx.append_audit("t", 3, lambda seq: b"s%d" % seq))
+        assert [(r.seq, r.blob) for r in server.audit_rows()] == [(1, b"s1"), (2, b"c2"), (3, b"s3")]
+    finally:
+        cli.close()
+        server.close()
