@@ -80,6 +80,10 @@ def _audit_row(r: tuple[Any, ...]) -> AuditRow:
     return AuditRow(r[0], bytes(r[1]).decode("utf-8", "replace"), r[2], bytes(r[3]), bytes(r[4]))
 
 
+_SELECT_CHECKPOINTS = ("SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof"
+                       " FROM audit.audit_checkpoints")
+
+
 def _checkpoint(r: tuple[Any, ...]) -> AuditCheckpoint:
     return AuditCheckpoint(r[0], r[1], bytes(r[2]), r[3], bytes(r[4]), bool(r[5]), r[6], bytes(r[7]))
 
@@ -976,14 +980,12 @@ class SqliteStore:
 
     def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
         rows = self._reader().execute(
-            "SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof FROM audit.audit_checkpoints"
-            " WHERE size > ? ORDER BY size LIMIT ?", (after_size, limit)).fetchall()
+            _SELECT_CHECKPOINTS + " WHERE size > ? ORDER BY size LIMIT ?", (after_size, limit)).fetchall()
         return [_checkpoint(r) for r in rows]
 
     def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
         row = self._reader().execute(
-            "SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof FROM audit.audit_checkpoints"
-            " ORDER BY size DESC LIMIT 1").fetchone()
+            _SELECT_CHECKPOINTS + " ORDER BY size DESC LIMIT 1").fetchone()
         return _checkpoint(row) if row else None
 
     # -- break-the-glass --
