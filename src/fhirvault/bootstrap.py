@@ -17,6 +17,9 @@ from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
 
 ADMIN_CLIENT_FILE = "admin-client.json"
 ADMIN_SCOPE = "system/*.cruds"
+LOCK_FILE = "serve.lock"  # held by a running server (fhirvault serve)
+# Files that may be in a directory before it is initialised (the config file is read from DATA_DIR by default).
+_ALLOWED_BEFORE_INIT = frozenset({CONFIG_FILE_NAME, LOCK_FILE})
 
 
 class InitError(Exception):
@@ -27,12 +30,16 @@ def is_initialised(settings: Settings) -> bool:
     return settings.database_path.exists()
 
 
+def data_dir_is_new(data_dir: Path) -> bool:
+    """True for a directory that does not exist yet or holds nothing but a config file (and a server's lock)."""
+    return not data_dir.exists() or all(p.name in _ALLOWED_BEFORE_INIT for p in data_dir.iterdir())
+
+
 def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     """Create everything a new deployment needs. Returns the admin credentials file."""
     clock = clock or SystemClock()
     data_dir = settings.data_dir
-    # The config file may be put in place first (DATA_DIR/fhirvault.toml is read by default).
-    if data_dir.exists() and any(p.name != CONFIG_FILE_NAME for p in data_dir.iterdir()):
+    if not data_dir_is_new(data_dir):
         raise InitError(f"refusing to initialise: {data_dir} exists and is not empty")
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)

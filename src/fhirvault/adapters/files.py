@@ -15,6 +15,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_private(path: Path) -> None:
+    """Create ``path`` empty, owner-only, unless it exists: SQLite then gives its -wal and -shm files the same mode."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Create ``path`` (it must not exist), write all of ``data`` and fsync it; the caller syncs the directory."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import os
 import sqlite3
 import threading
 from collections.abc import Iterable
@@ -20,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from fhirvault.adapters.files import create_private
 from fhirvault.services.alert_settings import SEVERITY_RANK
 from fhirvault.services.alerts import CLOSED, Alert
 
@@ -66,8 +66,7 @@ def _alert(row: tuple[Any, ...]) -> Alert:
 class SqliteAlertStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        create_private(path)
         self._lock = threading.Lock()  # one connection, shared by the writer thread and API callers
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._conn.execute("PRAGMA journal_mode=WAL")

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from fhirvault.adapters.files import create_private
 from fhirvault.adapters.sqlite_schema import (
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
@@ -135,6 +136,9 @@ def _attach_audit(conn: sqlite3.Connection, audit_path: Path) -> None:
 
 
 def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
+    for db in (path, audit_path):
+        if not db.exists():
+            create_private(db)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     _attach_audit(conn, audit_path)
     for schema in ("main", "audit"):

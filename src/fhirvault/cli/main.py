@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,38 +70,72 @@ def _load(args: argparse.Namespace) -> Settings:
     return load_settings(cli, config_file=args.config_file)
 
 
+def _load_existing(args: argparse.Namespace) -> Settings:
+    """Settings for a command that works on an existing data directory (all but init and serve)."""
+    settings = _load(args)
+    if not settings.database_path.is_file():
+        raise SettingsError(f"data directory missing or not initialised: {settings.data_dir} (no "
+                            f"{settings.database_path.name}); check --data-dir, or run 'fhirvault init'")
+    return settings
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"fhirvault: error: {message}", file=sys.stderr)
     return code
 
 
+def _operator_error(exc: Exception) -> str | None:
+    """One line for an error the operator can fix; None for a bug, which keeps its traceback."""
+    if isinstance(exc, ImportError):
+        return f"{exc}: the installation is incomplete; reinstall fhirvault (pip install --force-reinstall fhirvault)"
+    from fhirvault.adapters.memory_keys import RootKeyError
+    from fhirvault.bootstrap import InitError
+    from fhirvault.cli.serve import ServeError
+
+    if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError):
+        return str(exc)
+    if isinstance(exc, sqlite3.DatabaseError):
+        return f"database error: {exc}"
+    if isinstance(exc, OSError):
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in backup_cli.COMMANDS:
-        return backup_cli.run(args, _load)
+    os.umask(0o077)  # every file this command creates (databases, their WAL, logs, backups) is the owner's only
     try:
-        settings = _load(args)
-    except SettingsError as exc:
-        return _fail(str(exc))
-    try:
-        if args.command == "init":
-            return _init(settings)
-        if args.command == "serve":
-            from fhirvault.cli.serve import serve
-
-            return serve(settings)
-        if users_cli.handles(args):
-            return users_cli.run(args, settings)
-        if args.command == "client":
-            return _client_create(settings, args)
-        if args.command == "keys":
-            return _rotate(settings, args.level)
-        if args.command == "audit":
-            from fhirvault.cli import audit as audit_cli
-
-            return audit_cli.run(args, settings)
+        return _dispatch(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        message = _operator_error(exc)
+        if message is None:
+            raise
+        return _fail(message)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in backup_cli.COMMANDS:
+        return backup_cli.run(args, _load_existing)
+    new_dir_ok = args.command in ("init", "serve")
+    settings = _load(args) if new_dir_ok else _load_existing(args)
+    if args.command == "init":
+        return _init(settings)
+    if args.command == "serve":
+        from fhirvault.cli.serve import serve
+
+        return serve(settings)
+    if users_cli.handles(args):
+        return users_cli.run(args, settings)
+    if args.command == "client":
+        return _client_create(settings, args)
+    if args.command == "keys":
+        return _rotate(settings, args.level)
+    if args.command == "audit":
+        from fhirvault.cli import audit as audit_cli
+
+        return audit_cli.run(args, settings)
     return _fail("unknown command")
 
 
