@@ -205,13 +205,7 @@ def serve(settings: Settings) -> int:
     new_dir = not settings.data_dir.exists()
     lock = lock_data_dir(settings.data_dir)
     try:
-        try:
-            check_port_free(settings.host, settings.port)
-        except ServeError:
-            if new_dir:  # leave no empty directory behind a refused first start
-                (settings.data_dir / LOCK_FILE).unlink()
-                settings.data_dir.rmdir()
-            raise
+        check_port_free(settings.host, settings.port)
         _prepare(settings)
         os.environ[WORKER_SETTINGS_ENV] = _encode(settings)
         tls: dict[str, Any] = {}
@@ -261,4 +255,8 @@ def serve(settings: Settings) -> int:
             raise ServeError("the server did not start (the worker's error is above)")
         return 0
     finally:
+        if not settings.database_path.exists():  # refused before initialising: leave the directory as it was
+            (settings.data_dir / LOCK_FILE).unlink(missing_ok=True)
+            if new_dir:
+                settings.data_dir.rmdir()
         os.close(lock)
