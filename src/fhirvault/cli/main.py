@@ -103,7 +103,7 @@ def _operator_error(exc: Exception) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.umask(0o077)  # every file this command creates (databases, their WAL, logs, backups) is the owner's only
+    umask = os.umask(0o077)  # every file this command creates (databases, their WAL, logs, backups): owner only
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -113,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         return _fail(message)
+    finally:
+        os.umask(umask)  # for callers that run main() in their own process (tests)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
