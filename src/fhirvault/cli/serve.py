@@ -66,7 +66,6 @@ def _exit_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
@@ -94,7 +93,8 @@ def app_factory() -> Any:
         return create_app(build(settings))
     except Exception as exc:
         print(f"fhirvault: error: the server worker could not start: {exc}", file=sys.stderr, flush=True)
-        os.kill(os.getppid(), STARTUP_FAILED)
+        if (supervisor := os.getppid()) != 1:  # 1: the supervisor is gone already
+            os.kill(supervisor, STARTUP_FAILED)
         raise SystemExit(3) from None
 
 
