@@ -22,6 +22,7 @@ import orjson
 from fhirvault.domain.compartment import patient_id_from_reference
 from fhirvault.domain.instants import instant
 from fhirvault.domain.policy import Consent, ConsentRule
+from fhirvault.domain.search.query import MAX_VALUES
 from fhirvault.domain.search.values import parse_reference
 from fhirvault.ports import Clock
 
@@ -200,16 +201,16 @@ class Relationships:
                 "PractitionerRole", [("practitioner", fhir_user)]) if r.get("active", True) is not False)
         orgs = [f"Organization/{organization}"] if organization else []
         if s.care_team and (members or orgs):
-            for team in self._find("CareTeam", [("participant", ",".join(members + orgs)), ("status", "active")]):
+            for team in self._find_any("CareTeam", "participant", members + orgs, [("status", "active")]):
                 if (pid := _patient(team.get("subject"))) is not None:
                     out.setdefault(pid, "careteam")
         if s.general_practitioner and members:
-            for patient in self._find("Patient", [("general-practitioner", ",".join(members))]):
+            for patient in self._find_any("Patient", "general-practitioner", members):
                 if isinstance(patient.get("id"), str) and patient.get("active", True) is not False:
                     out.setdefault(patient["id"], "gp")
         if s.encounter and members:
             horizon = instant(self._clock.now_ms() - s.encounter_days * _DAY_MS)
-            for enc in self._find("Encounter", [("participant", ",".join(members))]):
+            for enc in self._find_any("Encounter", "participant", members):
                 if enc.get("status") not in s.encounter_statuses:
                     continue
                 period = enc.get("period")
@@ -223,6 +224,14 @@ class Relationships:
                 if (pid := _patient(episode.get("patient"))) is not None:
                     out.setdefault(pid, "episode")
         return out
+
+    def _find_any(self, rtype: str, code: str, refs: list[str],
+                  extra: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Resources whose ``code`` names any of ``refs``, in searches within the search parser's value cap."""
+        found: list[dict[str, Any]] = []
+        for i in range(0, len(refs), MAX_VALUES):
+            found.extend(self._find(rtype, [(code, ",".join(refs[i:i + MAX_VALUES])), *(extra or [])]))
+        return found
 
     # -- consent ------------------------------------------------------------------
     def _patients_with_consent(self, now: float) -> frozenset[str] | None:
