@@ -302,16 +302,17 @@ class DetectionEngine:
         """Care relationships written (or refused): every change is an event, a refusal and a user
         naming themselves in a patient's care are alerts."""
         s, detail = self._s, r.detail or ""
+        what = _label((r.entity or "?").partition("/")[0])  # the type only: alerts never name a patient
         if r.outcome == "0" and detail.startswith(RELATIONSHIP_CHANGE) and s.relationship_change.enabled:
             self._actor_alert(r, actor, RELATIONSHIP_CHANGED, s.relationship_change.severity,
-                              f"care relationship changed ({_label(r.interaction)} {_label(r.entity or '?')})")
+                              f"care relationship changed ({_label(r.interaction)} of a {what})")
         elif r.status == 403 and any(x in detail for x in _RELATIONSHIP_REFUSALS) and s.relationship_refused.enabled:
             self._actor_alert(r, actor, RELATIONSHIP_REFUSED, s.relationship_refused.severity,
                               f"refused write of a care relationship or directory entry ({_label(detail)})")
         if SELF_ASSIGNED in detail and s.self_assignment.enabled:
             verb = "added themselves" if r.outcome == "0" else "tried to add themselves"
             self._actor_alert(r, actor, SELF_ASSIGNMENT, s.self_assignment.severity,
-                              f"a user {verb} to a patient's care ({_label(r.entity or '?')})",
+                              f"a user {verb} to a patient's care (through a {what})",
                               suffix=":allowed" if r.outcome == "0" else ":refused")
 
     def _after_hours(self, r: AuditRecord, actor: str | None) -> None:
