@@ -375,6 +375,12 @@ def test_break_the_glass_does_not_become_a_relationship(takeover: Takeover) -> N
                               ("POST", "Encounter", ENC_PC)):
         r = _send(t, "practitioner", method, url, copy.deepcopy(body))
         assert r.status_code == 403, (url, r.text)  # was 200/201: a permanent relationship after the emergency
+    add_me = [{"op": "add", "path": "/participant/-", "value": {"member": {"reference": "Practitioner/prac-a"}}}]
+    r = _send(t, "practitioner", "PATCH", "CareTeam/team-c", add_me, JSON_PATCH)
+    assert r.status_code == 403, r.text
+    tx = _bundle("transaction", ("PUT", "CareTeam/team-c", SELF_IN_TEAM_C))
+    assert _send(t, "practitioner", "POST", "", tx).status_code == 403
+    assert t.app.client.get("/fhir/CareTeam/team-c", headers=t.admin).json()["participant"] == TEAM_C["participant"]
     rel = t.app.container.repository.relationships
     assert "pc" not in rel.patients_of("Practitioner/prac-a", "org-a")
     alerts = t.app.container.alerts.list(rule="care_self_assignment")
