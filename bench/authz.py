@@ -27,10 +27,12 @@ Loads (``--loads``):
   relationship"). Any other status counts as an error, so the run also checks
   that the practitioner sees exactly their patients.
 * ``crud`` -- the CRUD workload of ``crud.py`` on the seeded population: each
-  iteration takes a random *related* patient P and creates Location,
-  Organization, Practitioner, Encounter (subject P), Observation (subject P)
-  and MedicationRequest (subject P), reads P and the six, updates P and the
-  six, deletes the six (26 requests, same templates as ``crud.py``). All
+  iteration takes a random *related* patient P and creates Encounter (subject P),
+  Observation (subject P) and MedicationRequest (subject P), referring to a
+  Location, Organization and Practitioner seeded by the admin (users other than
+  directory administrators may not write the directory, issue #11), reads P and
+  the three, updates P and the three, deletes the three (14 requests, same
+  templates as ``crud.py``). All
   answers must be 2xx for both tokens. ``crud.py`` itself cannot run with a
   practitioner token: the Patient it creates has no care relationship yet, so
   the practitioner may create it but not read, update or delete it.
@@ -92,7 +94,10 @@ CARE_TEAM_ROLE = {
     "code": "158965000",
     "display": "Medical practitioner",
 }
-CRUD_TYPES = crud.ORDER[1:]  # Patient comes from the seeded population
+# Patient comes from the seeded population; the directory (Location, Organization, Practitioner) is
+# written by directory administrators only (docs/access-control.md), so it is seeded too and referenced.
+DIRECTORY_TYPES = ("Location", "Organization", "Practitioner")
+CRUD_TYPES = tuple(rt for rt in crud.ORDER[1:] if rt not in DIRECTORY_TYPES)
 TOKENS = ("admin", "practitioner")
 
 
@@ -316,6 +321,7 @@ class Practitioner:
 class Seeded:
     def __init__(self) -> None:
         self.practitioner = ""  # "Practitioner/<id>"
+        self.directory: dict[bytes, bytes] = {}  # @@Location@@ -> b"Location/<id>"…, seeded by the admin
         self.patients: list[tuple[str, int, bool]] = []  # (id, Patient template index, related)
         self.observations: list[tuple[str, bool]] = []  # (id, related)
         self.care_teams = 0
@@ -366,6 +372,11 @@ async def seed(base: str, token: str, n: int, k: int, seed_: int, concurrency: i
     try:
         prac = pool["Practitioner"][0]
         out.practitioner = "Practitioner/" + await post("Practitioner", prac.create)
+        out.directory[b"@@Practitioner@@"] = out.practitioner.encode()
+        for rt in ("Location", "Organization"):
+            tmpl = pool[rt][0]
+            body = tmpl.render(tmpl.create, tmpl.create_keys, {crud.PH_N_B: b"seed"})
+            out.directory[crud.ref_placeholder(rt).encode()] = f"{rt}/{await post(rt, body)}".encode()
         ptmpl = pool["Patient"]
 
         def patient_job(i: int) -> Any:
@@ -450,9 +461,11 @@ class SeededCrud(crud.Workload):
         patients: list[tuple[bytes, crud.Template]],
         patient_url: str,
         patient_ops: tuple[lg.Op, lg.Op],
+        directory: dict[bytes, bytes],
         **kw: Any,
     ) -> None:
         super().__init__(*args, **kw)
+        self.directory = directory
         self.patients = patients
         self.patient_url = patient_url
         self.patient_read, self.patient_update = patient_ops
@@ -461,7 +474,7 @@ class SeededCrud(crud.Workload):
         call = self.client.call
         pid, ptmpl = self.patients[rng.randrange(len(self.patients))]
         purl = URL(self.patient_url + pid.decode(), encoded=True)
-        values: dict[bytes, bytes] = {crud.PH_N_B: n, b"@@Patient@@": b"Patient/" + pid}
+        values: dict[bytes, bytes] = {crud.PH_N_B: n, b"@@Patient@@": b"Patient/" + pid, **self.directory}
         created = await self.create_chain(rng, values)
         await call(self.patient_read, "GET", purl, None)
         for spec, _, _, url in created:
@@ -567,6 +580,7 @@ async def measure(
                 patients=patients,
                 patient_url=f"{base}/Patient/",
                 patient_ops=(op_map["read", "Patient"], op_map["update", "Patient"]),
+                directory=seeded.directory,
             )
             runner = work.user
         lg.tune_gc()

@@ -129,7 +129,8 @@ def test_batch_and_transaction_entries_are_each_authorised(env: dict[str, Any]) 
         {"request": {"method": "POST", "url": "Observation"}, "resource": observation("pb", "x")},
     ]}
     out = c.post("/fhir", headers={**h, **FHIR_JSON}, json=batch).json()["entry"]
-    assert [e["response"]["status"][:3] for e in out] == ["404", "200", "200", "403"]
+    # a write into B's compartment is refused like a read of it: 404 (issue #11)
+    assert [e["response"]["status"][:3] for e in out] == ["404", "200", "200", "404"]
     assert out[2]["resource"].get("entry", []) == []
     tx = {"resourceType": "Bundle", "type": "transaction", "entry": [
         {"request": {"method": "POST", "url": "Observation"}, "resource": observation("pa", "y")},
@@ -154,18 +155,18 @@ def test_conditional_writes_do_not_match_forbidden(env: dict[str, Any]) -> None:
     # conditional create: If-None-Exist on B's resource does not hand it back
     r = c.post("/fhir/Observation", headers={**h, **FHIR_JSON, "If-None-Exist": "_id=obs-b"}, json=mine)
     assert r.status_code == 201 and r.json()["id"] != "obs-b"
-    # writing into B's compartment is refused
+    # writing into B's compartment is refused as a read of it would be: 404, existence not confirmed
     theirs = observation("pb", "z")
     del theirs["id"]
-    assert c.post("/fhir/Observation", headers={**h, **FHIR_JSON}, json=theirs).status_code == 403
+    assert c.post("/fhir/Observation", headers={**h, **FHIR_JSON}, json=theirs).status_code == 404
     r = c.put("/fhir/Observation?_id=obs-b", headers={**h, **FHIR_JSON}, json=theirs)
-    assert r.status_code == 403
+    assert r.status_code == 404
     # conditional delete: nothing visible matches, B's resource stays
     assert c.delete("/fhir/Observation?_id=obs-b", headers=h).status_code == 204
     assert c.get("/fhir/Observation/obs-b", headers=admin).status_code == 200
     # moving A's resource into B's compartment is refused
     moved = observation("pb", "obs-a")
-    assert c.put("/fhir/Observation/obs-a", headers={**h, **FHIR_JSON}, json=moved).status_code == 403
+    assert c.put("/fhir/Observation/obs-a", headers={**h, **FHIR_JSON}, json=moved).status_code == 404
 
 
 def test_granular_scope_filters_by_category(env: dict[str, Any]) -> None:

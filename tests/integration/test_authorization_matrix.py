@@ -240,3 +240,210 @@ def test_matrix_is_complete() -> None:
     assert {rel for role, rel in rows if role == "practitioner"} == set(RELATIONSHIPS)
     assert {m[0] for m in MATRIX} == {"practitioner", "nurse", "admin_staff", "patient", "auditor",
                                       "security_officer", "platform_admin"}
+
+
+# -- care-relationship takeover (issue #11) ----------------------------------------------------------
+# Relationships are computed from PractitionerRole.practitioner, Patient.generalPractitioner, CareTeam and
+# Encounter participants and EpisodeOfCare.managingOrganization: a user who can write those hands out
+# patients. Each row is one attack by dr A (Practitioner/prac-a, organisation org-a, no relationship with
+# Patient/pc) or another role, the status it must get, and whether dr A may see pc's data afterwards.
+
+ROLE_B = {"resourceType": "PractitionerRole", "id": "role-b", "active": True,
+          "practitioner": {"reference": "Practitioner/prac-b"}, "organization": {"reference": "Organization/org-b"}}
+TAKEN = {**ROLE_B, "practitioner": {"reference": "Practitioner/prac-a"}}
+PATCH = [{"op": "replace", "path": "/practitioner/reference", "value": "Practitioner/prac-a"}]
+JSON_PATCH = {"Content-Type": "application/json-patch+json"}
+
+
+@dataclass
+class Takeover:
+    app: Any
+    admin: dict[str, str]
+
+    def token(self, role: str, scope: str = "user/*.cruds") -> dict[str, str]:
+        fhir_user = {"practitioner": "Practitioner/prac-a", "nurse": "Practitioner/prac-a",
+                     "admin_staff": "Practitioner/clerk", "patient": "Patient/pa"}.get(role)
+        return bearer(mint(self.app.container, role=role, user=f"u-{role}-a", fhir_user=fhir_user,
+                           org="org-a" if role in ("practitioner", "nurse") else None,
+                           patient="pa" if role == "patient" else None, scope=scope))
+
+    def dr_sees_pc(self) -> bool:
+        h = self.token("practitioner")
+        seen = [self.app.client.get(f"/fhir/{url}", headers=h).status_code for url in
+                ("Patient/pc", "Observation/pc-obs")]
+        assert set(seen) <= {200, 404}, seen
+        return seen == [200, 200]
+
+
+@pytest.fixture
+def takeover(app: Any) -> Takeover:
+    c, admin = app.client, app.auth
+    for rtype, rid in (("Organization", "org-a"), ("Organization", "org-b")):
+        put(c, admin, {"resourceType": rtype, "id": rid, "name": rid})
+    for rid in ("prac-a", "prac-b"):
+        put(c, admin, {"resourceType": "Practitioner", "id": rid, "name": [{"family": rid}]})
+    put(c, admin, ROLE_B)
+    put(c, admin, patient("pc"))
+    put(c, admin, observation("pc", "pc-obs"))
+    put(c, admin, care_team("pc", "team-c", "PractitionerRole/role-b"))
+    put(c, admin, patient("pa"))  # dr A's own patient
+    put(c, admin, care_team("pa", "team-a", "Practitioner/prac-a"))
+    t = Takeover(app, admin)
+    assert not t.dr_sees_pc()
+    return t
+
+
+def _send(t: Takeover, role: str, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+          **extra: Any) -> Any:
+    h = {**t.token(role, **extra), **FHIR_JSON, **(headers or {})}
+    return t.app.client.request(method, f"/fhir/{url}", headers=h, json=body)
+
+
+def _bundle(kind: str, *entries: tuple[str, str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": kind, "entry": [
+        {"request": {"method": m, "url": u}, **({"resource": r} if r is not None else {})} for m, u, r in entries]}
+
+
+def _with(resource: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {**resource, **fields}
+
+
+PC = patient("pc")
+TEAM_C = care_team("pc", "team-c", "PractitionerRole/role-b")
+SELF_IN_TEAM_C = _with(TEAM_C, participant=[{"member": {"reference": "PractitionerRole/role-b"}},
+                                            {"member": {"reference": "Practitioner/prac-a"}}])
+ENC_PC = {k: v for k, v in encounter("pc", "x", "Practitioner/prac-a").items() if k != "id"}
+OBS_PC = {k: v for k, v in observation("pc", "x").items() if k != "id"}
+LINKED = {"resourceType": "Patient", "name": [{"family": "Mallory"}],
+          "link": [{"other": {"reference": "Patient/pc"}, "type": "seealso"}]}
+EPISODE_PC = {"resourceType": "EpisodeOfCare", "status": "active", "patient": {"reference": "Patient/pc"},
+              "managingOrganization": {"reference": "Organization/org-a"}}
+
+# name, role, method, url, body, extra headers, status expected (today's code answers in the comment)
+ATTACKS: list[tuple[str, str, str, str, Any, dict[str, str], int]] = [
+    ("role-put", "practitioner", "PUT", "PractitionerRole/role-b", TAKEN, {}, 403),  # was 200, then pc visible
+    ("role-put-nurse", "nurse", "PUT", "PractitionerRole/role-b", TAKEN, {}, 403),  # was 200
+    ("role-patch", "practitioner", "PATCH", "PractitionerRole/role-b", PATCH, JSON_PATCH, 403),  # was 200
+    ("role-conditional-put", "practitioner", "PUT", "PractitionerRole?_id=role-b", TAKEN, {}, 403),  # was 200
+    ("role-transaction", "practitioner", "POST", "", _bundle("transaction", ("PUT", "PractitionerRole/role-b",
+                                                                            TAKEN)), {}, 403),  # was 200
+    ("role-create", "practitioner", "POST", "PractitionerRole", _with(TAKEN, id="mine"), {}, 403),  # was 201
+    ("delete-practitioner", "practitioner", "DELETE", "Practitioner/prac-b", None, {}, 403),  # was 204
+    ("delete-role", "practitioner", "DELETE", "PractitionerRole/role-b", None, {}, 403),  # was 204
+    ("delete-organization", "practitioner", "DELETE", "Organization/org-b", None, {}, 403),  # was 204
+    ("conditional-delete-role", "practitioner", "DELETE", "PractitionerRole?_id=role-b", None, {}, 403),  # was 204
+    ("patient-link-into-pc", "practitioner", "POST", "Patient", LINKED, {}, 404),  # was 201, in pc's $everything
+    ("observation-into-pc", "practitioner", "POST", "Observation", OBS_PC, {}, 404),  # was 403
+    ("careteam-self-add", "practitioner", "PUT", "CareTeam/team-c", SELF_IN_TEAM_C, {}, 404),  # was 404
+    ("encounter-for-pc", "practitioner", "POST", "Encounter", ENC_PC, {}, 404),  # was 403
+    ("gp-self-on-pc", "practitioner", "PUT", "Patient/pc",
+     _with(PC, generalPractitioner=[{"reference": "Practitioner/prac-a"}]), {}, 404),  # was 404
+    ("episode-own-org", "practitioner", "POST", "EpisodeOfCare", EPISODE_PC, {}, 404),  # was 403
+    ("transaction-observation-into-pc", "practitioner", "POST", "",
+     _bundle("transaction", ("POST", "Observation", OBS_PC)), {}, 404),  # was 403
+]
+
+
+@pytest.mark.parametrize(("name", "role", "method", "url", "body", "headers", "status"), ATTACKS,
+                         ids=[a[0] for a in ATTACKS])
+def test_takeover_attack_row(takeover: Takeover, name: str, role: str, method: str, url: str, body: Any,
+                             headers: dict[str, str], status: int) -> None:
+    t = takeover
+    r = _send(t, role, method, url, copy.deepcopy(body), headers)
+    assert r.status_code == status, r.text
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert not t.dr_sees_pc()  # five seconds later, or at once: still nothing of pc
+    c, admin = t.app.client, t.admin
+    assert c.get("/fhir/PractitionerRole/role-b", headers=admin).json()["practitioner"] == ROLE_B["practitioner"]
+    for kept in ("Practitioner/prac-b", "Organization/org-b"):
+        assert c.get(f"/fhir/{kept}", headers=admin).status_code == 200
+    everything = c.get("/fhir/Patient/pc/$everything", headers=admin).json()
+    assert {e["resource"]["resourceType"] + "/" + e["resource"]["id"] for e in everything["entry"]} == {
+        "Patient/pc", "Observation/pc-obs", "CareTeam/team-c"}
+    if status == 403:  # every refused directory write is a detection event
+        assert t.app.container.alerts.list(rule="relationship_write_refused")
+
+
+def test_break_the_glass_does_not_become_a_relationship(takeover: Takeover) -> None:
+    """Emergency access lets dr A see pc; it must not let them write themselves into pc's care."""
+    t = takeover
+    assert break_glass(t.app.client, t.token("practitioner")["Authorization"].split()[1], "pc").status_code == 201
+    assert t.dr_sees_pc()
+    for method, url, body in (("PUT", "CareTeam/team-c", SELF_IN_TEAM_C),
+                              ("PUT", "Patient/pc", _with(PC, generalPractitioner=[
+                                  {"reference": "Practitioner/prac-a"}])),
+                              ("POST", "Encounter", ENC_PC)):
+        r = _send(t, "practitioner", method, url, copy.deepcopy(body))
+        assert r.status_code == 403, (url, r.text)  # was 200/201: a permanent relationship after the emergency
+    add_me = [{"op": "add", "path": "/participant/-", "value": {"member": {"reference": "Practitioner/prac-a"}}}]
+    r = _send(t, "practitioner", "PATCH", "CareTeam/team-c", add_me, JSON_PATCH)
+    assert r.status_code == 403, r.text
+    tx = _bundle("transaction", ("PUT", "CareTeam/team-c", SELF_IN_TEAM_C))
+    assert _send(t, "practitioner", "POST", "", tx).status_code == 403
+    assert t.app.client.get("/fhir/CareTeam/team-c", headers=t.admin).json()["participant"] == TEAM_C["participant"]
+    rel = t.app.container.repository.relationships
+    assert "pc" not in rel.patients_of("Practitioner/prac-a", "org-a")
+    alerts = t.app.container.alerts.list(rule="care_self_assignment")
+    assert alerts and all(a.severity == "high" for a in alerts)
+
+
+def test_relationship_writes_that_rely_on_an_existing_relationship_still_work(takeover: Takeover) -> None:
+    """dr A's own patient pa: adding a colleague, opening an Encounter, registering a patient are allowed,
+    and each relationship change is a detection event (naming oneself is an alert)."""
+    t = takeover
+    colleague = care_team("pa", "team-a", "Practitioner/prac-a")
+    colleague["participant"].append({"member": {"reference": "Practitioner/prac-b"}})
+    assert _send(t, "practitioner", "PUT", "CareTeam/team-a", colleague).status_code == 200
+    enc = {k: v for k, v in encounter("pa", "x", "Practitioner/prac-a").items() if k != "id"}
+    assert _send(t, "practitioner", "POST", "Encounter", enc).status_code == 201
+    registered = _send(t, "practitioner", "POST", "Patient",
+                       _with(patient("new"), generalPractitioner=[{"reference": "Practitioner/prac-a"}]))
+    assert registered.status_code == 201
+    assert t.app.client.get(f"/fhir/Patient/{registered.json()['id']}",
+                            headers=t.token("practitioner")).status_code == 200
+    assert t.app.container.alerts.list(rule="relationship_change")
+    assert [a.labels.get("user") for a in t.app.container.alerts.list(rule="care_self_assignment")] == ["u-practitioner-a"]
+    assert not t.dr_sees_pc()
+
+
+@pytest.mark.parametrize("role", ["admin_staff", "platform_admin", "system"])
+def test_directory_administrators_still_write_the_directory(takeover: Takeover, role: str) -> None:
+    """The directory's administrators (and backend services with system/ scopes) reassign a role; the
+    relationship change is a detection event."""
+    t = takeover
+    h = t.admin if role == "system" else t.token(role)
+    r = t.app.client.put("/fhir/PractitionerRole/role-b", headers={**h, **FHIR_JSON}, json=TAKEN)
+    assert r.status_code == 200, r.text
+    assert t.dr_sees_pc()  # an administrator's decision, not dr A's
+    assert t.app.container.alerts.list(rule="relationship_change")
+
+
+DIRECTORY = ("Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService")
+# role -> the writes (c create, u update, d delete) it may make on every directory type, and whether it reads
+DIRECTORY_WRITES = {"practitioner": "r", "nurse": "r", "admin_staff": "rcu", "platform_admin": "rcud",
+                    "patient": "r", "auditor": "", "security_officer": ""}
+
+
+def test_directory_matrix(takeover: Takeover) -> None:
+    t = takeover
+    c = t.app.client
+    got: dict[tuple[str, str], str] = {}
+    for role, expected in DIRECTORY_WRITES.items():
+        scope = "patient/*.cruds" if role == "patient" else "user/*.cruds"
+        for rtype in DIRECTORY:
+            rid = new_id(rtype.lower())
+            body = {"resourceType": rtype, "id": rid}
+            put(c, t.admin, body)
+            ok = ""
+            h = {**t.token(role, scope), **FHIR_JSON}
+            if c.get(f"/fhir/{rtype}/{rid}", headers=h).status_code == 200:
+                ok += "r"
+            if c.post(f"/fhir/{rtype}", headers=h, json={"resourceType": rtype}).status_code == 201:
+                ok += "c"
+            if c.put(f"/fhir/{rtype}/{rid}", headers=h, json=body).status_code == 200:
+                ok += "u"
+            if c.delete(f"/fhir/{rtype}/{rid}", headers=h).status_code == 204:
+                ok += "d"
+            got[(role, rtype)] = ok
+    wrong = {k: v for k, v in got.items() if v != DIRECTORY_WRITES[k[0]]}
+    assert not wrong, wrong

@@ -263,6 +263,30 @@ def test_refresh_reuse_revokes_the_family(app: App) -> None:
     assert app.client.get(f"/fhir/Patient/{pid}", headers=_bearer(second["access_token"])).status_code == 401
 
 
+def test_refresh_reuse_with_a_wider_scope_still_revokes_the_family(app: App) -> None:
+    """A stolen, already rotated refresh token presented with a wider scope is a reuse first: asking for
+    more must not turn the reuse into a harmless invalid_scope that leaves the thief's copy alive."""
+    pid = _patient(app)
+    person = make_user(app.container, "pat5w", "patient", fhir_user=f"Patient/{pid}")
+    client_id, _ = make_app(app.container)
+    code, verifier, _ = login(app.client, client_id, person)
+    first = exchange(app.client, client_id, code, verifier).json()
+
+    def refresh(token: str, **extra: str) -> dict[str, str]:
+        r = app.client.post("/oauth2/token", data={"grant_type": "refresh_token", "client_id": client_id,
+                                                   "refresh_token": token, **extra})
+        return dict(r.json(), status=r.status_code)
+
+    second = refresh(first["refresh_token"])
+    assert second["status"] == 200
+    stolen = refresh(first["refresh_token"], scope="user/*.cruds")  # reuse, and asking for more
+    assert stolen["status"] == 400 and stolen["error"] == "invalid_grant"
+    assert refresh(second["refresh_token"])["status"] == 400  # the whole family is dead
+    assert ("refresh-reuse", person.user_id) in _security_events(app, first["refresh_token"],
+                                                                  second["refresh_token"])
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=_bearer(second["access_token"])).status_code == 401
+
+
 def test_scope_escalation_on_refresh_is_refused(app: App) -> None:
     person = make_user(app.container, "pat6", "patient", fhir_user="Patient/x6")
     client_id, _ = make_app(app.container)

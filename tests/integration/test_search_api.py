@@ -203,6 +203,32 @@ def test_unknown_parameters_lenient_and_strict(shared_server: Server) -> None:
         assert strict.status_code == 400
 
 
+def test_thousands_of_repeated_parameters_are_a_400_not_a_500(shared_server: Server) -> None:
+    """1,200 repeated criteria used to reach SQLite as one AND-chain and fail its expression-depth limit."""
+    with shared_server.client() as c:
+        for query in ("&".join(["family=x"] * 1200), "family=" + ",".join(["x"] * 1200),
+                      "&".join([f"family={','.join(['x'] * 20)}"] * 60), "&".join(["_include=Patient:link"] * 500)):
+            r = c.get(f"/Patient?{query}")
+            assert r.status_code == 400, r.text[:300]
+            assert r.json()["issue"][0]["code"] == "too-costly"
+        # within the caps the same kind of search still runs
+        assert c.get("/Patient?" + "&".join(["family=x"] * 50)).status_code == 200
+
+
+def test_unknown_parameters_inside_reverse_chains_are_lenient_or_strict(shared_server: Server) -> None:
+    """An unknown parameter inside a chain or a _has gets the same Prefer: handling as any unknown one."""
+    with shared_server.client() as c:
+        for name in ("subject:Patient.unknownparam", "_has:Observation:nosuchref:code",
+                     "_has:Observation:subject:unknownparam"):
+            rtype = "Patient" if name.startswith("_has") else "Observation"
+            lenient = c.get(f"/{rtype}", params={name: "x", "_count": 1})
+            assert lenient.status_code == 200, (name, lenient.text)
+            outcome = [e for e in lenient.json()["entry"] if e["search"]["mode"] == "outcome"]
+            assert outcome and name in outcome[0]["resource"]["issue"][0]["diagnostics"]
+            strict = c.get(f"/{rtype}", params={name: "x"}, headers={"Prefer": "handling=strict"})
+            assert strict.status_code == 400 and strict.json()["issue"][0]["code"] == "not-supported", name
+
+
 def test_post_search_and_summary_count(shared_server: Server) -> None:
     with shared_server.client() as c:
         c.post("/Patient", json=dict(PATIENT, name=[{"family": "Postsearch"}]), headers=FHIR_JSON)

@@ -36,3 +36,18 @@ def patient_of(resource_type: str, resource: dict[str, Any]) -> str | None:
             if isinstance(item, RefItem) and item.type == "Patient" and item.id:
                 return item.id
     return None
+
+
+def patients_referenced(resource_type: str, resource: dict[str, Any]) -> set[str]:
+    """Every patient whose compartment the resource belongs to: not only the one it is filed under
+    (``Observation.performer``, ``Patient.link`` also put it in another patient's compartment)."""
+    out: set[str] = set()
+    params = search_params(resource_type)
+    for code, _paths in patient_compartment_params(resource_type):
+        param = params.get(code)
+        if param is None:
+            continue
+        for item in extract(param, resource):
+            if isinstance(item, RefItem) and item.type == "Patient" and item.id:
+                out.add(item.id)
+    return out

@@ -52,9 +52,24 @@ ROLE_PERMISSIONS: Mapping[str, str] = {
     ADMIN_STAFF: "crus",
     PATIENT: "cruds",  # own compartment only, and only what patient/ scopes grant (read-only by default)
 }
-# Never FHIR data through the repository (the audit trail has its own reader).
+# Never FHIR data through the repository (the audit trail has its own reader); platform admins only
+# the directory (below).
 NO_DATA_ROLES = frozenset({AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN})
 AUDIT_ROLES = frozenset({AUDITOR, SECURITY_OFFICER})
+# The directory: who works where, in which role. PractitionerRole.practitioner decides whose CareTeam,
+# Encounter and general-practitioner links a user inherits, so writing the directory is handing out
+# care relationships: only the roles that administer it write it (backend services by their system/
+# scopes, the integration path). Everyone else reads it.
+DIRECTORY_TYPES = frozenset({"Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService"})
+DIRECTORY_ADMIN_ROLES = frozenset({PLATFORM_ADMIN, ADMIN_STAFF})
+
+# Audit details that the detection rules (services/detection.py) watch for: every committed write of a
+# relationship field, a write in which the user named themselves, and the refusals of such writes.
+RELATIONSHIP_CHANGE = "relationship change"
+SELF_ASSIGNED = "the writer added themselves to the patient's care"
+DIRECTORY_REFUSED = "may not write directory resources"
+REFERENCE_REFUSED = "no care relationship with a referenced patient"
+GAIN_REFUSED = "the write would give the writer a care relationship it did not have"
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +235,12 @@ def decide(p: PrincipalFacts, res: ResourceFacts, rel: Relationship, consent: Co
         hidden = res.resource is not None and _scope_allows(p.scopes, frozenset({"system"}),
                                                             ResourceFacts(res.type), perm, None, None)
         return _deny(f"scope does not allow '{perm}' on {res.type}", hidden=hidden, restricted=restricted)
+    if p.role == PLATFORM_ADMIN and res.type in DIRECTORY_TYPES:
+        # Directory administration: shared data only, never a patient's compartment.
+        if not _scope_allows(p.scopes, frozenset({"user"}), ResourceFacts(res.type), perm, None, None):
+            return _deny(f"scope does not allow '{perm}' on {res.type}", restricted=restricted)
+        return Decision(True, "directory administration", restricted=restricted) if not restricted \
+            else _label_decision(p, res, None, "directory administration")
     if p.role in NO_DATA_ROLES:
         return _deny(f"role {p.role} may not access clinical or administrative records", restricted=restricted)
     allowed_perms = ROLE_PERMISSIONS.get(p.role)
@@ -227,6 +248,8 @@ def decide(p: PrincipalFacts, res: ResourceFacts, rel: Relationship, consent: Co
         return _deny("unknown role", restricted=restricted)
     if perm not in allowed_perms or (p.role == ADMIN_STAFF and res.type not in ADMIN_TYPES):
         return _deny(f"role {p.role} may not '{perm}' {res.type}", restricted=restricted)
+    if perm in "cud" and res.type in DIRECTORY_TYPES and p.role not in DIRECTORY_ADMIN_ROLES:
+        return _deny(f"role {p.role} {DIRECTORY_REFUSED}", restricted=restricted)
     if res.type == "AuditEvent":
         return _deny("the audit trail is read through the audit roles", restricted=restricted)
     # The token's scopes: user/ (what the user may see) and patient/ (bound to the launch patient).
@@ -274,3 +297,28 @@ def _label_decision(p: PrincipalFacts, res: ResourceFacts, purpose: str | None,
     if refused is not None:
         return _deny(refused, hidden=True, restricted=True)
     return Decision(True, reason + " (cleared for restricted data)", purpose, restricted=True)
+
+
+def reaches(p: PrincipalFacts, patient: str, rel: Relationship, consent: Consent) -> Decision:
+    """Whether a write of ``p`` may refer into ``patient``'s compartment (Observation.performer,
+    Patient.link…): the user must see that patient, as a read of the Patient would need.
+
+    Scopes are not asked (the written resource's own type was decided by ``decide``), nor labels (a
+    reference does not disclose the labelled content)."""
+    if p.role is None:
+        return Decision(True, "system scope")
+    if p.role == PATIENT:
+        return Decision(True, "own record") if patient == p.own_patient \
+            else _deny("another patient's record", hidden=True)
+    if p.role == ADMIN_STAFF:
+        reason, purpose = "administrative record", None
+    elif p.role in CLINICAL_ROLES and rel.kind is not None:
+        reason, purpose = f"care relationship: {rel.kind}", "TREAT"
+    elif p.role in CLINICAL_ROLES and rel.break_glass:
+        return Decision(True, "break-the-glass", ETREAT)
+    else:
+        return _deny(REFERENCE_REFUSED, hidden=True)
+    denied = _consent_denies(consent, p, ResourceFacts("Patient", patient))
+    if denied is not None:
+        return _deny(denied, hidden=True)
+    return Decision(True, reason, purpose)

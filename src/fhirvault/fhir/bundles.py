@@ -260,6 +260,9 @@ class BundleProcessor:
                     raise errors.not_found("The conditional PATCH matches no resource.")
                 body_id = e.resource.get("id") if isinstance(e.resource, dict) else None
                 found = body_id if isinstance(body_id, str) else str(uuid.uuid4())
+            elif e.method == "PUT" and isinstance(e.resource, dict) and e.resource.get("id") not in (None, found):
+                # As for PUT [type]?… outside a Bundle: the body may not name another resource than the match.
+                raise errors.bad_request("The id in the body does not match the resource the condition found.", "id")
             e.rid = found
         elif e.rid is None and e.method != "GET":
             raise errors.bad_request(f"{e.method} needs a resource id or a conditional URL.")

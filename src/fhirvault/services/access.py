@@ -25,13 +25,14 @@ from fhirvault.domain.policy import (
     ResourceFacts,
     decide,
     labels_of,
+    reaches,
 )
 from fhirvault.domain.search.match import matches
 from fhirvault.domain.search.query import Criterion, SearchError, parse_search
 from fhirvault.ports import StoredVersion
 from fhirvault.services.auth import Principal
 from fhirvault.services.break_glass import BreakGlass
-from fhirvault.services.relationships import Relationships
+from fhirvault.services.relationships import Reach, Relationships
 
 _CANONICAL = {"r": "read", "s": "search", "c": "create", "u": "update", "d": "delete"}
 
@@ -110,6 +111,18 @@ class Access:
             self._glass = self._g.break_glass.active_patients(p.user) if self.clinical and p and p.user \
                 else frozenset()
         return self._glass
+
+    def reach(self) -> Reach:
+        """The user's patients and the references that stand for them (empty for non-clinical roles)."""
+        if not self.clinical:
+            return Reach({})
+        return self._g.relationships.reach_of(self.facts.fhir_user, self.facts.organization)
+
+    def reaches(self, patient: str) -> Decision:
+        """May a write of this caller refer into ``patient``'s compartment (domain.policy.reaches)?"""
+        if not self.valid:
+            return Decision(False, "token of another tenant or none")
+        return reaches(self.facts, patient, self.relationship(patient), self.consent(patient))
 
     def relationship(self, patient: str | None) -> Relationship:
         if patient is None or not self.clinical:

@@ -105,6 +105,10 @@ class DetectionSettings:
     after_hours: AfterHoursRule = AfterHoursRule()
     mfa_new_source: MfaNewSourceRule = MfaNewSourceRule()
     clock_skew: ClockSkewRule = ClockSkewRule()
+    # Care relationships written by users (docs/access-control.md, "Who writes relationships").
+    relationship_change: SimpleRule = SimpleRule(severity="info")
+    relationship_refused: SimpleRule = SimpleRule(severity="high")
+    self_assignment: SimpleRule = SimpleRule(severity="high")
     max_tracked_actors: int = 10_000  # per rule: least recently seen actors are forgotten first
 
 
@@ -259,6 +263,9 @@ _RULES: dict[str, tuple[type[Any], dict[str, Parser]]] = {
     "care_relationship": (CareRelationshipRule, {"refusals": _int(1, 1_000_000), "window_seconds": _WINDOW}),
     "break_glass": (SimpleRule, {}),
     "restricted": (SimpleRule, {}),
+    "relationship_change": (SimpleRule, {}),
+    "relationship_refused": (SimpleRule, {}),
+    "self_assignment": (SimpleRule, {}),
     "after_hours": (AfterHoursRule, {
         "timezone": _timezone, "days": _days, "start_hour": _int(0, 24), "end_hour": _int(0, 24),
         "large_search_results": _int(1, 100_000_000),

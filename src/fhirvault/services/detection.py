@@ -23,6 +23,13 @@ import zoneinfo
 from collections.abc import Callable
 from typing import TypeVar
 
+from fhirvault.domain.policy import (
+    DIRECTORY_REFUSED,
+    GAIN_REFUSED,
+    REFERENCE_REFUSED,
+    RELATIONSHIP_CHANGE,
+    SELF_ASSIGNED,
+)
 from fhirvault.ports import Clock
 from fhirvault.services.alert_settings import DetectionSettings
 from fhirvault.services.alerts import Alert, AlertService
@@ -39,6 +46,12 @@ AFTER_HOURS = "after_hours_bulk"
 MFA_NEW_SOURCE = "new_source_after_mfa_failure"
 CLOCK_SKEW = "clock_skew"
 AUDIT_VERIFICATION = "audit_verification_failed"  # raised by the lead's verifier via system_alert
+RELATIONSHIP_CHANGED = "relationship_change"
+RELATIONSHIP_REFUSED = "relationship_write_refused"
+SELF_ASSIGNMENT = "care_self_assignment"
+# Refusals of writes that would have handed out care relationships (domain/policy.py spells them).
+_RELATIONSHIP_REFUSALS = (DIRECTORY_REFUSED, REFERENCE_REFUSED, GAIN_REFUSED)
+_WRITES = frozenset({"create", "update", "patch", "delete"})
 
 # Failed logins: the token endpoint (client authentication), user logins, second factors. Failed
 # bearer checks ("authenticate") are left out: tokens are signed, so they cannot be guessed, and
@@ -181,6 +194,8 @@ class DetectionEngine:
             self._care_refusal(r, actor)
         if (r.purpose_of_use == "ETREAT" or r.interaction == "break-the-glass") and s.break_glass.enabled:
             self._actor_alert(r, actor, BREAK_GLASS, s.break_glass.severity, "break-the-glass access")
+        if r.detail is not None and r.interaction in _WRITES:
+            self._relationship_write(r, actor)
         if r.restricted and s.restricted.enabled:
             verb = "access to" if r.outcome == "0" else "refused access to"
             self._actor_alert(r, actor, RESTRICTED, s.restricted.severity, f"{verb} a restricted (R/V) record",
@@ -282,6 +297,23 @@ class DetectionEngine:
                 f"{rule.refusals}+ accesses refused for lack of a care relationship, {kind} {_label(ident)}, "
                 f"within {rule.window_seconds} s",
                 "actor:" + actor, self._actor_labels(r, actor))
+
+    def _relationship_write(self, r: AuditRecord, actor: str | None) -> None:
+        """Care relationships written (or refused): every change is an event, a refusal and a user
+        naming themselves in a patient's care are alerts."""
+        s, detail = self._s, r.detail or ""
+        what = _label((r.entity or "?").partition("/")[0])  # the type only: alerts never name a patient
+        if r.outcome == "0" and detail.startswith(RELATIONSHIP_CHANGE) and s.relationship_change.enabled:
+            self._actor_alert(r, actor, RELATIONSHIP_CHANGED, s.relationship_change.severity,
+                              f"care relationship changed ({_label(r.interaction)} of a {what})")
+        elif r.status == 403 and any(x in detail for x in _RELATIONSHIP_REFUSALS) and s.relationship_refused.enabled:
+            self._actor_alert(r, actor, RELATIONSHIP_REFUSED, s.relationship_refused.severity,
+                              f"refused write of a care relationship or directory entry ({_label(detail)})")
+        if SELF_ASSIGNED in detail and s.self_assignment.enabled:
+            verb = "added themselves" if r.outcome == "0" else "tried to add themselves"
+            self._actor_alert(r, actor, SELF_ASSIGNMENT, s.self_assignment.severity,
+                              f"a user {verb} to a patient's care (through a {what})",
+                              suffix=":allowed" if r.outcome == "0" else ":refused")
 
     def _after_hours(self, r: AuditRecord, actor: str | None) -> None:
         rule = self._s.after_hours

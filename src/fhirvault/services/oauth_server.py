@@ -288,8 +288,11 @@ class OAuthServer:
         if not token or len(token) > 256:
             raise GrantFailure(OAuthError("invalid_request", "refresh_token is required"))
         peek = self._store.refresh_token(digest(token))
-        if peek is not None and form.get("scope") and peek.client_id == client.client_id:
-            self._subset(form["scope"], peek.scope)  # a refused scope must not use the token up
+        if peek is not None and form.get("scope") and peek.client_id == client.client_id \
+                and not peek.used and not peek.revoked:
+            # A refused scope must not use the token up; a token already used is a reuse whatever
+            # scope it asks for (below: the family is revoked), so the scope is not looked at first.
+            self._subset(form["scope"], peek.scope)
         row = self._store.write_sync("oauth.refresh.use", lambda tx: tx.consume_refresh(digest(token)))
         if row is None:
             raise GrantFailure(bad)

@@ -22,6 +22,7 @@ import orjson
 from fhirvault.domain.compartment import patient_id_from_reference
 from fhirvault.domain.instants import instant
 from fhirvault.domain.policy import Consent, ConsentRule
+from fhirvault.domain.search.query import MAX_VALUES
 from fhirvault.domain.search.values import parse_reference
 from fhirvault.ports import Clock
 
@@ -61,6 +62,18 @@ def _patient(node: Any) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Reach:
+    """What one user reaches: patient id -> relationship kind, and the references that are the user
+    (their Practitioner and active PractitionerRoles)."""
+
+    patients: Mapping[str, str]
+    members: frozenset[str] = frozenset()
+
+
+_NOBODY = Reach({})
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     """What a write of a watched resource may have changed, for targeted cache invalidation."""
 
@@ -92,13 +105,17 @@ def _facts(rtype: str, body: Mapping[str, Any] | None) -> tuple[tuple[Any, ...],
         return (body.get("status"), _ref(body.get("subject")), sorted(refs), end), frozenset(refs)
     if rtype == "Patient":
         refs = _refs(body.get("generalPractitioner"))
-        return (body.get("active"), sorted(refs)), frozenset(refs)
+        links = _refs(body.get("link"), "other")  # not a relationship, but it files data into a compartment
+        return (body.get("active"), sorted(refs), sorted(links)), frozenset(refs + links)
     if rtype == "EpisodeOfCare":
         refs = _refs([body.get("managingOrganization")])
-        return (body.get("status"), _ref(body.get("patient")), refs), frozenset(refs)
+        others = _refs([body.get("careManager")]) + _refs(body.get("team"))
+        return (body.get("status"), _ref(body.get("patient")), refs, sorted(others)), frozenset(refs + others)
     if rtype == "PractitionerRole":
         refs = _refs([body.get("practitioner")])
-        return (body.get("active"), refs, body.get("id")), frozenset(refs) | {f"PractitionerRole/{body.get('id')}"}
+        org = _refs([body.get("organization")])
+        return (body.get("active"), refs, org, body.get("id")), \
+            frozenset(refs + org) | {f"PractitionerRole/{body.get('id')}"}
     return (orjson.dumps(body, option=orjson.OPT_SORT_KEYS),), frozenset()
 
 
@@ -119,6 +136,15 @@ def relationship_change(rtype: str, old: Mapping[str, Any] | None, new: Mapping[
     return Change(refs=old_refs | new_refs)
 
 
+def self_added(rtype: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None,
+               members: frozenset[str]) -> bool:
+    """Whether the write names one of ``members`` (the writer's Practitioner or PractitionerRoles) in a
+    relationship field where the previous version did not."""
+    if rtype not in WATCHED_TYPES or rtype == "Consent" or not members:
+        return False
+    return bool((_facts(rtype, new)[1] - _facts(rtype, old)[1]) & members)
+
+
 def _local(ref: str | None) -> str | None:
     """'Type/id' for a local reference (also absolute ones to this server: the parser drops the base)."""
     item = parse_reference(ref) if ref else None
@@ -132,7 +158,7 @@ class Relationships:
         self.settings = settings or RelationshipSettings()
         self._lock = threading.Lock()
         self._generation = 0
-        self._patients: dict[tuple[str, str | None], tuple[float, int, Mapping[str, str]]] = {}
+        self._patients: dict[tuple[str, str | None], tuple[float, int, Reach]] = {}
         self._computing: dict[tuple[str, str | None], threading.Event] = {}
         # Patients that have any active Consent at all (most have none: their lookups skip the search).
         self._with_consent: tuple[float, int, frozenset[str] | None] | None = None
@@ -160,8 +186,12 @@ class Relationships:
     # -- practitioners ------------------------------------------------------------
     def patients_of(self, fhir_user: str | None, organization: str | None) -> Mapping[str, str]:
         """patient id -> how the user reaches it (careteam, encounter, gp, episode)."""
+        return self.reach_of(fhir_user, organization).patients
+
+    def reach_of(self, fhir_user: str | None, organization: str | None) -> Reach:
+        """The user's patients and the references that stand for the user (cached together)."""
         if not fhir_user and not organization:
-            return {}
+            return _NOBODY
         key = (fhir_user or "", organization)
         while True:
             now = time.monotonic()
@@ -189,27 +219,31 @@ class Relationships:
                 self._computing.pop(key, None)
             running.set()
 
-    def _compute(self, fhir_user: str | None, organization: str | None) -> dict[str, str]:
+    def _compute(self, fhir_user: str | None, organization: str | None) -> Reach:
         self.lookups += 1
-        s = self.settings
-        out: dict[str, str] = {}
         members: list[str] = []
         if fhir_user and fhir_user.startswith("Practitioner/"):
             members.append(fhir_user)
             members.extend(f"PractitionerRole/{r['id']}" for r in self._find(
                 "PractitionerRole", [("practitioner", fhir_user)]) if r.get("active", True) is not False)
+        return Reach(self._reached(members, organization), frozenset(members))
+
+    def _reached(self, members: list[str], organization: str | None) -> dict[str, str]:
+        """Patients reached by these member references (Practitioner/…, PractitionerRole/…) and organisation."""
+        s = self.settings
+        out: dict[str, str] = {}
         orgs = [f"Organization/{organization}"] if organization else []
         if s.care_team and (members or orgs):
-            for team in self._find("CareTeam", [("participant", ",".join(members + orgs)), ("status", "active")]):
+            for team in self._find_any("CareTeam", "participant", members + orgs, [("status", "active")]):
                 if (pid := _patient(team.get("subject"))) is not None:
                     out.setdefault(pid, "careteam")
         if s.general_practitioner and members:
-            for patient in self._find("Patient", [("general-practitioner", ",".join(members))]):
+            for patient in self._find_any("Patient", "general-practitioner", members):
                 if isinstance(patient.get("id"), str) and patient.get("active", True) is not False:
                     out.setdefault(patient["id"], "gp")
         if s.encounter and members:
             horizon = instant(self._clock.now_ms() - s.encounter_days * _DAY_MS)
-            for enc in self._find("Encounter", [("participant", ",".join(members))]):
+            for enc in self._find_any("Encounter", "participant", members):
                 if enc.get("status") not in s.encounter_statuses:
                     continue
                 period = enc.get("period")
@@ -223,6 +257,46 @@ class Relationships:
                 if (pid := _patient(episode.get("patient"))) is not None:
                     out.setdefault(pid, "episode")
         return out
+
+    def _find_any(self, rtype: str, code: str, refs: list[str],
+                  extra: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+        """Resources whose ``code`` names any of ``refs``, in searches within the search parser's value cap."""
+        found: list[dict[str, Any]] = []
+        for i in range(0, len(refs), MAX_VALUES):
+            found.extend(self._find(rtype, [(code, ",".join(refs[i:i + MAX_VALUES])), *(extra or [])]))
+        return found
+
+    # -- what one write gives its writer ---------------------------------------------
+    def granted(self, rtype: str, body: Mapping[str, Any] | None, reach: Reach,
+                organization: str | None) -> set[str]:
+        """Patients that this version of a resource opens to the user whose references are
+        ``reach.members`` (and organisation): the same conditions as the computation above, on one
+        resource, so a write's effect is known without recomputing the user's whole set."""
+        s, members = self.settings, reach.members
+        if body is None:
+            return set()
+        pid: str | None = None
+        if rtype == "CareTeam" and s.care_team and body.get("status") == "active":
+            named = set(_refs(body.get("participant"), "member"))
+            if named & members or (organization and f"Organization/{organization}" in named):
+                pid = _patient(body.get("subject"))
+        elif rtype == "Encounter" and s.encounter and body.get("status") in s.encounter_statuses:
+            if set(_refs(body.get("participant"), "individual")) & members:
+                pid = _patient(body.get("subject"))
+        elif rtype == "Patient" and s.general_practitioner and body.get("active", True) is not False:
+            if set(_refs(body.get("generalPractitioner"))) & members and isinstance(body.get("id"), str):
+                pid = str(body["id"])
+        elif rtype == "EpisodeOfCare" and s.episode_of_care and organization and body.get("status") == "active":
+            if _local(_ref(body.get("managingOrganization"))) == f"Organization/{organization}":
+                pid = _patient(body.get("patient"))
+        elif rtype == "PractitionerRole" and body.get("active", True) is not False and isinstance(body.get("id"), str):
+            role = f"PractitionerRole/{body['id']}"
+            user = next((m for m in members if m.startswith("Practitioner/")), None)
+            if user is not None and _local(_ref(body.get("practitioner"))) == user and role not in members:
+                # The user would act through this role: everything recorded for the role (3 searches,
+                # only for a write that points a role at its own writer).
+                return set(self._reached([role], None))
+        return {pid} if pid is not None else set()
 
     # -- consent ------------------------------------------------------------------
     def _patients_with_consent(self, now: float) -> frozenset[str] | None:

@@ -20,10 +20,18 @@ import jsonpatch
 import orjson
 
 from fhirvault.domain import errors
-from fhirvault.domain.compartment import patient_of
+from fhirvault.domain.compartment import patient_of, patients_referenced
 from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import instant
-from fhirvault.domain.policy import ETREAT, Decision, labels_of
+from fhirvault.domain.policy import (
+    ETREAT,
+    GAIN_REFUSED,
+    REFERENCE_REFUSED,
+    RELATIONSHIP_CHANGE,
+    SELF_ASSIGNED,
+    Decision,
+    labels_of,
+)
 from fhirvault.domain.r4 import is_resource_type, patient_compartment_params, resource_types
 from fhirvault.domain.search.params import search_params
 from fhirvault.domain.search.query import (
@@ -61,6 +69,7 @@ from fhirvault.services.relationships import (
     Relationships,
     RelationshipSettings,
     relationship_change,
+    self_added,
 )
 from fhirvault.services.search import (
     INCLUDE_CAP,
@@ -184,12 +193,46 @@ class Repository:
 
     async def _check_new(self, ctx: RequestContext, access: Access, rtype: str, body: dict[str, Any],
                          interaction: str, permission: str, entity: str | None, *, new: bool = False) -> Decision:
-        """The decision on content being written (the caller wrote it: a refusal is a 403)."""
+        """The decision on content being written. A write into, or referring into, a compartment the
+        caller cannot see is refused with 404 as a read would be (nothing about it is confirmed); a
+        refusal of the type or of the caller's own content is a 403."""
         pid = patient_of(rtype, body)
         decision = access.resource(rtype, body, pid, permission=permission, new=new)
         if not decision.allowed:
-            await self._refuse(ctx, interaction, decision, entity, rtype=rtype, patient=pid, status=403)
+            await self._refuse(ctx, interaction, decision, entity, rtype=rtype, patient=pid)
+        # Observation.performer, Patient.link…: the resource also lands in these compartments
+        # (their $everything, their searches), so the writer must see them too.
+        for other in sorted(patients_referenced(rtype, body) - {pid}):
+            reached = access.reaches(other)
+            if not reached.allowed:
+                await self._refuse(ctx, interaction, Decision(False, REFERENCE_REFUSED, hidden=True), entity,
+                                   rtype=rtype, patient=other)
         return decision
+
+    async def _guard_relationships(self, ctx: RequestContext, access: Access, rtype: str,
+                                   old: dict[str, Any] | None, new: dict[str, Any] | None, interaction: str,
+                                   entity: str, *, registering: bool = False) -> str | None:
+        """A user's write of a relationship field (CareTeam members, Encounter participants, Patient
+        generalPractitioner/link, EpisodeOfCare organisation, PractitionerRole practitioner…).
+
+        The caller was already allowed to see the patient before and after (``_check``/``_check_new``);
+        here the new version is evaluated as a relationship source for the writer: a patient it
+        would open to the writer that their cached relationships do not already reach is a refusal
+        (403), so nobody hands themselves a patient, also not one they see only through
+        break-the-glass. Returns the audit detail of the write (watched by services/detection.py)."""
+        if rtype not in WATCHED_TYPES or rtype == "Consent" or relationship_change(rtype, old, new) is None:
+            return None
+        reach = access.reach()
+        me = reach.members or frozenset(filter(None, [access.facts.fhir_user]))
+        myself = not registering and self_added(rtype, old, new, me)
+        gained = set(self.relationships.granted(rtype, new, reach, access.facts.organization)) - set(reach.patients)
+        if registering and new is not None:
+            gained.discard(str(new.get("id")))  # a patient being registered (server-assigned id) is new
+        if gained:
+            reason = GAIN_REFUSED + (f"; {SELF_ASSIGNED}" if myself else "")
+            await self._refuse(ctx, interaction, Decision(False, reason), entity, rtype=rtype,
+                               patient=min(gained))
+        return RELATIONSHIP_CHANGE + (f"; {SELF_ASSIGNED}" if myself else "")
 
     def _internal_find(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
         """The server's own searches (relationships, consents): unfiltered, never audited, never returned."""
@@ -280,7 +323,7 @@ class Repository:
     def _seal_job(self, ctx: RequestContext, interaction: str, rtype: str, rid: str, body: dict[str, Any],
                   key: DataKey, if_match: int | None, *, must_exist: bool = False,
                   expect_version: int | None = None, status_new: int = 201, status_old: int = 200,
-                  decision: Decision | None = None) -> Callable[[WriteTx], ResourceResult]:
+                  decision: Decision | None = None, detail: str | None = None) -> Callable[[WriteTx], ResourceResult]:
         """A write job: checks versions, stamps meta, encrypts, stores the version and its audit record."""
         tenant = self.tenant
         tags = self._index.resource_tags(rtype, body, skip=_STAMPED)
@@ -308,15 +351,18 @@ class Repository:
             created = current is None or current.deleted
             status = status_new if created else status_old
             patient = self._patient_ref(key.key_id)
-            self._audit.record(tx, self._record(
-                ctx, interaction, status, entity=f"{rtype}/{rid}/_history/{version}", patient=patient,
-                purpose=decision.purpose_of_use if decision else None,
-                restricted=bool(decision and decision.restricted)))
+            note = detail
             if rtype in WATCHED_TYPES:
                 before = orjson.loads(self._open(current)) if current is not None and not current.deleted else None
                 change = relationship_change(rtype, before, body)
                 if change is not None:
                     tx.on_commit(lambda: self.relationships.invalidate(change))
+                    if rtype != "Consent":
+                        note = note or RELATIONSHIP_CHANGE
+            self._audit.record(tx, self._record(
+                ctx, interaction, status, entity=f"{rtype}/{rid}/_history/{version}", patient=patient,
+                purpose=decision.purpose_of_use if decision else None,
+                restricted=bool(decision and decision.restricted), detail=note))
             return ResourceResult(rtype, rid, version, now, plaintext, created)
 
         return job
@@ -341,10 +387,13 @@ class Repository:
         self._validate(rtype, body)
         rid = rid or str(uuid.uuid4())
         body["id"] = rid
-        decision = None if access.simple else await self._check_new(ctx, access, rtype, body, "create", "c", rtype,
-                                                                    new=True)
+        decision, detail = None, None
+        if not access.simple:
+            decision = await self._check_new(ctx, access, rtype, body, "create", "c", rtype, new=True)
+            detail = await self._guard_relationships(ctx, access, rtype, None, body, "create", f"{rtype}/{rid}",
+                                                     registering=rtype == "Patient")
         key = await self._key_for(rtype, body)
-        return self._seal_job(ctx, "create", rtype, rid, body, key, None, decision=decision)
+        return self._seal_job(ctx, "create", rtype, rid, body, key, None, decision=decision, detail=detail)
 
     async def create(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> ResourceResult:
         return await self._store.write("resource.create", await self.prepare_create(ctx, rtype, body))
@@ -363,17 +412,20 @@ class Repository:
         if creating:
             # update-as-create: the client chooses the id, which needs create permission too.
             await self.authorize(ctx, rtype, "c", "update", entity)
-        decision = None
+        decision, detail = None, None
         if not access.simple:
+            old: dict[str, Any] | None = None
             if not creating:
                 assert current is not None
-                await self._check(ctx, access, current, orjson.loads(self._open(current)), "update", "u", entity)
+                old = orjson.loads(self._open(current))
+                await self._check(ctx, access, current, old, "update", "u", entity)
             elif current is not None:  # re-creating a deleted resource: judged on what it was
                 await self._check_deleted(ctx, access, current, "update", entity)
             decision = await self._check_new(ctx, access, rtype, body, "update", "c" if creating else "u", entity,
                                              new=creating)
+            detail = await self._guard_relationships(ctx, access, rtype, old, body, "update", entity)
         key = await self._key_for(rtype, body)
-        return self._seal_job(ctx, "update", rtype, rid, body, key, if_match, decision=decision)
+        return self._seal_job(ctx, "update", rtype, rid, body, key, if_match, decision=decision, detail=detail)
 
     async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                      if_match: int | None) -> ResourceResult:
@@ -408,11 +460,14 @@ class Repository:
         if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
             raise errors.bad_request("A patch may not change the resource's id or resourceType.")
         self._validate(rtype, patched)
-        decision = None if access.simple else await self._check_new(ctx, access, rtype, patched, "patch", "u",
-                                                                    f"{rtype}/{rid}")
+        decision, detail = None, None
+        if not access.simple:
+            decision = await self._check_new(ctx, access, rtype, patched, "patch", "u", f"{rtype}/{rid}")
+            detail = await self._guard_relationships(ctx, access, rtype, document, patched, "patch",
+                                                     f"{rtype}/{rid}")
         key = await self._key_for(rtype, patched)
-        return self._seal_job(ctx, "patch", rtype, rid, patched, key, if_match,
-                              must_exist=True, expect_version=current.version, decision=decision)
+        return self._seal_job(ctx, "patch", rtype, rid, patched, key, if_match, must_exist=True,
+                              expect_version=current.version, decision=decision, detail=detail)
 
     async def patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
                     if_match: int | None) -> ResourceResult:
@@ -453,14 +508,16 @@ class Repository:
             now = self._clock.now_ms()
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, True, "", b""))
             tx.set_search_tags(tenant, rtype, rid, [])
-            self._audit.record(tx, self._record(ctx, "delete", 204, entity=f"{rtype}/{rid}/_history/{version}",
-                                                patient=self._patient_ref(current.key_id),
-                                                purpose=decision.purpose_of_use if decision else None,
-                                                restricted=bool(decision and decision.restricted)))
+            note = None
             if rtype in WATCHED_TYPES:
                 change = relationship_change(rtype, orjson.loads(self._open(current)), None)
                 if change is not None:
                     tx.on_commit(lambda: self.relationships.invalidate(change))
+                    note = RELATIONSHIP_CHANGE if rtype != "Consent" else None
+            self._audit.record(tx, self._record(ctx, "delete", 204, entity=f"{rtype}/{rid}/_history/{version}",
+                                                patient=self._patient_ref(current.key_id),
+                                                purpose=decision.purpose_of_use if decision else None,
+                                                restricted=bool(decision and decision.restricted), detail=note))
             return version
 
         return job

@@ -14,6 +14,7 @@ from fhirvault.domain.policy import (
     ResourceFacts,
     decide,
     labels_of,
+    reaches,
 )
 from fhirvault.domain.scopes import ResourceScope, ScopeError, narrow, parse_scope, parse_scopes
 
@@ -148,3 +149,44 @@ def test_labels_of() -> None:
     assert labels_of({"meta": {"security": [{"system": sys, "code": "R"}, {"system": "x", "code": "V"},
                                             {"system": sys, "code": "N"}]}}) == {"R"}
     assert labels_of({"meta": "junk"}) == frozenset()
+
+
+@pytest.mark.parametrize("role", ["practitioner", "nurse", "patient"])
+def test_directory_is_read_only_for_users_who_do_not_administer_it(role: str) -> None:
+    p = dr(role=role, scopes=tuple(parse_scopes("user/*.cruds patient/*.cruds")))
+    role_b = {"resourceType": "PractitionerRole", "practitioner": {"reference": "Practitioner/1"}}
+    for interaction in ("create", "update", "patch", "delete"):
+        d = decide(p, ResourceFacts("PractitionerRole", None, frozenset(), role_b), Relationship(), Consent(),
+                   interaction)
+        assert not d.allowed and d.status == 403
+        assert "directory" in d.reason or (role, interaction) == ("nurse", "delete")  # nurses never delete
+    assert decide(p, ResourceFacts("PractitionerRole", None, frozenset(), role_b), Relationship(), Consent(),
+                  "read").allowed
+
+
+def test_directory_administrators() -> None:
+    clerk = dr(role="admin_staff")
+    admin = dr(role="platform_admin")
+    for rtype in ("Practitioner", "PractitionerRole", "Organization", "Location", "HealthcareService"):
+        res = ResourceFacts(rtype, None, frozenset(), {"resourceType": rtype})
+        for interaction in ("create", "update", "read"):
+            assert decide(clerk, res, Relationship(), Consent(), interaction).allowed
+        for interaction in ("create", "update", "delete", "read", "search"):
+            assert decide(admin, res, Relationship(), Consent(), interaction).allowed
+    # platform admins still reach nothing else
+    assert not decide(admin, obs(), CARE, Consent(), "read").allowed
+    assert not decide(admin, ResourceFacts("Patient", "p1", frozenset(), {"resourceType": "Patient"}),
+                      CARE, Consent(), "read").allowed
+
+
+def test_reaches_a_referenced_compartment() -> None:
+    assert reaches(dr(), "p1", CARE, Consent()).allowed
+    refused = reaches(dr(), "p2", Relationship(), Consent())
+    assert not refused.allowed and refused.status == 404
+    assert reaches(dr(), "p2", Relationship(None, break_glass=True), Consent((ConsentRule(),))).allowed
+    assert not reaches(dr(), "p1", CARE, Consent((ConsentRule(),))).allowed  # opt-out
+    assert reaches(dr(role="admin_staff"), "p9", Relationship(), Consent()).allowed
+    me = PrincipalFacts(role="patient", scopes=(), fhir_user="Patient/p1")
+    assert reaches(me, "p1", Relationship(), Consent()).allowed and not reaches(me, "p2", Relationship(),
+                                                                                 Consent()).allowed
+    assert reaches(PrincipalFacts(role=None, scopes=()), "p7", Relationship(), Consent()).allowed

@@ -37,7 +37,10 @@ from fhirvault.services.detection import (
     CLOCK_SKEW,
     MASS_ACCESS,
     MFA_NEW_SOURCE,
+    RELATIONSHIP_CHANGED,
+    RELATIONSHIP_REFUSED,
     RESTRICTED,
+    SELF_ASSIGNMENT,
     DetectionEngine,
 )
 
@@ -452,3 +455,22 @@ def test_any_record_stream_is_handled_without_errors(records: list[AuditRecord])
             assert all(isinstance(v, str) and len(v) <= 128 for v in alert.labels.values())
     finally:
         setup.alerts.close()
+
+
+def test_relationship_writes_changes_refusals_and_self_assignment(s: Setup) -> None:
+    s.feed(interaction="update", user="dr-a", entity="CareTeam/t1/_history/2", patient="Patient/secret-patient",
+           detail="relationship change")
+    s.feed(interaction="update", user="dr-a", entity="Patient/p", detail="relationship change; "
+           "the writer added themselves to the patient's care")
+    s.feed(interaction="update", user="dr-b", status=403, entity="PractitionerRole/role-b",
+           detail="role practitioner may not write directory resources")
+    s.feed(interaction="update", user="dr-c", status=403, entity="CareTeam/t2", patient="Patient/secret-patient",
+           detail="the write would give the writer a care relationship it did not have; "
+                  "the writer added themselves to the patient's care")
+    s.feed(interaction="update", user="dr-d", entity="Observation/o1")  # an ordinary write: nothing
+    assert {a.labels["user"] for a in s.fired(RELATIONSHIP_CHANGED)} == {"dr-a"}
+    assert s.fired(RELATIONSHIP_CHANGED)[0].count == 2 and s.fired(RELATIONSHIP_CHANGED)[0].severity == "info"
+    assert {a.labels["user"] for a in s.fired(RELATIONSHIP_REFUSED)} == {"dr-b", "dr-c"}
+    assert {a.dedup_key for a in s.fired(SELF_ASSIGNMENT)} == {"actor:user:dr-a:allowed", "actor:user:dr-c:refused"}
+    for alert in s.fired():
+        assert_no_phi(alert)

@@ -10,6 +10,7 @@ from fhirvault.services.relationships import (
     RelationshipSettings,
     consent_rules,
     relationship_change,
+    self_added,
 )
 
 NOW = 1_790_000_000_000
@@ -179,3 +180,46 @@ def test_patients_without_any_consent_need_no_search() -> None:
     data.add(consent)
     rel.invalidate(relationship_change("Consent", None, consent))
     assert rel.consent_for("c").rules and rel.consent_for("b").rules == ()
+
+
+def test_granted_evaluates_one_version_for_its_writer() -> None:
+    """What a single write opens to a user, without recomputing their whole set (issue #11)."""
+    data = Data()
+    data.add({"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/pc"},
+              "participant": [{"member": {"reference": "PractitionerRole/role-b"}}]})
+    rel = Relationships(data.find, Clock())
+    reach = rel.reach_of("Practitioner/a", "org-a")
+    assert reach.members == frozenset({"Practitioner/a"}) and dict(reach.patients) == {}
+    team = {"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/p"},
+            "participant": [{"member": {"reference": "Practitioner/a"}}]}
+    assert rel.granted("CareTeam", team, reach, "org-a") == {"p"}
+    assert rel.granted("CareTeam", {**team, "status": "inactive"}, reach, "org-a") == set()
+    by_org = {**team, "participant": [{"member": {"reference": "Organization/org-a"}}]}
+    assert rel.granted("CareTeam", by_org, reach, "org-a") == {"p"}
+    assert rel.granted("Patient", {"resourceType": "Patient", "id": "q",
+                                   "generalPractitioner": [{"reference": "Practitioner/a"}]}, reach, None) == {"q"}
+    episode = {"resourceType": "EpisodeOfCare", "status": "active", "patient": {"reference": "Patient/e"},
+               "managingOrganization": {"reference": "Organization/org-a"}}
+    assert rel.granted("EpisodeOfCare", episode, reach, "org-a") == {"e"}
+    assert rel.granted("EpisodeOfCare", episode, reach, "org-b") == set()
+    # a role pointed at its writer: everything recorded for the role becomes theirs
+    role = {"resourceType": "PractitionerRole", "id": "role-b", "practitioner": {"reference": "Practitioner/a"}}
+    assert rel.granted("PractitionerRole", role, reach, None) == {"pc"}
+    assert rel.granted("PractitionerRole", {**role, "practitioner": {"reference": "Practitioner/b"}},
+                       reach, None) == set()
+
+
+def test_self_added_and_new_relationship_fields() -> None:
+    old = {"resourceType": "CareTeam", "status": "active", "subject": {"reference": "Patient/p"},
+           "participant": [{"member": {"reference": "Practitioner/b"}}]}
+    new = {**old, "participant": [*old["participant"], {"member": {"reference": "PractitionerRole/mine"}}]}
+    me = frozenset({"Practitioner/a", "PractitionerRole/mine"})
+    assert self_added("CareTeam", old, new, me) and not self_added("CareTeam", new, new, me)
+    assert not self_added("CareTeam", new, old, me)  # removing oneself is not adding
+    # Patient.link, EpisodeOfCare.careManager and PractitionerRole.organization are relationship fields now
+    pat = {"resourceType": "Patient", "id": "x"}
+    assert relationship_change("Patient", pat, {**pat, "link": [{"other": {"reference": "Patient/y"}}]})
+    ep = {"resourceType": "EpisodeOfCare", "status": "active", "patient": {"reference": "Patient/p"}}
+    assert relationship_change("EpisodeOfCare", ep, {**ep, "careManager": {"reference": "Practitioner/a"}})
+    role = {"resourceType": "PractitionerRole", "id": "r", "practitioner": {"reference": "Practitioner/a"}}
+    assert relationship_change("PractitionerRole", role, {**role, "organization": {"reference": "Organization/o"}})

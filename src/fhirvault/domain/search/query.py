@@ -128,6 +128,12 @@ NGRAM_REASON: Final = "it would need n-gram indexes that leak too much about the
 TERMINOLOGY_REASON: Final = "terminology service not available"
 # Chains deeper than this are refused (each level is a search of its own).
 MAX_CHAIN_DEPTH: Final = 4
+# Request size caps (docs/search.md): every criterion becomes one AND-ed clause of the store's query and
+# every comma-separated value one OR-ed term, so thousands of them would exceed the database's expression
+# limits (SQLite refuses more than 1,000 levels) long before they make a sensible search.
+MAX_PARAMETERS: Final = 100  # search and result parameters of one request (_format, _pretty not counted)
+MAX_VALUES: Final = 100  # comma-separated values of one parameter
+MAX_TOTAL_VALUES: Final = 1_000  # values over all parameters of one request
 
 _SAFE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_\-.:]{0,99}", re.ASCII)
 _ID: Final = re.compile(r"[A-Za-z0-9\-.]{1,64}", re.ASCII)
@@ -603,7 +609,11 @@ def _parse_values(
     if raw == "":
         raise ctx.error("empty value")
     out: list[SearchValue] = []
-    for part in split_escaped(raw, ","):
+    parts = split_escaped(raw, ",")
+    if len(parts) > MAX_VALUES:
+        raise SearchError(f"Search parameter '{ctx.name}': at most {MAX_VALUES} comma-separated values.",
+                          ctx.name, "too-costly")
+    for part in parts:
         if part == "":
             raise ctx.error("empty value in a comma-separated list")
         out.append(_parse_value(param, modifier, target_type, part, ctx))
@@ -888,7 +898,9 @@ def _has(
     if not r4.is_resource_type(source_type):
         raise SearchError("_has: unknown resource type.", "_has")
     ref = search_params(source_type).get(ref_code)
-    if ref is None or ref.type != "reference":
+    if ref is None:
+        raise _Unknown(key)  # unknown like any other parameter: ignored (lenient) or refused (strict)
+    if ref.type != "reference":
         raise SearchError(f"_has: {source_type} has no reference parameter of that name.", "_has")
     if ref.targets and resource_type not in ref.targets:
         raise SearchError(
@@ -965,6 +977,16 @@ def _parse_include(resource_type: str, name: str, raw: str, reverse: bool) -> In
 # ---------------------------------------------------------------- entry points
 
 
+def _check_size(params: Sequence[tuple[str, str]]) -> None:
+    """The request-size caps, checked before any parameter is parsed (a cheap count)."""
+    counted = [raw for name, raw in params if name.partition(":")[0] not in IGNORED]
+    if len(counted) > MAX_PARAMETERS:
+        raise SearchError(f"A search takes at most {MAX_PARAMETERS} parameters; narrow it.", None, "too-costly")
+    if sum(raw.count(",") + 1 for raw in counted) > MAX_TOTAL_VALUES:
+        raise SearchError(f"A search takes at most {MAX_TOTAL_VALUES} values over all its parameters.", None,
+                          "too-costly")
+
+
 def parse_search(
     resource_type: str,
     params: Sequence[tuple[str, str]],
@@ -992,6 +1014,7 @@ def parse_search(
     includes: list[Include] = []
     revincludes: list[Include] = []
     seen_single: set[str] = set()
+    _check_size(params)
     for name, raw in params:
         base = name.partition(":")[0]
         if base in IGNORED:
