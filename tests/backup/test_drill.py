@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.backup.conftest import MARKER, seed
 from tests.backup.test_recovery_e2e import fv
 from tests.conftest import start_server
 
 
+@pytest.mark.server
 def test_drill_restores_serves_compares_and_reports(tmp_path: Path) -> None:
     data, target, reports = tmp_path / "data", (tmp_path / "target").as_uri(), tmp_path / "reports"
     srv = start_server(data, tmp_path / "server.log")
