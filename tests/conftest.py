@@ -120,8 +120,8 @@ def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str
     cmd = [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
     full_env.update(env or {})
-    log = log_path.open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
+    with log_path.open("ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
     base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -228,7 +228,8 @@ def test_includes_revincludes_chains_and_has(shared_server: Server) -> None:
         pat = dict(PATIENT, name=[{"family": "Incluse"}], managingOrganization={"reference": f"Organization/{oid}"},
                    generalPractitioner=[{"reference": f"Practitioner/{gp}"}])
         pid = c.post("/Patient", json=pat, headers=FHIR_JSON).json()["id"]
-        obs = {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+        obs = {"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{"system": "urn:test", "code": "nested-has"}], "text": "x"},
                "subject": {"reference": f"Patient/{pid}"}}
         c.post("/Observation", json=obs, headers=FHIR_JSON)
         # _revinclude, and _include:iterate from the included patient to its organization
@@ -243,10 +244,14 @@ def test_includes_revincludes_chains_and_has(shared_server: Server) -> None:
         assert r["total"] == 1
         r = c.get("/Organization", params={"_has:Patient:organization:family": "incluse"}).json()
         assert [e["resource"]["id"] for e in r["entry"]] == [oid]
-        # nested _has: practitioners who are the GP of a patient with an observation coded "x"
-        r = c.get("/Practitioner", params={"_has:Patient:general-practitioner:_has:Observation:subject:code:text": "x"})
+        # nested _has: the GP of a patient who has an observation with that code
+        r = c.get("/Practitioner", params={"_has:Patient:general-practitioner:_has:Observation:subject:code":
+                                           "urn:test|nested-has"})
         assert r.status_code == 200, r.text
-        assert gp in [e["resource"]["id"] for e in r.json()["entry"]]
+        assert [e["resource"]["id"] for e in r.json()["entry"]] == [gp]
+        # :text is refused on purpose (docs/search.md), not silently ignored
+        r = c.get("/Practitioner", params={"_has:Patient:general-practitioner:_has:Observation:subject:code:text": "x"})
+        assert r.status_code == 400 and ":text modifier is not supported" in r.text
         # Prefer: return=minimal on a transaction drops the resources from the response
         bundle = {"resourceType": "Bundle", "type": "transaction",
                   "entry": [{"resource": org, "request": {"method": "POST", "url": "Organization"}}]}
