@@ -25,6 +25,7 @@ def fv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]
                           input=stdin, env=env, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_new_machine_with_recovery_file_or_shares_serves_the_data_again(tmp_path: Path) -> None:
     old, target_dir, vault = tmp_path / "old-server", tmp_path / "backups", tmp_path / "vault"

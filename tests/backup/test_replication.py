@@ -378,6 +378,7 @@ def test_replay_refuses_a_base_from_another_history(tmp_path: Path, key: bytes) 
         assert conn.execute("SELECT count(*) FROM resource_versions").fetchone()[0] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_lag_and_cost_under_a_steady_write_load(tmp_path: Path, key: bytes) -> None:
     """Time from a 201 to the segment holding it being on the target, at the default 1 s cadence."""
