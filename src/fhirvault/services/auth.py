@@ -255,7 +255,8 @@ class AuthService:
 
     def _after_cut_off(self) -> None:
         """Refuse the old tokens here at once, and return only once the clock is past the cut-off
-        second: a token issued afterwards (new secret, client enabled again) must not fall under it."""
+        second: a token issued afterwards (new secret, client enabled again) must not fall under it.
+        Blocks up to 1 s: for the CLI and threads, not for an event loop."""
         self.poll_revocations()
         wait_ms = 1000 - self._clock.now_ms() % 1000
         time.sleep(wait_ms / 1000)
