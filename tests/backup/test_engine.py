@@ -112,6 +112,7 @@ def test_backup_while_server_writes_restores_a_consistent_copy(srv: Server, tmp_
         assert MARKER.encode() not in raw, path
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_incremental_backup_uploads_only_what_changed(tmp_path: Path) -> None:
     # The server is stopped around each backup here so that its background work (index flush,

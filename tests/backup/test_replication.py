@@ -180,6 +180,7 @@ def test_segment_codec_round_trips_every_sqlite_type() -> None:
         decode_rows(encode_rows(rows)[:-3], 6)
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_replicated_writes_restore_exactly_and_to_a_point_in_time(tmp_path: Path, key: bytes) -> None:
     srv = start_server(tmp_path / "data", tmp_path / "server.log")
@@ -278,6 +279,7 @@ def test_replicated_writes_restore_exactly_and_to_a_point_in_time(tmp_path: Path
             restored.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.server
 def test_outage_and_restart_lose_and_duplicate_nothing(tmp_path: Path, key: bytes) -> None:
     srv = start_server(tmp_path / "data", tmp_path / "server.log")
