@@ -22,6 +22,23 @@ from fhirvault.config import Settings, load_settings
 from fhirvault.container import Container, build
 from fhirvault.web.app import create_app
 
+# Markers (registered in pyproject.toml): `server` for tests that start a real server process,
+# `s3` for tests that need the Swift S3 server. Tests using the fixtures below get them here;
+# a test that calls start_server() itself must carry @pytest.mark.server (checked at run time).
+_FIXTURE_MARKERS = {"server": "server", "shared_server": "server", "s3_server": "s3"}
+_running: list[pytest.Item] = []
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            if fixture in _FIXTURE_MARKERS:
+                item.add_marker(_FIXTURE_MARKERS[fixture])
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -97,12 +114,14 @@ class Server:
 
 def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None,
                  tls: bool = False) -> Server:
+    if _running and _running[0].get_closest_marker("server") is None:
+        pytest.fail(f"{_running[0].nodeid} starts a server process: mark it @pytest.mark.server")
     port = free_port()
     cmd = [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
     full_env.update(env or {})
-    log = log_path.open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
+    with log_path.open("ab") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
     base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

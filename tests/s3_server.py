@@ -2,8 +2,9 @@
 
 One server per pytest(-xdist) worker, on free ports, in the worker's own temp
 directory; a fresh bucket per test. Swift is apt-installed on first use (root,
-~40 s). If it cannot be installed or started the tests fail: a backup target
-that was never exercised must not pass silently.
+30 s to 2 min); once installed it runs as any user. If it cannot be installed or
+started the tests fail with what to do: a backup target that was never exercised
+must not pass silently. The tests that need it carry the ``s3`` marker.
 
 Use with ``pytest_plugins = ["tests.s3_server"]`` in tests/conftest.py, or import
 ``s3_server`` and ``s3_bucket`` into a test module.
@@ -12,6 +13,7 @@ Use with ``pytest_plugins = ["tests.s3_server"]`` in tests/conftest.py, or impor
 from __future__ import annotations
 
 import fcntl
+import os
 import random
 import shutil
 import socket
@@ -77,9 +79,19 @@ def _installed() -> bool:
     return all(shutil.which(b) for b in [*servers, "memcached"])
 
 
+NOT_INSTALLED = (
+    "The S3 backup tests (marker s3) need OpenStack Swift from Debian's packages, which is not installed, "
+    "and installing it needs root. Run once: sudo bash scripts/s3-test-server.sh install "
+    "(30 s to 2 min), then run pytest again; Swift then runs as your own user. "
+    "Meanwhile the other tests run with: pytest -m 'not s3'."
+)
+
+
 def _ensure_installed() -> None:
     if _installed():
         return
+    if os.geteuid() != 0:
+        pytest.fail(NOT_INSTALLED, pytrace=False)
     # xdist workers may get here together; apt/dpkg must run once at a time.
     with _INSTALL_LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.backup.conftest import MARKER, seed
 from tests.backup.test_recovery_e2e import fv
 from tests.conftest import start_server
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_drill_restores_serves_compares_and_reports(tmp_path: Path) -> None:
     data, target, reports = tmp_path / "data", (tmp_path / "target").as_uri(), tmp_path / "reports"
     srv = start_server(data, tmp_path / "server.log")
@@ -41,6 +45,7 @@ def test_drill_restores_serves_compares_and_reports(tmp_path: Path) -> None:
         assert MARKER not in path.read_text()
 
 
+@pytest.mark.slow
 def test_drill_fails_loudly_on_a_damaged_backup(tmp_path: Path) -> None:
     data, target_dir = tmp_path / "data", tmp_path / "target"
     r = fv("init", "--data-dir", str(data))

@@ -79,6 +79,7 @@ def _restored_settings(path: Path) -> object:
     return load_settings({"data_dir": path}, environ={})
 
 
+@pytest.mark.server
 def test_backup_while_server_writes_restores_a_consistent_copy(srv: Server, tmp_path: Path) -> None:
     seed(srv, 100, 4)
     target = file_target(tmp_path / "target")
@@ -111,6 +112,8 @@ def test_backup_while_server_writes_restores_a_consistent_copy(srv: Server, tmp_
         assert MARKER.encode() not in raw, path
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_incremental_backup_uploads_only_what_changed(tmp_path: Path) -> None:
     # The server is stopped around each backup here so that its background work (index flush,
     # audit checkpoints) does not blur the count; backups under load are tested above.
@@ -219,6 +222,7 @@ class FailingTarget(FileTarget):
         super().put(key, data, retain_until_ms=retain_until_ms)
 
 
+@pytest.mark.server
 def test_target_failing_mid_upload_fails_clearly_and_lists_nothing(srv: Server, tmp_path: Path) -> None:
     seed(srv, 300, 4)
     down = FailingTarget(tmp_path / "target", ok_puts=3, flaky=-1)  # never comes back
@@ -240,6 +244,7 @@ class SlowTarget(FileTarget):
         super().put(key, data, retain_until_ms=retain_until_ms)
 
 
+@pytest.mark.server
 def test_server_killed_during_a_backup_next_backup_is_consistent(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start_server(data, tmp_path / "server.log")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.backup.conftest import MARKER, all_object_bytes, seed
 from tests.conftest import get_token, start_server
@@ -24,6 +25,8 @@ def fv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]
                           input=stdin, env=env, timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_new_machine_with_recovery_file_or_shares_serves_the_data_again(tmp_path: Path) -> None:
     old, target_dir, vault = tmp_path / "old-server", tmp_path / "backups", tmp_path / "vault"
     config = tmp_path / "backup.toml"

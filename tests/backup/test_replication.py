@@ -80,13 +80,14 @@ def ms(instant: str) -> int:
 def write(c: httpx.Client, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[str, int, int]:
     """One write; returns (id, version, lastUpdated ms) as acknowledged."""
     r = c.request(method, path, json=body, headers=FHIR_JSON)
-    assert r.status_code in (200, 201), (method, path, r.status_code, r.text)
+    # every PUT here updates an existing resource
+    assert r.status_code == (201 if method == "POST" else 200), (method, path, r.status_code, r.text)
     res = r.json()
     return res["id"], int(res["meta"]["versionId"]), ms(res["meta"]["lastUpdated"])
 
 
 def delete(c: httpx.Client, rtype: str, rid: str) -> None:
-    assert c.delete(f"/{rtype}/{rid}").status_code in (200, 204)
+    assert c.delete(f"/{rtype}/{rid}").status_code == 204
 
 
 def max_seq(data_dir: Path) -> int:
@@ -179,6 +180,8 @@ def test_segment_codec_round_trips_every_sqlite_type() -> None:
         decode_rows(encode_rows(rows)[:-3], 6)
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_replicated_writes_restore_exactly_and_to_a_point_in_time(tmp_path: Path, key: bytes) -> None:
     srv = start_server(tmp_path / "data", tmp_path / "server.log")
     target = TestTarget(tmp_path / "target")
@@ -276,6 +279,8 @@ def test_replicated_writes_restore_exactly_and_to_a_point_in_time(tmp_path: Path
             restored.stop()
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_outage_and_restart_lose_and_duplicate_nothing(tmp_path: Path, key: bytes) -> None:
     srv = start_server(tmp_path / "data", tmp_path / "server.log")
     target = TestTarget(tmp_path / "target")
@@ -350,6 +355,7 @@ def test_outage_and_restart_lose_and_duplicate_nothing(tmp_path: Path, key: byte
     assert report.watermarks[MAIN_DB]["resource_versions"] < max_seq(srv.data_dir)
 
 
+@pytest.mark.server
 def test_replay_refuses_a_base_from_another_history(tmp_path: Path, key: bytes) -> None:
     """A generation shipped from one database is not replayed onto another one's snapshot."""
     one = start_server(tmp_path / "one", tmp_path / "one.log")
@@ -374,6 +380,8 @@ def test_replay_refuses_a_base_from_another_history(tmp_path: Path, key: bytes) 
         assert conn.execute("SELECT count(*) FROM resource_versions").fetchone()[0] == 3
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_lag_and_cost_under_a_steady_write_load(tmp_path: Path, key: bytes) -> None:
     """Time from a 201 to the segment holding it being on the target, at the default 1 s cadence."""
     srv = start_server(tmp_path / "data", tmp_path / "server.log")
@@ -414,6 +422,7 @@ def _table(path: Path, sql: str) -> list[tuple[Any, ...]]:
         return conn.execute(sql).fetchall()
 
 
+@pytest.mark.server
 def test_key_rotation_after_the_base_is_replayed(tmp_path: Path, key: bytes) -> None:
     """Small tables follow: a tenant key rotation (no resource written with it) reaches the restore."""
     srv = start_server(tmp_path / "data", tmp_path / "server.log")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import Server, get_token
 
@@ -72,6 +73,7 @@ def test_login_flood_raises_brute_force_alert_and_throttles_only_the_attacker(se
     legit.close()
 
 
+@pytest.mark.server
 def test_tampered_audit_log_makes_server_not_ready_and_alerts(tmp_path: Path) -> None:
     import sqlite3
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 
 from fhirvault.backup.scheduler import BACKUP_FAILED, BackupScheduler
@@ -47,6 +48,7 @@ def test_a_failed_run_is_alerted_and_audited(app: App, tmp_path: Path) -> None:
     assert any(rule == BACKUP_FAILED for rule, _ in app.container.alerts.open_counts())
 
 
+@pytest.mark.server
 def test_the_server_replicates_changes_within_seconds(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
@@ -86,6 +88,7 @@ def test_a_scheduled_drill_feeds_the_metrics_and_the_audit(app: App, tmp_path: P
     assert list((app.settings.data_dir / "dr-drills").glob("*.json"))
 
 
+@pytest.mark.server
 def test_point_in_time_restore_from_a_replicating_server(tmp_path: Path) -> None:
     """The whole chain an operator uses: server replicating, CLI backup, CLI restore --at."""
     from datetime import UTC, datetime

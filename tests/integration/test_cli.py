@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import PATIENT, start_server
 
@@ -41,6 +42,7 @@ def test_env_and_bad_settings(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "port: expected an integer" in bad.stderr
 
 
+@pytest.mark.server
 def test_client_create_and_key_rotation_keep_data_readable(tmp_path: Path) -> None:
     data = tmp_path / "d"
     srv = start_server(data, tmp_path / "log")

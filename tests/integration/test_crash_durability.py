@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import PATIENT, start_server
 
@@ -31,6 +32,8 @@ async def _load(fhir: str, token: str, acknowledged: dict[str, str], stop_at: fl
         await asyncio.gather(*(worker(n) for n in range(16)))
 
 
+@pytest.mark.slow
+@pytest.mark.server
 def test_sigkill_loses_no_acknowledged_write(tmp_path: Path) -> None:
     data, log = tmp_path / "data", tmp_path / "server.log"
     srv = start_server(data, log)

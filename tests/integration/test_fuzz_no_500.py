@@ -48,7 +48,7 @@ def test_random_urls_never_500(app: App, parts: list[str], method: str, params: 
         headers["If-None-Match"] = etag
     path = "/fhir/" + "/".join(quote(p, safe="") for p in parts)
     r = app.client.request(method, path, params=params, headers=headers, content=b"{}")
-    # 501 is the honest answer for interactions this release does not implement (search, bundles)
+    # 501 is the honest answer for what this release does not implement (system-level search)
     assert r.status_code < 500 or r.status_code == 501, (method, parts, r.text)
 
 

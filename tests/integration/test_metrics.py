@@ -218,6 +218,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=120)
 
 
+@pytest.mark.server
 def test_prometheus_scrapes_a_real_server(tmp_path: Path) -> None:
     data = tmp_path / "data"
     assert _cli("init", "--data-dir", str(data)).returncode == 0

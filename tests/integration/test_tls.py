@@ -73,6 +73,7 @@ def _legacy_server(cert: Path, key: Path) -> int:
     return int(listener.getsockname()[1])
 
 
+@pytest.mark.server
 def test_tls_versions(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     srv = start_server(tmp_path / "data", tmp_path / "log", "--tls-cert", str(cert), "--tls-key", str(key), tls=True)

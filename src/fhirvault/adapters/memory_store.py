@@ -207,6 +207,15 @@ class _Tx:
             raise ConstraintError(f"client {row.client_id} already exists")
         self._set(self._t.clients, row.client_id, row)
 
+    def client_for_update(self, client_id: str) -> ClientRow | None:
+        return self._t.clients.get(client_id)
+
+    def update_client(self, row: ClientRow) -> None:
+        old = self._t.clients.get(row.client_id)
+        if old is not None:  # created_ms and tenant stay as registered
+            self._set(self._t.clients, row.client_id,
+                      dataclasses.replace(row, tenant=old.tenant, created_ms=old.created_ms))
+
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
         seen = self._t.jti
         for old in [j for j, exp in seen.items() if exp < now_ms]:
@@ -469,6 +478,11 @@ class MemoryStore:
     def client(self, client_id: str) -> ClientRow | None:
         with self._lock:
             return self._t.clients.get(client_id)
+
+    def clients(self, tenant: str) -> list[ClientRow]:
+        with self._lock:
+            rows = [c for c in self._t.clients.values() if c.tenant == tenant]
+        return sorted(rows, key=lambda c: (c.created_ms, c.client_id))
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         with self._lock:

@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +101,13 @@ def _break_glass(r: tuple[Any, ...]) -> BreakGlassRow:
 _USER_COLUMNS = ("user_id, tenant, username, password_hash, role, fhir_user, organization, clearances, totp,"
                  " totp_last_step, disabled, failures, locked_until_ms, created_ms")
 # The newest row stays, so its seq is never reused (other processes poll by seq).
+_CLIENT_COLUMNS = "client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled"
+
+
+def _client(row: Sequence[Any]) -> ClientRow:
+    return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+
+
 _PURGE_REVOKED = "DELETE FROM revoked_jtis WHERE expires_ms < ? AND seq < (SELECT max(seq) FROM revoked_jtis)"
 _CODE_COLUMNS = ("code_hash, family_id, client_id, user_id, session_id, redirect_uri, scope, code_challenge,"
                  " nonce, patient, auth_time_ms, expires_ms, used")
@@ -267,6 +274,16 @@ class _Tx:
             " VALUES (?,?,?,?,?,?,?,?)",
             (row.client_id, row.tenant, row.name, row.secret_hash, row.scopes, row.jwks,
              row.created_ms, int(row.disabled)),
+        )
+
+    def client_for_update(self, client_id: str) -> ClientRow | None:
+        row = self._c.execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE client_id=?", (client_id,)).fetchone()  # noqa: S608
+        return _client(row) if row else None
+
+    def update_client(self, row: ClientRow) -> None:
+        self._c.execute(
+            "UPDATE clients SET name=?, secret_hash=?, scopes=?, jwks=?, disabled=? WHERE client_id=?",
+            (row.name, row.secret_hash, row.scopes, row.jwks, int(row.disabled), row.client_id),
         )
 
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
@@ -930,14 +947,15 @@ class SqliteStore:
         return bytes(row[0]) if row else None
 
     def client(self, client_id: str) -> ClientRow | None:
-        row = self._reader().execute(
-            "SELECT client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled"
-            " FROM clients WHERE client_id=?",
-            (client_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+        row = self._reader().execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE client_id=?",  # noqa: S608
+                                     (client_id,)).fetchone()
+        return _client(row) if row else None
+
+    def clients(self, tenant: str) -> list[ClientRow]:
+        rows = self._reader().execute(
+            f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE tenant=? ORDER BY created_ms, client_id",  # noqa: S608
+            (tenant,)).fetchall()
+        return [_client(r) for r in rows]
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         rows = self._reader().execute(

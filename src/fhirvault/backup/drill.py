@@ -206,11 +206,11 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
         # 4. Serve it, as the new production server would.
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
-        log = (work / "server.log").open("ab")
         t0 = time.monotonic()
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(restored_dir),
-             "--port", str(port)], stdout=log, stderr=log, env=env, start_new_session=True)
+        with (work / "server.log").open("ab") as log:  # the child keeps its own descriptor
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(restored_dir),
+                 "--port", str(port)], stdout=log, stderr=log, env=env, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base, proc, 120)
         startup = time.monotonic() - t0

@@ -62,6 +62,8 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
 
     p = bsub.add_parser("list", help="list the complete backups on a target")
     _target_options(p)
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON document (backups oldest first, unreadable manifests) for scripts")
 
     p = bsub.add_parser("verify", help="re-read every chunk of a backup and check hashes and signature")
     settings_options(p)
@@ -80,7 +82,7 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     p = bsub.add_parser("prune", help="apply the retention policy and delete unreferenced chunks")
     settings_options(p)
     _target_options(p)
-    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
     p.add_argument("--grace", help="override the grace period for unreferenced chunks, e.g. 1h or 0")
 
     p_dr = sub.add_parser("dr", help="disaster recovery")
@@ -92,7 +94,8 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     p.add_argument("--at", help="point in time, ISO 8601 with a time zone")
     p.add_argument("--report-dir", type=Path, default=Path("."), help="where to write the JSON and text report")
     p.add_argument("--scratch-dir", type=Path, help="where to create the scratch directory (default: $TMPDIR)")
-    p.add_argument("--keep-scratch", action="store_true")
+    p.add_argument("--keep-scratch", action="store_true",
+                   help="keep the scratch data directory afterwards (to inspect it; delete it yourself)")
 
     p_esc = sub.add_parser("escrow", help="export or recover the root key (key escrow)")
     esub = p_esc.add_subparsers(dest="escrow_command", required=True)
@@ -246,6 +249,14 @@ def _list(args: argparse.Namespace) -> int:
 
     target = _target(args, None)
     listing = list_backups(target)
+    if args.json:
+        import json
+
+        backups = [{"backup_id": m.backup_id, "instance_id": m.instance_id, "snapshot": _iso(m.snapshot_ms),
+                    "snapshot_ms": m.snapshot_ms, "created_ms": m.created_ms, "size_bytes": m.size,
+                    "files": m.files_count} for m in listing.manifests]
+        print(json.dumps({"target": target.url, "backups": backups, "problems": listing.problems}, indent=2))
+        return 0
     print(f"{'BACKUP':32} {'SNAPSHOT (UTC)':25} {'SIZE':>10} INSTANCE")
     for m in reversed(listing.manifests):
         print(f"{m.backup_id:32} {_iso(m.snapshot_ms):25} {m.size / 1e6:>8.1f}MB {m.instance_id}")

@@ -13,6 +13,7 @@ from typing import Any
 
 from fhirvault import __version__
 from fhirvault.cli import backup as backup_cli
+from fhirvault.cli import clients as clients_cli
 from fhirvault.cli import users as users_cli
 from fhirvault.config import Settings, SettingsError, load_settings
 
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_sub = p_client.add_subparsers(dest="client_command", required=True)
     p_create = client_sub.add_parser("create", help="register a client and print its credentials as JSON")
     _settings_options(p_create)
-    p_create.add_argument("--name", required=True)
+    p_create.add_argument("--name", required=True, help="a label for people reading lists and audit records")
     p_create.add_argument("--scope", required=True, help='SMART scopes, e.g. "system/*.cruds"')
     p_create.add_argument("--jwks-file", type=Path, help="public JWK Set for private_key_jwt authentication")
     p_create.add_argument("--no-secret", action="store_true", help="private_key_jwt only (needs --jwks-file)")
@@ -54,13 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
     p_rot = keys_sub.add_parser("rotate", help="rotate the root key or the tenant key (re-wraps, no re-encryption)")
     _settings_options(p_rot)
-    p_rot.add_argument("--level", choices=["root", "tenant"], required=True)
+    p_rot.add_argument("--level", choices=["root", "tenant"], required=True,
+                       help="root: new root key file key; tenant: new tenant key (data keys re-wrapped)")
 
     from fhirvault.cli import audit as audit_cli
 
     audit_cli.register(sub, _settings_options)
     backup_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
+    clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     return parser
 
 
@@ -130,6 +133,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return serve(settings)
     if users_cli.handles(args):
         return users_cli.run(args, settings)
+    if clients_cli.handles(args):
+        return clients_cli.run(args, settings)
     if args.command == "client":
         return _client_create(settings, args)
     if args.command == "keys":
@@ -168,6 +173,8 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
         return _fail(str(exc))
     try:
         client = container.auth.register_client(args.name, args.scope, jwks=jwks, with_secret=not args.no_secret)
+        container.audit.record_system_event(container.store, container.clock, "user-change",
+                                            f"client {client.client_id} created with scope {client.scope}")
     except ScopeError as exc:
         return _fail(str(exc))
     finally:
@@ -188,6 +195,8 @@ def _rotate(settings: Settings, level: str) -> int:
     else:
         version = rotate_tenant_key(settings)
         print(f"tenant key rotated to version {version}; data keys re-wrapped")
+    print("A running server keeps the keys it loaded at start: restart it now"
+          " (e.g. 'systemctl restart fhirvault'), then check /readyz.")
     return 0
 
 

@@ -22,8 +22,8 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
     user_sub = p_user.add_subparsers(dest="user_command", required=True)
     p = user_sub.add_parser("create", help="create a user; prints the TOTP enrolment URI once for professionals")
     settings_options(p)
-    p.add_argument("--username", required=True)
-    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--username", required=True, help="the login name")
+    p.add_argument("--role", required=True, choices=ROLES, help="what the person may do (see docs/access-control.md)")
     p.add_argument("--fhir-user", dest="fhir_user", help="e.g. Practitioner/123 or Patient/abc (patients: required)")
     p.add_argument("--org", help="the user's Organization id")
     p.add_argument("--clearance", action="append", default=[], choices=["R", "V"],
@@ -37,21 +37,22 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
                        ("set-password", "set a new password (from --password-file or stdin)")):
         q = user_sub.add_parser(name, help=text)
         settings_options(q)
-        q.add_argument("--username", required=True)
+        q.add_argument("--username", required=True, help="the login name")
         if name == "set-password":
-            q.add_argument("--password-file", dest="password_file", type=Path)
+            q.add_argument("--password-file", dest="password_file", type=Path,
+                           help="file whose first line is the password (default: read it from stdin)")
     q = user_sub.add_parser("link", help="link an external identity (OIDC provider, issuer, subject) to a user")
     settings_options(q)
-    q.add_argument("--username", required=True)
-    q.add_argument("--provider", required=True)
-    q.add_argument("--issuer", required=True)
-    q.add_argument("--subject", required=True)
+    q.add_argument("--username", required=True, help="the local user to link")
+    q.add_argument("--provider", required=True, help="the provider's name in [[identity_providers]]")
+    q.add_argument("--issuer", required=True, help="the provider's issuer URL (the iss claim)")
+    q.add_argument("--subject", required=True, help="the person's id at that provider (the sub claim)")
     q = user_sub.add_parser("list", help="list users (no secrets)")
     settings_options(q)
     if client_sub is not None:
         c = client_sub.add_parser("create-app", help="register a SMART app (authorization code + PKCE)")
         settings_options(c)
-        c.add_argument("--name", required=True)
+        c.add_argument("--name", required=True, help="a label for the app (lists, audit records)")
         c.add_argument("--scope", required=True,
                        help='e.g. "openid fhirUser launch/patient offline_access patient/*.rs user/*.rs"')
         c.add_argument("--redirect-uri", dest="redirect_uri", action="append", required=True,

@@ -76,6 +76,35 @@ def _audit_event_resource() -> dict[str, Any]:
     }
 
 
+SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+SECURITY_DOC = (
+    "OAuth 2.0 (SMART App Launch 2.x and SMART Backend Services), the same endpoints as "
+    "/.well-known/smart-configuration. Grants: client_credentials (client_secret_basic, client_secret_post, "
+    "private_key_jwt), authorization_code with PKCE S256 only (standalone launch, launch/patient, openid "
+    "fhirUser) and refresh_token (rotated, reuse detected). Revocation (RFC 7009) and introspection "
+    "(RFC 7662). Scopes: SMART v1 and v2, patient/, user/ and system/, enforced per interaction."
+)
+
+
+def oauth_uris(token_url: str) -> dict[str, str]:
+    """The OAuth endpoints, all beside the token endpoint (one place for both discovery documents)."""
+    base = token_url.removesuffix("/token")
+    return {"authorize": base + "/authorize", "token": token_url, "revoke": base + "/revoke",
+            "introspect": base + "/introspect"}
+
+
+def _security(token_url: str) -> dict[str, Any]:
+    services = [("OAuth", "OAuth"), ("SMART-on-FHIR", "SMART-on-FHIR")]
+    return {
+        "cors": False,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                                 "code": code, "display": display}]} for code, display in services],
+        "extension": [{"url": SMART_OAUTH_URIS,
+                       "extension": [{"url": name, "valueUri": uri} for name, uri in oauth_uris(token_url).items()]}],
+        "description": SECURITY_DOC,
+    }
+
+
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
                          published_ms_instant: str) -> dict[str, Any]:
     resources = [
@@ -114,26 +143,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
         "rest": [
             {
                 "mode": "server",
-                "security": {
-                    "cors": False,
-                    "service": [
-                        {
-                            "coding": [
-                                {
-                                    "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
-                                    "code": "SMART-on-FHIR",
-                                }
-                            ]
-                        }
-                    ],
-                    "extension": [
-                        {
-                            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                            "extension": [{"url": "token", "valueUri": token_url}],
-                        }
-                    ],
-                    "description": "OAuth 2.0 client credentials (SMART Backend Services); SMART v2 system scopes.",
-                },
+                "security": _security(token_url),
                 "resource": resources,
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
                 "documentation": SEARCH_DOC,

@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,6 +60,9 @@ SIGNING_META = "token-signing-key"
 _TOKEN_CACHE_MAX = 50_000
 _MAX_ASSERTION_LIFETIME_S = 300
 REVOCATION_POLL_S = 1.0
+# A revocation entry named ``client-cutoff:<client id>:<seconds>`` kills every token of that client
+# issued at or before that second (client disabled or secret rotated); random jtis never contain ":".
+_CUTOFF_PREFIX = "client-cutoff:"
 # Non-resource scopes a SMART app may be registered for and request.
 APP_SCOPES = frozenset({"openid", "fhirUser", "profile", "launch/patient", "offline_access", "online_access"})
 
@@ -106,6 +110,7 @@ class Principal:
     session_id: str | None = None
     # Confidentiality codes (v3 Confidentiality: R, V) this user may see beyond normal (N) data.
     clearances: frozenset[str] = frozenset()
+    issued_at: int = 0  # seconds; tokens of a client issued before it was disabled or re-keyed die
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +150,7 @@ class AuthService:
         self._revoked: dict[str, int] = {}  # jti -> expiry (s)
         self._revoked_seq = 0
         self._revoked_polled = float("-inf")
+        self._cutoffs: dict[str, tuple[int, int]] = {}  # client id -> (cut-off, entry expiry), seconds
 
     # -- server signing key ---------------------------------------------------
     def _load_signing_key(self) -> ECKey:
@@ -201,6 +207,65 @@ class AuthService:
         )
         self._store.write_sync("clients.create", lambda tx: tx.insert_client(row))
         return NewClient(client_id, secret, name, row.scopes)
+
+    def set_client_disabled(self, client_id: str, disabled: bool,
+                            also: Callable[[WriteTx, ClientRow], None] | None = None) -> ClientRow:
+        """Disable (its live tokens die within REVOCATION_POLL_S in every process) or enable a client.
+
+        ``also`` runs in the same transaction (the audit record). Raises KeyError for an unknown client."""
+        def job(tx: WriteTx) -> ClientRow:
+            row = self._client_for_update(tx, client_id)
+            row = dataclasses.replace(row, disabled=disabled)
+            tx.update_client(row)
+            if disabled:
+                self._cut_off(tx, client_id)
+            if also is not None:
+                also(tx, row)
+            return row
+
+        row = self._store.write_sync("clients.disable" if disabled else "clients.enable", job)
+        self._after_cut_off()
+        return row
+
+    def rotate_client_secret(self, client_id: str,
+                             also: Callable[[WriteTx, ClientRow], None] | None = None) -> str:
+        """A new secret (returned once, stored as a hash); tokens issued with the old one die."""
+        secret = secrets.token_urlsafe(32)
+        hashed = _hasher.hash(secret)
+
+        def job(tx: WriteTx) -> None:
+            row = self._client_for_update(tx, client_id)
+            if row.secret_hash is None:
+                raise ValueError(f"client {client_id} authenticates with a JWK Set, not a secret")
+            row = dataclasses.replace(row, secret_hash=hashed)
+            tx.update_client(row)
+            self._cut_off(tx, client_id)
+            if also is not None:
+                also(tx, row)
+
+        self._store.write_sync("clients.rotate-secret", job)
+        self._after_cut_off()
+        return secret
+
+    def _client_for_update(self, tx: WriteTx, client_id: str) -> ClientRow:
+        row = tx.client_for_update(client_id)
+        if row is None or row.tenant != self._tenant:
+            raise KeyError(client_id)
+        return row
+
+    def _after_cut_off(self) -> None:
+        """Refuse the old tokens here at once, and return only once the clock is past the cut-off
+        second: a token issued afterwards (new secret, client enabled again) must not fall under it.
+        Blocks up to 1 s: for the CLI and threads, not for an event loop."""
+        self.poll_revocations()
+        wait_ms = 1000 - self._clock.now_ms() % 1000
+        time.sleep(wait_ms / 1000)
+
+    def _cut_off(self, tx: WriteTx, client_id: str) -> None:
+        now_ms = self._clock.now_ms()
+        # Kept until every token issued before now has expired (user tokens share the TTL).
+        expires_ms = now_ms + (self._ttl + 60) * 1000
+        tx.revoke_jti(f"{_CUTOFF_PREFIX}{client_id}:{now_ms // 1000}", expires_ms, now_ms)
 
 
     def register_app(self, name: str, scope: str, redirect_uris: list[str], *, public: bool,
@@ -340,7 +405,7 @@ class AuthService:
             cached = self._cache.get(token)
         if cached is not None:
             if cached.expires_at > now:
-                if self.is_revoked(cached.token_id, now):
+                if self.is_revoked(cached.token_id, now) or self._client_cut_off(cached.client_id, cached.issued_at):
                     raise TokenError("access token revoked")
                 return cached
             with self._cache_lock:
@@ -365,7 +430,12 @@ class AuthService:
         except (ValueError, TypeError, KeyError):
             raise TokenError("access token malformed") from None
         claims = decoded.claims
-        if self.is_revoked(str(claims["jti"]), now):
+        client_id = str(claims.get("client_id") or claims["sub"])
+        try:
+            issued_at = int(claims.get("iat") or 0)
+        except (ValueError, TypeError):
+            raise TokenError("access token malformed") from None
+        if self.is_revoked(str(claims["jti"]), now) or self._client_cut_off(client_id, issued_at):
             raise TokenError("access token revoked")
 
         def opt(name: str) -> str | None:
@@ -373,7 +443,7 @@ class AuthService:
             return str(value) if value is not None else None
 
         principal = Principal(
-            client_id=str(claims.get("client_id") or claims["sub"]),
+            client_id=client_id,
             tenant=str(claims["tenant"]),
             scope=str(claims["scope"]),
             grants=Grants(tuple(parse_scopes(str(claims["scope"]), strict=False))),
@@ -386,6 +456,7 @@ class AuthService:
             organization=opt("org"),
             session_id=opt("sid"),
             clearances=frozenset(str(c) for c in claims.get("clearance") or ()),
+            issued_at=issued_at,
         )
         with self._cache_lock:
             self._cache[token] = principal
@@ -469,10 +540,21 @@ class AuthService:
         with self._cache_lock:
             self._revoked_polled = mono
             for seq, jti, exp_ms in rows:
-                self._revoked[jti] = exp_ms // 1000
                 self._revoked_seq = max(self._revoked_seq, seq)
+                if jti.startswith(_CUTOFF_PREFIX):
+                    client_id, _, at = jti[len(_CUTOFF_PREFIX):].rpartition(":")
+                    previous = self._cutoffs.get(client_id, (0, 0))[0]
+                    self._cutoffs[client_id] = (max(previous, int(at)), exp_ms // 1000)
+                    continue
+                self._revoked[jti] = exp_ms // 1000
             if len(self._revoked) > 1024:  # drop the expired ones now and then
                 self._revoked = {j: e for j, e in self._revoked.items() if e >= now}
+                self._cutoffs = {c: v for c, v in self._cutoffs.items() if v[1] >= now}
+
+    def _client_cut_off(self, client_id: str, issued_at: int) -> bool:
+        """Was this token issued at or before its client was disabled or re-keyed? (polled with is_revoked)"""
+        cutoff = self._cutoffs.get(client_id)
+        return cutoff is not None and issued_at <= cutoff[0]
 
 def parse_scope_or_none(text: str) -> ResourceScope | None:
     try:

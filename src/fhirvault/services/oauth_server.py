@@ -408,6 +408,9 @@ class OAuthServer:
             session = self._store.login_session(row.session_id)
             if session is None or session.ended_ms:
                 return inactive
+            client = self._store.client(row.client_id)
+            if client is None or client.disabled:  # a disabled app's refresh tokens cannot be used
+                return inactive
             return {"active": True, "token_type": "refresh_token", "scope": row.scope, "client_id": row.client_id,
                     "sub": row.user_id, "exp": row.expires_ms // 1000}
         try:

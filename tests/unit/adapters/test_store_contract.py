@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 import time
@@ -399,6 +400,35 @@ def test_clients(store: ResourceStore) -> None:
     with pytest.raises(DUPLICATE):
         store.write_sync("c", lambda tx: tx.insert_client(ClientRow("c1", "u", "Other", None, "", None, 12)))
     assert store.client("c1") == secret
+
+
+def test_clients_are_listed_per_tenant_and_updated_in_place(store: ResourceStore) -> None:
+    rows = [ClientRow("b", "t", "B", "$h1", "system/*.read", None, 20), ClientRow("a", "t", "A", None, "system/*.*", "{}", 30),
+            ClientRow("z", "t", "Z", "$h2", "system/*.read", None, 20), ClientRow("o", "u", "Other", None, "", None, 1)]
+    store.write_sync("c", lambda tx: [tx.insert_client(r) for r in rows])
+    assert [c.client_id for c in store.clients("t")] == ["b", "z", "a"]  # oldest first, then by id
+    assert [c.client_id for c in store.clients("u")] == ["o"]
+    assert store.clients("nobody") == []
+
+    def disable_and_rotate(tx: WriteTx) -> ClientRow | None:
+        row = tx.client_for_update("b")
+        assert row == rows[0]
+        tx.update_client(ClientRow("b", "t", "B2", "$new", "system/Patient.read", None, 20, disabled=True))
+        return tx.client_for_update("b")  # a job reads its own writes
+
+    changed = ClientRow("b", "t", "B2", "$new", "system/Patient.read", None, 20, disabled=True)
+    assert store.write_sync("u", disable_and_rotate) == changed
+    assert store.client("b") == changed
+    assert store.client("z") == rows[2]  # the others untouched
+    assert store.write_sync("r", lambda tx: tx.client_for_update("missing")) is None
+    # a failing job leaves the client as it was
+    def fail_after_update(tx: WriteTx) -> None:
+        tx.update_client(dataclasses.replace(changed, disabled=False))
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        store.write_sync("f", fail_after_update)
+    assert store.client("b") == changed
 
 
 # -- jti, audit -----------------------------------------------------------------
