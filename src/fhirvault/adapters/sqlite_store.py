@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import orjson
 
 from fhirvault.adapters.sqlite_schema import (
+    ADDED_COLUMNS,
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
     IDENTITY_SCHEMA,
@@ -259,10 +260,10 @@ class _Tx:
 
     def insert_client(self, row: ClientRow) -> None:
         self._c.execute(
-            "INSERT INTO clients (client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled)"
-            " VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO clients (client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled,"
+            " allowed_sources) VALUES (?,?,?,?,?,?,?,?,?)",
             (row.client_id, row.tenant, row.name, row.secret_hash, row.scopes, row.jwks,
-             row.created_ms, int(row.disabled)),
+             row.created_ms, int(row.disabled), row.allowed_sources),
         )
 
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
@@ -679,6 +680,9 @@ class SqliteStore:
         conn.executescript(AUDIT_SCHEMA)
         conn.executescript(BREAK_GLASS_SCHEMA)  # break-the-glass grants (IF NOT EXISTS: old data dirs gain it)
         conn.executescript(IDENTITY_SCHEMA)  # identity tables (CREATE IF NOT EXISTS: old data dirs gain them)
+        for table, column, definition in ADDED_COLUMNS:
+            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is None:
@@ -927,13 +931,13 @@ class SqliteStore:
 
     def client(self, client_id: str) -> ClientRow | None:
         row = self._reader().execute(
-            "SELECT client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled"
+            "SELECT client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled, allowed_sources"
             " FROM clients WHERE client_id=?",
             (client_id,),
         ).fetchone()
         if row is None:
             return None
-        return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+        return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         rows = self._reader().execute(

@@ -35,10 +35,13 @@ SYSLOG_FACILITIES = {
 class BruteForceRule:
     enabled: bool = True
     severity: str = "high"
-    failures: int = 5  # failed logins / token requests for one account (client id or user)
+    failures: int = 5  # failed logins / token requests for one account (client id or user) from one source IP
     source_failures: int = 20  # failed logins, token requests or bearer checks from one source IP
     window_seconds: int = 300
-    lock_accounts: bool = True  # refuse the account at the token/login endpoint for lock_seconds
+    # Refuse the account at the token/login endpoint for lock_seconds: from the failing source only,
+    # and from every source once failures for it came from lock_after_sources distinct sources.
+    lock_accounts: bool = True
+    lock_after_sources: int = 10
     lock_seconds: int = 900
     throttle_sources: bool = True  # refuse the source IP for throttle_seconds
     throttle_seconds: int = 900
@@ -249,6 +252,7 @@ _COMMON_RULE: dict[str, Parser] = {"enabled": _bool, "severity": _SEVERITY}
 _RULES: dict[str, tuple[type[Any], dict[str, Parser]]] = {
     "brute_force": (BruteForceRule, {
         "failures": _int(1, 1_000_000), "source_failures": _int(1, 1_000_000), "window_seconds": _WINDOW,
+        "lock_after_sources": _int(1, 1_000_000),
         "lock_accounts": _bool, "lock_seconds": _WINDOW, "throttle_sources": _bool, "throttle_seconds": _WINDOW,
     }),
     "mass_access": (MassAccessRule, {

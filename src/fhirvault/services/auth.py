@@ -16,11 +16,12 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -114,6 +115,7 @@ class NewClient:
     client_secret: str | None
     name: str
     scope: str
+    allowed_sources: str | None = None
 
 
 _hasher = PasswordHasher()  # Argon2id, RFC 9106 low-memory profile defaults
@@ -173,7 +175,10 @@ class AuthService:
 
     # -- clients ----------------------------------------------------------------
     def register_client(self, name: str, scope: str, *, jwks: Mapping[str, Any] | None = None,
-                        with_secret: bool = True) -> NewClient:
+                        with_secret: bool = True, allowed_sources: Sequence[str] = ()) -> NewClient:
+        """A backend client (client credentials). ``allowed_sources``: CIDRs it may call from
+        (the token endpoint and every request with its tokens); empty: anywhere."""
+        allowed = normalise_sources(allowed_sources)
         scopes = parse_scopes(scope)  # raises ScopeError with a clear message
         operational = operational_scopes(scope)
         if not scopes and not operational:
@@ -198,9 +203,10 @@ class AuthService:
             scopes=" ".join([*(str(s) for s in scopes), *operational]),
             jwks=orjson.dumps(dict(jwks)).decode() if jwks is not None else None,
             created_ms=self._clock.now_ms(),
+            allowed_sources=allowed,
         )
         self._store.write_sync("clients.create", lambda tx: tx.insert_client(row))
-        return NewClient(client_id, secret, name, row.scopes)
+        return NewClient(client_id, secret, name, row.scopes, allowed)
 
 
     def register_app(self, name: str, scope: str, redirect_uris: list[str], *, public: bool,
@@ -473,6 +479,33 @@ class AuthService:
                 self._revoked_seq = max(self._revoked_seq, seq)
             if len(self._revoked) > 1024:  # drop the expired ones now and then
                 self._revoked = {j: e for j, e in self._revoked.items() if e >= now}
+
+def normalise_sources(sources: Sequence[str]) -> str | None:
+    """A client's source allow-list as stored: normalised CIDRs, space-separated (None: anywhere)."""
+    nets: list[str] = []
+    for source in sources:
+        for item in source.replace(",", " ").split():
+            try:
+                nets.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ScopeError(f"not an IP address or CIDR: {item}") from None
+    return " ".join(dict.fromkeys(nets)) or None
+
+
+def source_allowed(allowed: str | None, source_ip: str | None) -> bool:
+    """Whether a client with allow-list ``allowed`` may call from ``source_ip`` (unknown: no)."""
+    if allowed is None:
+        return True
+    if source_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in ipaddress.ip_network(net) for net in allowed.split())
+
 
 def parse_scope_or_none(text: str) -> ResourceScope | None:
     try:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fhirvault.services.auth import APP_SCOPES, AuthService, OAuthError
+from fhirvault.services.auth import APP_SCOPES, AuthService, OAuthError, source_allowed
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.oauth_server import GrantFailure, OAuthServer
 from fhirvault.services.repository import Repository, RequestContext
@@ -152,6 +152,9 @@ class OAuthEndpoints:
             self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         async with self._hash_slots:  # and off the event loop itself
             client, assertion_id = await run_in_threadpool(check, form, basic, token_url)
+        if not source_allowed(client.allowed_sources, ctx.source_ip):
+            # Right credentials from the wrong place: a stolen secret, or a misconfigured allow-list.
+            raise OAuthError("invalid_client", "client not allowed from this address", 401)
         if assertion_id is not None:
             exp = int(assertion_id.rsplit(":", 1)[1])
             if not await self._repo.remember_assertion(assertion_id, exp * 1000):
