@@ -157,8 +157,8 @@ def _witnesses(name: str, raw: Any) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise SettingsError(f"{name}: expected a list of witness URLs")
     for item in items:
-        if item and not item.startswith(("file:///", "syslog+udp://", "syslog+tcp://")):
-            raise SettingsError(f"{name}: '{item}' is not file:///…, syslog+udp://… or syslog+tcp://…")
+        if item and not item.startswith(("file:///", "syslog+udp://", "syslog+tcp://", "syslog+tls://")):
+            raise SettingsError(f"{name}: '{item}' is not file:///…, syslog+udp://…, syslog+tcp://… or syslog+tls://…")
     return tuple(i for i in items if i)
 
 
