@@ -29,9 +29,10 @@ class FirewallSettings:
     # Per user behind a user token (a person in an app).
     user_rate: float = 50.0
     user_burst: int = 200
-    # Per source address on the authentication routes (token, authorize, revoke, introspect, login).
-    auth_rate: float = 5.0
-    auth_burst: int = 50
+    # Per source address, POSTs to the authentication routes (token, authorize, revoke, introspect,
+    # logout): where secrets are checked. A hospital behind one NAT address logs ~150 people in a minute.
+    auth_rate: float = 10.0
+    auth_burst: int = 100
     # One audit record / alert per throttled bucket per this many seconds.
     report_window_seconds: int = 60
     max_tracked: int = 100_000  # buckets kept per kind (LRU)

@@ -230,7 +230,7 @@ class Firewall:
             return
         if source is not None:
             await self._take(scope, self._source, "source", source)
-            if path in _AUTH_PATHS or path.startswith("/login/"):
+            if scope["method"] == "POST" and path in _AUTH_PATHS:  # where passwords and secrets are checked
                 await self._take(scope, self._auth_source, "auth", source)
         principal = self._principal(scope)
         if principal is None:
