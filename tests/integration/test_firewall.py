@@ -114,7 +114,7 @@ def test_unknown_host_is_refused_without_public_base_url(make_env: Configure) ->
     client = env.client("127.0.0.1", base_url="http://127.0.0.1:8080")
     assert client.get("/fhir/metadata").status_code == 200
     assert client.get("/fhir/metadata", headers={"Host": "localhost:8080"}).status_code == 200
-    for evil in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", ""):
+    for evil in ("evil.example", "evil.example:8080", "127.0.0.1.evil.example", "127.0.0.1:80@evil.example", ""):
         r = client.get("/fhir/metadata", headers={"Host": evil})
         assert r.status_code == 400, evil
         assert r.json()["resourceType"] == "OperationOutcome"

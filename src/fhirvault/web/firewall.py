@@ -15,6 +15,7 @@ import collections
 import ipaddress
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class ProxyResolver:
                 xff.append(raw.decode("latin-1"))
             elif name == b"x-forwarded-proto":
                 xfp.append(raw.decode("latin-1"))
+        if not (forwarded or xff or xfp):
+            return None
         if forwarded:  # the standard header wins over the de-facto ones
             hops = _forwarded(",".join(forwarded))
         else:
@@ -138,18 +141,23 @@ def default_allowed_hosts(settings: Settings) -> tuple[str, ...] | None:
         return None
     bind = settings.host.lower()
     extra = () if bind in _WILDCARD_BINDS else (f"[{bind}]" if ":" in bind and not bind.startswith("[") else bind,)
-    return (*_LOOPBACK_HOSTS, *extra)
+    return tuple(dict.fromkeys((*_LOOPBACK_HOSTS, *extra)))
 
 
-def _host_name(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host.partition("]")[0] + "]"
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+_HOST_HEADER = re.compile(r"^(?P<name>[a-z0-9.\-]{1,253}|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?$")
+
+
+def _host_name(host: str) -> str | None:
+    """The name in a Host header without its port; None unless it is exactly name[:port]."""
+    match = _HOST_HEADER.match(host.strip().lower())
+    return match["name"] if match else None
 
 
 def host_allowed(allowed: tuple[str, ...], host: str) -> bool:
-    name = _host_name(host).rstrip(".")
+    name = _host_name(host)
+    if name is None:
+        return False
+    name = name.rstrip(".")
     return any(name == a or (a.startswith("*.") and name.endswith(a[1:])) for a in allowed)
 
 
