@@ -18,7 +18,6 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 from fhirvault.config import Settings
 from fhirvault.domain import errors
@@ -75,19 +74,30 @@ def _forwarded(value: str) -> list[tuple[str, str | None]]:
     return hops
 
 
-@dataclass(frozen=True, slots=True)
 class ProxyResolver:
-    trusted: tuple[Network, ...]
+    def __init__(self, trusted: tuple[Network, ...]) -> None:
+        self.trusted = trusted
+        self._memo: dict[str, tuple[str | None, bool]] = {}  # hop text -> (address, trusted)
 
-    def _is_trusted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-        return address is not None and any(address in net for net in self.trusted)
+    def _hop(self, text: str) -> tuple[str | None, bool]:
+        """The address in a hop (None if not one) and whether it is a trusted proxy, memoised: parsing
+        with ``ipaddress`` costs microseconds, and the same few peers and proxies come back all day."""
+        found = self._memo.get(text)
+        if found is None:
+            address = _address(text)
+            found = (str(address) if address is not None else None,
+                     address is not None and any(address in net for net in self.trusted))
+            if len(self._memo) >= 4096:  # hops can be client-written: bounded
+                self._memo.clear()
+            self._memo[text] = found
+        return found
 
     def resolve(self, peer: str | None, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
         """(client address, scheme or None) when ``peer`` is a trusted proxy that forwarded one, else None.
 
         Hops are walked right to left (nearest first), skipping trusted proxies: the first untrusted
         hop is the client. Entries left of it were written by the client itself and are ignored."""
-        if not self.trusted or peer is None or not self._is_trusted(_address(peer)):
+        if not self.trusted or peer is None or not self._hop(peer)[1]:
             return None
         forwarded: list[str] = []
         xff: list[str] = []
@@ -116,14 +126,14 @@ class ProxyResolver:
         chosen: tuple[str, str | None] | None = None
         nearest = peer
         for hop_for, proto in reversed(hops):
-            address = _address(hop_for)
+            address, trusted = self._hop(hop_for)
             if address is None:  # "unknown", an obfuscated name, garbage: stop at the last proxy we know
                 chosen = (nearest, proto)
                 break
-            if not self._is_trusted(address):
-                chosen = (str(address), proto)
+            if not trusted:
+                chosen = (address, proto)
                 break
-            nearest = str(address)
+            nearest = address
         if chosen is None:  # every hop is one of ours: the furthest is the client
             chosen = (nearest, hops[0][1])
         client, proto = chosen
