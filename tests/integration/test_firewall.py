@@ -215,6 +215,10 @@ def test_firewall_can_be_disabled(make_env: Configure) -> None:
     env = make_env(FirewallSettings(enabled=False, source_rate=0.01, source_burst=1))
     client = env.client("198.51.100.7")
     assert all(client.get("/fhir/metadata").status_code == 200 for _ in range(5))
+    # Only the buckets are off: a client's allow-list still holds.
+    reg = env.container.auth.register_client("lab", "system/*.rs", allowed_sources=["192.0.2.0/24"])
+    token = env.token(env.client("192.0.2.1"), {"client_id": reg.client_id, "client_secret": str(reg.client_secret)})
+    assert client.get("/fhir/Patient", headers={"Authorization": f"Bearer {token}"}).status_code == 403
 
 
 # --- allow-lists -------------------------------------------------------------------------------
@@ -260,3 +264,54 @@ def test_admin_and_login_allow_lists(make_env: Configure) -> None:
     assert r.status_code == 403 and r.json()["resourceType"] == "OperationOutcome"
     assert outside.get("/login/oidc/any").status_code == 403
     env.token(outside)  # the token endpoint is for backend clients: their own allow-lists apply
+
+
+# --- certificate-bound tokens (RFC 8705) behind a TLS-terminating proxy (RFC 9440) ----------------
+
+
+def _client_cert_header(cn: str) -> tuple[str, str]:
+    """An RFC 9440 Client-Cert value for a fresh self-signed certificate, and its x5t#S256."""
+    import base64
+    import datetime
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    x5t = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    return f":{base64.b64encode(der).decode()}:", x5t
+
+
+def test_tokens_bound_to_the_client_certificate_a_trusted_proxy_verified(make_env: Configure) -> None:
+    import base64
+
+    env = make_env(trusted_proxies=("10.0.0.0/8",))
+    proxy, direct = env.client("10.0.0.5"), env.client("198.51.100.3")
+    cert, x5t = _client_cert_header("lab-backend")
+    other, _ = _client_cert_header("someone-else")
+    r = proxy.post("/oauth2/token", data={"grant_type": "client_credentials"},
+                   auth=(env.creds["client_id"], env.creds["client_secret"]), headers={"Client-Cert": cert})
+    assert r.status_code == 200
+    token = r.json()["access_token"]
+    claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert claims["cnf"] == {"x5t#S256": x5t}
+    auth = {"Authorization": f"Bearer {token}"}
+    assert proxy.get("/fhir/Patient", headers={**auth, "Client-Cert": cert}).status_code == 200
+    for headers in (auth, {**auth, "Client-Cert": other}):
+        refused = proxy.get("/fhir/Patient", headers=headers)
+        assert refused.status_code == 401 and 'error="invalid_token"' in refused.headers["www-authenticate"]
+        assert refused.json()["resourceType"] == "OperationOutcome"
+    # The header is believed from trusted proxies only: a direct caller cannot claim the certificate.
+    assert direct.get("/fhir/Patient", headers={**auth, "Client-Cert": cert}).status_code == 401
+    # Without a certificate the token is a plain bearer token, as before.
+    plain = env.token(direct)
+    assert direct.get("/fhir/Patient", headers={"Authorization": f"Bearer {plain}"}).status_code == 200

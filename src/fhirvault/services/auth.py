@@ -107,6 +107,8 @@ class Principal:
     session_id: str | None = None
     # Confidentiality codes (v3 Confidentiality: R, V) this user may see beyond normal (N) data.
     clearances: frozenset[str] = frozenset()
+    # RFC 8705: the token is bound to the client certificate with this SHA-256 thumbprint (cnf.x5t#S256).
+    cnf_x5t: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +316,8 @@ class AuthService:
             raise OAuthError("invalid_client", "client assertion lives too long (max 5 minutes)", 401)
         return row, f"{client_id}:{token.claims['jti']}:{exp}"
 
-    def issue(self, client: ClientRow, requested_scope: str | None) -> dict[str, Any]:
+    def issue(self, client: ClientRow, requested_scope: str | None, *, cnf_x5t: str | None = None) -> dict[str, Any]:
+        """A client-credentials access token; ``cnf_x5t`` binds it to the client's certificate (RFC 8705)."""
         allowed = parse_scopes(client.scopes, strict=False)
         allowed_ops = operational_scopes(client.scopes)
         if requested_scope:
@@ -335,6 +338,8 @@ class AuthService:
             "iss": self.issuer, "aud": self.audience, "sub": client.client_id, "client_id": client.client_id,
             "tenant": client.tenant, "scope": scope, "iat": now, "nbf": now, "exp": now + self._ttl, "jti": jti,
         }
+        if cnf_x5t is not None:
+            claims["cnf"] = {"x5t#S256": cnf_x5t}
         token = jwt.encode({"alg": _ACCESS_ALG, "kid": self.kid, "typ": "at+jwt"}, claims, self._key,
                            algorithms=[_ACCESS_ALG])
         return {"access_token": token, "token_type": "Bearer", "expires_in": self._ttl, "scope": scope}
@@ -392,6 +397,7 @@ class AuthService:
             organization=opt("org"),
             session_id=opt("sid"),
             clearances=frozenset(str(c) for c in claims.get("clearance") or ()),
+            cnf_x5t=_cnf_x5t(claims.get("cnf")),
         )
         with self._cache_lock:
             self._cache[token] = principal
@@ -479,6 +485,11 @@ class AuthService:
                 self._revoked_seq = max(self._revoked_seq, seq)
             if len(self._revoked) > 1024:  # drop the expired ones now and then
                 self._revoked = {j: e for j, e in self._revoked.items() if e >= now}
+
+def _cnf_x5t(cnf: Any) -> str | None:
+    value = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    return str(value) if value is not None else None
+
 
 def normalise_sources(sources: Sequence[str]) -> str | None:
     """A client's source allow-list as stored: normalised CIDRs, space-separated (None: anywhere)."""

@@ -47,7 +47,7 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 AUTH_FAILURE_KINDS = frozenset({"client_auth", "invalid_scope", "missing_token", "invalid_token", "forbidden"})
 # Firewall: the bucket that refused a request, the rule that refused one outright.
 RATE_LIMIT_BUCKETS = frozenset({"source", "auth", "client", "user"})
-FIREWALL_REASONS = frozenset({"host", "admin_source", "login_source", "client_source"})
+FIREWALL_REASONS = frozenset({"host", "admin_source", "login_source", "client_source", "certificate"})
 SEVERITIES = frozenset({"info", "low", "medium", "high", "critical"})  # as services/alert_settings.py
 _MAX_NAMES = 64  # distinct free-form label values per metric (rules, targets, levels)
 

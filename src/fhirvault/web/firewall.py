@@ -11,7 +11,10 @@ metric, and at most one audit record and alert per bucket (or allow-list) per wi
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import hashlib
 import ipaddress
 import logging
 import math
@@ -34,6 +37,9 @@ from fhirvault.web.context import request_id_of
 
 log = logging.getLogger("fhirvault.firewall")
 PEER_KEY = "fhirvault.peer"  # the TCP peer's address, when a trusted proxy's header replaced it
+# SHA-256 thumbprint (base64url) of the client certificate a trusted TLS-terminating proxy verified and
+# forwarded in an RFC 9440 Client-Cert header: tokens issued then are bound to it (RFC 8705 §3).
+CLIENT_CERT_KEY = "fhirvault.client_cert_x5t"
 RATE_LIMITED = "rate_limited"  # alert rule
 _HEALTH = frozenset({"/livez", "/readyz"})
 _AUTH_PATHS = frozenset({"/oauth2/token", "/oauth2/revoke", "/oauth2/introspect", "/oauth2/authorize", "/logout"})
@@ -92,6 +98,9 @@ class ProxyResolver:
             self._memo[text] = found
         return found
 
+    def trusts(self, peer: str | None) -> bool:
+        return bool(self.trusted) and peer is not None and self._hop(peer)[1]
+
     def resolve(self, peer: str | None, headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, str | None] | None:
         """(client address, scheme or None) when ``peer`` is a trusted proxy that forwarded one, else None.
 
@@ -139,6 +148,18 @@ class ProxyResolver:
         client, proto = chosen
         scheme = proto.lower() if proto and proto.lower() in ("http", "https") else None
         return client, scheme
+
+
+def cert_thumbprint(value: bytes) -> str | None:
+    """``x5t#S256`` of an RFC 9440 ``Client-Cert`` value (a structured-field byte sequence ``:b64(DER):``)."""
+    text = value.strip()
+    if len(text) < 3 or text[:1] != b":" or text[-1:] != b":":
+        return None
+    try:
+        der = base64.b64decode(text[1:-1], validate=True)
+    except binascii.Error:
+        return None
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode() if der else None
 
 
 # -- Host header ----------------------------------------------------------------------------------
@@ -214,7 +235,13 @@ class Firewall:
             await self.app(scope, receive, send)
             return
         client = scope.get("client")
-        resolved = self._proxies.resolve(str(client[0]) if client else None, scope["headers"])
+        peer = str(client[0]) if client else None
+        scope.pop(CLIENT_CERT_KEY, None)
+        if self._proxies.trusts(peer):
+            cert = next((v for k, v in scope["headers"] if k == b"client-cert"), None)
+            if cert is not None and (x5t := cert_thumbprint(cert)) is not None:
+                scope[CLIENT_CERT_KEY] = x5t
+        resolved = self._proxies.resolve(peer, scope["headers"])
         if resolved is not None:
             scope[PEER_KEY] = client[0] if client else None
             scope["client"] = (resolved[0], 0)
@@ -244,21 +271,32 @@ class Firewall:
             await self._allow_list(scope, "admin", source, fw.admin_allowed_sources)
         if fw.login_allowed_sources and (path in _LOGIN_PATHS or path.startswith("/login/")):
             await self._allow_list(scope, "login", source, fw.login_allowed_sources)
+        principal = self._principal(scope)
+        if principal is not None:
+            if principal.cnf_x5t is not None and scope.get(CLIENT_CERT_KEY) != principal.cnf_x5t:
+                await self._refuse_unbound(scope, principal)
+            if not source_allowed(self._client_sources(principal.client_id), source):
+                await self._refuse_source(scope, "client", f"client {principal.client_id}", principal)
         if not fw.enabled:
             return
         if source is not None:
             await self._take(scope, self._source, "source", source)
             if scope["method"] == "POST" and path in _AUTH_PATHS:  # where passwords and secrets are checked
                 await self._take(scope, self._auth_source, "auth", source)
-        principal = self._principal(scope)
-        if principal is None:
-            return
-        allowed = self._client_sources(principal.client_id)
-        if not source_allowed(allowed, source):
-            await self._refuse_source(scope, "client", f"client {principal.client_id}", principal)
-        await self._take(scope, self._client, "client", principal.client_id, principal)
-        if principal.user is not None:
-            await self._take(scope, self._user, "user", principal.user, principal)
+        if principal is not None:
+            await self._take(scope, self._client, "client", principal.client_id, principal)
+            if principal.user is not None:
+                await self._take(scope, self._user, "user", principal.user, principal)
+
+    async def _refuse_unbound(self, scope: Scope, principal: Principal) -> None:
+        """RFC 8705 §3: a certificate-bound token without (or with another) client certificate."""
+        self._refused("certificate")
+        if self._first(f"cnf:{principal.client_id}"):
+            await self._repo.audit_event(self._ctx(scope, principal), "authenticate", 401,
+                                         "access token bound to another client certificate", category="security")
+        exc = errors.unauthorized("The access token is bound to a client certificate this request did not present.")
+        exc.headers = {"WWW-Authenticate": 'Bearer realm="fhirvault", error="invalid_token"'}
+        raise exc
 
     def _principal(self, scope: Scope) -> Principal | None:
         """The caller of a request with a valid bearer token (verification is cached by the service)."""

@@ -21,6 +21,7 @@ from fhirvault.services.metrics import Metrics
 from fhirvault.services.oauth_server import GrantFailure, OAuthServer
 from fhirvault.services.repository import Repository, RequestContext
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
+from fhirvault.web.firewall import CLIENT_CERT_KEY
 
 log = logging.getLogger("fhirvault.oauth")
 _MAX_FORM = 64 * 1024
@@ -130,7 +131,9 @@ class OAuthEndpoints:
             raise OAuthError("unsupported_grant_type",
                              "supported: client_credentials, authorization_code, refresh_token")
         client = await self._authenticate(request, ctx, claimed, form, self._auth.authenticate_client)
-        return client.client_id, self._auth.issue(client, form.get("scope")), None
+        # A client certificate verified by a trusted TLS-terminating proxy binds the token to it (RFC 8705).
+        cnf = request.scope.get(CLIENT_CERT_KEY)
+        return client.client_id, self._auth.issue(client, form.get("scope"), cnf_x5t=cnf), None
 
     async def _authenticate(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
                             form: dict[str, str], check: Callable[..., tuple[Any, str | None]] | None = None) -> Any:

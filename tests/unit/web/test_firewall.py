@@ -116,3 +116,16 @@ def test_firewall_settings_parse_and_fail_fast(tmp_path: Path) -> None:
         load_settings({"data_dir": tmp_path}, environ={"FHIRVAULT_TRUSTED_PROXIES": "proxy.local"})
     with pytest.raises(SettingsError, match="allowed_hosts"):
         load_settings({"data_dir": tmp_path}, environ={"FHIRVAULT_ALLOWED_HOSTS": "http://x.example/"})
+
+
+def test_client_cert_header_thumbprint() -> None:
+    import base64
+    import hashlib
+
+    from fhirvault.web.firewall import cert_thumbprint
+
+    der = b"\x30\x03\x02\x01\x01"
+    expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
+    assert cert_thumbprint(b":" + base64.b64encode(der) + b":") == expected
+    for bad in (b"", b"::", base64.b64encode(der), b":not base64!:", b"-----BEGIN CERTIFICATE-----"):
+        assert cert_thumbprint(bad) is None
