@@ -315,3 +315,33 @@ def test_tokens_bound_to_the_client_certificate_a_trusted_proxy_verified(make_en
     # Without a certificate the token is a plain bearer token, as before.
     plain = env.token(direct)
     assert direct.get("/fhir/Patient", headers={"Authorization": f"Bearer {plain}"}).status_code == 200
+
+
+# --- lockout an attacker cannot turn against the owner ---------------------------------------------
+
+
+def _wait_until(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
+
+
+def test_client_lockout_is_per_source_then_everywhere_after_many_sources(make_env: Configure) -> None:
+    env = make_env()
+    client_id, secret = env.creds["client_id"], env.creds["client_secret"]
+
+    def attempt(source: str, password: str) -> int:
+        r = env.client(source).post("/oauth2/token", data={"grant_type": "client_credentials"},
+                                    auth=(client_id, password))
+        return r.status_code
+
+    for _ in range(5):  # an attacker who knows only the client id
+        assert attempt("203.0.113.7", "guess") == 401
+    assert _wait_until(lambda: attempt("203.0.113.7", secret) == 429)  # locked for the attacker's address...
+    assert attempt("198.51.100.1", secret) == 200  # ...not for the owner's
+    for n in range(9):  # failures from 10 addresses in all: a distributed attack locks it everywhere
+        assert attempt(f"192.0.2.{n}", "guess") == 401
+    assert _wait_until(lambda: attempt("198.51.100.1", secret) == 429)
