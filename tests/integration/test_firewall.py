@@ -245,6 +245,11 @@ def test_client_allow_list_at_the_token_endpoint_and_on_every_request(make_env: 
     token_refusal = [r for r in records if r["interaction"] == "token" and r["status"] == 401]
     assert token_refusal and token_refusal[0]["source_ip"] == "198.51.100.9"
     assert env.client("2001:db8::1").get("/fhir/Patient", headers=auth).status_code == 200
+    # Introspection (a resource server authenticating as this client) holds to the list as well.
+    basic = (creds["client_id"], creds["client_secret"])
+    assert inside.post("/oauth2/introspect", data={"token": token}, auth=basic).json()["active"] is True
+    r = outside.post("/oauth2/introspect", data={"token": token}, auth=basic)
+    assert r.status_code == 401 and r.json()["error"] == "invalid_client"
     # The admin client made by init has no allow-list.
     assert env.client("198.51.100.9").get("/fhir/metadata").status_code == 200
     env.token(outside)

@@ -223,8 +223,10 @@ class OAuthEndpoints:
                 self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
             auth_form = {k: v for k, v in form.items() if k not in ("token", "token_type_hint")}
             async with self._hash_slots:
-                await run_in_threadpool(self._auth.authenticate_client, auth_form, basic,
-                                        token_url_for(request, self._public))
+                row, _ = await run_in_threadpool(self._auth.authenticate_client, auth_form, basic,
+                                                 token_url_for(request, self._public))
+            if not source_allowed(row.allowed_sources, ctx.source_ip):
+                raise OAuthError("invalid_client", "client not allowed from this address", 401)
         except OAuthError as exc:
             await self._repo.audit_event(ctx, "token", exc.status, exc.error, client_id=claimed.get("id"),
                                          category="security")
