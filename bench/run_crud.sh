@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 port=${PORT:-8765}
 dir=$(mktemp -d)
-.venv/bin/fhirvault serve --data-dir "$dir/data" --port "$port" >"$dir/server.log" 2>&1 &
+FHIRVAULT_CONFIG=bench/capacity.toml .venv/bin/fhirvault serve --data-dir "$dir/data" --port "$port" \
+  >"$dir/server.log" 2>&1 &
 server=$!
 trap 'kill $server; wait $server 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/livez" >/dev/null && break; sleep 0.1; done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from fhirvault.backup.settings import BackupSettings
     from fhirvault.services.alert_settings import AlertSettings
     from fhirvault.services.federation_settings import IdentityProviderSettings
+    from fhirvault.services.firewall_settings import FirewallSettings
     from fhirvault.services.relationships import RelationshipSettings
 
 ENV_PREFIX = "FHIRVAULT_"
@@ -63,11 +65,17 @@ class Settings:
     session_max_hours: int = 12
     refresh_token_days: int = 30
     break_glass_hours: int = 4
+    # Reverse proxies whose Forwarded / X-Forwarded-* headers are believed (CIDRs; none by default:
+    # the headers are then ignored). Host names this server answers to when public_base_url is unset
+    # (None: loopback names and the bind address; ("*",): any, which reflects Host into links).
+    trusted_proxies: tuple[str, ...] = ()  # normalised CIDRs
+    allowed_hosts: tuple[str, ...] | None = None
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
     backup: BackupSettings | None = None
     identity_providers: tuple[IdentityProviderSettings, ...] = ()  # [[identity_providers]]: OIDC federation
     access: RelationshipSettings | None = None  # [access]: which care relationships open a patient's record
+    firewall: FirewallSettings | None = None  # [firewall]: rate limits, source allow-lists (None: defaults)
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -149,9 +157,30 @@ def _witnesses(name: str, raw: Any) -> tuple[str, ...]:
     if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
         raise SettingsError(f"{name}: expected a list of witness URLs")
     for item in items:
-        if item and not item.startswith(("file:///", "syslog+udp://", "syslog+tcp://")):
-            raise SettingsError(f"{name}: '{item}' is not file:///…, syslog+udp://… or syslog+tcp://…")
+        if item and not item.startswith(("file:///", "syslog+udp://", "syslog+tcp://", "syslog+tls://")):
+            raise SettingsError(f"{name}: '{item}' is not file:///…, syslog+udp://…, syslog+tcp://… or syslog+tls://…")
     return tuple(i for i in items if i)
+
+
+def _networks(name: str, raw: Any) -> tuple[str, ...]:
+    # Imported here: that module imports SettingsError from this one.
+    from fhirvault.services.firewall_settings import parse_networks
+
+    return tuple(str(n) for n in parse_networks(name, raw))
+
+
+def _hosts(name: str, raw: Any) -> tuple[str, ...]:
+    items = [p for p in raw.replace(",", " ").split() if p] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) and i for i in items):
+        raise SettingsError(f"{name}: expected a list of host names")
+    hosts = tuple(i.strip().lower().rstrip(".") for i in items)
+    for host in hosts:
+        if host != "*" and not _HOST_NAME.match(host):
+            raise SettingsError(f"{name}: '{host}' is not a host name or address (no port, no scheme)")
+    return hosts
+
+
+_HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9.\-]{1,253}$|^\[[0-9a-f:.]{2,45}\]$")
 
 
 def _tenant(name: str, raw: Any) -> str:
@@ -187,9 +216,11 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "session_max_hours": _positive_int(1, 24 * 7),
     "refresh_token_days": _positive_int(1, 365),
     "break_glass_hours": _positive_int(1, 72),
+    "trusted_proxies": _networks,
+    "allowed_hosts": _hosts,
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts", "backup", "identity_providers", "access")
+SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -211,6 +242,10 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.relationships import parse_access_settings
 
         return parse_access_settings(raw, origin) if raw else None
+    if name == "firewall":
+        from fhirvault.services.firewall_settings import parse_firewall_settings
+
+        return parse_firewall_settings(raw, origin) if raw else None
     raise AssertionError(name)
 
 

@@ -65,6 +65,7 @@ class ClientRow:
     jwks: str | None  # public JWK Set (JSON) for private_key_jwt
     created_ms: int
     disabled: bool = False
+    allowed_sources: str | None = None  # space-separated CIDRs the client may call from; None: anywhere
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""Alert sinks: signed JSON webhook, e-mail (SMTP), syslog (RFC 5424), JSON-lines file.
+"""Alert sinks: signed JSON webhook, e-mail (SMTP, STARTTLS or implicit TLS), syslog (RFC 5424 over
+UDP, TCP or TLS per RFC 5425), JSON-lines file.
 
 Each sink runs on its own delivery thread (see ``services.alerts``), so they are
 plain blocking code over the standard library: ``urllib.request`` for the
@@ -41,6 +42,14 @@ _ZERO_TIME = "0001-01-01T00:00:00Z"  # Alertmanager's "no end time"
 # RFC 5424 severities: crit, err, warning, notice, info.
 SYSLOG_SEVERITY = {"critical": 2, "high": 3, "medium": 4, "low": 5, "info": 6}
 SD_ID = "fhirvault@32473"  # 32473: the private enterprise number reserved for examples (RFC 5612)
+
+
+def tls_client_context(ca_file: Path | None = None) -> ssl.SSLContext:
+    """Certificates and host names verified, TLS 1.2 at least; ``ca_file`` replaces the system CAs
+    (a private CA for the clinic's mail relay or SIEM)."""
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def _iso(ms: int) -> str:
@@ -150,10 +159,14 @@ class SmtpSink:
 
     def send(self, alert: Alert, event: str) -> None:
         s = self._settings
-        with smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds) as smtp:
+        context = tls_client_context(s.ca_file)
+        smtp = (smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_seconds, context=context) if s.implicit_tls
+                else smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds))
+        with smtp:
             smtp.ehlo()
-            if s.starttls:
-                smtp.starttls(context=ssl.create_default_context())
+            if s.starttls and not s.implicit_tls:
+                # Raises SMTPNotSupportedError if the server does not offer it: never fall back to clear text.
+                smtp.starttls(context=context)
                 smtp.ehlo()
             if s.username is not None:
                 smtp.login(s.username, s.password or "")
@@ -183,6 +196,7 @@ class SyslogSink:
         self._app = _printable(settings.app_name, 48)
         self._procid = str(os.getpid())
         self._tcp: socket.socket | None = None
+        self._tls = tls_client_context(settings.ca_file) if settings.transport == "tls" else None
 
     def format(self, alert: Alert, event: str) -> bytes:
         pri = self._facility * 8 + SYSLOG_SEVERITY[alert.severity]
@@ -201,11 +215,16 @@ class SyslogSink:
             with socket.socket(family, kind, proto) as sock:
                 sock.sendto(data, address)
             return
-        frame = str(len(data)).encode() + b" " + data  # RFC 6587 octet counting
+        frame = str(len(data)).encode() + b" " + data  # RFC 6587 / RFC 5425 octet counting
         if self._tcp is not None and self._peer_closed(self._tcp):
             self.close()
         if self._tcp is None:
-            self._tcp = socket.create_connection((s.host, s.port), timeout=s.timeout_seconds)
+            raw = socket.create_connection((s.host, s.port), timeout=s.timeout_seconds)
+            try:
+                self._tcp = raw if self._tls is None else self._tls.wrap_socket(raw, server_hostname=s.host)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                raise
         try:
             self._tcp.sendall(frame)
         except OSError:
@@ -214,11 +233,23 @@ class SyslogSink:
 
     @staticmethod
     def _peer_closed(sock: socket.socket) -> bool:
-        # A syslog receiver never writes: a readable socket means EOF or reset. Writing into a
-        # half-closed connection would "succeed" and lose the message, so reconnect first.
+        # A syslog receiver never writes: a readable socket means EOF or reset (over TLS, perhaps
+        # only a TLS 1.3 session ticket). Writing into a half-closed connection would "succeed" and
+        # lose the message, so reconnect first.
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return False
+        if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK over TLS: a non-blocking read instead
+            timeout = sock.gettimeout()
+            sock.setblocking(False)
+            try:
+                return sock.recv(1) == b""
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return False  # only handshake records (tickets) were waiting
+            except OSError:
+                return True
+            finally:
+                sock.settimeout(timeout)
         try:
             return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:

@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS clients (
     scopes      TEXT NOT NULL,
     jwks        TEXT,
     created_ms  INTEGER NOT NULL,
-    disabled    INTEGER NOT NULL DEFAULT 0
+    disabled    INTEGER NOT NULL DEFAULT 0,
+    allowed_sources TEXT  -- CIDRs the client may call from (NULL: anywhere)
 ) WITHOUT ROWID;
 
 -- client_assertion ids seen, kept until they expire (replay protection).
@@ -224,6 +225,12 @@ CREATE TABLE IF NOT EXISTS revoked_jtis (
     expires_ms INTEGER NOT NULL
 );
 """
+
+# Columns added after a table's first release: (table, column, definition). Data directories created
+# before them gain them at start-up (ALTER TABLE ... ADD COLUMN; CREATE IF NOT EXISTS would skip them).
+ADDED_COLUMNS = (
+    ("clients", "allowed_sources", "TEXT"),
+)
 
 # -- access control: break-the-glass grants and their review (see services/break_glass.py) --
 BREAK_GLASS_SCHEMA = """

@@ -30,6 +30,7 @@ import orjson
 
 from fhirvault.adapters.files import create_private
 from fhirvault.adapters.sqlite_schema import (
+    ADDED_COLUMNS,
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
     IDENTITY_SCHEMA,
@@ -101,11 +102,11 @@ def _break_glass(r: tuple[Any, ...]) -> BreakGlassRow:
 _USER_COLUMNS = ("user_id, tenant, username, password_hash, role, fhir_user, organization, clearances, totp,"
                  " totp_last_step, disabled, failures, locked_until_ms, created_ms")
 # The newest row stays, so its seq is never reused (other processes poll by seq).
-_CLIENT_COLUMNS = "client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled"
+_CLIENT_COLUMNS = "client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled, allowed_sources"
 
 
 def _client(row: Sequence[Any]) -> ClientRow:
-    return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+    return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]), row[8])
 
 
 _PURGE_REVOKED = "DELETE FROM revoked_jtis WHERE expires_ms < ? AND seq < (SELECT max(seq) FROM revoked_jtis)"
@@ -270,10 +271,10 @@ class _Tx:
 
     def insert_client(self, row: ClientRow) -> None:
         self._c.execute(
-            "INSERT INTO clients (client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled)"
-            " VALUES (?,?,?,?,?,?,?,?)",
+            "INSERT INTO clients (client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled,"
+            " allowed_sources) VALUES (?,?,?,?,?,?,?,?,?)",
             (row.client_id, row.tenant, row.name, row.secret_hash, row.scopes, row.jwks,
-             row.created_ms, int(row.disabled)),
+             row.created_ms, int(row.disabled), row.allowed_sources),
         )
 
     def client_for_update(self, client_id: str) -> ClientRow | None:
@@ -282,8 +283,8 @@ class _Tx:
 
     def update_client(self, row: ClientRow) -> None:
         self._c.execute(
-            "UPDATE clients SET name=?, secret_hash=?, scopes=?, jwks=?, disabled=? WHERE client_id=?",
-            (row.name, row.secret_hash, row.scopes, row.jwks, int(row.disabled), row.client_id),
+            "UPDATE clients SET name=?, secret_hash=?, scopes=?, jwks=?, disabled=?, allowed_sources=? WHERE client_id=?",
+            (row.name, row.secret_hash, row.scopes, row.jwks, int(row.disabled), row.allowed_sources, row.client_id),
         )
 
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
@@ -700,6 +701,9 @@ class SqliteStore:
         conn.executescript(AUDIT_SCHEMA)
         conn.executescript(BREAK_GLASS_SCHEMA)  # break-the-glass grants (IF NOT EXISTS: old data dirs gain it)
         conn.executescript(IDENTITY_SCHEMA)  # identity tables (CREATE IF NOT EXISTS: old data dirs gain them)
+        for table, column, definition in ADDED_COLUMNS:
+            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         conn.execute("BEGIN IMMEDIATE")
         row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
         if row is None:

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_create.add_argument("--scope", required=True, help='SMART scopes, e.g. "system/*.cruds"')
     p_create.add_argument("--jwks-file", type=Path, help="public JWK Set for private_key_jwt authentication")
     p_create.add_argument("--no-secret", action="store_true", help="private_key_jwt only (needs --jwks-file)")
+    p_create.add_argument("--allowed-source", dest="allowed_sources", action="append", default=[],
+                          metavar="CIDR", help="address or CIDR the client may call from (repeatable;"
+                          " default: anywhere)")
 
     p_keys = sub.add_parser("keys", help="key management")
     keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
@@ -172,7 +175,8 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
     except Exception as exc:  # a missing or uninitialised data dir, a wrong key file
         return _fail(str(exc))
     try:
-        client = container.auth.register_client(args.name, args.scope, jwks=jwks, with_secret=not args.no_secret)
+        client = container.auth.register_client(args.name, args.scope, jwks=jwks, with_secret=not args.no_secret,
+                                                allowed_sources=args.allowed_sources)
         container.audit.record_system_event(container.store, container.clock, "user-change",
                                             f"client {client.client_id} created with scope {client.scope}")
     except ScopeError as exc:
@@ -180,6 +184,8 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         container.close()
     out: dict[str, Any] = {"client_id": client.client_id, "name": client.name, "scope": client.scope}
+    if client.allowed_sources is not None:
+        out["allowed_sources"] = client.allowed_sources.split()
     if client.client_secret is not None:
         out["client_secret"] = client.client_secret
     print(json.dumps(out, indent=2))

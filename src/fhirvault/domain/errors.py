@@ -115,3 +115,7 @@ def internal_error() -> OperationOutcomeError:
 
 def service_unavailable(message: str) -> OperationOutcomeError:
     return _error(503, "transient", message)
+
+
+def too_many_requests(message: str, retry_after: int) -> OperationOutcomeError:
+    return _error(429, "throttled", message, headers={"Retry-After": str(retry_after)})

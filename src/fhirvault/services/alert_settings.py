@@ -35,10 +35,13 @@ SYSLOG_FACILITIES = {
 class BruteForceRule:
     enabled: bool = True
     severity: str = "high"
-    failures: int = 5  # failed logins / token requests for one account (client id or user)
+    failures: int = 5  # failed logins / token requests for one account (client id or user) from one source IP
     source_failures: int = 20  # failed logins, token requests or bearer checks from one source IP
     window_seconds: int = 300
-    lock_accounts: bool = True  # refuse the account at the token/login endpoint for lock_seconds
+    # Refuse the account at the token/login endpoint for lock_seconds: from the failing source only,
+    # and from every source once failures for it came from lock_after_sources distinct sources.
+    lock_accounts: bool = True
+    lock_after_sources: int = 10
     lock_seconds: int = 900
     throttle_sources: bool = True  # refuse the source IP for throttle_seconds
     throttle_seconds: int = 900
@@ -127,7 +130,9 @@ class SmtpSinkSettings:
     sender: str
     recipients: tuple[str, ...]
     port: int = 25
-    starttls: bool = True
+    starttls: bool = True  # upgrade with STARTTLS; refused (not sent in clear) if the server cannot
+    implicit_tls: bool = False  # TLS from the first byte (SMTPS, port 465); starttls is then moot
+    ca_file: Path | None = None  # trust these CAs instead of the system's (certificates always verified)
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout_seconds: float = 10.0
@@ -138,7 +143,8 @@ class SmtpSinkSettings:
 class SyslogSinkSettings:
     host: str
     port: int = 514
-    transport: str = "udp"  # udp (RFC 5426) | tcp (RFC 6587 octet counting)
+    transport: str = "udp"  # udp (RFC 5426) | tcp (RFC 6587 octet counting) | tls (RFC 5425, port 6514)
+    ca_file: Path | None = None  # tls: trust these CAs instead of the system's (certificates always verified)
     facility: str = "auth"
     app_name: str = "fhirvault"
     timeout_seconds: float = 5.0
@@ -253,6 +259,7 @@ _COMMON_RULE: dict[str, Parser] = {"enabled": _bool, "severity": _SEVERITY}
 _RULES: dict[str, tuple[type[Any], dict[str, Parser]]] = {
     "brute_force": (BruteForceRule, {
         "failures": _int(1, 1_000_000), "source_failures": _int(1, 1_000_000), "window_seconds": _WINDOW,
+        "lock_after_sources": _int(1, 1_000_000),
         "lock_accounts": _bool, "lock_seconds": _WINDOW, "throttle_sources": _bool, "throttle_seconds": _WINDOW,
     }),
     "mass_access": (MassAccessRule, {
@@ -282,10 +289,11 @@ _SINK_COMMON: dict[str, Parser] = {"type": _text, "min_severity": _SEVERITY}
 _SINKS: dict[str, dict[str, Parser]] = {
     "webhook": {"url": _url, "secret_file": _path, "secret_env": _text,
                 "format": _choice("fhirvault", "alertmanager"), "timeout_seconds": _float(0.1, 300.0)},
-    "smtp": {"host": _text, "port": _int(1, 65535), "starttls": _bool, "username": _text,
+    "smtp": {"host": _text, "port": _int(1, 65535), "starttls": _bool, "implicit_tls": _bool, "ca_file": _path,
+             "username": _text,
              "password_file": _path, "password_env": _text, "from": _text, "to": _addresses,
              "timeout_seconds": _float(0.1, 300.0)},
-    "syslog": {"host": _text, "port": _int(1, 65535), "transport": _choice("udp", "tcp"),
+    "syslog": {"host": _text, "port": _int(1, 65535), "transport": _choice("udp", "tcp", "tls"), "ca_file": _path,
                "facility": _choice(*SYSLOG_FACILITIES), "app_name": _text, "timeout_seconds": _float(0.1, 300.0)},
     "jsonl": {"path": _path},
 }
@@ -361,6 +369,9 @@ def _sink(index: int, raw: Any, where: str, environ: Mapping[str, str]) -> SinkS
         password = _secret(name, values, "password_file", "password_env", where, environ, required=False)
         if password is not None and "username" not in values:
             raise SettingsError(f"{name}: a password needs a username (from {where})")
+        if password is not None and not (values.get("starttls", True) or values.get("implicit_tls", False)):
+            raise SettingsError(f"{name}: a password is only sent over TLS: set starttls or implicit_tls"
+                                f" (from {where})")
         values.pop("password_file", None)
         values.pop("password_env", None)
         return SmtpSinkSettings(sender=values.pop("from"), recipients=values.pop("to"),

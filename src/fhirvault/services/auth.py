@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import ipaddress
 import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -111,6 +112,8 @@ class Principal:
     # Confidentiality codes (v3 Confidentiality: R, V) this user may see beyond normal (N) data.
     clearances: frozenset[str] = frozenset()
     issued_at: int = 0  # seconds; tokens of a client issued before it was disabled or re-keyed die
+    # RFC 8705: the token is bound to the client certificate with this SHA-256 thumbprint (cnf.x5t#S256).
+    cnf_x5t: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,7 @@ class NewClient:
     client_secret: str | None
     name: str
     scope: str
+    allowed_sources: str | None = None
 
 
 _hasher = PasswordHasher()  # Argon2id, RFC 9106 low-memory profile defaults
@@ -179,7 +183,10 @@ class AuthService:
 
     # -- clients ----------------------------------------------------------------
     def register_client(self, name: str, scope: str, *, jwks: Mapping[str, Any] | None = None,
-                        with_secret: bool = True) -> NewClient:
+                        with_secret: bool = True, allowed_sources: Sequence[str] = ()) -> NewClient:
+        """A backend client (client credentials). ``allowed_sources``: CIDRs it may call from
+        (the token endpoint and every request with its tokens); empty: anywhere."""
+        allowed = normalise_sources(allowed_sources)
         scopes = parse_scopes(scope)  # raises ScopeError with a clear message
         operational = operational_scopes(scope)
         if not scopes and not operational:
@@ -204,9 +211,10 @@ class AuthService:
             scopes=" ".join([*(str(s) for s in scopes), *operational]),
             jwks=orjson.dumps(dict(jwks)).decode() if jwks is not None else None,
             created_ms=self._clock.now_ms(),
+            allowed_sources=allowed,
         )
         self._store.write_sync("clients.create", lambda tx: tx.insert_client(row))
-        return NewClient(client_id, secret, name, row.scopes)
+        return NewClient(client_id, secret, name, row.scopes, allowed)
 
     def set_client_disabled(self, client_id: str, disabled: bool,
                             also: Callable[[WriteTx, ClientRow], None] | None = None) -> ClientRow:
@@ -373,7 +381,8 @@ class AuthService:
             raise OAuthError("invalid_client", "client assertion lives too long (max 5 minutes)", 401)
         return row, f"{client_id}:{token.claims['jti']}:{exp}"
 
-    def issue(self, client: ClientRow, requested_scope: str | None) -> dict[str, Any]:
+    def issue(self, client: ClientRow, requested_scope: str | None, *, cnf_x5t: str | None = None) -> dict[str, Any]:
+        """A client-credentials access token; ``cnf_x5t`` binds it to the client's certificate (RFC 8705)."""
         allowed = parse_scopes(client.scopes, strict=False)
         allowed_ops = operational_scopes(client.scopes)
         if requested_scope:
@@ -394,6 +403,8 @@ class AuthService:
             "iss": self.issuer, "aud": self.audience, "sub": client.client_id, "client_id": client.client_id,
             "tenant": client.tenant, "scope": scope, "iat": now, "nbf": now, "exp": now + self._ttl, "jti": jti,
         }
+        if cnf_x5t is not None:
+            claims["cnf"] = {"x5t#S256": cnf_x5t}
         token = jwt.encode({"alg": _ACCESS_ALG, "kid": self.kid, "typ": "at+jwt"}, claims, self._key,
                            algorithms=[_ACCESS_ALG])
         return {"access_token": token, "token_type": "Bearer", "expires_in": self._ttl, "scope": scope}
@@ -457,6 +468,7 @@ class AuthService:
             session_id=opt("sid"),
             clearances=frozenset(str(c) for c in claims.get("clearance") or ()),
             issued_at=issued_at,
+            cnf_x5t=_cnf_x5t(claims.get("cnf")),
         )
         with self._cache_lock:
             self._cache[token] = principal
@@ -555,6 +567,38 @@ class AuthService:
         """Was this token issued at or before its client was disabled or re-keyed? (polled with is_revoked)"""
         cutoff = self._cutoffs.get(client_id)
         return cutoff is not None and issued_at <= cutoff[0]
+
+def _cnf_x5t(cnf: Any) -> str | None:
+    value = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+    return str(value) if value is not None else None
+
+
+def normalise_sources(sources: Sequence[str]) -> str | None:
+    """A client's source allow-list as stored: normalised CIDRs, space-separated (None: anywhere)."""
+    nets: list[str] = []
+    for source in sources:
+        for item in source.replace(",", " ").split():
+            try:
+                nets.append(str(ipaddress.ip_network(item, strict=False)))
+            except ValueError:
+                raise ScopeError(f"not an IP address or CIDR: {item}") from None
+    return " ".join(dict.fromkeys(nets)) or None
+
+
+def source_allowed(allowed: str | None, source_ip: str | None) -> bool:
+    """Whether a client with allow-list ``allowed`` may call from ``source_ip`` (unknown: no)."""
+    if allowed is None:
+        return True
+    if source_ip is None:
+        return False
+    try:
+        address = ipaddress.ip_address(source_ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in ipaddress.ip_network(net) for net in allowed.split())
+
 
 def parse_scope_or_none(text: str) -> ResourceScope | None:
     try:

@@ -106,7 +106,10 @@ class DetectionEngine:
         self._tz = zoneinfo.ZoneInfo(settings.after_hours.timezone)
         self._account_failures: collections.OrderedDict[str, collections.deque[int]] = collections.OrderedDict()
         self._source_failures: collections.OrderedDict[str, collections.deque[int]] = collections.OrderedDict()
-        self._locked: collections.OrderedDict[str, int] = collections.OrderedDict()  # account -> until ms
+        # account -> until ms (every source), or "account@source" -> until ms (that source only)
+        self._locked: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._failing_sources: collections.OrderedDict[str, collections.OrderedDict[str, int]] = (
+            collections.OrderedDict())  # account -> source -> last failure ms
         self._throttled: collections.OrderedDict[str, int] = collections.OrderedDict()  # source -> until ms
         self._mass: collections.OrderedDict[str, _MassState] = collections.OrderedDict()
         self._refusals: collections.OrderedDict[str, collections.deque[int]] = collections.OrderedDict()
@@ -129,24 +132,32 @@ class DetectionEngine:
                 log.error("detection rule failed", extra={"error": type(exc).__name__, "errors": self.errors})
 
     def throttled(self, *, source_ip: str | None, client_id: str | None, user: str | None = None) -> bool:
-        """True while the brute-force rule locks this account or throttles this source."""
+        """True while the brute-force rule throttles this source or locks this account (for this source,
+        or for every source after a distributed attack)."""
         if not (self._locked or self._throttled):
             return False
         now = self._clock.now_ms()
         if source_ip is not None and self._active_until(self._throttled, source_ip, now):
             return True
-        if client_id is not None and self._active_until(self._locked, "client:" + client_id[:_MAX_ID], now):
-            return True
-        return user is not None and self._active_until(self._locked, "user:" + user[:_MAX_ID], now)
+        for account in (("client:" + client_id[:_MAX_ID]) if client_id is not None else None,
+                        ("user:" + user[:_MAX_ID]) if user is not None else None):
+            if account is None:
+                continue
+            if self._active_until(self._locked, account, now):
+                return True
+            if source_ip is not None and self._active_until(self._locked, f"{account}@{source_ip[:64]}", now):
+                return True
+        return False
 
     def unlock(self, *, source_ip: str | None = None, client_id: str | None = None, user: str | None = None) -> None:
         """Operator override: lift a lock or throttle before it expires."""
         if source_ip is not None:
             self._throttled.pop(source_ip, None)
-        if client_id is not None:
-            self._locked.pop("client:" + client_id[:_MAX_ID], None)
-        if user is not None:
-            self._locked.pop("user:" + user[:_MAX_ID], None)
+        for account in (("client:" + client_id[:_MAX_ID]) if client_id is not None else None,
+                        ("user:" + user[:_MAX_ID]) if user is not None else None):
+            if account is not None:
+                for key in [k for k in self._locked if k == account or k.startswith(account + "@")]:
+                    self._locked.pop(key, None)
 
     def system_alert(self, rule: str, severity: str, summary: str, dedup_key: str,
                      labels: dict[str, str] | None = None) -> Alert:
@@ -208,21 +219,26 @@ class DetectionEngine:
         account = ("user:" + r.user[:_MAX_ID]) if r.user is not None else (
             ("client:" + r.client_id[:_MAX_ID]) if r.client_id is not None else None)
         if account is not None:
-            failures = _touch(self._account_failures, account,
+            # Failures are counted per account *and source*: someone who only knows a client id or
+            # user name locks it for their own address, not for its owner (see docs/security-model.md).
+            key = account if r.source_ip is None else f"{account}@{r.source_ip[:64]}"
+            failures = _touch(self._account_failures, key,
                               lambda: collections.deque(maxlen=rule.failures), self._cap)
             failures.append(ts)
+            kind, _, ident = account.partition(":")
             if len(failures) == rule.failures and ts - failures[0] <= window:
                 if rule.lock_accounts:
-                    self._extend(self._locked, account, ts + rule.lock_seconds * 1000)
-                kind, _, ident = account.partition(":")
+                    self._extend(self._locked, key, ts + rule.lock_seconds * 1000)
                 labels = {kind if kind == "user" else "client_id": _label(ident)}
                 if r.source_ip is not None:
                     labels["source_ip"] = _label(r.source_ip)
-                action = f"; locked for {rule.lock_seconds} s" if rule.lock_accounts else ""
+                action = f"; locked for {rule.lock_seconds} s from that source" if rule.lock_accounts else ""
                 self._alerts.raise_alert(
                     BRUTE_FORCE, rule.severity,
                     f"{rule.failures}+ failed logins for {kind} {_label(ident)} within {rule.window_seconds} s{action}",
                     "account:" + account, labels)
+            if r.source_ip is not None:
+                self._distributed(account, r.source_ip, ts)
         if r.source_ip is not None:
             failures = _touch(self._source_failures, r.source_ip,
                               lambda: collections.deque(maxlen=rule.source_failures), self._cap)
@@ -236,6 +252,28 @@ class DetectionEngine:
                     f"{rule.source_failures}+ failed logins from {_label(r.source_ip)} within "
                     f"{rule.window_seconds} s{action}",
                     "source:" + r.source_ip, {"source_ip": _label(r.source_ip)})
+
+    def _distributed(self, account: str, source: str, ts: int) -> None:
+        """Lock the account for every source once failures came from ``lock_after_sources`` sources."""
+        rule = self._s.brute_force
+        window = rule.window_seconds * 1000
+        sources = _touch(self._failing_sources, account, collections.OrderedDict, self._cap)
+        sources[source] = ts
+        sources.move_to_end(source)
+        while sources and (ts - next(iter(sources.values())) > window or len(sources) > rule.lock_after_sources):
+            sources.popitem(last=False)
+        if len(sources) < rule.lock_after_sources:
+            return
+        if rule.lock_accounts:
+            self._extend(self._locked, account, ts + rule.lock_seconds * 1000)
+        kind, _, ident = account.partition(":")
+        action = f"; locked for {rule.lock_seconds} s from every source" if rule.lock_accounts else ""
+        self._alerts.raise_alert(
+            BRUTE_FORCE, rule.severity,
+            f"failed logins for {kind} {_label(ident)} from {len(sources)} sources within "
+            f"{rule.window_seconds} s{action}",
+            "distributed:" + account, {kind if kind == "user" else "client_id": _label(ident),
+                                       "sources": str(len(sources))})
 
     def _mass_access(self, r: AuditRecord, actor: str) -> None:
         rule = self._s.mass_access

@@ -45,6 +45,9 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 # client_auth: token endpoint refused the client; invalid_scope: it refused the scopes asked for;
 # missing_token / invalid_token: a bearer token was absent or bad (401); forbidden: scopes refused (403).
 AUTH_FAILURE_KINDS = frozenset({"client_auth", "invalid_scope", "missing_token", "invalid_token", "forbidden"})
+# Firewall: the bucket that refused a request, the rule that refused one outright.
+RATE_LIMIT_BUCKETS = frozenset({"source", "auth", "client", "user"})
+FIREWALL_REASONS = frozenset({"host", "admin_source", "login_source", "client_source", "certificate"})
 SEVERITIES = frozenset({"info", "low", "medium", "high", "critical"})  # as services/alert_settings.py
 _MAX_NAMES = 64  # distinct free-form label values per metric (rules, targets, levels)
 
@@ -123,6 +126,12 @@ class Metrics:
                                        buckets=REQUEST_BUCKETS, registry=r)
         self.auth_failures = Counter("fhirvault_auth_failures",
                                      "Authentication and authorisation failures by kind", ["kind"], registry=r)
+        self.rate_limited_requests = Counter("fhirvault_rate_limited_requests",
+                                             "Requests refused with 429 by the token bucket that was empty",
+                                             ["bucket"], registry=r)
+        self.firewall_refusals = Counter("fhirvault_firewall_refusals",
+                                         "Requests refused by the firewall (Host header, source allow-lists)",
+                                         ["reason"], registry=r)
         # Audit
         self.audit_records = Counter("fhirvault_audit_records", "Audit records appended", registry=r)
         self.audit_append_lag = Histogram("fhirvault_audit_append_lag_seconds",
@@ -195,6 +204,12 @@ class Metrics:
 
     def auth_failure(self, kind: str) -> None:
         self.auth_failures.labels(kind if kind in AUTH_FAILURE_KINDS else "other").inc()
+
+    def rate_limited(self, bucket: str) -> None:
+        self.rate_limited_requests.labels(bucket if bucket in RATE_LIMIT_BUCKETS else "other").inc()
+
+    def firewall_refused(self, reason: str) -> None:
+        self.firewall_refusals.labels(reason if reason in FIREWALL_REASONS else "other").inc()
 
     # -- audit -------------------------------------------------------------------------
     def audit_recorded(self, count: int = 1, lag_seconds: float | None = None) -> None:

@@ -6,9 +6,12 @@
   the same error, so neither timing nor messages tell which usernames exist.
 * TOTP secrets are sealed with a service secret (AES-256-GCM, bound to the user id); a code is
   accepted within ±1 time step and only once (the last accepted step is stored).
-* Back-off: after ``BACKOFF_AFTER`` consecutive failures (passwords or codes) each further failure
-  locks the account for ``BACKOFF_BASE_S * 2**k`` seconds; after ``LOCK_AFTER`` it stays locked
-  until an administrator unlocks it. The brute-force rule of the detection engine comes on top.
+* Back-off: after ``BACKOFF_AFTER`` consecutive failed second factors each further failure locks
+  the account for ``BACKOFF_BASE_S * 2**k`` seconds; after ``LOCK_AFTER`` it stays locked until an
+  administrator unlocks it. Only someone who has the password gets that far. Wrong *passwords* do
+  not lock the stored account: anyone who knows a user name could then lock its owner out. They are
+  throttled per source address by the firewall and the detection engine's brute-force rule (the
+  account is locked for the failing address, and for every address only after failures from many).
 """
 
 from __future__ import annotations
@@ -192,8 +195,7 @@ class UserService:
             raise LoginError(LOGIN_FAILED, "disabled", user.user_id)
         if self._locked(user, now):
             raise LoginError(LOGIN_FAILED, "locked", user.user_id)
-        if not ok:
-            self.record_failure(user.user_id)
+        if not ok:  # counted per source by the detection engine (see the module docstring)
             raise LoginError(LOGIN_FAILED, "bad-password", user.user_id)
         return user
 

@@ -28,6 +28,7 @@ from fhirvault.services.metrics import tenant_key_created
 from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
+from fhirvault.web.firewall import Firewall
 from fhirvault.web.login import IdentityWeb
 from fhirvault.web.metrics_endpoint import MetricsEndpoint
 from fhirvault.web.middleware import RequestContextMiddleware
@@ -178,7 +179,9 @@ def create_app(container: Container) -> ASGIApp:
         exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,
     )
-    return RequestContextMiddleware(_Dispatcher(fhir, other), hsts=settings.tls_cert is not None, metrics=metrics)
+    guarded = Firewall(_Dispatcher(fhir, other), settings, auth=container.auth, store=container.store, repo=repo,
+                       metrics=metrics, detection=detection)
+    return RequestContextMiddleware(guarded, hsts=settings.tls_cert is not None, metrics=metrics)
 
 
 __all__ = ["create_app"]

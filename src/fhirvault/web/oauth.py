@@ -16,11 +16,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fhirvault.services.auth import APP_SCOPES, AuthService, OAuthError
+from fhirvault.services.auth import APP_SCOPES, AuthService, OAuthError, source_allowed
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.oauth_server import GrantFailure, OAuthServer
 from fhirvault.services.repository import Repository, RequestContext
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
+from fhirvault.web.firewall import CLIENT_CERT_KEY
 
 log = logging.getLogger("fhirvault.oauth")
 _MAX_FORM = 64 * 1024
@@ -130,7 +131,9 @@ class OAuthEndpoints:
             raise OAuthError("unsupported_grant_type",
                              "supported: client_credentials, authorization_code, refresh_token")
         client = await self._authenticate(request, ctx, claimed, form, self._auth.authenticate_client)
-        return client.client_id, self._auth.issue(client, form.get("scope")), None
+        # A client certificate verified by a trusted TLS-terminating proxy binds the token to it (RFC 8705).
+        cnf = request.scope.get(CLIENT_CERT_KEY)
+        return client.client_id, self._auth.issue(client, form.get("scope"), cnf_x5t=cnf), None
 
     async def _authenticate(self, request: Request, ctx: RequestContext, claimed: dict[str, str],
                             form: dict[str, str], check: Callable[..., tuple[Any, str | None]] | None = None) -> Any:
@@ -152,6 +155,9 @@ class OAuthEndpoints:
             self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
         async with self._hash_slots:  # and off the event loop itself
             client, assertion_id = await run_in_threadpool(check, form, basic, token_url)
+        if not source_allowed(client.allowed_sources, ctx.source_ip):
+            # Right credentials from the wrong place: a stolen secret, or a misconfigured allow-list.
+            raise OAuthError("invalid_client", "client not allowed from this address", 401)
         if assertion_id is not None:
             exp = int(assertion_id.rsplit(":", 1)[1])
             if not await self._repo.remember_assertion(assertion_id, exp * 1000):
@@ -217,8 +223,10 @@ class OAuthEndpoints:
                 self._hash_slots = asyncio.Semaphore(_HASH_CONCURRENCY)
             auth_form = {k: v for k, v in form.items() if k not in ("token", "token_type_hint")}
             async with self._hash_slots:
-                await run_in_threadpool(self._auth.authenticate_client, auth_form, basic,
-                                        token_url_for(request, self._public))
+                row, _ = await run_in_threadpool(self._auth.authenticate_client, auth_form, basic,
+                                                 token_url_for(request, self._public))
+            if not source_allowed(row.allowed_sources, ctx.source_ip):
+                raise OAuthError("invalid_client", "client not allowed from this address", 401)
         except OAuthError as exc:
             await self._repo.audit_event(ctx, "token", exc.status, exc.error, client_id=claimed.get("id"),
                                          category="security")

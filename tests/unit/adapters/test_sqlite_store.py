@@ -156,3 +156,26 @@ def test_audit_entries_appended_by_another_process_do_not_collide(tmp_path: Path
     finally:
         cli.close()
         server.close()
+
+
+def test_a_data_dir_from_before_client_allow_lists_gains_the_column(tmp_path: Path) -> None:
+    from fhirvault.ports import ClientRow
+
+    path = tmp_path / "db.sqlite3"
+    store = SqliteStore(path)
+    store.close()
+    conn = sqlite3.connect(path)  # the clients table as the first release made it
+    conn.executescript("DROP TABLE clients; CREATE TABLE clients (client_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+                       " name TEXT NOT NULL, secret_hash TEXT, scopes TEXT NOT NULL, jwks TEXT,"
+                       " created_ms INTEGER NOT NULL, disabled INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
+                       "INSERT INTO clients VALUES ('old', 'default', 'old', NULL, 'system/*.rs', NULL, 1, 0);")
+    conn.close()
+    store = SqliteStore(path)
+    try:
+        old = store.client("old")
+        assert old is not None and old.allowed_sources is None
+        row = ClientRow("new", "default", "new", None, "system/*.rs", None, 2, allowed_sources="10.0.0.0/8")
+        store.write_sync("clients.create", lambda tx: tx.insert_client(row))
+        assert store.client("new") == row
+    finally:
+        store.close()

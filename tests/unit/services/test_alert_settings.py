@@ -138,7 +138,7 @@ def test_empty_sink_list_disables_delivery(tmp_path: Path) -> None:
     ("[[alerts.sinks]]\ntype = 'smtp'\nhost = 'h'\nto = ['x@y']", "alerts.sinks[0].from is required"),
     ("[[alerts.sinks]]\ntype = 'smtp'\nhost = 'h'\nfrom = 'a@b'\nto = ['x@y']\npassword = 'p'",
      "unknown setting 'alerts.sinks[0].password'"),
-    ("[[alerts.sinks]]\ntype = 'syslog'\nhost = 'h'\ntransport = 'tls'", "alerts.sinks[0].transport"),
+    ("[[alerts.sinks]]\ntype = 'syslog'\nhost = 'h'\ntransport = 'dtls'", "alerts.sinks[0].transport"),
     ("[[alerts.sinks]]\ntype = 'syslog'\nhost = 'h'\nfacility = 'local9'", "alerts.sinks[0].facility"),
     ("[alerts]\nsinks = 'jsonl'", "alerts.sinks: expected an array of tables"),
     ("[alerts]\nretry_initial_seconds = 10.0\nretry_max_seconds = 1.0", "must not exceed retry_max_seconds"),
@@ -148,6 +148,23 @@ def test_errors_name_the_key_and_origin(text: str, message: str, tmp_path: Path)
         parse(text, tmp_path)
     assert message in str(err.value)
     assert ORIGIN in str(err.value)
+
+
+def test_tls_sink_settings(tmp_path: Path) -> None:
+    text = ("[[alerts.sinks]]\ntype = 'syslog'\nhost = 'siem'\nport = 6514\ntransport = 'tls'\nca_file = 'ca.pem'\n"
+            "[[alerts.sinks]]\ntype = 'smtp'\nhost = 'h'\nport = 465\nimplicit_tls = true\nfrom = 'a@b'\n"
+            "to = ['x@y']\nusername = 'u'\npassword_env = 'HOME'\n")
+    syslog, smtp = parse(text, tmp_path, {"HOME": "pw"}).sinks
+    assert isinstance(syslog, SyslogSinkSettings) and syslog.transport == "tls" and syslog.ca_file is not None
+    assert isinstance(smtp, SmtpSinkSettings) and smtp.implicit_tls and smtp.ca_file is None
+
+
+def test_smtp_password_needs_tls(tmp_path: Path) -> None:
+    text = ("[[alerts.sinks]]\ntype = 'smtp'\nhost = 'h'\nfrom = 'a@b'\nto = ['x@y']\nstarttls = false\n"
+            "username = 'u'\npassword_env = 'PW'\n")
+    with pytest.raises(SettingsError, match="a password is only sent over TLS"):
+        parse(text, tmp_path, {"PW": "secret"})
+    assert parse(text.replace("starttls = false", "implicit_tls = true"), tmp_path, {"PW": "secret"}).sinks
 
 
 def test_empty_secret_file_is_refused(tmp_path: Path) -> None:

@@ -107,11 +107,28 @@ def test_200_failed_token_attempts_one_alert_and_throttle(s: Setup) -> None:
     assert by_key["source:203.0.113.7"].count == 200 - 20 + 1
     assert by_key["account:client:attacker-app"].labels == {"client_id": "attacker-app", "source_ip": "203.0.113.7"}
     assert s.engine.throttled(source_ip="203.0.113.7", client_id="legit")
-    assert s.engine.throttled(source_ip="198.51.100.1", client_id="attacker-app")
+    # The account is locked for the attacker's address only: its owner elsewhere still gets in.
+    assert not s.engine.throttled(source_ip="198.51.100.1", client_id="attacker-app")
     assert not s.engine.throttled(source_ip="198.51.100.1", client_id="legit")
     assert not s.engine.throttled(source_ip=None, client_id=None, user="alice")
     s.clock.ms += 901_000  # lock_seconds and throttle_seconds (900) have passed
     assert not s.engine.throttled(source_ip="203.0.113.7", client_id="attacker-app")
+
+
+def test_account_lock_is_per_source_until_many_sources_fail(s: Setup) -> None:
+    for i in range(5):  # one attacker address, the default 5 failures: that address is locked out of the account
+        s.clock.ms = T0 + i * 100
+        s.feed(interaction="login", status=401, user="alice", source_ip="203.0.113.7", category="security")
+    assert s.engine.throttled(source_ip="203.0.113.7", client_id=None, user="alice")
+    assert not s.engine.throttled(source_ip="198.51.100.1", client_id=None, user="alice")  # alice at work
+    assert not s.engine.throttled(source_ip="203.0.113.7", client_id=None, user="bob")  # below the source rule
+    for n in range(9):  # failures from 10 distinct addresses in the window: a distributed attack
+        s.clock.ms += 100
+        s.feed(interaction="login", status=401, user="alice", source_ip=f"192.0.2.{n}", category="security")
+    assert s.engine.throttled(source_ip="198.51.100.1", client_id=None, user="alice")
+    assert {a.dedup_key for a in s.fired(BRUTE_FORCE)} == {"account:user:alice", "distributed:user:alice"}
+    s.engine.unlock(user="alice")
+    assert not s.engine.throttled(source_ip="203.0.113.7", client_id=None, user="alice")
 
 
 def test_failures_spread_beyond_the_window_do_not_fire(s: Setup) -> None:
@@ -148,7 +165,7 @@ def test_tracked_actors_are_bounded() -> None:
         for i in range(5000):
             setup.feed(interaction="token", status=401, client_id=f"c{i}" + "x" * 10_000, source_ip=f"10.{i}")
         assert len(setup.engine._account_failures) == 100 and len(setup.engine._source_failures) == 100
-        assert all(len(k) <= 140 for k in setup.engine._account_failures)
+        assert all(len(k) <= 140 + 65 for k in setup.engine._account_failures)  # account@source
     finally:
         setup.alerts.close()
 

@@ -101,13 +101,27 @@ def test_totp_window_and_replay(env: tuple[UserService, MemoryStore, FakeClock])
             users.check_totp(uid, junk)
 
 
-def test_backoff_then_lock_until_admin_unlock(env: tuple[UserService, MemoryStore, FakeClock]) -> None:
+def test_wrong_passwords_do_not_lock_the_stored_account(env: tuple[UserService, MemoryStore, FakeClock]) -> None:
+    # Anyone who knows a user name can send wrong passwords: that must not lock its owner out.
+    # Password guessing is throttled per source address instead (firewall, detection engine).
+    users, store, _ = env
+    uid = users.create("doc", "practitioner", PASSWORD).user.user_id
+    for _ in range(LOCK_AFTER * 3):
+        with pytest.raises(LoginError) as exc:
+            users.check_password("doc", "wrong")
+        assert exc.value.reason == "bad-password"
+    users.check_password("doc", PASSWORD)
+    row = store.user(uid)
+    assert row is not None and row.failures == 0 and row.locked_until_ms == 0
+
+
+def test_totp_backoff_then_lock_until_admin_unlock(env: tuple[UserService, MemoryStore, FakeClock]) -> None:
     users, store, clock = env
     created = users.create("doc", "practitioner", PASSWORD)
     uid = created.user.user_id
     for _ in range(BACKOFF_AFTER):
         with pytest.raises(LoginError):
-            users.check_password("doc", "wrong")
+            users.check_totp(uid, "000000")
     # back-off: even the right password is refused, with the same message
     with pytest.raises(LoginError) as exc:
         users.check_password("doc", PASSWORD)
@@ -117,7 +131,7 @@ def test_backoff_then_lock_until_admin_unlock(env: tuple[UserService, MemoryStor
     users.login_succeeded(uid)
     row = store.user(uid)
     assert row is not None and row.failures == 0
-    # wrong TOTP codes count as well
+    # up to the permanent lock
     for _ in range(LOCK_AFTER):
         clock.ms += 10 * 60_000  # past any back-off
         with pytest.raises(LoginError):
