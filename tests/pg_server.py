@@ -25,7 +25,9 @@ from fhirvault.adapters.postgres_store import migrate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg-test-server.sh"
 TEMPLATE = "fhirvault_template"
-ENGINE_ENV = "FHIRVAULT_TEST_ENGINE"  # postgresql: the server/app fixtures run on PostgreSQL
+# postgresql: the server/app fixtures run on PostgreSQL. Not FHIRVAULT_*: the settings refuse unknown
+# FHIRVAULT_ variables, and CLI commands run by the tests inherit the environment.
+ENGINE_ENV = "TEST_DB_ENGINE"
 
 
 def engine() -> str:

@@ -20,7 +20,7 @@ def _all_bytes(paths: list[Path]) -> list[tuple[Path, bytes]]:
 
 
 def _database_files(server: Server) -> list[Path]:
-    """On PostgreSQL (FHIRVAULT_TEST_ENGINE=postgresql), the server's database files, the WAL and the log."""
+    """On PostgreSQL (TEST_DB_ENGINE=postgresql), the server's database files, the WAL and the log."""
     return pg_server.server().files_of(server.data_dir) if pg_server.engine() == "postgresql" else []
 
 

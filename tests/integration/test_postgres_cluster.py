@@ -1,4 +1,4 @@
-"""Two server processes on one PostgreSQL database (always PostgreSQL, whatever FHIRVAULT_TEST_ENGINE says)."""
+"""Two server processes on one PostgreSQL database (always PostgreSQL, whatever TEST_DB_ENGINE says)."""
 
 from __future__ import annotations
 

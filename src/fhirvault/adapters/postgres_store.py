@@ -122,6 +122,10 @@ def _tenant_key(r: tuple[Any, ...]) -> TenantKeyRow:
     return TenantKeyRow(r[0], r[1], bytes(r[2]), r[3], r[4])
 
 
+def _has_nul(args: Any) -> bool:
+    return any(isinstance(a, str) and "\x00" in a for a in args)
+
+
 def lock_key(name: str) -> int:
     """A signed 64-bit advisory lock key for a name."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
@@ -583,18 +587,23 @@ class PostgresStore:
         return fut.result()
 
     # -- reads --------------------------------------------------------------
+    # PostgreSQL text cannot hold NUL, so no stored value has one: a lookup by such a string
+    # (a login name from a form, say) finds nothing, as in SQLite, instead of failing.
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
+        if _has_nul(args):
+            return None
         with self._pool.connection() as c:
             return c.execute(sql, args).fetchone()  # type: ignore[arg-type]  # statements are module constants
 
     def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
+        if _has_nul(args):
+            return []
         with self._pool.connection() as c:
             return c.execute(sql, args).fetchall()  # type: ignore[arg-type]
 
     def _int(self, sql: str, args: Any = ()) -> int:
         row = self._one(sql, args)
-        assert row is not None
-        return int(row[0])
+        return 0 if row is None else int(row[0])
 
     def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._one(_SELECT_CURRENT, (tenant, type, id))
