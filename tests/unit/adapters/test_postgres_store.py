@@ -123,6 +123,27 @@ def test_a_lock_wanted_after_the_audit_head_moves_the_job_to_the_next_transactio
             held.result(10)
         assert store.commits - commits == 3  # hold's batch, then [audited], then [locking]
 
+        # the same key twice in one batch: the second job waits for the first one's COMMIT
+        def same_key(tx: WriteTx) -> bool:
+            return tx.serialize("k2")
+
+        inside.clear()
+        release.clear()
+
+        async def twice() -> list[bool]:
+            jobs = [store.write("a", same_key), store.write("b", same_key)]
+            await asyncio.sleep(0.1)
+            release.set()
+            return list(await asyncio.gather(*jobs))
+
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(store.write_sync, "hold", hold)
+            assert inside.wait(10)
+            commits = store.commits
+            assert asyncio.run(twice()) == [True, True]
+            held.result(10)
+        assert store.commits - commits == 3
+
         def locks_after_own_audit(tx: WriteTx) -> None:
             tx.append_audit("t", 3, lambda _s: b"c")
             tx.serialize("k")
@@ -248,7 +269,7 @@ def test_acknowledged_writes_survive_a_database_crash(tmp_path_factory: pytest.T
         try:
             assert acked, "no write was acknowledged before the crash"
             assert all(after.read_current("t", "Patient", f"p{i}") is not None for i in acked)
-            seqs = [r.seq for r in after.audit_rows(limit=1000)]
+            seqs = [r.seq for r in after.audit_rows(limit=1_000_000)]
             assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= len(acked)
         finally:
             after.close()
