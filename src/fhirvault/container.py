@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -122,9 +123,8 @@ def open_store(settings: Settings) -> ResourceStore:
 
 def leadership_for(store: ResourceStore) -> Leadership:
     """Who runs the cluster singletons: with PostgreSQL several processes may share the database."""
-    from fhirvault.adapters.postgres_store import PostgresStore
-
-    return store.leadership() if isinstance(store, PostgresStore) else SoleProcess()
+    make: Callable[[], Leadership] | None = getattr(store, "leadership", None)  # PostgresStore has one
+    return make() if make is not None else SoleProcess()
 
 
 def instance_id(store: ResourceStore) -> str:
