@@ -8,9 +8,8 @@ import secrets
 from pathlib import Path
 
 from fhirvault.adapters.keyfile import KeyFileProvider, write_private_file
-from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.config import CONFIG_FILE_NAME, Settings
-from fhirvault.container import INSTANCE_META, SystemClock, issuer_for
+from fhirvault.container import INSTANCE_META, SystemClock, issuer_for, open_store
 from fhirvault.ports import Clock, WriteTx
 from fhirvault.services.auth import AuthService
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
@@ -27,7 +26,13 @@ class InitError(Exception):
 
 
 def is_initialised(settings: Settings) -> bool:
-    return settings.database_path.exists()
+    if settings.database_url is None:
+        return settings.database_path.exists()
+    store = open_store(settings)  # PostgreSQL: the database says (the data directory only holds keys)
+    try:
+        return store.get_meta(INSTANCE_META) is not None
+    finally:
+        store.close()
 
 
 def data_dir_is_new(data_dir: Path) -> bool:
@@ -44,9 +49,11 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     root = KeyFileProvider.create(settings.root_key_path)
-    store = SqliteStore(settings.database_path, settings.audit_database_path)
+    store = open_store(settings)
     try:
         def setup(tx: WriteTx) -> None:
+            if tx.get_meta(INSTANCE_META) is not None:  # a shared database (PostgreSQL) initialised before
+                raise InitError("refusing to initialise: the database already holds an instance")
             tx.set_meta(INSTANCE_META, secrets.token_hex(8).encode())
             AuthService.create_signing_key(tx, root)
 

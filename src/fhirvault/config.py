@@ -50,6 +50,9 @@ class Settings:
     max_bundle_entries: int = 5000
     log_level: str = "info"
     tenant: str = "default"
+    # The database: None keeps the embedded SQLite files in the data directory; postgresql://… selects
+    # PostgreSQL. Never printed: the URL may carry a password (repr=False, and errors do not echo it).
+    database_url: str | None = dataclasses.field(default=None, repr=False)
     # Audit log: signed checkpoints, their witnesses (file:///…, syslog+udp://…, syslog+tcp://…;
     # default: DATA_DIR/audit-witness.log — move it to another volume), full re-verification.
     audit_checkpoint_seconds: int = 10
@@ -183,6 +186,22 @@ def _hosts(name: str, raw: Any) -> tuple[str, ...]:
 _HOST_NAME = re.compile(r"^(\*\.)?[a-z0-9.\-]{1,253}$|^\[[0-9a-f:.]{2,45}\]$")
 
 
+def _database_url(name: str, raw: Any) -> str:
+    # The value is never put in a message: it may contain a password.
+    if not isinstance(raw, str) or not raw.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(f"{name}: expected a postgresql://user@host:port/database URL")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise SettingsError(f"{name}: not a valid postgresql:// URL") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise SettingsError(f"{name}: the URL names no host")
+    return raw
+
+
 def _tenant(name: str, raw: Any) -> str:
     value = _text(name, raw)
     if not value.replace("-", "").isalnum() or len(value) > 64:
@@ -206,6 +225,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_bundle_entries": _positive_int(1, 100_000),
     "log_level": _choice("debug", "info", "warning", "error"),
     "tenant": _tenant,
+    "database_url": _database_url,
     "audit_checkpoint_seconds": _positive_int(1, 3600),
     "audit_witness_seconds": _positive_int(1, 86400),
     "audit_witnesses": _witnesses,
@@ -325,6 +345,9 @@ def load_settings(
         merged[name] = _parse_section(name, sections.get(name, {}), f"config file {file_path}",
                                       merged["data_dir"], environ)
     settings = Settings(**merged, config_path=file_path)
+    if settings.database_url is not None and settings.backup is not None:
+        raise SettingsError("[backup] copies the SQLite files and does not support database_url (PostgreSQL)"
+                            " yet: back the database up with PostgreSQL's tools (see docs/postgresql.md)")
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("default_page_size must not exceed max_page_size")
     return settings

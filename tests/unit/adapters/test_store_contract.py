@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from fhirvault.adapters.memory_store import ConstraintError, MemoryStore
-from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.adapters.memory_store import ConstraintError
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
     AuditCheckpoint,
@@ -32,16 +32,15 @@ from fhirvault.ports import (
     WrappedKey,
     WriteTx,
 )
+from tests.store_engines import open_test_store
 
 # What each adapter raises when a uniqueness rule is broken (the ports name no error).
-DUPLICATE = (sqlite3.IntegrityError, ConstraintError)
+DUPLICATE = (sqlite3.IntegrityError, ConstraintError, psycopg.IntegrityError)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResourceStore]:
-    s: ResourceStore = SqliteStore(tmp_path / "db.sqlite3") if request.param == "sqlite" else MemoryStore()
-    yield s
-    s.close()
+    yield from open_test_store(request.param, tmp_path)
 
 
 def _v(rid: str, version: int, ts: int = 1, type: str = "Patient", deleted: bool = False) -> StoredVersion:
@@ -509,3 +508,14 @@ def test_on_commit_runs_after_success_only(store: ResourceStore) -> None:
     assert seen == ["ok"]
     store.write_sync("sync", ok)
     assert seen == ["ok", "ok"]
+
+
+def test_lookups_by_strings_holding_nul_find_nothing(store: ResourceStore) -> None:
+    # e.g. a login name from a form: PostgreSQL text cannot hold NUL, SQLite can; both find nothing.
+    _put(store, _v("a", 1))
+    assert store.read_current("t", "Patient", "a\x00") is None
+    assert store.read_version("t", "Patient", "a\x00", 1) is None
+    assert store.user_by_username("t", "alice\x00") is None
+    assert store.client("c\x00") is None and store.get_meta("m\x00") is None
+    assert store.history(HistoryQuery("t", "Patient", "a\x00")) == []
+    assert store.history_count(HistoryQuery("t\x00")) == 0
