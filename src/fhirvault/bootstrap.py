@@ -8,9 +8,8 @@ import secrets
 from pathlib import Path
 
 from fhirvault.adapters.keyfile import KeyFileProvider, write_private_file
-from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.config import CONFIG_FILE_NAME, Settings
-from fhirvault.container import INSTANCE_META, SystemClock, issuer_for
+from fhirvault.container import INSTANCE_META, SystemClock, issuer_for, open_store
 from fhirvault.ports import Clock, WriteTx
 from fhirvault.services.auth import AuthService
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
@@ -37,7 +36,7 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
     root = KeyFileProvider.create(settings.root_key_path)
-    store = SqliteStore(settings.database_path, settings.audit_database_path)
+    store = open_store(settings)
     try:
         def setup(tx: WriteTx) -> None:
             tx.set_meta(INSTANCE_META, secrets.token_hex(8).encode())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -35,6 +37,9 @@ from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
 from fhirvault.services.secrets import ServiceSecrets
+
+if TYPE_CHECKING:
+    from fhirvault.backup.ports import CatalogReader, ChangeFeedSource, RestoreSink, SnapshotSource
 
 INSTANCE_META = "instance-id"
 
@@ -153,3 +158,34 @@ def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:
     doc = capability_statement(sorted(resource_types()), base_url=base_url, token_url=token_url,
                                published_ms_instant=instant(clock.now_ms()))
     return orjson.dumps(doc)
+
+
+# -- backup ports (fhirvault.backup.ports): the engine behind backups, replication, restore and drills ---------
+# A Path is a data directory as found on disk; Settings also say which engine holds its tables.
+def _data_dir(where: Settings | Path) -> Path:
+    return where.data_dir if isinstance(where, Settings) else where
+
+
+def snapshot_source(where: Settings | Path) -> SnapshotSource:
+    from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
+
+    return SqliteSnapshotSource(_data_dir(where))
+
+
+def catalog_reader(where: Settings | Path) -> CatalogReader:
+    from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
+
+    return SqliteSnapshotSource(_data_dir(where))
+
+
+def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
+    from fhirvault.adapters.sqlite_backup import SqliteChangeFeed
+
+    return SqliteChangeFeed(_data_dir(where))
+
+
+def restore_sink(data_dir: Path) -> RestoreSink:
+    """The data directory a restore is rebuilding (the databases in the backup say which engine wrote them)."""
+    from fhirvault.adapters.sqlite_backup import SqliteRestoreSink
+
+    return SqliteRestoreSink(data_dir)

@@ -189,20 +189,17 @@ def _iso(ms: int) -> str:
 
 
 def _instance_id(settings: Settings) -> str:
-    import sqlite3
+    from fhirvault.backup.ports import SnapshotError
+    from fhirvault.container import INSTANCE_META, snapshot_source
 
-    from fhirvault.container import INSTANCE_META
-
-    if not settings.database_path.is_file():
-        raise CliError(f"{settings.data_dir} is not an initialised data directory")
-    conn = sqlite3.connect(f"{settings.database_path.as_uri()}?mode=ro", uri=True)
     try:
-        row = conn.execute("SELECT value FROM meta WHERE name=?", (INSTANCE_META,)).fetchone()
-    finally:
-        conn.close()
-    if row is None:
+        with snapshot_source(settings).meta(read_only=True) as meta:
+            value = meta.get_meta(INSTANCE_META)
+    except SnapshotError:
+        value = None
+    if value is None:
         raise CliError(f"{settings.data_dir} is not an initialised data directory")
-    return bytes(row[0]).decode()
+    return value.decode()
 
 
 def _live_root(settings: Settings) -> RootKeyProvider:
@@ -216,9 +213,11 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fhirvault.backup.engine import create_backup
+    from fhirvault.container import snapshot_source
 
     target = _target(args, settings)
-    result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings))
+    result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings),
+                           source=snapshot_source(settings))
     _audit(settings, "backup", f"backup {result.backup_id} to {target.url}: {result.uploaded_chunks}/"
                                f"{result.chunks} chunks uploaded")
     if args.json:
