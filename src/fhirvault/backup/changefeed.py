@@ -237,6 +237,7 @@ class Capture:
     max_ms: int | None
     state: FeedState  # the state once this capture is on the target
     oldest_pending_ms: int | None  # commit time of the first row left for a later segment
+    more: bool = False  # rows of some append table (timed or not) were left for a later segment
 
     @property
     def rows(self) -> int:
@@ -258,6 +259,7 @@ def capture(conns: Mapping[str, FeedReader], state: FeedState, max_rows: int) ->
     a_after: dict[str, dict[str, str]] = {}
     times: list[int] = []
     pending: list[int] = []
+    more = False
     present_by_db = {db: conn.tables() for db, conn in conns.items()}
     for db, conn in conns.items():
         present = present_by_db[db]
@@ -272,7 +274,12 @@ def capture(conns: Mapping[str, FeedReader], state: FeedState, max_rows: int) ->
             # Cap the segment; never split one key's rows (audit_index has several rows per seq).
             edge = conn.key_at_offset(spec, lo, max_rows - 1)
             hi = min(top, edge) if edge is not None else top
+            if spec.bound_by is not None:
+                # Replay applies these rows only up to the bounding table's applied watermark: rows past
+                # what this segment ships of it wait for a later segment, or they would never be applied.
+                hi = min(hi, after[db].get(spec.bound_by, hi))
             hi = max(hi, lo)
+            more = more or hi < top
             rows = conn.rows_between(spec, cols, lo, hi)
             blocks.append(Block(db, spec.name, "append", cols, rows))
             before[db][spec.name], after[db][spec.name] = lo, hi
@@ -313,7 +320,7 @@ def capture(conns: Mapping[str, FeedReader], state: FeedState, max_rows: int) ->
     new.reship = set() if progress else new.reship | {(b.db, b.table) for b in small}
     blocks += small
     return Capture(blocks, before, after, a_before, a_after, min(times, default=None), max(times, default=None),
-                   new, min(pending, default=None))
+                   new, min(pending, default=None), more)
 
 
 def _current_block(db: str, conn: FeedReader, lo: int, hi: int) -> Block:
