@@ -177,6 +177,9 @@ class MemoryChangeFeed:
     def close(self) -> None:
         pass
 
+    def load(self, names: list[str]) -> None:
+        pass
+
     def check(self, names: list[str]) -> None:
         pass
 

@@ -329,6 +329,9 @@ class SqliteRestoreSink:
     def __init__(self, data_dir: Path) -> None:
         self._dir = data_dir
 
+    def load(self, names: list[str]) -> None:
+        pass  # the restored files are the databases
+
     def check(self, names: list[str]) -> None:
         for name in names:
             conn = sqlite3.connect(self._dir / name)

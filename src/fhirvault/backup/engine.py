@@ -435,10 +435,13 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
                                f"{m.size / 1e6:.0f} MB plus headroom, {free / 1e6:.0f} MB free")
         for f in body.files:
             _restore_file(target, keys, body, f, staging / f.name, retry)
+        databases = [f.name for f in body.files if f.kind != "file"]
+        restored = (sink or restore_sink)(staging)
+        restored.load(databases)
         replayed = None
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
-        _check_databases((sink or restore_sink)(staging), [f.name for f in body.files if f.kind == "sqlite"])
+        _check_databases(restored, databases)
         fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()

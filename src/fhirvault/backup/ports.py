@@ -177,6 +177,10 @@ class ChangeFeedSource(Protocol):
 class RestoreSink(Protocol):
     """A data directory being restored (the staging directory)."""
 
+    def load(self, names: list[str]) -> None:
+        """Bring the restored database files (written under their names) into the engine. SQLite: nothing to do,
+        the files are the databases; an engine with a server loads them into its (empty) database."""
+        ...
     def check(self, names: list[str]) -> None:
         """Raise DatabaseCheckError if a restored database does not open or fails its integrity check."""
         ...
