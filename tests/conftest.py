@@ -21,6 +21,7 @@ from fhirvault.bootstrap import initialise
 from fhirvault.config import Settings, load_settings
 from fhirvault.container import Container, build
 from fhirvault.web.app import create_app
+from tests import pg_server
 
 
 def free_port() -> int:
@@ -36,6 +37,19 @@ def get_token(client: httpx.Client | TestClient, creds: dict[str, str], scope: s
     r = client.post("/oauth2/token", data=data, auth=(creds["client_id"], creds["client_secret"]))
     assert r.status_code == 200, r.text
     return str(r.json()["access_token"])
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """A fresh PostgreSQL database (with the schema) on this test process's server."""
+    return pg_server.server().create_database()
+
+
+def engine_settings(data_dir: Path) -> dict[str, object]:
+    """Settings selecting the engine under test (FHIRVAULT_TEST_ENGINE: sqlite, the default, or postgresql)."""
+    if pg_server.engine() == "postgresql":
+        return {"database_url": pg_server.server().database_for(data_dir)}
+    return {}
 
 
 @dataclass
@@ -54,7 +68,7 @@ class App:
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
     """A fresh data directory served in-process, with an admin token."""
-    settings = load_settings({"data_dir": tmp_path / "data"}, environ={})
+    settings = load_settings({"data_dir": tmp_path / "data", **engine_settings(tmp_path / "data")}, environ={})
     creds_path = initialise(settings)
     creds = json.loads(creds_path.read_text())
     container = build(settings)
@@ -100,6 +114,7 @@ def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str
     port = free_port()
     cmd = [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
+    full_env.update({f"FHIRVAULT_{k.upper()}": str(v) for k, v in engine_settings(data_dir).items()})
     full_env.update(env or {})
     log = log_path.open("ab")
     proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)

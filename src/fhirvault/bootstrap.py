@@ -23,7 +23,13 @@ class InitError(Exception):
 
 
 def is_initialised(settings: Settings) -> bool:
-    return settings.database_path.exists()
+    if settings.database_url is None:
+        return settings.database_path.exists()
+    store = open_store(settings)  # PostgreSQL: the database says (the data directory only holds keys)
+    try:
+        return store.get_meta(INSTANCE_META) is not None
+    finally:
+        store.close()
 
 
 def initialise(settings: Settings, clock: Clock | None = None) -> Path:
@@ -39,6 +45,8 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
     store = open_store(settings)
     try:
         def setup(tx: WriteTx) -> None:
+            if tx.get_meta(INSTANCE_META) is not None:  # a shared database (PostgreSQL) initialised before
+                raise InitError("refusing to initialise: the database already holds an instance")
             tx.set_meta(INSTANCE_META, secrets.token_hex(8).encode())
             AuthService.create_signing_key(tx, root)
 

@@ -48,6 +48,9 @@ class Settings:
     max_bundle_entries: int = 5000
     log_level: str = "info"
     tenant: str = "default"
+    # The database: None keeps the embedded SQLite files in the data directory; postgresql://… selects
+    # PostgreSQL. Never printed: the URL may carry a password (repr=False, and errors do not echo it).
+    database_url: str | None = dataclasses.field(default=None, repr=False)
     # Audit log: signed checkpoints, their witnesses (file:///…, syslog+udp://…, syslog+tcp://…;
     # default: DATA_DIR/audit-witness.log — move it to another volume), full re-verification.
     audit_checkpoint_seconds: int = 10
@@ -154,6 +157,22 @@ def _witnesses(name: str, raw: Any) -> tuple[str, ...]:
     return tuple(i for i in items if i)
 
 
+def _database_url(name: str, raw: Any) -> str:
+    # The value is never put in a message: it may contain a password.
+    if not isinstance(raw, str) or not raw.startswith(("postgresql://", "postgres://")):
+        raise SettingsError(f"{name}: expected a postgresql://user@host:port/database URL")
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise SettingsError(f"{name}: not a valid postgresql:// URL") from None
+    if not parts.hostname and "host=" not in parts.query:
+        raise SettingsError(f"{name}: the URL names no host")
+    return raw
+
+
 def _tenant(name: str, raw: Any) -> str:
     value = _text(name, raw)
     if not value.replace("-", "").isalnum() or len(value) > 64:
@@ -177,6 +196,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "max_bundle_entries": _positive_int(1, 100_000),
     "log_level": _choice("debug", "info", "warning", "error"),
     "tenant": _tenant,
+    "database_url": _database_url,
     "audit_checkpoint_seconds": _positive_int(1, 3600),
     "audit_witness_seconds": _positive_int(1, 86400),
     "audit_witnesses": _witnesses,

@@ -18,7 +18,7 @@ from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import Clock, ResourceStore
+from fhirvault.ports import Clock, Leadership, ResourceStore
 from fhirvault.services.alert_settings import AlertSettings
 from fhirvault.services.alerts import AlertService
 from fhirvault.services.audit import AuditTrail
@@ -49,6 +49,16 @@ class SystemClock:
         return time.time_ns() // 1_000_000
 
 
+class SoleProcess:
+    """Leadership for a store only one server process uses (SQLite): always the leader."""
+
+    def lead(self, role: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Container:
     settings: Settings
@@ -68,6 +78,7 @@ class Container:
     audit_reader: AuditReader
     alerts: AlertService | None = None
     detection: DetectionEngine | None = None
+    leadership: Leadership | None = None
     _checkpointing: bool = False
 
     def enable_alerting(self) -> DetectionEngine:
@@ -100,11 +111,25 @@ class Container:
             self.checkpointer.stop()  # a final checkpoint, sent to the witnesses
         if self.alerts is not None:
             self.alerts.close(timeout=5.0)
+        if self.leadership is not None:
+            self.leadership.close()
         self.store.close()
 
 
-def open_store(settings: Settings) -> SqliteStore:
+def open_store(settings: Settings) -> ResourceStore:
+    """SQLite files in the data directory, or the PostgreSQL database of ``database_url``."""
+    if settings.database_url is not None:
+        from fhirvault.adapters.postgres_store import PostgresStore  # psycopg only when it is used
+
+        return PostgresStore(settings.database_url)
     return SqliteStore(settings.database_path, settings.audit_database_path)
+
+
+def leadership_for(store: ResourceStore) -> Leadership:
+    """Who runs the cluster singletons: with PostgreSQL several processes may share the database."""
+    from fhirvault.adapters.postgres_store import PostgresStore
+
+    return store.leadership() if isinstance(store, PostgresStore) else SoleProcess()
 
 
 def instance_id(store: ResourceStore) -> str:
@@ -142,14 +167,15 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         audit_reader = AuditReader.over_store(store, audit, repository, clock, server_id=issuer_for(store),
                                               show_names=settings.access_history_show_names, push_patients=True)
         witnesses = [open_witness(spec) for spec in settings.audit_witness_specs]
+        leadership = leadership_for(store)
         checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
                                          checkpoint_interval_s=settings.audit_checkpoint_seconds,
-                                         witness_interval_s=settings.audit_witness_seconds)
+                                         witness_interval_s=settings.audit_witness_seconds, leadership=leadership)
     except BaseException:
         store.close()
         raise
     return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
-                     secrets, signer, checkpointer, Metrics(), audit_reader)
+                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership)
 
 
 def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:

@@ -237,6 +237,15 @@ class WriteTx(Protocol):
         the ciphertext (so the encryption can bind the position). Returns the seq."""
         ...
 
+    def serialize(self, key: str) -> bool:
+        """Hold a lock on ``key`` until this transaction ends, against the writers of every process
+        sharing the database (call it before the job's first audit entry).
+
+        True when such writers can exist (PostgreSQL): the caller must re-check, inside the job, what it
+        read before the transaction. False when the store has one writer (SQLite, memory): jobs already
+        run one at a time, so an in-process lock around the read and the write is enough."""
+        ...
+
     def on_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once this job's changes are durable (never if the job or the commit fails).
 
@@ -330,6 +339,17 @@ class ResourceStore(Protocol):
     def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
                          expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
         """Grants, newest first, filtered by review status, user, and/or still running after a time."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Leadership(Protocol):
+    """Cluster singletons (the audit checkpointer…): one process of the cluster does the work."""
+
+    def lead(self, role: str) -> bool:
+        """True while this process holds ``role``. Call it before each round of work: it takes the
+        role when it is free, and answers False once it has been lost (e.g. the connection dropped)."""
         ...
 
     def close(self) -> None: ...

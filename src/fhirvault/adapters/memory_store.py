@@ -121,6 +121,9 @@ class _Tx:
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
 
+    def serialize(self, key: str) -> bool:
+        return False  # one writer: jobs already run one at a time
+
     def _set(self, table: dict[K, V], key: K, value: V) -> None:
         if key in table:
             old = table[key]

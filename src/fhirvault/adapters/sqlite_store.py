@@ -165,6 +165,9 @@ class _Tx:
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
 
+    def serialize(self, key: str) -> bool:
+        return False  # one writer: jobs already run one at a time
+
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
             _SELECT_CURRENT,

@@ -328,14 +328,19 @@ class FhirRouter:
                 raise errors.precondition_failed("If-None-Exist matches more than one resource.")
             if ids:  # R4: the resource exists, answer 200 with it and create nothing
                 return self._resource_response(req, await self._repo.read(req.ctx, rtype, ids[0]), 200)
-            # Checked and created under one lock: two identical conditional creates never both create.
+            # Checked and created under one lock: two identical conditional creates never both create
+            # (in the database too, when other processes share it: see Repository.create_unless).
             async with self._conditional_lock:
-                ids = await self._repo.find_ids(req.ctx, rtype,
-                                                parse_qsl(condition.lstrip("?"), keep_blank_values=True))
-                if ids:
-                    return self._resource_response(req, await self._repo.read(req.ctx, rtype, ids[0]), 200)
-                result = await self._repo.create(req.ctx, rtype, body)
-            return self._resource_response(req, result, 201)
+                params = parse_qsl(condition.lstrip("?"), keep_blank_values=True)
+                ids = await self._repo.find_ids(req.ctx, rtype, params)
+                if not ids:
+                    created = await self._repo.create_unless(req.ctx, rtype, body, params)
+                    if not isinstance(created, list):
+                        return self._resource_response(req, created, 201)
+                    ids = created
+                if len(ids) > 1:
+                    raise errors.precondition_failed("If-None-Exist matches more than one resource.")
+                return self._resource_response(req, await self._repo.read(req.ctx, rtype, ids[0]), 200)
         result = await self._repo.create(req.ctx, rtype, body)
         return self._resource_response(req, result, 201)
 

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fhirvault.domain import merkle
 from fhirvault.domain.merkle import CompactTree
-from fhirvault.ports import AuditCheckpoint, Clock, ResourceStore
+from fhirvault.ports import AuditCheckpoint, Clock, Leadership, ResourceStore
 from fhirvault.services.audit import leaf_data
 
 log = logging.getLogger("fhirvault.audit")
@@ -153,8 +153,10 @@ def decode_proof(raw: bytes) -> list[bytes]:
 class AuditCheckpointer:
     def __init__(self, store: ResourceStore, signer: CheckpointSigner, clock: Clock,
                  witnesses: Sequence[Witness] = (), *, checkpoint_interval_s: float = 10.0,
-                 witness_interval_s: float = 60.0) -> None:
+                 witness_interval_s: float = 60.0, leadership: Leadership | None = None) -> None:
         self._store = store
+        self._leadership = leadership  # None: this process is the only one
+        self._leading = False
         self._signer = signer
         self._clock = clock
         self._witnesses = list(witnesses)
@@ -273,11 +275,23 @@ class AuditCheckpointer:
                 log.error("audit witness unavailable", extra={"witness": w.name, "error": type(exc).__name__})
 
     # -- background thread ------------------------------------------------------------
+    def _leads(self) -> bool:
+        """One checkpointer per cluster: only the process holding the role signs checkpoints."""
+        if self._leadership is None:
+            return True
+        leading = self._leadership.lead("audit-checkpoints")
+        if leading and not self._leading:
+            with self._lock:
+                self._tree = None  # taking over: reload from the checkpoints the previous leader wrote
+        self._leading = leading
+        return leading
+
     def start(self, poll_s: float = 1.0) -> None:
         def run() -> None:
             while not self._stop.wait(poll_s):
                 try:
-                    self.step()
+                    if self._leads():
+                        self.step()
                 except Exception:  # keep checkpointing; the verifier reports what is wrong
                     log.exception("audit checkpoint failed")
 
@@ -289,6 +303,8 @@ class AuditCheckpointer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if not self._leads():
+            return  # another process is the checkpointer
         try:
             self.step(force=True, witness=True)
         except Exception:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import jsonpatch
 import orjson
@@ -643,6 +644,28 @@ class Repository:
 
     async def find_ids(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]], limit: int = 2) -> list[str]:
         """Ids matching a conditional URL's criteria (conditional create/update/delete, references)."""
+        return await asyncio.to_thread(await self.matcher(ctx, rtype, params, limit))
+
+    async def create_unless(self, ctx: RequestContext, rtype: str, body: dict[str, Any],
+                            params: list[tuple[str, str]]) -> ResourceResult | list[str]:
+        """Conditional create: the ids matching ``params``, or the new resource if none.
+
+        Callers check first and hold an in-process lock; stores whose database other processes
+        write too (PostgreSQL) also lock the criteria in the database and re-check inside the write."""
+        find = await self.matcher(ctx, rtype, params)
+        job = await self.prepare_create(ctx, rtype, body)
+        key = "conditional-create:" + rtype + "?" + urlencode(sorted(params))
+
+        def guarded(tx: WriteTx) -> ResourceResult | list[str]:
+            if tx.serialize(key) and (ids := find()):
+                return ids
+            return job(tx)
+
+        return await self._store.write("resource.create", guarded)
+
+    async def matcher(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]],
+                      limit: int = 2) -> Callable[[], list[str]]:
+        """The search behind ``find_ids``, to run (blocking) later."""
         parsed = await self.parse(ctx, rtype, params, strict=True, base_url=None)
         if not parsed.criteria:
             raise errors.bad_request("A conditional request needs at least one search criterion.")
@@ -655,7 +678,7 @@ class Repository:
                 return []
             return [m.version.id for m in self.engine().find(rtype, criteria, limit=limit, visible=visible).matches]
 
-        return await asyncio.to_thread(run)
+        return run
 
     def _search_page(self, parsed: ParsedSearch, count: int, after: int | None, before: int | None,
                      snapshot: int | None, offset: int, visible: Access | None = None) -> SearchOutcome:

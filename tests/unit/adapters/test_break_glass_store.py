@@ -7,16 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fhirvault.adapters.memory_store import MemoryStore
-from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.ports import BreakGlassRow, ResourceStore
+from tests.store_engines import open_test_store
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResourceStore]:
-    s: ResourceStore = SqliteStore(tmp_path / "db.sqlite3") if request.param == "sqlite" else MemoryStore()
-    yield s
-    s.close()
+    yield from open_test_store(request.param, tmp_path)
 
 
 def row(gid: str, user: str = "u1", created: int = 1, expires: int = 100, status: str = "open",

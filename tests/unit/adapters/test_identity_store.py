@@ -1,5 +1,5 @@
 """Identity tables (users, apps, sessions, codes, refresh tokens, revoked jtis): same behaviour in
-SqliteStore and MemoryStore."""
+SqliteStore, MemoryStore and PostgresStore."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from fhirvault.adapters.memory_store import ConstraintError, MemoryStore
+from fhirvault.adapters.memory_store import ConstraintError
 from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.ports import (
     AppRow,
@@ -20,13 +21,12 @@ from fhirvault.ports import (
     ResourceStore,
     UserRow,
 )
+from tests.store_engines import open_test_store
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResourceStore]:
-    s: ResourceStore = SqliteStore(tmp_path / "db.sqlite3") if request.param == "sqlite" else MemoryStore()
-    yield s
-    s.close()
+    yield from open_test_store(request.param, tmp_path)
 
 
 def _user(uid: str = "u-1", name: str = "alice") -> UserRow:
@@ -43,7 +43,7 @@ def test_users(store: ResourceStore) -> None:
     assert store.user("u-1") == _user()
     assert store.user_by_username("default", "alice") == _user()
     assert store.user_by_username("other", "alice") is None
-    with pytest.raises((ConstraintError, sqlite3.IntegrityError)):
+    with pytest.raises((ConstraintError, sqlite3.IntegrityError, psycopg.IntegrityError)):
         store.write_sync("t", lambda tx: tx.insert_user(_user("u-2", "alice")))
     changed = dataclasses.replace(_user(), failures=3, locked_until_ms=-1)
     store.write_sync("t", lambda tx: tx.update_user(changed))

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
-from fhirvault.adapters.memory_store import ConstraintError, MemoryStore
-from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.adapters.memory_store import ConstraintError
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
     AuditCheckpoint,
@@ -31,16 +31,15 @@ from fhirvault.ports import (
     WrappedKey,
     WriteTx,
 )
+from tests.store_engines import open_test_store
 
 # What each adapter raises when a uniqueness rule is broken (the ports name no error).
-DUPLICATE = (sqlite3.IntegrityError, ConstraintError)
+DUPLICATE = (sqlite3.IntegrityError, ConstraintError, psycopg.IntegrityError)
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ResourceStore]:
-    s: ResourceStore = SqliteStore(tmp_path / "db.sqlite3") if request.param == "sqlite" else MemoryStore()
-    yield s
-    s.close()
+    yield from open_test_store(request.param, tmp_path)
 
 
 def _v(rid: str, version: int, ts: int = 1, type: str = "Patient", deleted: bool = False) -> StoredVersion:

@@ -1,0 +1,891 @@
+"""ResourceStore on PostgreSQL (psycopg 3), with group commit.
+
+Same shape as the SQLite store: one writer thread per process owns a dedicated
+write connection and runs every job waiting in its queue inside one transaction
+(each under its own SAVEPOINT, so one failure undoes only its job), then COMMITs
+with ``synchronous_commit=on`` — the WAL is flushed before any caller hears
+back. Async callers only await a future: the event loop never blocks on the
+database. Reads come from a connection pool (autocommit, read-only sessions),
+so they never wait for the writer.
+
+Several processes may share one database. The audit log's counter row
+(``audit.audit_head``) is locked by the first append of a transaction and held
+to its COMMIT, so leaf indexes are gap-free and in commit order across all of
+them. Cross-process critical sections (conditional create) use transaction
+advisory locks, always taken before that row lock (see ``_Tx.serialize``), so the
+two kinds never wait on each other in opposite orders.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import orjson
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool
+
+from fhirvault.adapters.postgres_schema import (
+    APP_GRANTS,
+    APP_ROLE,
+    AUDIT_SCHEMA,
+    BREAK_GLASS_SCHEMA,
+    IDENTITY_SCHEMA,
+    SCHEMA,
+    SCHEMA_VERSION,
+)
+
+# Row mapping and job delivery are the SQLite store's: the same columns, the same outcomes.
+from fhirvault.adapters.sqlite_store import (
+    _BG_COLUMNS,
+    _CODE_COLUMNS,
+    _REFRESH_COLUMNS,
+    _USER_COLUMNS,
+    _break_glass,
+    _checkpoint,
+    _code,
+    _deliver,
+    _refresh,
+    _run_callbacks,
+    _settle,
+    _user,
+)
+from fhirvault.ports import (
+    SEARCH_TAG_BYTES,
+    AppRow,
+    AuditCheckpoint,
+    AuditQuery,
+    AuditRow,
+    AuthCodeRow,
+    BreakGlassRow,
+    ClientRow,
+    HistoryQuery,
+    LoginSessionRow,
+    RefreshTokenRow,
+    SearchQuery,
+    StoredVersion,
+    TenantKeyRow,
+    UserRow,
+    WrappedKey,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("fhirvault.store")
+
+_MAX_BATCH = 512
+_PROBE = 2000  # index entries counted per criterion to pick the one that drives a search
+_MIGRATION_LOCK = 0x66_68_69_72_76_61_75_6C  # "fhirvaul": one schema migration at a time per database
+
+_VERSION_COLUMNS = "type, id, version, last_updated, deleted, key_id, blob, seq"
+# Statements are built from constants only; every value is a bound parameter.
+_SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM resource_versions"  # noqa: S608
+_SELECT_CURRENT = (
+    f"{_SELECT_VERSIONS} WHERE seq = (SELECT seq FROM resources_current WHERE tenant=%s AND type=%s AND id=%s)"  # noqa: S608
+)
+_AUDIT_COLUMNS = "seq, tenant, ts_ms, tags, blob"
+_SELECT_CHECKPOINTS = ("SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof"
+                       " FROM audit.audit_checkpoints")
+# The newest row stays, so its seq is never reused (other processes poll by seq).
+_PURGE_REVOKED = "DELETE FROM revoked_jtis WHERE expires_ms < %s AND seq < (SELECT max(seq) FROM revoked_jtis)"
+
+
+def _marks(n: int) -> str:
+    return ",".join(["%s"] * n)
+
+
+def _version(r: tuple[Any, ...]) -> StoredVersion:
+    return StoredVersion(r[0], r[1], r[2], r[3], bool(r[4]), r[5], bytes(r[6]), r[7])
+
+
+def _audit_row(r: tuple[Any, ...]) -> AuditRow:
+    return AuditRow(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]))
+
+
+def _user_values(u: UserRow) -> tuple[Any, ...]:
+    return (u.user_id, u.tenant, u.username, u.password_hash, u.role, u.fhir_user, u.organization, u.clearances,
+            u.totp, u.totp_last_step, u.disabled, u.failures, u.locked_until_ms, u.created_ms)
+
+
+def _wrapped(r: tuple[Any, ...]) -> WrappedKey:
+    return WrappedKey(r[0], bytes(r[1]), r[2], bytes(r[3]))
+
+
+def _tenant_key(r: tuple[Any, ...]) -> TenantKeyRow:
+    return TenantKeyRow(r[0], r[1], bytes(r[2]), r[3], r[4])
+
+
+def lock_key(name: str) -> int:
+    """A signed 64-bit advisory lock key for a name."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _duplicate(what: str) -> pg_errors.UniqueViolation:
+    # Raised by the store itself (ON CONFLICT DO NOTHING found a row), so the transaction stays
+    # usable, as after SQLite's refused INSERT: the caller may catch it and go on.
+    return pg_errors.UniqueViolation(f"{what} already exists")
+
+
+class _Restart(Exception):
+    """The job must start a fresh transaction (it wants an advisory lock after the audit head lock)."""
+
+
+class _Tx:
+    """WriteTx over the writer connection."""
+
+    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "job_took_head")
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._c = conn
+        self.committed: list[Callable[[], None]] = []
+        self.audit_size: int | None = None  # the log's size as this transaction sees it (None: head not locked)
+        self.audit_locked: int | None = None  # the size when this transaction locked the head
+        self.job_took_head = False
+
+    def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
+        return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
+
+    def on_commit(self, fn: Callable[[], None]) -> None:
+        self.committed.append(fn)
+
+    def _lock_head(self) -> int:
+        if self.audit_size is None:
+            row = self._x("SELECT size FROM audit.audit_head FOR UPDATE").fetchone()
+            assert row is not None
+            self.audit_size = self.audit_locked = int(row[0])
+            self.job_took_head = True
+        return self.audit_size
+
+    def flush_head(self) -> None:
+        """Before COMMIT: store the new size (the row has been locked since the first append)."""
+        if self.audit_size is not None and self.audit_size != self.audit_locked:
+            self._x("UPDATE audit.audit_head SET size=%s", (self.audit_size,))
+
+    def serialize(self, key: str) -> bool:
+        """Wait for, then hold until COMMIT, a database lock on ``key`` shared by every process.
+
+        Always before the audit head's lock (one lock order, no deadlock): when an earlier job of
+        the batch holds the head, the batch commits without this job, which starts the next one."""
+        if self.audit_size is not None:
+            if self.job_took_head:
+                raise RuntimeError("serialize() must come before the job's first audit entry")
+            raise _Restart
+        self._x("SELECT pg_advisory_xact_lock(%s)", (lock_key("fhirvault:" + key),))
+        return True
+
+    def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
+        row = self._x(_SELECT_CURRENT, (tenant, type, id)).fetchone()
+        return _version(row) if row else None
+
+    def insert_version(self, tenant: str, v: StoredVersion) -> int:
+        row = self._x(
+            "INSERT INTO resource_versions (tenant, type, id, version, last_updated, deleted, key_id, blob)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING seq",
+            (tenant, v.type, v.id, v.version, v.last_updated_ms, v.deleted, v.key_id, v.blob),
+        ).fetchone()
+        if row is None:
+            raise _duplicate(f"version {v.type}/{v.id}/{v.version}")
+        seq = int(row[0])
+        self._x(
+            "INSERT INTO resources_current (tenant, type, id, seq, deleted) VALUES (%s,%s,%s,%s,%s)"
+            " ON CONFLICT (tenant, type, id) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted",
+            (tenant, v.type, v.id, seq, v.deleted),
+        )
+        return seq
+
+    def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
+        """Replace a resource's tags in the index, in this transaction (searchable at COMMIT)."""
+        row = self._x("SELECT rk, tags FROM resources_current WHERE tenant=%s AND type=%s AND id=%s",
+                      (tenant, type, id)).fetchone()
+        if row is None:
+            raise LookupError("set_search_tags on a resource that has no version")
+        rk, old = int(row[0]), bytes(row[1])
+        new_set = set(tags)
+        new = b"".join(sorted(new_set))
+        if old == new:
+            return
+        step = SEARCH_TAG_BYTES
+        old_set = {old[i : i + step] for i in range(0, len(old), step)}
+        self._x("UPDATE resources_current SET tags=%s WHERE rk=%s", (new, rk))
+        if gone := sorted(old_set - new_set):
+            self._x("DELETE FROM search_tags WHERE rk=%s AND tag = ANY(%s)", (rk, gone))
+        if added := sorted(new_set - old_set):
+            self._x("INSERT INTO search_tags (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
+                    (added, rk))
+
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        row = self._x("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
+                      (tenant, lookup)).fetchone()
+        return _wrapped(row) if row else None
+
+    def insert_data_key(self, tenant: str, lookup: bytes, key: WrappedKey, created_ms: int) -> None:
+        cur = self._x(
+            "INSERT INTO data_keys (key_id, tenant, lookup, wrapped, kek_version, compartment, created_ms)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+            (key.key_id, tenant, lookup, key.wrapped, key.kek_version, key.compartment, created_ms),
+        )
+        if cur.rowcount != 1:
+            raise _duplicate("data key id or (tenant, lookup)")
+
+    def rewrap_data_key(self, key_id: str, wrapped: bytes, compartment: bytes, kek_version: int) -> None:
+        self._x("UPDATE data_keys SET wrapped=%s, compartment=%s, kek_version=%s WHERE key_id=%s",
+                (wrapped, compartment, kek_version, key_id))
+
+    def all_data_keys(self, tenant: str) -> list[WrappedKey]:
+        rows = self._x("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s",
+                       (tenant,)).fetchall()
+        return [_wrapped(r) for r in rows]
+
+    def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
+        cur = self._x("INSERT INTO tenant_keys (tenant, version, wrapped, root_key_id, created_ms)"
+                      " VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                      (row.tenant, row.version, row.wrapped, row.root_key_id, created_ms))
+        if cur.rowcount != 1:
+            raise _duplicate(f"tenant key {row.tenant} v{row.version}")
+
+    def replace_tenant_key(self, row: TenantKeyRow) -> None:
+        self._x("UPDATE tenant_keys SET wrapped=%s, root_key_id=%s WHERE tenant=%s AND version=%s",
+                (row.wrapped, row.root_key_id, row.tenant, row.version))
+
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
+        rows = self._x(_TENANT_KEYS, (tenant,)).fetchall()
+        return [_tenant_key(r) for r in rows]
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._x("SELECT value FROM meta WHERE name=%s", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def meta_names(self) -> list[str]:
+        return [r[0] for r in self._x("SELECT name FROM meta ORDER BY name").fetchall()]
+
+    def set_meta(self, name: str, value: bytes) -> None:
+        self._x("INSERT INTO meta (name, value) VALUES (%s,%s) ON CONFLICT (name) DO UPDATE SET value=excluded.value",
+                (name, value))
+
+    def insert_client(self, row: ClientRow) -> None:
+        cur = self._x(
+            "INSERT INTO clients (client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+            (row.client_id, row.tenant, row.name, row.secret_hash, row.scopes, row.jwks, row.created_ms,
+             row.disabled))
+        if cur.rowcount != 1:
+            raise _duplicate(f"client {row.client_id}")
+
+    def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool:
+        self._x("DELETE FROM seen_jti WHERE expires_ms < %s", (now_ms,))
+        cur = self._x("INSERT INTO seen_jti (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
+        return cur.rowcount == 1
+
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+        seq = self._lock_head() + 1
+        step = SEARCH_TAG_BYTES
+        tag_list = [tags[i : i + step] for i in range(0, len(tags), step)]
+        self._x(
+            "WITH e AS (INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (%s,%s,%s,%s,%s))"
+            " INSERT INTO audit.audit_index (tag, seq) SELECT DISTINCT unnest(%s::bytea[]), %s",
+            (seq, tenant, ts_ms, tags, seal(seq), tag_list, seq))
+        self.audit_size = seq
+        return seq
+
+    def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
+        if nodes:
+            self._x("INSERT INTO audit.audit_nodes (level, idx, hash)"
+                    " SELECT * FROM unnest(%s::bigint[], %s::bigint[], %s::bytea[]) ON CONFLICT DO NOTHING",
+                    ([n[0] for n in nodes], [n[1] for n in nodes], [n[2] for n in nodes]))
+
+    def add_audit_checkpoint(self, cp: AuditCheckpoint) -> None:
+        cur = self._x(
+            "INSERT INTO audit.audit_checkpoints (size, ts_ms, root, key_id, signature, witnessed, proof_from, proof)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+            (cp.size, cp.ts_ms, cp.root, cp.key_id, cp.signature, cp.witnessed, cp.proof_from, cp.proof))
+        if cur.rowcount != 1:
+            raise _duplicate(f"audit checkpoint {cp.size}")
+
+    # -- break-the-glass --
+    def put_break_glass(self, row: BreakGlassRow) -> None:
+        self._x(f"INSERT INTO break_glass ({_BG_COLUMNS}) VALUES ({_marks(9)})"  # noqa: S608
+                " ON CONFLICT (grant_id) DO UPDATE SET tenant=excluded.tenant, user_id=excluded.user_id,"
+                " patient_id=excluded.patient_id, created_ms=excluded.created_ms, expires_ms=excluded.expires_ms,"
+                " status=excluded.status, key_id=excluded.key_id, blob=excluded.blob",
+                (row.grant_id, row.tenant, row.user_id, row.patient_id, row.created_ms, row.expires_ms,
+                 row.status, row.key_id, row.blob))
+
+    # -- identity --
+    def insert_user(self, row: UserRow) -> None:
+        cur = self._x(f"INSERT INTO users ({_USER_COLUMNS}) VALUES ({_marks(14)}) ON CONFLICT DO NOTHING",  # noqa: S608
+                      _user_values(row))
+        if cur.rowcount != 1:
+            raise _duplicate("user")
+
+    def update_user(self, row: UserRow) -> None:
+        # REPLACE semantics: the row with this id, or with this (tenant, username), becomes this one.
+        self._x("DELETE FROM users WHERE user_id=%s OR (tenant=%s AND username=%s)",
+                (row.user_id, row.tenant, row.username))
+        self._x(f"INSERT INTO users ({_USER_COLUMNS}) VALUES ({_marks(14)})", _user_values(row))  # noqa: S608
+
+    def user_for_update(self, user_id: str) -> UserRow | None:
+        row = self._x(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id=%s FOR UPDATE", (user_id,)).fetchone()  # noqa: S608
+        return _user(row) if row else None
+
+    def link_identity(self, provider: str, issuer: str, subject: str, user_id: str) -> None:
+        self._x("INSERT INTO federated_links (provider, issuer, subject, user_id) VALUES (%s,%s,%s,%s)"
+                " ON CONFLICT (provider, issuer, subject) DO UPDATE SET user_id=excluded.user_id",
+                (provider, issuer, subject, user_id))
+
+    def upsert_app(self, row: AppRow) -> None:
+        self._x("INSERT INTO oauth_apps (client_id, redirect_uris, public) VALUES (%s,%s,%s)"
+                " ON CONFLICT (client_id) DO UPDATE SET redirect_uris=excluded.redirect_uris, public=excluded.public",
+                (row.client_id, orjson.dumps(list(row.redirect_uris)).decode(), row.public))
+
+    def insert_login_session(self, row: LoginSessionRow) -> None:
+        cur = self._x("INSERT INTO login_sessions (session_id, user_id, created_ms, last_seen_ms, amr, ended_ms)"
+                      " VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
+                      (row.session_id, row.user_id, row.created_ms, row.last_seen_ms, row.amr, row.ended_ms))
+        if cur.rowcount != 1:
+            raise _duplicate("session")
+
+    def touch_login_session(self, session_id: str, now_ms: int) -> None:
+        self._x("UPDATE login_sessions SET last_seen_ms=greatest(last_seen_ms, %s) WHERE session_id=%s",
+                (now_ms, session_id))
+
+    def end_login_session(self, session_id: str, now_ms: int) -> None:
+        self._x("UPDATE login_sessions SET ended_ms=%s WHERE session_id=%s AND ended_ms=0", (now_ms, session_id))
+
+    def insert_code(self, row: AuthCodeRow) -> None:
+        cur = self._x(f"INSERT INTO auth_codes ({_CODE_COLUMNS}) VALUES ({_marks(13)}) ON CONFLICT DO NOTHING",  # noqa: S608
+                      (row.code_hash, row.family_id, row.client_id, row.user_id, row.session_id, row.redirect_uri,
+                       row.scope, row.code_challenge, row.nonce, row.patient, row.auth_time_ms, row.expires_ms,
+                       row.used))
+        if cur.rowcount != 1:
+            raise _duplicate("code")
+
+    def consume_code(self, code_hash: bytes, now_ms: int) -> AuthCodeRow | None:
+        # Used codes are kept an hour past expiry so a late replay still revokes its tokens.
+        self._x("DELETE FROM auth_codes WHERE expires_ms < %s", (now_ms - 3_600_000,))
+        row = self._x(f"SELECT {_CODE_COLUMNS} FROM auth_codes WHERE code_hash=%s FOR UPDATE",  # noqa: S608
+                      (code_hash,)).fetchone()
+        if row is None:
+            return None
+        self._x("UPDATE auth_codes SET used=true WHERE code_hash=%s", (code_hash,))
+        return _code(row)
+
+    def insert_refresh(self, row: RefreshTokenRow) -> None:
+        cur = self._x(f"INSERT INTO refresh_tokens ({_REFRESH_COLUMNS}) VALUES ({_marks(12)})"  # noqa: S608
+                      " ON CONFLICT DO NOTHING",
+                      (row.token_hash, row.family_id, row.client_id, row.user_id, row.session_id, row.scope,
+                       row.patient, row.auth_time_ms, row.expires_ms, row.created_ms, row.used, row.revoked))
+        if cur.rowcount != 1:
+            raise _duplicate("refresh token")
+
+    def _refresh_for_update(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._x(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=%s FOR UPDATE",  # noqa: S608
+                      (token_hash,)).fetchone()
+        return _refresh(row) if row else None
+
+    def consume_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        found = self._refresh_for_update(token_hash)
+        if found is not None:
+            self._x("UPDATE refresh_tokens SET used=true WHERE token_hash=%s", (token_hash,))
+        return found
+
+    def record_issued(self, jti: str, family_id: str, session_id: str, expires_ms: int) -> None:
+        self._x("INSERT INTO issued_tokens (jti, family_id, session_id, expires_ms) VALUES (%s,%s,%s,%s)",
+                (jti, family_id, session_id, expires_ms))
+
+    def revoke_tokens(self, now_ms: int, *, family_id: str | None = None, session_id: str | None = None) -> int:
+        column, value = ("family_id", family_id) if family_id is not None else ("session_id", session_id)
+        if value is None:
+            return 0
+        self._lock_head()  # revoked_jtis.seq in commit order (other processes poll by seq)
+        self._x("DELETE FROM issued_tokens WHERE expires_ms < %s", (now_ms,))
+        self._x(_PURGE_REVOKED, (now_ms,))
+        n = self._x(f"UPDATE refresh_tokens SET revoked=true WHERE {column}=%s AND NOT revoked",  # noqa: S608
+                    (value,)).rowcount
+        n += self._x(f"INSERT INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
+                     f" WHERE {column}=%s ORDER BY jti ON CONFLICT DO NOTHING", (value,)).rowcount
+        return int(n)
+
+    def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
+        found = self._refresh_for_update(token_hash)
+        if found is not None:
+            self._x("UPDATE refresh_tokens SET revoked=true WHERE token_hash=%s", (token_hash,))
+        return found
+
+    def revoke_jti(self, jti: str, expires_ms: int, now_ms: int) -> None:
+        self._lock_head()
+        self._x(_PURGE_REVOKED, (now_ms,))
+        self._x("INSERT INTO revoked_jtis (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
+
+    def end_user_sessions(self, user_id: str, now_ms: int) -> int:
+        ids = [r[0] for r in self._x("SELECT session_id FROM login_sessions WHERE user_id=%s AND ended_ms=0",
+                                     (user_id,)).fetchall()]
+        for sid in ids:
+            self.end_login_session(sid, now_ms)
+            self.revoke_tokens(now_ms, session_id=sid)
+        return len(ids)
+
+
+_TENANT_KEYS = "SELECT tenant, version, wrapped, root_key_id, created_ms FROM tenant_keys WHERE tenant=%s ORDER BY version"
+
+_Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
+_STOP = object()
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    conn = psycopg.connect(url, autocommit=True, application_name="fhirvault-writer")
+    # Durable at COMMIT whatever the server's default: a write is acknowledged once its WAL is flushed.
+    conn.execute("SET synchronous_commit = on")
+    return conn
+
+
+def _configure_reader(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("SET default_transaction_read_only = on")
+
+
+class PostgresStore:
+    """ResourceStore on a PostgreSQL database (``postgresql://user@host/db``)."""
+
+    def __init__(self, url: str, *, read_pool_size: int = 8) -> None:
+        self._url = url
+        migrate(url)
+        self._pool = ConnectionPool(url, min_size=1, max_size=read_pool_size, open=True, name="fhirvault-read",
+                                    kwargs={"autocommit": True, "application_name": "fhirvault-read"},
+                                    configure=_configure_reader)
+        try:
+            self._writer_conn = _connect(url)
+        except BaseException:
+            self._pool.close()
+            raise
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._lifecycle = threading.Lock()
+        self._thread = threading.Thread(target=self._run_writer, name="fhirvault-pg-writer", daemon=True)
+        self._thread.start()
+        self.commits = 0  # transactions committed (for tests and metrics)
+        self.batched_jobs = 0
+
+    def leadership(self) -> PostgresLeadership:
+        return PostgresLeadership(self._url)
+
+    # -- writes -------------------------------------------------------------
+    def _run_writer(self) -> None:
+        pending: list[_Job] = []
+        stop = False
+        while pending or not stop:
+            if not pending:
+                first = self._queue.get()
+                if first is _STOP:
+                    break
+                pending = [first]
+            while len(pending) < _MAX_BATCH and not stop:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                else:
+                    pending.append(item)
+            pending = self._commit_batch(pending)
+        with contextlib.suppress(psycopg.Error):
+            self._writer_conn.close()
+
+    def _commit_batch(self, batch: list[_Job]) -> list[_Job]:
+        """Run and commit a prefix of ``batch``; return the jobs left for the next transaction."""
+        if self._writer_conn.broken or self._writer_conn.closed:
+            try:
+                self._writer_conn = _connect(self._url)
+            except psycopg.Error as exc:
+                log.error("database unavailable", extra={"error": type(exc).__name__})
+                self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
+                return []
+        conn = self._writer_conn
+        tx = _Tx(conn)
+        outcomes: list[tuple[bool, Any]] = []
+        callbacks: list[list[Callable[[], None]]] = []
+        done = len(batch)
+        try:
+            conn.execute("BEGIN")
+            for n, (_name, fn, _fut, _loop) in enumerate(batch):
+                conn.execute("SAVEPOINT job")
+                tx.committed = []
+                tx.job_took_head = False
+                before = (tx.audit_size, tx.audit_locked)
+                try:
+                    value = fn(tx)
+                except _Restart:
+                    conn.execute("ROLLBACK TO SAVEPOINT job")
+                    done = n
+                    break
+                except BaseException as exc:  # the job's own failure: undo only its work
+                    if isinstance(exc, psycopg.OperationalError) and conn.broken:
+                        raise
+                    conn.execute("ROLLBACK TO SAVEPOINT job")
+                    conn.execute("RELEASE SAVEPOINT job")
+                    tx.audit_size, tx.audit_locked = before  # a lock taken by this job went with it
+                    if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
+                        wrapped = RuntimeError("write job raised StopIteration")
+                        wrapped.__cause__ = exc
+                        exc = wrapped
+                    outcomes.append((False, exc))
+                    callbacks.append([])
+                else:
+                    conn.execute("RELEASE SAVEPOINT job")
+                    outcomes.append((True, value))
+                    callbacks.append(tx.committed)
+            tx.flush_head()
+            conn.execute("COMMIT")
+        except Exception as exc:  # the commit itself failed: nothing is durable
+            log.error("write batch failed", extra={"error": type(exc).__name__})
+            if not conn.broken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
+            self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
+            return []
+        self.commits += 1
+        self.batched_jobs += done
+        self._finish(batch[:done], outcomes, callbacks)
+        return batch[done:]
+
+    @staticmethod
+    def _finish(batch: list[_Job], outcomes: list[tuple[bool, Any]], callbacks: list[list[Callable[[], None]]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any, list[Callable[[], None]]]]] = {}
+        for (_name, _fn, fut, loop), (ok, value), hooks in zip(batch, outcomes, callbacks, strict=True):
+            if loop is None:
+                _run_callbacks(hooks)
+                _deliver(fut, ok, value)
+            else:
+                by_loop.setdefault(loop, []).append((fut, ok, value, hooks))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, items)
+
+    def _enqueue(self, job: _Job) -> None:
+        with self._lifecycle:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            self._queue.put(job)
+
+    async def write(self, name: str, fn: Callable[[Any], T]) -> T:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._enqueue((name, fn, fut, loop))
+        return await fut
+
+    def write_sync(self, name: str, fn: Callable[[Any], T]) -> T:
+        fut: Future[T] = Future()
+        self._enqueue((name, fn, fut, None))
+        return fut.result()
+
+    # -- reads --------------------------------------------------------------
+    def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
+        with self._pool.connection() as c:
+            return c.execute(sql, args).fetchone()  # type: ignore[arg-type]  # statements are module constants
+
+    def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
+        with self._pool.connection() as c:
+            return c.execute(sql, args).fetchall()  # type: ignore[arg-type]
+
+    def _int(self, sql: str, args: Any = ()) -> int:
+        row = self._one(sql, args)
+        assert row is not None
+        return int(row[0])
+
+    def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
+        row = self._one(_SELECT_CURRENT, (tenant, type, id))
+        return _version(row) if row else None
+
+    def read_version(self, tenant: str, type: str, id: str, version: int) -> StoredVersion | None:
+        row = self._one(f"{_SELECT_VERSIONS} WHERE tenant=%s AND type=%s AND id=%s AND version=%s",
+                        (tenant, type, id, version))
+        return _version(row) if row else None
+
+    @staticmethod
+    def _history_where(q: HistoryQuery) -> tuple[str, list[Any]]:
+        clauses = ["tenant=%s"]
+        args: list[Any] = [q.tenant]
+        for clause, value in (("type=%s", q.type), ("id=%s", q.id),
+                              ("type = ANY(%s)", None if q.types is None else sorted(q.types)),
+                              ("last_updated >= %s", q.since_ms), ("seq < %s", q.before_seq)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        return " AND ".join(clauses), args
+
+    def history(self, query: HistoryQuery) -> list[StoredVersion]:
+        where, args = self._history_where(query)
+        rows = self._all(f"{_SELECT_VERSIONS} WHERE {where} ORDER BY seq DESC LIMIT %s", [*args, query.limit])
+        return [_version(r) for r in rows]
+
+    def history_count(self, query: HistoryQuery) -> int:
+        where, args = self._history_where(query)
+        return self._int(f"SELECT count(*) FROM resource_versions WHERE {where}", args)  # noqa: S608
+
+    def search(self, q: SearchQuery) -> list[tuple[int, StoredVersion]]:
+        """Current, non-deleted versions of ``q.types`` whose tags satisfy every group, in rk order."""
+        clauses = ["c.tenant=%s", "c.type = ANY(%s)", "NOT c.deleted"]
+        args: list[Any] = [q.tenant, list(q.types)]
+        for clause, value in (("c.rk > %s", q.after_rk), ("c.rk < %s", q.before_rk),
+                              ("c.id = ANY(%s)", None if q.ids is None else list(q.ids))):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        # AND of ORs, one group per criterion: the most selective group drives (a bounded count of
+        # its index entries), the others are checked per candidate by seeks on (tag, rk).
+        for n, group in enumerate(self._by_selectivity(q.tag_groups)):
+            if n == 0:
+                clauses.append("c.rk IN (SELECT rk FROM search_tags WHERE tag = ANY(%s))")
+            else:
+                clauses.append("EXISTS (SELECT 1 FROM search_tags s WHERE s.tag = ANY(%s) AND s.rk = c.rk)")
+            args.append(list(group))
+        order = "DESC" if q.descending else "ASC"
+        sql = ("SELECT c.rk, v.type, v.id, v.version, v.last_updated, v.deleted, v.key_id, v.blob, v.seq"  # noqa: S608
+               f" FROM resources_current c JOIN resource_versions v ON v.seq = c.seq WHERE {' AND '.join(clauses)}"
+               f" ORDER BY c.rk {order} LIMIT %s")
+        return [(r[0], _version(r[1:])) for r in self._all(sql, [*args, q.limit])]
+
+    def _by_selectivity(self, groups: tuple[tuple[bytes, ...], ...]) -> list[tuple[bytes, ...]]:
+        if len(groups) < 2:
+            return list(groups)
+        sql = f"SELECT count(*) FROM (SELECT 1 FROM search_tags WHERE tag = ANY(%s) LIMIT {_PROBE}) s"  # noqa: S608
+        return sorted(groups, key=lambda g: self._int(sql, (list(g),)))
+
+    def count_current(self, tenant: str, type: str) -> int:
+        return self._int("SELECT count(*) FROM resources_current WHERE tenant=%s AND type=%s AND NOT deleted",
+                         (tenant, type))
+
+    def max_rk(self) -> int:
+        return self._int("SELECT coalesce(max(rk), 0) FROM resources_current")
+
+    def max_seq(self) -> int:
+        return self._int("SELECT coalesce(max(seq), 0) FROM resource_versions")
+
+    def data_key(self, tenant: str, key_id: str) -> WrappedKey | None:
+        row = self._one("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND key_id=%s",
+                        (tenant, key_id))
+        return _wrapped(row) if row else None
+
+    def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
+        return [_tenant_key(r) for r in self._all(_TENANT_KEYS, (tenant,))]
+
+    def get_meta(self, name: str) -> bytes | None:
+        row = self._one("SELECT value FROM meta WHERE name=%s", (name,))
+        return bytes(row[0]) if row else None
+
+    def client(self, client_id: str) -> ClientRow | None:
+        row = self._one("SELECT client_id, tenant, name, secret_hash, scopes, jwks, created_ms, disabled"
+                        " FROM clients WHERE client_id=%s", (client_id,))
+        if row is None:
+            return None
+        return ClientRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+
+    def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
+        rows = self._all("SELECT seq, ts_ms, blob FROM audit.audit_log WHERE tenant=%s AND seq > %s"
+                         " ORDER BY seq LIMIT %s", (tenant, after_seq, limit))
+        return [(r[0], r[1], bytes(r[2])) for r in rows]
+
+    def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
+        rows = self._all(f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log WHERE seq > %s ORDER BY seq LIMIT %s",  # noqa: S608
+                         (after_seq, limit))
+        return [_audit_row(r) for r in rows]
+
+    def audit_find(self, q: AuditQuery) -> list[AuditRow]:
+        clauses = ["l.tenant = %s", "l.seq > %s"]
+        args: list[Any] = [q.tenant, q.after_seq]
+        for clause, value in (("l.seq < %s", q.before_seq), ("l.ts_ms >= %s", q.since_ms),
+                              ("l.ts_ms <= %s", q.until_ms),
+                              ("l.seq IN (SELECT seq FROM audit.audit_index WHERE tag = ANY(%s))",
+                               list(q.tags) if q.tags else None)):
+            if value is not None:
+                clauses.append(clause)
+                args.append(value)
+        order = "DESC" if q.descending else "ASC"
+        sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log l"  # noqa: S608
+               f" WHERE {' AND '.join(clauses)} ORDER BY l.seq {order} LIMIT %s")
+        return [_audit_row(r) for r in self._all(sql, [*args, q.limit])]
+
+    def audit_size(self) -> int:
+        return self._int("SELECT coalesce(max(seq), 0) FROM audit.audit_log")
+
+    def audit_node(self, level: int, index: int) -> bytes | None:
+        row = self._one("SELECT hash FROM audit.audit_nodes WHERE level=%s AND idx=%s", (level, index))
+        return bytes(row[0]) if row else None
+
+    def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:
+        rows = self._all(_SELECT_CHECKPOINTS + " WHERE size > %s ORDER BY size LIMIT %s", (after_size, limit))
+        return [_checkpoint(r) for r in rows]
+
+    def latest_audit_checkpoint(self) -> AuditCheckpoint | None:
+        row = self._one(_SELECT_CHECKPOINTS + " ORDER BY size DESC LIMIT 1")
+        return _checkpoint(row) if row else None
+
+    # -- break-the-glass --
+    def break_glass(self, tenant: str, grant_id: str) -> BreakGlassRow | None:
+        row = self._one(f"SELECT {_BG_COLUMNS} FROM break_glass WHERE tenant=%s AND grant_id=%s",  # noqa: S608
+                        (tenant, grant_id))
+        return _break_glass(row) if row else None
+
+    def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
+                         expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
+        where: list[str] = ["tenant=%s"]
+        args: list[str | int] = [tenant]
+        for clause, value in (("status=%s", status), ("user_id=%s", user_id), ("expires_ms>%s", expires_after_ms)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        rows = self._all(f"SELECT {_BG_COLUMNS} FROM break_glass WHERE {' AND '.join(where)}"  # noqa: S608
+                         " ORDER BY created_ms DESC LIMIT %s", (*args, limit))
+        return [_break_glass(r) for r in rows]
+
+    # -- identity --
+    def user(self, user_id: str) -> UserRow | None:
+        row = self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE user_id=%s", (user_id,))  # noqa: S608
+        return _user(row) if row else None
+
+    def user_by_username(self, tenant: str, username: str) -> UserRow | None:
+        row = self._one(f"SELECT {_USER_COLUMNS} FROM users WHERE tenant=%s AND username=%s",  # noqa: S608
+                        (tenant, username))
+        return _user(row) if row else None
+
+    def users(self, tenant: str) -> list[UserRow]:
+        rows = self._all(f"SELECT {_USER_COLUMNS} FROM users WHERE tenant=%s ORDER BY username", (tenant,))  # noqa: S608
+        return [_user(r) for r in rows]
+
+    def linked_user(self, provider: str, issuer: str, subject: str) -> str | None:
+        row = self._one("SELECT user_id FROM federated_links WHERE provider=%s AND issuer=%s AND subject=%s",
+                        (provider, issuer, subject))
+        return str(row[0]) if row else None
+
+    def app(self, client_id: str) -> AppRow | None:
+        row = self._one("SELECT client_id, redirect_uris, public FROM oauth_apps WHERE client_id=%s", (client_id,))
+        return AppRow(row[0], tuple(orjson.loads(row[1])), bool(row[2])) if row else None
+
+    def login_session(self, session_id: str) -> LoginSessionRow | None:
+        row = self._one("SELECT session_id, user_id, created_ms, last_seen_ms, amr, ended_ms FROM login_sessions"
+                        " WHERE session_id=%s", (session_id,))
+        return LoginSessionRow(*row) if row else None
+
+    def refresh_token(self, token_hash: bytes) -> RefreshTokenRow | None:
+        row = self._one(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=%s", (token_hash,))  # noqa: S608
+        return _refresh(row) if row else None
+
+    def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
+        rows = self._all("SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > %s AND expires_ms >= %s"
+                         " ORDER BY seq", (after_seq, now_ms))
+        return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    def close(self) -> None:
+        with self._lifecycle:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+        self._pool.close()
+
+
+# -- schema -------------------------------------------------------------------------
+def migrate(url: str) -> None:
+    """Create the tables if missing (the owner role's job) and check the schema version.
+
+    A database already at this version is left alone, so the application role, which may
+    not create anything, can start on it. Migrations take a session advisory lock: several
+    processes starting at once do not race on the DDL.
+    """
+    with psycopg.connect(url, autocommit=True, application_name="fhirvault-migrate") as c:
+        c.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            version = _schema_version(c)
+            if version is None:
+                with c.transaction():
+                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA):
+                        c.execute(ddl.encode())
+                    c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
+                              (str(SCHEMA_VERSION).encode(),))
+            elif version != SCHEMA_VERSION:
+                raise RuntimeError(f"database schema version {version} is not supported by this release")
+            _grant_app_role(c)
+        finally:
+            c.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _schema_version(c: psycopg.Connection[Any]) -> int | None:
+    row = c.execute("SELECT to_regclass('public.meta') IS NOT NULL AND to_regclass('audit.audit_head') IS NOT NULL"
+                    ).fetchone()
+    if not row or not row[0]:
+        return None
+    found = c.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+    return int(bytes(found[0])) if found else None
+
+
+def _grant_app_role(c: psycopg.Connection[Any]) -> None:
+    """As the tables' owner: create the application role if allowed, and give it its privileges."""
+    row = c.execute(
+        "SELECT (SELECT tableowner FROM pg_tables WHERE schemaname='public' AND tablename='meta') = current_user,"
+        " EXISTS (SELECT 1 FROM pg_roles WHERE rolname=%s),"
+        " (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname=current_user)", (APP_ROLE,)).fetchone()
+    assert row is not None
+    owner, exists, may_create = row
+    if not owner or not (exists or may_create):
+        return
+    with c.transaction():
+        if not exists:
+            c.execute(f"CREATE ROLE {APP_ROLE} NOLOGIN".encode())
+        c.execute(APP_GRANTS.encode())
+
+
+# -- cluster singletons ------------------------------------------------------------
+class PostgresLeadership:
+    """Leader election by session advisory lock on a dedicated connection.
+
+    ``pg_try_advisory_lock`` is held as long as the session lives; if the connection
+    drops (network, server restart) the lock goes with it and another process can
+    take the role, so every ``lead`` call re-checks the connection.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def lead(self, role: str) -> bool:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed or self._conn.broken:
+                    self._held.clear()
+                    self._conn = psycopg.connect(self._url, autocommit=True, application_name="fhirvault-leader")
+                if role in self._held:
+                    self._conn.execute("SELECT 1")  # still connected: still the leader
+                    return True
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key("leader:" + role),)).fetchone()
+                if row and row[0]:
+                    self._held.add(role)
+                    return True
+                return False
+            except psycopg.Error as exc:
+                log.warning("leader election: database unavailable", extra={"error": type(exc).__name__})
+                self._held.clear()
+                if self._conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self._conn.close()
+                self._conn = None
+                return False
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    # Released now, not when the server notices the closed socket.
+                    self._conn.execute("SELECT pg_advisory_unlock_all()")
+                with contextlib.suppress(psycopg.Error):
+                    self._conn.close()
+            self._conn = None
+            self._held.clear()
