@@ -187,31 +187,53 @@ def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:
 
 
 # -- backup ports (fhirvault.backup.ports): the engine behind backups, replication, restore and drills ---------
-# A Path is a data directory as found on disk; Settings also say which engine holds its tables.
+# A Path is a data directory as found on disk; Settings also say which engine holds its tables. The
+# PostgreSQL adapters are imported only when used (psycopg).
 def _data_dir(where: Settings | Path) -> Path:
     return where.data_dir if isinstance(where, Settings) else where
 
 
+def _database_url(where: Settings | Path) -> str | None:
+    return where.database_url if isinstance(where, Settings) else None
+
+
 def snapshot_source(where: Settings | Path) -> SnapshotSource:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
+
+        return PostgresSnapshotSource(url, _data_dir(where))
     from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
 
     return SqliteSnapshotSource(_data_dir(where))
 
 
 def catalog_reader(where: Settings | Path) -> CatalogReader:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
+
+        return PostgresSnapshotSource(url)
     from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
 
     return SqliteSnapshotSource(_data_dir(where))
 
 
 def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresChangeFeed
+
+        return PostgresChangeFeed(url)
     from fhirvault.adapters.sqlite_backup import SqliteChangeFeed
 
     return SqliteChangeFeed(_data_dir(where))
 
 
-def restore_sink(data_dir: Path) -> RestoreSink:
-    """The data directory a restore is rebuilding (the databases in the backup say which engine wrote them)."""
+def restore_sink(data_dir: Path, database_url: str | None = None) -> RestoreSink:
+    """The data directory a restore is rebuilding; with ``database_url``, the empty PostgreSQL database that
+    receives its tables."""
+    if database_url is not None:
+        from fhirvault.adapters.postgres_backup import PostgresRestoreSink
+
+        return PostgresRestoreSink(data_dir, database_url)
     from fhirvault.adapters.sqlite_backup import SqliteRestoreSink
 
     return SqliteRestoreSink(data_dir)

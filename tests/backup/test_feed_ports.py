@@ -1,8 +1,8 @@
 """The change-feed ports: every adapter answers the same, and capture → segment → apply rebuilds the source.
 
 The feed algorithm (changefeed.py) only talks to ``FeedReader``/``FeedWriter``; these tests run it
-over the SQLite adapter and the in-memory one on the same rows. An adapter for another engine joins
-the ``KINDS`` list and must pass them unchanged.
+over the SQLite adapter, the PostgreSQL one (a real server, started by the tests) and the in-memory
+one on the same rows. An adapter for another engine joins the ``KINDS`` list and must pass them unchanged.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from fhirvault.adapters.memory_backup import MemoryChangeFeed, MemoryFeedTables, MemoryTable
+from fhirvault.adapters.postgres_backup import PostgresFeedTables
 from fhirvault.adapters.sqlite_backup import SqliteFeedTables
 from fhirvault.backup.changefeed import (
     APPEND_TABLES,
@@ -29,6 +32,7 @@ from fhirvault.backup.changefeed import (
 from fhirvault.backup.file_target import FileTarget
 from fhirvault.backup.ports import FeedWriter, Row
 from fhirvault.backup.replication import Replicator, replay
+from tests import pg_server
 
 # table -> (columns, primary key); a subset of the real schema with the same shapes
 SCHEMA: dict[str, dict[str, tuple[list[str], tuple[str, ...]]]] = {
@@ -50,11 +54,44 @@ SCHEMA: dict[str, dict[str, tuple[list[str], tuple[str, ...]]]] = {
 }
 
 
+_INTS = {"seq", "version", "last_updated", "rk", "kek_version", "created_ms", "ts_ms", "level", "idx", "size"}
+_TEXTS = {"tenant", "type", "id", "key_id", "name"}
+_IDENTITY = {("resource_versions", "seq"), ("resources_current", "rk")}  # generated keys in PostgreSQL
+
+
+def _ddl(name: str, cols: list[str], key: tuple[str, ...], sqlite: bool, schema: str = "") -> str:
+    def typed(c: str) -> str:
+        if c in _INTS:
+            kind = "INTEGER" if sqlite else "BIGINT"
+            if not sqlite and (name, c) in _IDENTITY:
+                kind += " GENERATED ALWAYS AS IDENTITY"
+        elif c in _TEXTS:
+            kind = "TEXT"
+        elif c == "deleted":
+            kind = "INTEGER" if sqlite else "BOOLEAN"
+        else:
+            kind = "BLOB" if sqlite else "BYTEA"
+        return f"{c} {kind}"
+    table = f"{schema}.{name}" if schema else name
+    return f"CREATE TABLE {table} ({', '.join(map(typed, cols))}, PRIMARY KEY ({', '.join(key)}))"
+
+
 def _sqlite_db(path: Path, tables: dict[str, tuple[list[str], tuple[str, ...]]]) -> SqliteFeedTables:
     conn = sqlite3.connect(path, isolation_level=None)
     for name, (cols, key) in tables.items():
-        conn.execute(f"CREATE TABLE {name} ({', '.join(cols)}, PRIMARY KEY ({', '.join(key)}))")
+        conn.execute(_ddl(name, cols, key, sqlite=True))
     return SqliteFeedTables(conn)
+
+
+def _postgres_dbs() -> tuple[psycopg.Connection[Any], dict[str, FeedWriter]]:
+    conn = psycopg.connect(pg_server.server().create_database(empty=True), autocommit=True)
+    out: dict[str, FeedWriter] = {}
+    for db, schema in ((MAIN_DB, "public"), (AUDIT_DB, "audit")):
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")  # type: ignore[arg-type]
+        for name, (cols, key) in SCHEMA[db].items():
+            conn.execute(_ddl(name, cols, key, sqlite=False, schema=schema))  # type: ignore[arg-type]
+        out[db] = PostgresFeedTables(conn, schema)
+    return conn, out
 
 
 def _memory_db(tables: dict[str, tuple[list[str], tuple[str, ...]]]) -> MemoryFeedTables:
@@ -62,14 +99,19 @@ def _memory_db(tables: dict[str, tuple[list[str], tuple[str, ...]]]) -> MemoryFe
 
 
 Factory = Callable[[str], dict[str, FeedWriter]]
-KINDS = ["sqlite", "memory"]
+KINDS = ["sqlite", "postgresql", "memory"]
 
 
 @pytest.fixture
 def make(tmp_path: Path) -> Iterator[Callable[[str, str], dict[str, FeedWriter]]]:
     opened: list[SqliteFeedTables] = []
+    pg: list[psycopg.Connection[Any]] = []
 
     def new(kind: str, label: str) -> dict[str, FeedWriter]:
+        if kind == "postgresql":
+            conn, dbs = _postgres_dbs()
+            pg.append(conn)
+            return dbs
         out: dict[str, FeedWriter] = {}
         for db, tables in SCHEMA.items():
             if kind == "sqlite":
@@ -83,6 +125,8 @@ def make(tmp_path: Path) -> Iterator[Callable[[str, str], dict[str, FeedWriter]]
     yield new
     for t in opened:
         t.conn.close()
+    for c in pg:
+        c.close()
 
 
 def tag(n: int) -> bytes:

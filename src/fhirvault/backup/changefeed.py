@@ -44,9 +44,28 @@ from fhirvault.backup.ports import (
 from fhirvault.backup.ports import CLINICAL_DB as MAIN_DB
 from fhirvault.ports import SEARCH_TAG_BYTES
 
-__all__ = ["APPEND_TABLES", "AUDIT_DB", "DATABASES", "MAIN_DB", "AppendTable", "Applied", "Block", "Capture",
-           "FeedState", "Row", "Segment", "Watermarks", "anchor", "append_spec", "apply_db", "capture",
-           "decode_rows", "encode_rows", "row_hash"]
+__all__ = [
+    "APPEND_TABLES",
+    "AUDIT_DB",
+    "DATABASES",
+    "MAIN_DB",
+    "SEGMENT_MAGIC",
+    "AppendTable",
+    "Applied",
+    "Block",
+    "Capture",
+    "FeedState",
+    "Row",
+    "Segment",
+    "Watermarks",
+    "anchor",
+    "append_spec",
+    "apply_db",
+    "capture",
+    "decode_rows",
+    "encode_rows",
+    "row_hash",
+]
 
 DATABASES = (MAIN_DB, AUDIT_DB)
 
@@ -140,7 +159,7 @@ def row_hash(row: Sequence[Any]) -> str:
 
 
 # -- segments -----------------------------------------------------------------
-_MAGIC = b"FVSEG1\n"
+SEGMENT_MAGIC = _MAGIC = b"FVSEG1\n"
 
 
 @dataclass

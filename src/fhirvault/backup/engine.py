@@ -437,7 +437,10 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
             _restore_file(target, keys, body, f, staging / f.name, retry)
         databases = [f.name for f in body.files if f.kind != "file"]
         restored = (sink or restore_sink)(staging)
-        restored.load(databases)
+        try:
+            restored.load(databases)
+        except DatabaseCheckError as exc:
+            raise RestoreError(str(exc)) from None
         replayed = None
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
