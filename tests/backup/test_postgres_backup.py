@@ -115,3 +115,6 @@ def test_a_postgresql_backup_holds_engine_neutral_exports(tmp_path: Path) -> Non
     with pytest.raises(RestoreError, match="already holds resources"):
         restore_backup(target, refused, (data / "root.key").read_bytes(), sink=lambda d: PostgresRestoreSink(d, url))
     assert not refused.exists()
+    with pytest.raises(RestoreError, match="PostgreSQL export"):  # the default (SQLite) restore says why
+        restore_backup(target, refused, (data / "root.key").read_bytes())
+    assert not refused.exists()

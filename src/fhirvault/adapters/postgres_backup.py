@@ -361,7 +361,7 @@ class PostgresSnapshotSource:
         return DatabaseDump(files, snapshot_ms, watermarks)
 
     def copy_for_reading(self, into: Path) -> None:
-        raise NotImplementedError("a drill on PostgreSQL reads the live database (docs/postgresql-backup.md)")
+        raise SnapshotError("the disaster-recovery drill does not run on PostgreSQL yet (docs/postgresql-backup.md)")
 
     def catalog(self, tenant: str, until_seq: int | None = None) -> VersionCatalog:
         with _connect(self._url, read_only=True) as conn, _snapshot(conn):

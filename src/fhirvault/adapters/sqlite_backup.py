@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fhirvault.backup.changefeed import SEGMENT_MAGIC
 from fhirvault.backup.ports import (
     AUDIT_DB,
     CLINICAL_DB,
@@ -330,7 +331,12 @@ class SqliteRestoreSink:
         self._dir = data_dir
 
     def load(self, names: list[str]) -> None:
-        pass  # the restored files are the databases
+        # the restored files are the databases, unless the backup was taken on PostgreSQL
+        for name in names:
+            with (self._dir / name).open("rb") as f:
+                if f.read(len(SEGMENT_MAGIC)) == SEGMENT_MAGIC:
+                    raise DatabaseCheckError(f"{name} in this backup is a PostgreSQL export: restore it into a "
+                                             "PostgreSQL database (docs/postgresql-backup.md)")
 
     def check(self, names: list[str]) -> None:
         for name in names:
