@@ -118,3 +118,42 @@ def test_a_postgresql_backup_holds_engine_neutral_exports(tmp_path: Path) -> Non
     with pytest.raises(RestoreError, match="PostgreSQL export"):  # the default (SQLite) restore says why
         restore_backup(target, refused, (data / "root.key").read_bytes())
     assert not refused.exists()
+
+
+def test_cli_backup_then_restore_into_a_new_database(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    def fv(*args: str, url: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
+        if url is not None:
+            env["FHIRVAULT_DATABASE_URL"] = url
+        return subprocess.run([sys.executable, "-m", "fhirvault.cli.main", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    url = pg_server.server().create_database()
+    old, backups = tmp_path / "old", tmp_path / "backups"
+    srv = start_server(old, tmp_path / "old.log", env={"FHIRVAULT_DATABASE_URL": url})
+    try:
+        ids = seed(srv, 5)
+        with srv.client() as c:
+            original = c.get(f"/Patient/{ids[3]}").json()
+        backups.mkdir()
+        r = fv("backup", "create", "--data-dir", str(old), "--target", backups.as_uri(), "--location", "FR", url=url)
+        assert r.returncode == 0, r.stderr
+    finally:
+        srv.stop()
+    new_url = pg_server.server().create_database(empty=True)
+    new = tmp_path / "new"
+    r = fv("backup", "restore", "--target", backups.as_uri(), "--location", "FR", "--to", str(new),
+           "--root-key-file", str(old / "root.key"), "--database-url", new_url)
+    assert r.returncode == 0, r.stderr
+    assert "point the restored server at it" in r.stderr and not (new / "fhirvault.sqlite3").exists()
+    (new / "admin-client.json").write_text(json.dumps(srv.creds))  # the operator's copy of the old credentials
+    again = start_server(new, tmp_path / "new.log", env={"FHIRVAULT_DATABASE_URL": new_url})
+    try:
+        with again.client() as c:
+            assert c.get(f"/Patient/{ids[3]}").json() == original
+    finally:
+        again.stop()
