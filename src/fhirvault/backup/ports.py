@@ -106,6 +106,8 @@ class SnapshotSource(Protocol):
 
 
 class CatalogReader(Protocol):
+    """What a drill compares: the resource versions up to a write sequence number (read-only)."""
+
     def catalog(self, tenant: str, until_seq: int | None = None) -> VersionCatalog: ...
 
 
