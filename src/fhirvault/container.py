@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -36,6 +38,9 @@ from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
 from fhirvault.services.secrets import ServiceSecrets
+
+if TYPE_CHECKING:
+    from fhirvault.backup.ports import CatalogReader, ChangeFeedSource, RestoreSink, SnapshotSource
 
 INSTANCE_META = "instance-id"
 
@@ -179,3 +184,56 @@ def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:
     doc = capability_statement(sorted(resource_types()), base_url=base_url, token_url=token_url,
                                published_ms_instant=instant(clock.now_ms()))
     return orjson.dumps(doc)
+
+
+# -- backup ports (fhirvault.backup.ports): the engine behind backups, replication, restore and drills ---------
+# A Path is a data directory as found on disk; Settings also say which engine holds its tables. The
+# PostgreSQL adapters are imported only when used (psycopg).
+def _data_dir(where: Settings | Path) -> Path:
+    return where.data_dir if isinstance(where, Settings) else where
+
+
+def _database_url(where: Settings | Path) -> str | None:
+    return where.database_url if isinstance(where, Settings) else None
+
+
+def snapshot_source(where: Settings | Path) -> SnapshotSource:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
+
+        return PostgresSnapshotSource(url, _data_dir(where))
+    from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
+
+    return SqliteSnapshotSource(_data_dir(where))
+
+
+def catalog_reader(where: Settings | Path) -> CatalogReader:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
+
+        return PostgresSnapshotSource(url)
+    from fhirvault.adapters.sqlite_backup import SqliteSnapshotSource
+
+    return SqliteSnapshotSource(_data_dir(where))
+
+
+def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
+    if (url := _database_url(where)) is not None:
+        from fhirvault.adapters.postgres_backup import PostgresChangeFeed
+
+        return PostgresChangeFeed(url)
+    from fhirvault.adapters.sqlite_backup import SqliteChangeFeed
+
+    return SqliteChangeFeed(_data_dir(where))
+
+
+def restore_sink(data_dir: Path, database_url: str | None = None) -> RestoreSink:
+    """The data directory a restore is rebuilding; with ``database_url``, the empty PostgreSQL database that
+    receives its tables."""
+    if database_url is not None:
+        from fhirvault.adapters.postgres_backup import PostgresRestoreSink
+
+        return PostgresRestoreSink(data_dir, database_url)
+    from fhirvault.adapters.sqlite_backup import SqliteRestoreSink
+
+    return SqliteRestoreSink(data_dir)

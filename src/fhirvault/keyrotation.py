@@ -10,9 +10,8 @@ crash in between leaves a key file that still opens everything.
 from __future__ import annotations
 
 from fhirvault.adapters.keyfile import KeyFileProvider
-from fhirvault.adapters.sqlite_store import SqliteStore
 from fhirvault.config import Settings
-from fhirvault.container import SystemClock
+from fhirvault.container import SystemClock, open_store
 from fhirvault.ports import WriteTx
 from fhirvault.services.auth import SIGNING_META, AuthService
 from fhirvault.services.keys import KeyRing
@@ -22,7 +21,7 @@ from fhirvault.services.secrets import ServiceSecrets
 def rotate_root_key(settings: Settings) -> str:
     provider = KeyFileProvider.load(settings.root_key_path)
     old_ids = [k for k in provider.key_ids]
-    store = SqliteStore(settings.database_path, settings.audit_database_path)
+    store = open_store(settings)
     try:
         keys = KeyRing(store, provider, settings.tenant, SystemClock())
         keys.load()
@@ -46,7 +45,7 @@ def rotate_root_key(settings: Settings) -> str:
 
 def rotate_tenant_key(settings: Settings) -> int:
     provider = KeyFileProvider.load(settings.root_key_path)
-    store = SqliteStore(settings.database_path, settings.audit_database_path)
+    store = open_store(settings)
     try:
         keys = KeyRing(store, provider, settings.tenant, SystemClock())
         keys.load()

@@ -1,7 +1,8 @@
-"""The logical change feed: what changed in the SQLite files since a watermark, and how to apply it.
+"""The logical change feed: what changed in the databases since a watermark, and how to apply it.
 
 Engine-independent by design: a segment lists rows, not pages, so the same feed
-can later be read from and applied to another engine. Every value it carries is
+can be read from and applied to another engine. Every statement is behind the
+``FeedReader``/``FeedWriter`` ports (backup/ports.py; SQLite: adapters/sqlite_backup.py). Every value it carries is
 already ciphertext, an HMAC or routing data (see sqlite_schema.py).
 
 Tables are handled by kind:
@@ -24,42 +25,49 @@ Tables are handled by kind:
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from fhirvault.backup.ports import (
+    AUDIT_DB,
+    DK_STAT_MODULUS,
+    AppendTable,
+    FeedReader,
+    FeedWriter,
+    Row,
+    Watermarks,
+)
+from fhirvault.backup.ports import CLINICAL_DB as MAIN_DB
 from fhirvault.ports import SEARCH_TAG_BYTES
 
-MAIN_DB = "fhirvault.sqlite3"
-AUDIT_DB = "audit.sqlite3"
+__all__ = [
+    "APPEND_TABLES",
+    "AUDIT_DB",
+    "DATABASES",
+    "MAIN_DB",
+    "SEGMENT_MAGIC",
+    "AppendTable",
+    "Applied",
+    "Block",
+    "Capture",
+    "FeedState",
+    "Row",
+    "Segment",
+    "Watermarks",
+    "anchor",
+    "append_spec",
+    "apply_db",
+    "capture",
+    "decode_rows",
+    "encode_rows",
+    "row_hash",
+]
+
 DATABASES = (MAIN_DB, AUDIT_DB)
-
-Row = tuple[Any, ...]
-Watermarks = dict[str, dict[str, int]]
-
-
-@dataclass(frozen=True)
-class AppendTable:
-    name: str
-    key: str  # increasing integer column
-    time: str | None = None  # commit time (ms): where a point-in-time cut falls
-    bound_by: str | None = None  # no time of its own: cut at the applied watermark of this table
-    node_key: bool = False  # a Merkle subtree (level, idx): keyed by the tree size that completes it
-
-    @property
-    def key_sql(self) -> str:
-        return '((idx + 1) << level)' if self.node_key else _q(self.key)
-
-    def key_of(self, cols: list[str]) -> Callable[[Row], int]:
-        if self.node_key:
-            li, ii = cols.index("level"), cols.index("idx")
-            return lambda r: int((r[ii] + 1) << r[li])
-        ki = cols.index(self.key)
-        return lambda r: int(r[ki])
 
 
 APPEND_TABLES: dict[str, tuple[AppendTable, ...]] = {
@@ -151,7 +159,7 @@ def row_hash(row: Sequence[Any]) -> str:
 
 
 # -- segments -----------------------------------------------------------------
-_MAGIC = b"FVSEG1\n"
+SEGMENT_MAGIC = _MAGIC = b"FVSEG1\n"
 
 
 @dataclass
@@ -204,34 +212,15 @@ class Segment:
 
 
 # -- reading ------------------------------------------------------------------
-def tables(conn: sqlite3.Connection) -> list[str]:
-    rows = conn.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
-    return [r[0] for r in rows]
-
-
-def columns(conn: sqlite3.Connection, table: str) -> list[str]:
-    return [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-
-
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def append_spec(db: str, table: str) -> AppendTable | None:
     return next((s for s in APPEND_TABLES.get(db, ()) if s.name == table), None)
 
 
-def max_key(conn: sqlite3.Connection, spec: AppendTable) -> int:
-    row = conn.execute(f"SELECT coalesce(max({spec.key_sql}), 0) FROM {_q(spec.name)}").fetchone()  # noqa: S608
-    return int(row[0])
-
-
-def anchor(conn: sqlite3.Connection, spec: AppendTable, cols: list[str], key: int) -> str | None:
+def anchor(db: FeedReader, spec: AppendTable, cols: list[str], key: int) -> str | None:
     """Hash of the row at ``key`` of a table with a unique key: proves two files share a history."""
     if spec.time is None or key <= 0:
         return None
-    sql = f"SELECT {','.join(map(_q, cols))} FROM {_q(spec.name)} WHERE {_q(spec.key)}=?"  # noqa: S608
-    row = conn.execute(sql, (key,)).fetchone()
+    row = db.row_at(spec, cols, key)
     return None if row is None else row_hash(row)
 
 
@@ -267,24 +256,19 @@ class Capture:
     max_ms: int | None
     state: FeedState  # the state once this capture is on the target
     oldest_pending_ms: int | None  # commit time of the first row left for a later segment
+    more: bool = False  # rows of some append table (timed or not) were left for a later segment
 
     @property
     def rows(self) -> int:
         return sum(len(b.rows) for b in self.blocks)
 
 
-_P = 1_000_000_007  # created_ms is summed modulo this, so the sum stays an exact integer
+_P = DK_STAT_MODULUS  # created_ms is summed modulo this, so the sum stays an exact integer
+# FeedReader.data_key_stat(): (count, sum of kek versions, sum of creation times): any insert, delete
+# or re-wrap changes it.
 
 
-def _dk_stat(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(count, sum of kek versions, sum of creation times): any insert, delete or re-wrap changes it."""
-    row = conn.execute(
-        f"SELECT count(*), coalesce(sum(kek_version), 0), coalesce(sum(created_ms % {_P}), 0) FROM data_keys"  # noqa: S608
-    ).fetchone()
-    return int(row[0]), int(row[1]), int(row[2])
-
-
-def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: int) -> Capture:
+def capture(conns: Mapping[str, FeedReader], state: FeedState, max_rows: int) -> Capture:
     """Everything committed since ``state``, read in one snapshot per file (the caller holds it open)."""
     new = state.copy()
     blocks: list[Block] = []
@@ -294,7 +278,8 @@ def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: in
     a_after: dict[str, dict[str, str]] = {}
     times: list[int] = []
     pending: list[int] = []
-    present_by_db = {db: tables(conn) for db, conn in conns.items()}
+    more = False
+    present_by_db = {db: conn.tables() for db, conn in conns.items()}
     for db, conn in conns.items():
         present = present_by_db[db]
         marks = new.watermarks.setdefault(db, {})
@@ -302,19 +287,19 @@ def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: in
         for spec in APPEND_TABLES.get(db, ()):
             if spec.name not in present:
                 continue
-            cols = columns(conn, spec.name)
+            cols = conn.columns(spec.name)
             lo = marks.get(spec.name, 0)
-            top = max_key(conn, spec)
+            top = conn.max_key(spec)
             # Cap the segment; never split one key's rows (audit_index has several rows per seq).
-            k = spec.key_sql
-            edge = conn.execute(
-                f"SELECT {k} FROM {_q(spec.name)} WHERE {k} > ? ORDER BY {k} LIMIT 1 OFFSET ?",  # noqa: S608
-                (lo, max_rows - 1)).fetchone()
-            hi = min(top, int(edge[0])) if edge is not None else top
+            edge = conn.key_at_offset(spec, lo, max_rows - 1)
+            hi = min(top, edge) if edge is not None else top
+            if spec.bound_by is not None:
+                # Replay applies these rows only up to the bounding table's applied watermark: rows past
+                # what this segment ships of it wait for a later segment, or they would never be applied.
+                hi = min(hi, after[db].get(spec.bound_by, hi))
             hi = max(hi, lo)
-            rows = conn.execute(
-                f"SELECT {','.join(map(_q, cols))} FROM {_q(spec.name)}"  # noqa: S608
-                f" WHERE {k} > ? AND {k} <= ? ORDER BY {k}", (lo, hi)).fetchall()
+            more = more or hi < top
+            rows = conn.rows_between(spec, cols, lo, hi)
             blocks.append(Block(db, spec.name, "append", cols, rows))
             before[db][spec.name], after[db][spec.name] = lo, hi
             marks[spec.name] = hi
@@ -326,10 +311,9 @@ def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: in
                 ti = cols.index(spec.time)
                 times += [r[ti] for r in rows]
                 if hi < top:
-                    nxt = conn.execute(
-                        f"SELECT {_q(spec.time)} FROM {_q(spec.name)} WHERE {_q(spec.key)} > ?"  # noqa: S608
-                        f" ORDER BY {_q(spec.key)} LIMIT 1", (hi,)).fetchone()
-                    pending.append(int(nxt[0]))
+                    nxt = conn.first_time_after(spec, hi)
+                    if nxt is not None:
+                        pending.append(nxt)
             if spec.name == "resource_versions" and CURRENT in present:
                 blocks.append(_current_block(db, conn, lo, hi))
     progress = any(b.rows for b in blocks)
@@ -346,9 +330,8 @@ def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: in
         for table in present:
             if table in handled:
                 continue
-            cols = columns(conn, table)
-            order = ",".join(str(i + 1) for i in range(len(cols)))
-            rows = conn.execute(f"SELECT {','.join(map(_q, cols))} FROM {_q(table)} ORDER BY {order}").fetchall()  # noqa: S608
+            cols = conn.columns(table)
+            rows = conn.all_rows(table, cols)
             digest = hashlib.sha256(encode_rows(rows)).hexdigest()
             if new.small_hashes.get((db, table)) != digest or (progress and (db, table) in new.reship):
                 small.append(Block(db, table, "replace", cols, rows))
@@ -356,31 +339,24 @@ def capture(conns: dict[str, sqlite3.Connection], state: FeedState, max_rows: in
     new.reship = set() if progress else new.reship | {(b.db, b.table) for b in small}
     blocks += small
     return Capture(blocks, before, after, a_before, a_after, min(times, default=None), max(times, default=None),
-                   new, min(pending, default=None))
+                   new, min(pending, default=None), more)
 
 
-def _current_block(db: str, conn: sqlite3.Connection, lo: int, hi: int) -> Block:
+def _current_block(db: str, conn: FeedReader, lo: int, hi: int) -> Block:
     # The current rows of every resource with a version in (lo, hi], even if its current version
     # is newer than hi (a capped segment): replay needs each resource's rk and tags.
     cols = ["rk", "tenant", "type", "id", "seq", "deleted", "tags"]
-    rows = conn.execute(
-        "SELECT c.rk, c.tenant, c.type, c.id, c.seq, c.deleted, c.tags FROM resources_current c"
-        " WHERE (c.tenant, c.type, c.id) IN"
-        " (SELECT tenant, type, id FROM resource_versions WHERE seq > ? AND seq <= ?) ORDER BY c.rk",
-        (lo, hi),
-    ).fetchall()
-    return Block(db, CURRENT, "current", cols, rows)
+    return Block(db, CURRENT, "current", cols, conn.current_rows(lo, hi))
 
 
-def _data_keys_block(db: str, conn: sqlite3.Connection, state: FeedState) -> Block | None:
-    cols = columns(conn, DATA_KEYS)
+def _data_keys_block(db: str, conn: FeedReader, state: FeedState) -> Block | None:
+    cols = conn.columns(DATA_KEYS)
     kid, kek, created = cols.index("key_id"), cols.index("kek_version"), cols.index("created_ms")
-    select = f"SELECT {','.join(map(_q, cols))} FROM data_keys"  # noqa: S608
-    stat = _dk_stat(conn)
+    stat = conn.data_key_stat()
     if state.data_keys is not None:
         if stat == state.dk_stat:
             return None
-        rows = conn.execute(select + " WHERE created_ms >= ?", (state.dk_max_created - _DK_SLACK_MS,)).fetchall()
+        rows = conn.data_keys(cols, state.dk_max_created - _DK_SLACK_MS)
         fresh = [r for r in rows if r[kid] not in state.data_keys]
         grown = (state.dk_stat[0] + len(fresh), state.dk_stat[1] + sum(r[kek] for r in fresh),
                  state.dk_stat[2] + sum(r[created] % _P for r in fresh))
@@ -390,7 +366,7 @@ def _data_keys_block(db: str, conn: sqlite3.Connection, state: FeedState) -> Blo
             state.dk_max_created = max([state.dk_max_created, *(r[created] for r in fresh)])
             return Block(db, DATA_KEYS, "upsert", cols, fresh)
     # First segment of a process, a re-wrap (key rotation) or a destroyed key: the whole table.
-    rows = conn.execute(select + " ORDER BY key_id").fetchall()
+    rows = conn.data_keys(cols, None)
     state.data_keys = {r[kid] for r in rows}
     state.dk_stat = (len(rows), sum(r[kek] for r in rows), sum(r[created] % _P for r in rows))
     state.dk_max_created = max((r[created] for r in rows), default=0)
@@ -411,10 +387,10 @@ def _split_tags(blob: bytes) -> set[bytes]:
     return {blob[i : i + SEARCH_TAG_BYTES] for i in range(0, len(blob), SEARCH_TAG_BYTES)}
 
 
-def apply_db(conn: sqlite3.Connection, db: str, seg: Segment, current: dict[str, int],
+def apply_db(conn: FeedWriter, db: str, seg: Segment, current: dict[str, int],
              until_ms: int | None, out: Applied) -> None:
     """Apply ``seg``'s blocks for one file inside the caller's transaction; advances ``current``."""
-    present = set(tables(conn))
+    present = set(conn.tables())
     applied_versions: list[Row] = []
     rv_cols: list[str] = []
     for spec in APPEND_TABLES.get(db, ()):
@@ -434,10 +410,7 @@ def apply_db(conn: sqlite3.Connection, db: str, seg: Segment, current: dict[str,
             bound = current.get(spec.bound_by, 0)
             rows = [r for r in rows if key(r) <= bound]
         if rows:
-            marks = ",".join("?" * len(block.columns))
-            conn.executemany(
-                f"INSERT OR IGNORE INTO {_q(spec.name)} ({','.join(map(_q, block.columns))}) VALUES ({marks})",  # noqa: S608
-                rows)
+            conn.insert_new(spec.name, block.columns, rows)
             current[spec.name] = max(lo, max(key(r) for r in rows))
             out.rows[f"{db}/{spec.name}"] = out.rows.get(f"{db}/{spec.name}", 0) + len(rows)
             if spec.time is not None:
@@ -452,15 +425,11 @@ def apply_db(conn: sqlite3.Connection, db: str, seg: Segment, current: dict[str,
     for block in seg.blocks:
         if block.db != db or block.mode not in ("upsert", "replace") or block.table not in present:
             continue
-        marks = ",".join("?" * len(block.columns))
-        names = ",".join(map(_q, block.columns))
-        if block.mode == "replace":
-            conn.execute(f"DELETE FROM {_q(block.table)}")  # noqa: S608
-        conn.executemany(f"INSERT OR REPLACE INTO {_q(block.table)} ({names}) VALUES ({marks})", block.rows)  # noqa: S608
+        conn.upsert(block.table, block.columns, block.rows, replace_all=block.mode == "replace")
         out.rows[f"{db}/{block.table}"] = out.rows.get(f"{db}/{block.table}", 0) + len(block.rows)
 
 
-def _apply_current(conn: sqlite3.Connection, block: Block, applied: list[Row], rv_cols: list[str],
+def _apply_current(conn: FeedWriter, block: Block, applied: list[Row], rv_cols: list[str],
                    applied_to: int, out: Applied) -> None:
     """Bring resources_current (and search_tags) to the state at the last applied version."""
     seq_i, del_i = rv_cols.index("seq") if rv_cols else 0, rv_cols.index("deleted") if rv_cols else 0
@@ -478,24 +447,16 @@ def _apply_current(conn: sqlite3.Connection, block: Block, applied: list[Row], r
             # Cut between two versions shipped in one segment: the tag list of the intermediate
             # version was never shipped. A superset keeps searches complete (every candidate is
             # verified against the decrypted resource); a deleted version has no tags.
-            existing = conn.execute("SELECT tags FROM resources_current WHERE rk=?", (rk,)).fetchone()
-            union = b"".join(sorted(_split_tags(bytes(tags)) | _split_tags(bytes(existing[0]) if existing else b"")))
+            existing = conn.current_state(rk)
+            union = b"".join(sorted(_split_tags(bytes(tags)) | _split_tags(existing[1] if existing else b"")))
             target = (version[seq_i], version[del_i], b"" if version[del_i] else union)
             if not version[del_i]:
                 out.approximate_tags.append((tenant, rtype, rid))
-        old = conn.execute("SELECT seq, tags FROM resources_current WHERE rk=?", (rk,)).fetchone()
+        old = conn.current_state(rk)
         if old is not None and old[0] >= target[0]:
             continue
-        old_tags = _split_tags(bytes(old[1])) if old is not None else set()
+        old_tags = _split_tags(old[1]) if old is not None else set()
         new_tags = _split_tags(target[2])
-        conn.execute(
-            "INSERT INTO resources_current (rk, tenant, type, id, seq, deleted, tags) VALUES (?,?,?,?,?,?,?)"
-            " ON CONFLICT (rk) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted, tags=excluded.tags",
-            (rk, tenant, rtype, rid, target[0], target[1], target[2]))
-        # search_tags is derived from the tag lists: remove what the old list had, add the new one.
-        gone = sorted(old_tags - new_tags)
-        if gone:
-            conn.executemany("DELETE FROM search_tags WHERE tag=? AND rk=?", [(t, rk) for t in gone])
-        if new_tags:
-            conn.executemany("INSERT OR IGNORE INTO search_tags (tag, rk) VALUES (?,?)",
-                             [(t, rk) for t in sorted(new_tags)])
+        # search_tags is derived from the tag lists: the adapter removes what the old list had, adds the new one.
+        conn.put_current((rk, tenant, rtype, rid, target[0], target[1], target[2]), sorted(old_tags - new_tags),
+                         sorted(new_tags))

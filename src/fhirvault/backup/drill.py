@@ -19,7 +19,6 @@ import hashlib
 import os
 import shutil
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,6 @@ from typing import Any
 import orjson
 
 from fhirvault.backup.engine import DEFAULT_RETRY, Replay, RestoreResult, Retry, restore_backup
-from fhirvault.backup.snapshot import CLINICAL_DB, copy_database
 from fhirvault.backup.target import BackupTarget
 from fhirvault.config import Settings, load_settings
 
@@ -49,23 +47,16 @@ class DataState:
 
 def data_state(settings: Settings, until_seq: int | None = None) -> DataState:
     """Read (through the store and key ring) every current resource with seq <= ``until_seq``."""
-    from fhirvault.container import build
+    from fhirvault.container import build, catalog_reader
     from fhirvault.services.repository import resource_aad
 
     container = build(settings)
-    conn = sqlite3.connect(f"{settings.database_path.as_uri()}?mode=ro", uri=True)
     try:
         tenant = settings.tenant
-        top = until_seq if until_seq is not None else int(
-            conn.execute("SELECT coalesce(max(seq), 0) FROM resource_versions").fetchone()[0])
-        newest = int(conn.execute("SELECT coalesce(max(last_updated), 0) FROM resource_versions WHERE seq <= ?",
-                                  (top,)).fetchone()[0])
-        state = DataState(top, newest)
-        rows = conn.execute(
-            "SELECT type, id, max(version) FROM resource_versions WHERE tenant=? AND seq <= ?"
-            " GROUP BY type, id ORDER BY type, id", (tenant, top)).fetchall()
+        catalog = catalog_reader(settings).catalog(tenant, until_seq)
+        state = DataState(catalog.max_seq, catalog.newest_ms)
         digests: dict[str, Any] = {}
-        for rtype, rid, version in rows:
+        for rtype, rid, version in catalog.latest:
             v = container.store.read_version(tenant, rtype, rid, version)
             if v is None or v.deleted:
                 continue
@@ -78,7 +69,6 @@ def data_state(settings: Settings, until_seq: int | None = None) -> DataState:
         state.hashes = {t: h.hexdigest() for t, h in digests.items()}
         return state
     finally:
-        conn.close()
         container.close()
 
 
@@ -166,7 +156,7 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
               report_dir: Path | None = None, scratch: Path | None = None, replay: Replay | None = None,
               retry: Retry = DEFAULT_RETRY, keep_scratch: bool = False) -> tuple[DrillReport, list[Path]]:
     """Run the drill; returns the report and the files it was written to."""
-    from fhirvault.container import build
+    from fhirvault.container import build, snapshot_source
     from fhirvault.services.audit_verify import verify_data_dir
 
     started = datetime.now(UTC)
@@ -183,7 +173,7 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
         # everything the restore could have (replicated changes included); the live server keeps going.
         src_dir = work / "source"
         src_dir.mkdir(mode=0o700)
-        copy_database(source.data_dir / CLINICAL_DB, src_dir / CLINICAL_DB)
+        snapshot_source(source).copy_for_reading(src_dir)
         src_settings = load_settings({"data_dir": src_dir, "root_key_file": source.root_key_path,
                                       "tenant": source.tenant}, environ={})
         # 3. Compare content at the restored point.

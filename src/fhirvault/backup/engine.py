@@ -24,7 +24,6 @@ import logging
 import os
 import secrets
 import shutil
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,9 +52,10 @@ from fhirvault.backup.manifest import (
     parse_manifest,
 )
 from fhirvault.backup.objects import ObjectError, open_sealed, seal
+from fhirvault.backup.ports import CLINICAL_DB, DatabaseCheckError, RestoreSink, SnapshotSource
 from fhirvault.backup.retention import keep
 from fhirvault.backup.settings import RetentionSettings
-from fhirvault.backup.snapshot import CLINICAL_DB, SnapshotFile, deployment_secrets, snapshot
+from fhirvault.backup.snapshot import SnapshotFile, deployment_secrets, snapshot
 from fhirvault.backup.target import (
     BackupTarget,
     TargetError,
@@ -196,10 +196,16 @@ def _known_chunks(target: BackupTarget, root: RootKeyProvider, instance_id: str,
 
 def create_backup(data_dir: Path, target: BackupTarget, root: RootKeyProvider, *, retain_days: int = 0,
                   retry: Retry = DEFAULT_RETRY, clock: Callable[[], int] = _now_ms,
-                  chunk_size: int = CHUNK_SIZE) -> CreateResult:
-    """Take an online, consistent backup of ``data_dir`` (a server may be writing to it)."""
+                  chunk_size: int = CHUNK_SIZE, source: SnapshotSource | None = None) -> CreateResult:
+    """Take an online, consistent backup of ``data_dir`` (a server may be writing to it).
+
+    ``source`` is the database behind it (``container.snapshot_source``; by default found from ``data_dir``)."""
     started = time.monotonic()
-    secrets_ = deployment_secrets(data_dir, root)
+    if source is None:
+        from fhirvault.container import snapshot_source
+
+        source = snapshot_source(data_dir)
+    secrets_ = deployment_secrets(data_dir, root, source)
     keys = BackupKeys(secrets_.backup_key, secrets_.signing_seed)
     created_ms = clock()
     backup_id = new_backup_id(created_ms)
@@ -214,7 +220,7 @@ def create_backup(data_dir: Path, target: BackupTarget, root: RootKeyProvider, *
         lock_floor = created_ms + retain_days * 43_200_000 if retain_days else None
         reusable = {cid: (h, until) for cid, (h, until) in known.items() if chunk_key(cid) in present
                     and (lock_floor is None or (until is not None and until >= lock_floor))}
-        with snapshot(data_dir) as snap:
+        with snapshot(data_dir, source) as snap:
             body, uploaded = _upload(snap.files, target, keys, reusable, retain, retry, chunk_size)
             body.watermarks = snap.watermarks
             # A prune running meanwhile may have removed a chunk we reused: never name a missing one.
@@ -398,7 +404,8 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, backup_id: str | None = None,
-                   at_ms: int | None = None, replay: Replay | None = None, retry: Retry = DEFAULT_RETRY) -> RestoreResult:
+                   at_ms: int | None = None, replay: Replay | None = None, retry: Retry = DEFAULT_RETRY,
+                   sink: Callable[[Path], RestoreSink] | None = None) -> RestoreResult:
     """Rebuild a data directory from a backup; ``to_dir`` must be absent or empty.
 
     Everything is written to a hidden staging directory next to ``to_dir`` and renamed
@@ -406,6 +413,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
     that looks like a valid data directory.
     """
     from fhirvault.adapters.keyfile import KeyFileProvider
+    from fhirvault.container import restore_sink
 
     started = time.monotonic()
     to_dir = to_dir.absolute()
@@ -427,10 +435,16 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
                                f"{m.size / 1e6:.0f} MB plus headroom, {free / 1e6:.0f} MB free")
         for f in body.files:
             _restore_file(target, keys, body, f, staging / f.name, retry)
+        databases = [f.name for f in body.files if f.kind != "file"]
+        restored = (sink or restore_sink)(staging)
+        try:
+            restored.load(databases)
+        except DatabaseCheckError as exc:
+            raise RestoreError(str(exc)) from None
         replayed = None
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
-        _check_databases(staging, [f.name for f in body.files if f.kind == "sqlite"])
+        _check_databases(restored, databases)
         fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()
@@ -470,19 +484,13 @@ def _restore_file(target: BackupTarget, keys: BackupKeys, body: ManifestBody, f:
         raise RestoreError(f"backup is damaged: {f.name} does not match its SHA-256")
 
 
-def _check_databases(data_dir: Path, names: list[str]) -> None:
+def _check_databases(sink: RestoreSink, names: list[str]) -> None:
     if CLINICAL_DB not in names:
         raise RestoreError(f"the backup holds no {CLINICAL_DB}")
-    for name in names:
-        conn = sqlite3.connect(data_dir / name)
-        try:
-            row = conn.execute("PRAGMA quick_check").fetchone()
-        except sqlite3.Error as exc:
-            raise RestoreError(f"restored database {name} does not open: {exc}") from None
-        finally:
-            conn.close()
-        if row is None or row[0] != "ok":
-            raise RestoreError(f"restored database {name} fails its integrity check")
+    try:
+        sink.check(names)
+    except DatabaseCheckError as exc:
+        raise RestoreError(str(exc)) from None
 
 
 # -- prune ----------------------------------------------------------------------------------------

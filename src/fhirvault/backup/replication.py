@@ -1,8 +1,9 @@
 """Continuous replication of the change feed to a backup target, and point-in-time replay.
 
 The ``Replicator`` runs beside the server: about once a second it reads what was
-committed since its watermarks (its own read-only connections, one short read
-transaction per file, so the store's write path is untouched), seals it as one
+committed since its watermarks (through a ``ChangeFeedSource``: for SQLite its own
+read-only connections, one short read transaction per file, so the store's write
+path is untouched), seals it as one
 segment and puts it on the target. A segment only counts once the put succeeded;
 until then the same sealed bytes are retried (with backoff) and the watermarks
 stay where they are, so an outage loses nothing and a retry never duplicates.
@@ -23,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-import sqlite3
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ import orjson
 
 from fhirvault.backup.changefeed import (
     APPEND_TABLES,
-    DATABASES,
     MAIN_DB,
     Applied,
     Capture,
@@ -45,12 +45,10 @@ from fhirvault.backup.changefeed import (
     append_spec,
     apply_db,
     capture,
-    columns,
-    max_key,
     row_hash,
-    tables,
 )
 from fhirvault.backup.objects import open_sealed, seal
+from fhirvault.backup.ports import ChangeFeedSource, FeedReader, FeedWriter, RestoreSink
 from fhirvault.backup.target import BackupTarget, TargetError, TargetImmutable
 from fhirvault.ports import ResourceStore, WriteTx
 from fhirvault.services.keys import KeyRing
@@ -112,14 +110,6 @@ def prune_segments(target: BackupTarget, backup_key: bytes, base: Watermarks, *,
     return deleted
 
 
-def _open_ro(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None,
-                           check_same_thread=False, timeout=30.0)
-    conn.execute("PRAGMA busy_timeout=30000")
-    conn.execute("PRAGMA query_only=ON")
-    return conn
-
-
 @dataclass
 class ReplicationStats:
     cycles: int = 0
@@ -134,25 +124,29 @@ class ReplicationStats:
 
 
 class Replicator:
-    """Ships the change feed of ``data_dir`` to ``target``; start() runs it on a daemon thread."""
+    """Ships the change feed of ``source`` (a data directory or a ChangeFeedSource) to ``target``; start() runs
+    it on a daemon thread."""
 
-    def __init__(self, data_dir: Path, target: BackupTarget, backup_key: bytes, *, interval_s: float = 1.0,
+    def __init__(self, source: Path | ChangeFeedSource, target: BackupTarget, backup_key: bytes, *, interval_s: float = 1.0,
                  max_rows: int = 20_000, initial_watermarks: Watermarks | None = None,
                  retain_ms: int | None = None) -> None:
-        self._dir = data_dir
+        if isinstance(source, Path):
+            from fhirvault.container import change_feed_source
+
+            source = change_feed_source(source)
+        self._source = source
         self._target = target
         self._key = backup_key
         self.interval_s = interval_s
         self._max_rows = max_rows
         self._initial = initial_watermarks or {}
         self._retain_ms = retain_ms
-        self._conns: dict[str, sqlite3.Connection] = {}
         self._generation: str | None = None
         self._index = 0
         self._state = FeedState()
         self._pending: tuple[str, bytes, Capture, int] | None = None
         self._oldest_unshipped_ms: int | None = None
-        self._seen_versions: dict[str, int] = {}  # PRAGMA data_version per file at the last complete capture
+        self._seen_versions: dict[str, int] = {}  # the source's change tokens at the last complete capture
         self._pending_versions: dict[str, int] = {}
         self._behind = False
         self._lock = threading.Lock()  # one cycle at a time (thread, final flush, tests)
@@ -185,13 +179,11 @@ class Replicator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        with contextlib.suppress(TargetError, OSError, sqlite3.Error):
+        with contextlib.suppress(TargetError, OSError, *self._source.errors):
             for _ in range(100):  # bounded: writers should be stopped by now, but never spin forever
                 if not self.run_once():
                     break
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        self._source.close()
 
     def _run(self) -> None:
         failures = 0
@@ -212,13 +204,7 @@ class Replicator:
             delay = 0.0 if self._behind else self.interval_s
 
     # -- one cycle ------------------------------------------------------------
-    def _connections(self) -> dict[str, sqlite3.Connection]:
-        for db in DATABASES:
-            if db not in self._conns and (self._dir / db).exists():
-                self._conns[db] = _open_ro(self._dir / db)
-        return self._conns
-
-    def _resume(self, conns: dict[str, sqlite3.Connection]) -> None:
+    def _resume(self, conns: Mapping[str, FeedReader]) -> None:
         """Continue the latest generation if this database is its continuation, else start a new one."""
         gens = list_generations(self._target)
         if gens:
@@ -237,34 +223,32 @@ class Replicator:
         log.info("replication generation started", extra={"generation": self._generation})
 
     @staticmethod
-    def continues(conns: dict[str, sqlite3.Connection], seg: Segment) -> bool:
+    def continues(conns: Mapping[str, FeedReader], seg: Segment) -> bool:
         for db, marks in seg.header["after"].items():
             conn = conns.get(db)
             for table, mark in marks.items():
                 spec = append_spec(db, table)
                 if spec is None or int(mark) == 0:
                     continue
-                if conn is None or table not in tables(conn) or max_key(conn, spec) < int(mark):
+                if conn is None or table not in conn.tables() or conn.max_key(spec) < int(mark):
                     return False  # the database is behind what was shipped: restored from older state
                 expected = seg.header["anchor_after"].get(db, {}).get(table)
-                if expected is not None and anchor(conn, spec, columns(conn, table), int(mark)) != expected:
+                if expected is not None and anchor(conn, spec, conn.columns(table), int(mark)) != expected:
                     return False
         return True
 
-    def _probe(self, conns: dict[str, sqlite3.Connection]) -> None:
+    def _probe(self, conns: Mapping[str, FeedReader]) -> None:
         """Commit time of the first row not on the target, for lag_seconds()."""
         oldest: list[int] = []
         for db, conn in conns.items():
-            present = tables(conn)
+            present = conn.tables()
             for spec in APPEND_TABLES.get(db, ()):
                 if spec.time is None or spec.name not in present:
                     continue
                 mark = self._state.watermarks.get(db, {}).get(spec.name, 0)
-                row = conn.execute(
-                    f'SELECT "{spec.time}" FROM "{spec.name}" WHERE "{spec.key}" > ?'  # noqa: S608
-                    f' ORDER BY "{spec.key}" LIMIT 1', (mark,)).fetchone()
-                if row is not None:
-                    oldest.append(int(row[0]))
+                first = conn.first_time_after(spec, mark)
+                if first is not None:
+                    oldest.append(first)
         self._oldest_unshipped_ms = min(oldest, default=None)
 
     def run_once(self) -> bool:
@@ -280,15 +264,15 @@ class Replicator:
                 self.stats.last_cycle_ms = (time.perf_counter() - started) * 1000
 
     def _cycle(self) -> bool:
-        conns = self._connections()
+        conns = self._source.databases()
         if MAIN_DB not in conns:
             return False  # the server has not created its database yet
         if self._generation is None:
             self._resume(conns)
         assert self._generation is not None
         if self._pending is None:
-            # data_version moves when another connection commits: an idle database costs one pragma per file.
-            versions = {db: int(c.execute("PRAGMA data_version").fetchone()[0]) for db, c in conns.items()}
+            # The change tokens move when another connection commits: an idle database costs one look per file.
+            versions = self._source.change_tokens()
             if versions == self._seen_versions and not self._behind:
                 self.last_success_ms = int(time.time() * 1000)
                 return False
@@ -312,7 +296,9 @@ class Replicator:
         self._seen_versions = self._pending_versions
         self._state = cap.state
         self._index += 1
-        self._behind = cap.oldest_pending_ms is not None
+        # Untimed tables (audit_index, audit_nodes, audit_checkpoints) may still be behind: the next cycle
+        # runs at once even if nothing new was committed.
+        self._behind = cap.more
         self.stats.segments += 1
         self.stats.rows += cap.rows
         self.stats.bytes_shipped += len(sealed)
@@ -325,16 +311,10 @@ class Replicator:
     def _retain_until(self) -> int | None:
         return None if self._retain_ms is None else int(time.time() * 1000) + self._retain_ms
 
-    def _snapshot(self, conns: dict[str, sqlite3.Connection]) -> Capture:
-        # One short read transaction per file: a consistent cut that never blocks the writer.
-        for conn in conns.values():
-            conn.execute("BEGIN")
-        try:
+    def _snapshot(self, conns: Mapping[str, FeedReader]) -> Capture:
+        # One short read snapshot per database: a consistent cut that never blocks the writer.
+        with self._source.read():
             return capture(conns, self._state, self._max_rows)
-        finally:
-            for conn in conns.values():
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("COMMIT")
 
     @staticmethod
     def _has_changes(cap: Capture) -> bool:
@@ -386,12 +366,12 @@ def _gap(seg: Segment, current: Watermarks) -> str | None:
     return None
 
 
-def _same_history(conns: dict[str, sqlite3.Connection], seg: Segment, current: Watermarks) -> bool:
+def _same_history(conns: Mapping[str, FeedReader], seg: Segment, current: Watermarks) -> bool:
     """The restored base holds the very row this segment starts after (not another database's)."""
     for db, conn in conns.items():
         for spec in APPEND_TABLES.get(db, ()):
             mark = current.get(db, {}).get(spec.name, 0)
-            if spec.time is None or mark <= 0 or spec.name not in tables(conn):
+            if spec.time is None or mark <= 0 or spec.name not in conn.tables():
                 continue
             block = seg.block(db, spec.name)
             if block is None:
@@ -410,21 +390,25 @@ def _same_history(conns: dict[str, sqlite3.Connection], seg: Segment, current: W
 
 
 def replay(target: BackupTarget, backup_key: bytes, data_dir: Path, watermarks: Watermarks,
-           until_ms: int | None = None, *, generation: str | None = None) -> ReplayReport:
+           until_ms: int | None = None, *, generation: str | None = None,
+           sink: RestoreSink | None = None) -> ReplayReport:
     """Apply the feed after ``watermarks`` (the base snapshot's) to ``data_dir``, up to ``until_ms``.
 
     The cut is per row on its commit time (resource_versions.last_updated, audit_log.ts_ms) and
     keeps a prefix of the feed, so the result is a state the source really was in. The store's
     start-up recovery is not needed afterwards: search_tags is brought up to date here.
     """
-    conns = {db: sqlite3.connect(data_dir / db, isolation_level=None) for db in DATABASES if (data_dir / db).exists()}
+    if sink is None:
+        from fhirvault.container import restore_sink
+
+        sink = restore_sink(data_dir)
     report = ReplayReport()
-    try:
+    with sink.feed() as conns:
         current: Watermarks = {}
         for db, conn in conns.items():
             given = watermarks.get(db, {})
-            present = tables(conn)
-            current[db] = {s.name: int(given[s.name]) if s.name in given else max_key(conn, s)
+            present = conn.tables()
+            current[db] = {s.name: int(given[s.name]) if s.name in given else conn.max_key(s)
                            for s in APPEND_TABLES.get(db, ()) if s.name in present}
         gens = list_generations(target)
         order = [generation] if generation is not None else list(reversed(gens))
@@ -434,12 +418,9 @@ def replay(target: BackupTarget, backup_key: bytes, data_dir: Path, watermarks: 
                 break
         report.watermarks = current
         return report
-    finally:
-        for conn in conns.values():
-            conn.close()
 
 
-def _replay_generation(target: BackupTarget, backup_key: bytes, conns: dict[str, sqlite3.Connection],
+def _replay_generation(target: BackupTarget, backup_key: bytes, conns: Mapping[str, FeedWriter],
                        keys: list[str], current: Watermarks, until_ms: int | None, report: ReplayReport) -> bool:
     """Apply one generation from where the base ends; False if it does not continue this base."""
     started = False
@@ -460,13 +441,8 @@ def _replay_generation(target: BackupTarget, backup_key: bytes, conns: dict[str,
             report.gap = None
         applied = Applied()
         for db, conn in conns.items():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with conn.transaction():
                 apply_db(conn, db, seg, current.setdefault(db, {}), until_ms, applied)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
         report.segments_applied += 1
         for name, n in applied.rows.items():
             report.rows[name] = report.rows.get(name, 0) + n

@@ -19,6 +19,7 @@ from fhirvault.backup.manifest import BackupKeys
 from fhirvault.backup.replication import Replicator
 from fhirvault.backup.settings import BackupSettings
 from fhirvault.backup.targets import open_target, resolve
+from fhirvault.container import change_feed_source, snapshot_source
 
 if TYPE_CHECKING:
     from fhirvault.container import Container
@@ -58,7 +59,8 @@ class BackupScheduler:
             t = resolve("", self._settings)
             name = t.name
             target = open_target("", self._settings)
-            result = create_backup(c.settings.data_dir, target, c.root, retain_days=t.object_lock_days)
+            result = create_backup(c.settings.data_dir, target, c.root, retain_days=t.object_lock_days,
+                                   source=snapshot_source(c.settings))
             instance = c.store.get_meta("instance-id")
             verified = verify_backup(target, c.root, result.backup_id,
                                      instance_id=instance.decode() if instance else None)
@@ -125,7 +127,7 @@ class BackupScheduler:
         if self._settings.replicate_to:
             keys = BackupKeys(self._c.secrets.get("backup"), self._c.secrets.get("backup-signing"))
             target = open_target(self._settings.replicate_to, self._settings)
-            self.replicator = Replicator(self._c.settings.data_dir, target, keys.seal_key)
+            self.replicator = Replicator(change_feed_source(self._c.settings), target, keys.seal_key)
             self.replicator.start()
         if self._settings.drill_interval_seconds:
             def drills() -> None:

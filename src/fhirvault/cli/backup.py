@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fhirvault.config import Settings, SettingsError, load_settings
 
 if TYPE_CHECKING:
+    from fhirvault.backup.ports import RestoreSink
     from fhirvault.backup.settings import BackupSettings
     from fhirvault.backup.target import BackupTarget
     from fhirvault.ports import RootKeyProvider
@@ -78,6 +79,8 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     p.add_argument("--root-key-file", dest="restore_root_key", type=Path, help="the deployment's root key file")
     p.add_argument("--backup", dest="backup_id", help="backup id (default: the newest)")
     p.add_argument("--at", help="point in time, ISO 8601 with a time zone, e.g. 2026-11-29T03:00:00Z")
+    p.add_argument("--database-url", help="a deployment on PostgreSQL: restore its tables into this new, empty "
+                                          "database (password from ~/.pgpass or PGPASSWORD, not the URL)")
 
     p = bsub.add_parser("prune", help="apply the retention policy and delete unreferenced chunks")
     settings_options(p)
@@ -192,20 +195,17 @@ def _iso(ms: int) -> str:
 
 
 def _instance_id(settings: Settings) -> str:
-    import sqlite3
+    from fhirvault.backup.ports import SnapshotError
+    from fhirvault.container import INSTANCE_META, snapshot_source
 
-    from fhirvault.container import INSTANCE_META
-
-    if not settings.database_path.is_file():
-        raise CliError(f"{settings.data_dir} is not an initialised data directory")
-    conn = sqlite3.connect(f"{settings.database_path.as_uri()}?mode=ro", uri=True)
     try:
-        row = conn.execute("SELECT value FROM meta WHERE name=?", (INSTANCE_META,)).fetchone()
-    finally:
-        conn.close()
-    if row is None:
+        with snapshot_source(settings).meta(read_only=True) as meta:
+            value = meta.get_meta(INSTANCE_META)
+    except SnapshotError:
+        value = None
+    if value is None:
         raise CliError(f"{settings.data_dir} is not an initialised data directory")
-    return bytes(row[0]).decode()
+    return value.decode()
 
 
 def _live_root(settings: Settings) -> RootKeyProvider:
@@ -219,9 +219,11 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fhirvault.backup.engine import create_backup
+    from fhirvault.container import snapshot_source
 
     target = _target(args, settings)
-    result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings))
+    result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings),
+                           source=snapshot_source(settings))
     _audit(settings, "backup", f"backup {result.backup_id} to {target.url}: {result.uploaded_chunks}/"
                                f"{result.chunks} chunks uploaded")
     if args.json:
@@ -305,7 +307,21 @@ def _restore(args: argparse.Namespace) -> int:
     if at_ms is not None and replay is None:
         print("warning: this build has no replication replay; restoring the newest backup taken before --at",
               file=sys.stderr)
-    res = restore_backup(target, args.to, key_file, backup_id=args.backup_id, at_ms=at_ms, replay=replay)
+    url: str | None = getattr(args, "database_url", None)
+    sink = None
+    if url is not None:
+        from fhirvault.backup.replication import replay as replay_feed
+        from fhirvault.container import restore_sink
+
+        def sink(d: Path) -> RestoreSink:
+            return restore_sink(d, url)
+
+        def replay_into(target: BackupTarget, backup_key: bytes, data_dir: Path,
+                        watermarks: dict[str, dict[str, int]], until_ms: int | None) -> object:
+            return replay_feed(target, backup_key, data_dir, watermarks, until_ms, sink=restore_sink(data_dir, url))
+
+        replay = replay_into
+    res = restore_backup(target, args.to, key_file, backup_id=args.backup_id, at_ms=at_ms, replay=replay, sink=sink)
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"restored backup {res.backup_id} (snapshot {_iso(res.snapshot_ms)}) into {res.data_dir}: "
@@ -313,7 +329,10 @@ def _restore(args: argparse.Namespace) -> int:
     status = 0
     report = res.replayed
     recovery_ms = getattr(report, "last_commit_ms", None) or res.snapshot_ms
-    restored = load_settings({"data_dir": res.data_dir})
+    restored = load_settings({"data_dir": res.data_dir, **({"database_url": url} if url else {})})
+    if url is not None:
+        print(f"the tables are in the new database: point the restored server at it (database_url in "
+              f"{res.data_dir / 'fhirvault.toml'} or FHIRVAULT_DATABASE_URL), not at the old one", file=sys.stderr)
     approximate = list(getattr(report, "approximate_tags", None) or [])
     if approximate:
         # A cut inside a segment can leave extra search tags on resources changed twice in it: rebuild them.
