@@ -246,6 +246,11 @@ class WriteTx(Protocol):
         run one at a time, so an in-process lock around the read and the write is enough."""
         ...
 
+    def invalidate(self, kind: str, key: str) -> None:
+        """Tell the other processes sharing the database, at COMMIT, that what they cache under
+        (``kind``, ``key``) changed (services/coherence.py). A no-op for single-process stores."""
+        ...
+
     def on_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once this job's changes are durable (never if the job or the commit fails).
 
@@ -342,6 +347,14 @@ class ResourceStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """What other processes changed (services/coherence.py); only stores shared by processes have one."""
+
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """(head, the (kind, key) rows after ``seq``), or (head, None): the rows are unknown, drop all."""
+        ...
 
 
 class Leadership(Protocol):

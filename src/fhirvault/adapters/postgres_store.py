@@ -38,6 +38,7 @@ from fhirvault.adapters.postgres_schema import (
     APP_ROLE,
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
+    COHERENCE_SCHEMA,
     IDENTITY_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
@@ -76,11 +77,15 @@ from fhirvault.ports import (
     UserRow,
     WrappedKey,
 )
+from fhirvault.services.coherence import REVOCATIONS
 
 T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
+_COHERENCE_PRUNE_EVERY = 1000  # every this many seqs, drop log rows older than the last _COHERENCE_KEEP
+_COHERENCE_KEEP = 10_000
+_COHERENCE_READ_MAX = 5_000  # a process further behind than this drops all its caches instead
 _PROBE = 2000  # index entries counted per criterion to pick the one that drives a search
 _MIGRATION_LOCK = 0x66_68_69_72_76_61_75_6C  # "fhirvaul": one schema migration at a time per database
 
@@ -140,7 +145,7 @@ class _Restart(Exception):
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "job_took_head")
+    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
@@ -148,6 +153,7 @@ class _Tx:
         self.audit_size: int | None = None  # the log's size as this transaction sees it (None: head not locked)
         self.audit_locked: int | None = None  # the size when this transaction locked the head
         self.job_took_head = False
+        self.invalidations: list[tuple[str, str]] = []  # (kind, key) for the other processes' caches
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
         return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
@@ -167,6 +173,24 @@ class _Tx:
         """Before COMMIT: store the new size (the row has been locked since the first append)."""
         if self.audit_size is not None and self.audit_size != self.audit_locked:
             self._x("UPDATE audit.audit_head SET size=%s", (self.audit_size,))
+
+    def invalidate(self, kind: str, key: str) -> None:
+        self.invalidations.append((kind, key))
+
+    def flush_invalidations(self) -> None:
+        """Just before COMMIT: publish the batch's invalidations under one new seq (see COHERENCE_SCHEMA).
+
+        The head's row lock is the last lock a transaction takes, so it never waits while holding it."""
+        if not self.invalidations:
+            return
+        row = self._x("UPDATE coherence_head SET seq = seq + 1 RETURNING seq").fetchone()
+        assert row is not None
+        seq = int(row[0])
+        kinds, keys = zip(*sorted(set(self.invalidations)), strict=True)
+        self._x("INSERT INTO coherence_log (seq, kind, key) SELECT %s, * FROM unnest(%s::text[], %s::text[])",
+                (seq, list(kinds), list(keys)))
+        if seq % _COHERENCE_PRUNE_EVERY == 0:
+            self._x("DELETE FROM coherence_log WHERE seq <= %s", (seq - _COHERENCE_KEEP,))
 
     def serialize(self, key: str) -> bool:
         """Wait for, then hold until COMMIT, a database lock on ``key`` shared by every process.
@@ -408,9 +432,11 @@ class _Tx:
         self._x(_PURGE_REVOKED, (now_ms,))
         n = self._x(f"UPDATE refresh_tokens SET revoked=true WHERE {column}=%s AND NOT revoked",  # noqa: S608
                     (value,)).rowcount
-        n += self._x(f"INSERT INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
-                     f" WHERE {column}=%s ORDER BY jti ON CONFLICT DO NOTHING", (value,)).rowcount
-        return int(n)
+        added = self._x(f"INSERT INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
+                        f" WHERE {column}=%s ORDER BY jti ON CONFLICT DO NOTHING", (value,)).rowcount
+        if added:
+            self.invalidate(REVOCATIONS, "")
+        return int(n + added)
 
     def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
         found = self._refresh_for_update(token_hash)
@@ -422,6 +448,7 @@ class _Tx:
         self._lock_head()
         self._x(_PURGE_REVOKED, (now_ms,))
         self._x("INSERT INTO revoked_jtis (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
+        self.invalidate(REVOCATIONS, "")
 
     def end_user_sessions(self, user_id: str, now_ms: int) -> int:
         ids = [r[0] for r in self._x("SELECT session_id FROM login_sessions WHERE user_id=%s AND ended_ms=0",
@@ -518,10 +545,12 @@ class PostgresStore:
                 tx.committed = []
                 tx.job_took_head = False
                 before = (tx.audit_size, tx.audit_locked)
+                published = len(tx.invalidations)
                 try:
                     value = fn(tx)
                 except _Restart:
                     conn.execute("ROLLBACK TO SAVEPOINT job")
+                    del tx.invalidations[published:]
                     done = n
                     break
                 except BaseException as exc:  # the job's own failure: undo only its work
@@ -530,6 +559,7 @@ class PostgresStore:
                     conn.execute("ROLLBACK TO SAVEPOINT job")
                     conn.execute("RELEASE SAVEPOINT job")
                     tx.audit_size, tx.audit_locked = before  # a lock taken by this job went with it
+                    del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
                         wrapped = RuntimeError("write job raised StopIteration")
                         wrapped.__cause__ = exc
@@ -541,6 +571,7 @@ class PostgresStore:
                     outcomes.append((True, value))
                     callbacks.append(tx.committed)
             tx.flush_head()
+            tx.flush_invalidations()
             conn.execute("COMMIT")
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
@@ -776,6 +807,22 @@ class PostgresStore:
         row = self._one(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=%s", (token_hash,))  # noqa: S608
         return _refresh(row) if row else None
 
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """The coherence head and the (kind, key) rows published after ``seq``, in one query.
+
+        None instead of the rows when they cannot all be given (pruned, too many, or no ``seq`` yet):
+        the caller must then drop everything it caches."""
+        if seq is None:
+            return self._int("SELECT seq FROM coherence_head"), None
+        rows = self._all("SELECT h.seq, l.seq, l.kind, l.key FROM coherence_head h LEFT JOIN coherence_log l"
+                         " ON l.seq > %s AND l.seq <= h.seq ORDER BY l.seq LIMIT %s", (seq, _COHERENCE_READ_MAX))
+        head = int(rows[0][0])
+        if head == seq or rows[0][1] is None:
+            return head, [] if head == seq else None
+        if int(rows[0][1]) != seq + 1 or len(rows) >= _COHERENCE_READ_MAX:
+            return head, None
+        return head, [(str(r[2]), str(r[3])) for r in rows]
+
     def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
         rows = self._all("SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > %s AND expires_ms >= %s"
                          " ORDER BY seq", (after_seq, now_ms))
@@ -805,7 +852,7 @@ def migrate(url: str) -> None:
             version = _schema_version(c)
             if version is None:
                 with c.transaction():
-                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA):
+                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA, COHERENCE_SCHEMA):
                         c.execute(ddl.encode())
                     c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
                               (str(SCHEMA_VERSION).encode(),))

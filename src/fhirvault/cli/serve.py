@@ -1,9 +1,11 @@
 """``fhirvault serve``: initialise on first run, then serve with Granian.
 
-Granian (a Rust HTTP server for Python) runs one worker process that owns the
-application: the store's single writer thread lives there, so there is exactly
-one writer per data directory. The supervising process restarts the worker if
-it dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
+Granian (a Rust HTTP server for Python) runs worker processes that each build the
+application. On SQLite there is one: the store's single writer thread lives there,
+so there is exactly one writer per data directory. On PostgreSQL there are
+``workers`` (default: the core count); the database serialises what must be, and
+services/coherence.py keeps each worker's caches correct. The supervising process
+restarts a worker that dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
 """
 
 from __future__ import annotations
@@ -68,6 +70,15 @@ def app_factory() -> Any:
     return create_app(build(settings))
 
 
+def worker_count(settings: Settings) -> int:
+    """``workers``, or the default: one per core on PostgreSQL, one on SQLite (config.py refuses more)."""
+    if settings.workers is not None:
+        return settings.workers
+    if settings.database_url is None:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def serve(settings: Settings) -> int:
     from granian import Granian
     from granian.constants import Interfaces, Loops
@@ -89,14 +100,15 @@ def serve(settings: Settings) -> int:
 
         tls = {"ssl_cert": settings.tls_cert, "ssl_key": settings.tls_key, "ssl_protocol_min": SSLProtocols.tls12}
     scheme = "https" if tls else "http"
-    log.info("serving", extra={"url": f"{scheme}://{settings.host}:{settings.port}/fhir"})
+    workers = worker_count(settings)
+    log.info("serving", extra={"url": f"{scheme}://{settings.host}:{settings.port}/fhir", "workers": workers})
     Granian(
         "fhirvault.cli.serve:app_factory",
         factory=True,
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
-        workers=1,
+        workers=workers,
         loop=Loops.uvloop,
         http1_settings=HTTP1Settings(max_buffer_size=settings.max_body_bytes + 65536),
         log_level=LogLevels(settings.log_level),

@@ -10,7 +10,8 @@
   kept wrapped by the root key. Verified tokens are cached until they expire.
 * Revocation: every check consults the revoked-jti set (after the cache, so a cached token is
   refused at once). Revocations made by this process are added to the set before the revoking
-  call returns; others' are picked up from the store at most ``REVOCATION_POLL_S`` later.
+  call returns; other server processes on the same PostgreSQL database pick them up at their next
+  request (``before_check``: services/coherence.py); a CLI on SQLite at most ``REVOCATION_POLL_S`` later.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -145,6 +146,8 @@ class AuthService:
         self._revoked: dict[str, int] = {}  # jti -> expiry (s)
         self._revoked_seq = 0
         self._revoked_polled = float("-inf")
+        # Run first by every token check: with several server processes, applies what the others changed.
+        self.before_check: Callable[[], None] | None = None
 
     # -- server signing key ---------------------------------------------------
     def _load_signing_key(self) -> ECKey:
@@ -335,6 +338,8 @@ class AuthService:
 
     # -- resource server side ------------------------------------------------
     def verify(self, token: str) -> Principal:
+        if self.before_check is not None:
+            self.before_check()  # other processes' revocations and cache invalidations (coherence.py)
         now = self._clock.now_ms() // 1000
         with self._cache_lock:
             cached = self._cache.get(token)

@@ -49,6 +49,7 @@ from fhirvault.services.break_glass import (
     BreakGlass,
     Grant,
 )
+from fhirvault.services.coherence import RELATIONSHIPS, publish
 from fhirvault.services.crypto import DecryptionError, associated_data
 from fhirvault.services.keys import (
     TENANT_COMPARTMENT,
@@ -59,6 +60,7 @@ from fhirvault.services.keys import (
 )
 from fhirvault.services.relationships import (
     WATCHED_TYPES,
+    Change,
     Relationships,
     RelationshipSettings,
     relationship_change,
@@ -317,7 +319,7 @@ class Repository:
                 before = orjson.loads(self._open(current)) if current is not None and not current.deleted else None
                 change = relationship_change(rtype, before, body)
                 if change is not None:
-                    tx.on_commit(lambda: self.relationships.invalidate(change))
+                    self._relationship_changed(tx, change)
             return ResourceResult(rtype, rid, version, now, plaintext, created)
 
         return job
@@ -461,10 +463,15 @@ class Repository:
             if rtype in WATCHED_TYPES:
                 change = relationship_change(rtype, orjson.loads(self._open(current)), None)
                 if change is not None:
-                    tx.on_commit(lambda: self.relationships.invalidate(change))
+                    self._relationship_changed(tx, change)
             return version
 
         return job
+
+    def _relationship_changed(self, tx: WriteTx, change: Change) -> None:
+        """At COMMIT, this process and (through the database) the others forget what ``change`` touches."""
+        rel = self.relationships
+        publish(tx, RELATIONSHIPS, rel.published_keys(change), lambda: rel.invalidate(change))
 
     async def write_jobs(self, name: str, fn: Callable[[WriteTx], T]) -> T:
         """Run prepared jobs together in one transaction (transaction bundles)."""
