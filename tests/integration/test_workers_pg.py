@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,24 @@ def test_a_revoked_token_is_refused_by_every_worker_at_once(cluster: Cluster) ->
     token = srv.token()
     assert statuses(srv, token, "/metadata") == [200] * N  # public: warms nothing, checks the server
     assert set(statuses(srv, token, "/Patient?_count=1")) == {200}  # both workers have the token cached
-    with httpx.Client(base_url=srv.base_url) as c:
-        r = c.post("/oauth2/revoke", data={"token": token}, auth=(srv.creds["client_id"], srv.creds["client_secret"]))
-        assert r.status_code == 200, r.text
+    # Requests keep coming while the revocation is made, so neither worker is idle when it commits.
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        while not done.is_set():
+            statuses(srv, token, "/Patient?_count=1", n=8)
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        with httpx.Client(base_url=srv.base_url) as c:
+            r = c.post("/oauth2/revoke", data={"token": token},
+                       auth=(srv.creds["client_id"], srv.creds["client_secret"]))
+            assert r.status_code == 200, r.text
+    finally:
+        done.set()
     assert statuses(srv, token, "/Patient?_count=1") == [401] * N
+    busy.join()
 
 
 def test_a_disabled_user_is_refused_by_every_worker_at_once(cluster: Cluster) -> None:
