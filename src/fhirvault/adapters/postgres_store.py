@@ -495,6 +495,8 @@ class PostgresStore:
         self._lifecycle = threading.Lock()
         self._thread = threading.Thread(target=self._run_writer, name="fhirvault-pg-writer", daemon=True)
         self._thread.start()
+        self._head_conn: psycopg.Connection[Any] | None = None  # coherence head reads (changes_since)
+        self._head_lock = threading.Lock()
         self.commits = 0  # transactions committed (for tests and metrics)
         self.batched_jobs = 0
 
@@ -808,20 +810,36 @@ class PostgresStore:
         return _refresh(row) if row else None
 
     def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
-        """The coherence head and the (kind, key) rows published after ``seq``, in one query.
+        """The coherence head, and the (kind, key) rows published after ``seq`` up to it.
 
-        None instead of the rows when they cannot all be given (pruned, too many, or no ``seq`` yet):
-        the caller must then drop everything it caches."""
-        if seq is None:
-            return self._int("SELECT seq FROM coherence_head"), None
-        rows = self._all("SELECT h.seq, l.seq, l.kind, l.key FROM coherence_head h LEFT JOIN coherence_log l"
-                         " ON l.seq > %s AND l.seq <= h.seq ORDER BY l.seq LIMIT %s", (seq, _COHERENCE_READ_MAX))
-        head = int(rows[0][0])
-        if head == seq or rows[0][1] is None:
+        Called at every authenticated request: when nothing changed it costs one primary-key read of
+        a one-row table on a dedicated connection (no pool checkout). None instead of the rows when
+        they cannot all be given (no ``seq`` yet, pruned, too many): the caller drops everything."""
+        head = self._coherence_head()
+        if head == seq or seq is None:
             return head, [] if head == seq else None
-        if int(rows[0][1]) != seq + 1 or len(rows) >= _COHERENCE_READ_MAX:
+        rows = self._all("SELECT seq, kind, key FROM coherence_log WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+                         (seq, head, _COHERENCE_READ_MAX))
+        if not rows or int(rows[0][0]) != seq + 1 or len(rows) >= _COHERENCE_READ_MAX:
             return head, None
-        return head, [(str(r[2]), str(r[3])) for r in rows]
+        return head, [(str(r[1]), str(r[2])) for r in rows]
+
+    def _coherence_head(self) -> int:
+        with self._head_lock:
+            try:
+                conn = self._head_conn
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._head_conn = psycopg.connect(self._url, autocommit=True,
+                                                             application_name="fhirvault-coherence")
+                row = conn.execute("SELECT seq FROM coherence_head").fetchone()
+            except psycopg.Error:
+                if self._head_conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self._head_conn.close()
+                self._head_conn = None
+                raise
+        assert row is not None
+        return int(row[0])
 
     def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
         rows = self._all("SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > %s AND expires_ms >= %s"
@@ -836,6 +854,11 @@ class PostgresStore:
             self._queue.put(_STOP)
         self._thread.join(timeout=30)
         self._pool.close()
+        with self._head_lock:
+            if self._head_conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._head_conn.close()
+                self._head_conn = None
 
 
 # -- schema -------------------------------------------------------------------------
