@@ -18,6 +18,10 @@ T = TypeVar("T")
 SEARCH_TAG_BYTES = 8  # truncated HMAC-SHA256 blind-index tags (see docs/security-model.md)
 
 
+class VersionConflict(Exception):
+    """Another process stored this resource version first (stores shared by processes): re-read, retry."""
+
+
 class Clock(Protocol):
     def now_ms(self) -> int:
         """Milliseconds since the Unix epoch, UTC."""

@@ -149,7 +149,7 @@ def test_every_worker_sees_every_acknowledged_write(cluster: Cluster) -> None:
         assert asyncio.run(totals(f"SEEN-{n}")) == [1] * 16
 
 
-def test_concurrent_conditional_creates_create_one_resource_then_the_audit_log_verifies(cluster: Cluster) -> None:
+def test_concurrent_conditional_creates_and_updates_create_one_resource_then_the_audit_log_verifies(cluster: Cluster) -> None:
     srv = cluster.server
     token = cluster.admin
 
@@ -162,8 +162,18 @@ def test_concurrent_conditional_creates_create_one_resource_then_the_audit_log_v
                                         for _ in range(8)))
             return sorted(r.status_code for r in rs)
 
+    async def race_updates(n: int) -> list[int]:
+        ident = {"system": "urn:example:mrn", "value": f"W-PUT-{n}"}
+        limits = httpx.Limits(max_keepalive_connections=0, max_connections=8)
+        async with httpx.AsyncClient(timeout=60, limits=limits, headers={"Authorization": f"Bearer {token}"}) as c:
+            rs = await asyncio.gather(*(c.put(f"{srv.fhir}/Patient", params={"identifier": f"W-PUT-{n}"},
+                                              json=dict(PATIENT, identifier=[ident]), headers=FHIR_JSON)
+                                        for _ in range(8)))
+            return sorted(r.status_code for r in rs)
+
     for n in range(5):
         assert asyncio.run(race(n)) == [200] * 7 + [201], n
+        assert asyncio.run(race_updates(n)) == [200] * 7 + [201], n  # conditional update: one create
     # Concurrent load through both workers, then the whole trail verifies (gap-free, in commit order).
     assert set(statuses(srv, token, "/Patient?_count=5", n=80)) == {200}
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}

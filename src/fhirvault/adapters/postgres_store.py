@@ -75,6 +75,7 @@ from fhirvault.ports import (
     StoredVersion,
     TenantKeyRow,
     UserRow,
+    VersionConflict,
     WrappedKey,
 )
 from fhirvault.services.coherence import REVOCATIONS
@@ -136,6 +137,10 @@ def _duplicate(what: str) -> pg_errors.UniqueViolation:
     # Raised by the store itself (ON CONFLICT DO NOTHING found a row), so the transaction stays
     # usable, as after SQLite's refused INSERT: the caller may catch it and go on.
     return pg_errors.UniqueViolation(f"{what} already exists")
+
+
+class _VersionTaken(pg_errors.UniqueViolation, VersionConflict):
+    """A concurrent writer (another process) stored this version first: the repository retries."""
 
 
 class _Restart(Exception):
@@ -215,7 +220,7 @@ class _Tx:
             (tenant, v.type, v.id, v.version, v.last_updated_ms, v.deleted, v.key_id, v.blob),
         ).fetchone()
         if row is None:
-            raise _duplicate(f"version {v.type}/{v.id}/{v.version}")
+            raise _VersionTaken(f"version {v.type}/{v.id}/{v.version} already exists")
         seq = int(row[0])
         self._x(
             "INSERT INTO resources_current (tenant, type, id, seq, deleted) VALUES (%s,%s,%s,%s,%s)"

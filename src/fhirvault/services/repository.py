@@ -36,7 +36,14 @@ from fhirvault.domain.search.query import (
     reference_criterion,
 )
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, WriteTx
+from fhirvault.ports import (
+    Clock,
+    HistoryQuery,
+    ResourceStore,
+    StoredVersion,
+    VersionConflict,
+    WriteTx,
+)
 from fhirvault.services.access import Access, AccessGuard
 from fhirvault.services.audit import AuditRecord, AuditTrail, outcome_for
 from fhirvault.services.auth import Principal
@@ -380,7 +387,13 @@ class Repository:
 
     async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                      if_match: int | None) -> ResourceResult:
-        return await self._store.write("resource.update", await self.prepare_update(ctx, rtype, rid, body, if_match))
+        for _ in range(_MAX_PATCH_RETRIES):
+            try:
+                return await self._store.write("resource.update",
+                                               await self.prepare_update(ctx, rtype, rid, body, if_match))
+            except VersionConflict:  # another server process wrote this resource meanwhile: judge it again
+                continue
+        raise ConcurrentChange()
 
     async def prepare_patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
                             if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
@@ -423,7 +436,7 @@ class Repository:
             job = await self.prepare_patch(ctx, rtype, rid, operations, if_match)
             try:
                 return await self._store.write("resource.patch", job)
-            except ConcurrentChange:
+            except (ConcurrentChange, VersionConflict):
                 continue
         raise errors.conflict("The resource kept changing while the patch was applied; retry.")
 
@@ -475,10 +488,18 @@ class Repository:
 
     async def write_jobs(self, name: str, fn: Callable[[WriteTx], T]) -> T:
         """Run prepared jobs together in one transaction (transaction bundles)."""
-        return await self._store.write(name, fn)
+        try:
+            return await self._store.write(name, fn)
+        except VersionConflict:
+            raise ConcurrentChange() from None
 
     async def delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None) -> int | None:
-        return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
+        for _ in range(_MAX_PATCH_RETRIES):
+            try:
+                return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
+            except VersionConflict:
+                continue
+        raise ConcurrentChange()
 
     async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion,
                             access: Access) -> ResourceResult:
