@@ -19,7 +19,8 @@ SEARCH_TAG_BYTES = 8  # truncated HMAC-SHA256 blind-index tags (see docs/securit
 
 
 class VersionConflict(Exception):
-    """Another process stored this resource version first (stores shared by processes): re-read, retry."""
+    """Another process stored this resource version (or data key) first, in a store shared by
+    processes: the transaction is still usable; re-read, and retry or use what the other stored."""
 
 
 class Clock(Protocol):

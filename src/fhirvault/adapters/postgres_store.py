@@ -140,7 +140,7 @@ def _duplicate(what: str) -> pg_errors.UniqueViolation:
 
 
 class _VersionTaken(pg_errors.UniqueViolation, VersionConflict):
-    """A concurrent writer (another process) stored this version first: the repository retries."""
+    """A concurrent writer (another process) stored this version or data key first: the caller re-reads."""
 
 
 class _Restart(Exception):
@@ -261,7 +261,7 @@ class _Tx:
             (key.key_id, tenant, lookup, key.wrapped, key.kek_version, key.compartment, created_ms),
         )
         if cur.rowcount != 1:
-            raise _duplicate("data key id or (tenant, lookup)")
+            raise _VersionTaken("data key id or (tenant, lookup) already exists")
 
     def rewrap_data_key(self, key_id: str, wrapped: bytes, compartment: bytes, kek_version: int) -> None:
         self._x("UPDATE data_keys SET wrapped=%s, compartment=%s, kek_version=%s WHERE key_id=%s",

@@ -130,3 +130,41 @@ def test_postgres_publishes_invalidations_at_commit_in_commit_order(pg_url: str)
         assert store.changes_since(head) == (head + 2, None)
     finally:
         store.close()
+
+
+def test_two_processes_creating_one_compartment_key_at_once_share_the_first(pg_url: str) -> None:
+    """Two stores (two server processes): the second insert waits for the first, then uses its key."""
+    import threading
+
+    from fhirvault.adapters.memory_keys import MemoryRootKeyProvider
+    from fhirvault.container import SystemClock
+    from fhirvault.services.keys import KeyRing
+
+    root = MemoryRootKeyProvider()
+    first, second = PostgresStore(pg_url, read_pool_size=2), PostgresStore(pg_url, read_pool_size=2)
+    try:
+        ring_a = KeyRing(first, root, "default", SystemClock())
+        ring_a.initialise()
+        ring_b = KeyRing(second, root, "default", SystemClock())
+        ring_b.load()
+        inserted, release = threading.Event(), threading.Event()
+
+        def slow_create(tx: Any) -> Any:
+            found = ring_a.get_or_create_in_tx(tx, "patient/p1")
+            inserted.set()
+            release.wait(30)  # hold the transaction open while the other process inserts too
+            return found
+
+        holder: list[Any] = []
+        t = threading.Thread(target=lambda: holder.append(first.write_sync("slow", slow_create)))
+        t.start()
+        assert inserted.wait(30)
+        threading.Timer(0.5, release.set).start()  # commit the first while the second waits on the key
+        key_b = ring_b.for_compartment_sync("patient/p1")
+        t.join(30)
+        key_a = holder[0][0]
+        assert key_b.key_id == key_a.key_id
+        assert ring_b.by_id(key_a.key_id).aead.open(key_a.aead.seal(b"x", b"ad"), b"ad") == b"x"
+    finally:
+        first.close()
+        second.close()
