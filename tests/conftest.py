@@ -46,7 +46,7 @@ def pg_url() -> str:
 
 
 def engine_settings(data_dir: Path) -> dict[str, object]:
-    """Settings selecting the engine under test (FHIRVAULT_TEST_ENGINE: sqlite, the default, or postgresql)."""
+    """Settings selecting the engine under test (TEST_DB_ENGINE: sqlite, the default, or postgresql)."""
     if pg_server.engine() == "postgresql":
         return {"database_url": pg_server.server().database_for(data_dir)}
     return {}

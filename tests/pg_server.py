@@ -25,7 +25,9 @@ from fhirvault.adapters.postgres_store import migrate
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg-test-server.sh"
 TEMPLATE = "fhirvault_template"
-ENGINE_ENV = "FHIRVAULT_TEST_ENGINE"  # postgresql: the server/app fixtures run on PostgreSQL
+# postgresql: the server/app fixtures run on PostgreSQL. Not FHIRVAULT_*: the settings refuse unknown
+# FHIRVAULT_ variables, and CLI commands run by the tests inherit the environment.
+ENGINE_ENV = "TEST_DB_ENGINE"
 
 
 def engine() -> str:
@@ -64,6 +66,16 @@ class PgServer:
             if c.execute("SELECT 1 FROM pg_database WHERE datname=%s", (name,)).fetchone() is None:
                 c.execute(f'CREATE DATABASE "{name}" TEMPLATE {TEMPLATE}')  # type: ignore[arg-type]
         return self.url(name)
+
+    def files_of(self, data_dir: Path) -> list[Path]:
+        """What PostgreSQL writes for a server data directory's database: its files, the WAL, the log."""
+        name = self.database_for(data_dir).rsplit("/", 1)[1]
+        with psycopg.connect(self.admin_url, autocommit=True) as c:
+            c.execute("CHECKPOINT")  # table files up to date too, not only the WAL
+            row = c.execute("SELECT oid FROM pg_database WHERE datname=%s", (name,)).fetchone()
+        assert row is not None
+        data = self.base / "data"
+        return [data / "base" / str(row[0]), data / "pg_wal", self.base / "server.log"]
 
     def stop(self) -> None:
         subprocess.run([str(SCRIPT), "stop", str(self.base)], check=False, capture_output=True, timeout=120)

@@ -316,6 +316,9 @@ def load_settings(
         merged[name] = _parse_section(name, sections.get(name, {}), f"config file {file_path}",
                                       merged["data_dir"], environ)
     settings = Settings(**merged, config_path=file_path)
+    if settings.database_url is not None and settings.backup is not None:
+        raise SettingsError("[backup] copies the SQLite files and does not support database_url (PostgreSQL)"
+                            " yet: back the database up with PostgreSQL's tools (see docs/postgresql.md)")
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("default_page_size must not exceed max_page_size")
     return settings

@@ -128,6 +128,10 @@ def _tenant_key(r: tuple[Any, ...]) -> TenantKeyRow:
     return TenantKeyRow(r[0], r[1], bytes(r[2]), r[3], r[4])
 
 
+def _has_nul(args: Any) -> bool:
+    return any(isinstance(a, str) and "\x00" in a for a in args)
+
+
 def lock_key(name: str) -> int:
     """A signed 64-bit advisory lock key for a name."""
     return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
@@ -214,40 +218,38 @@ class _Tx:
         return _version(row) if row else None
 
     def insert_version(self, tenant: str, v: StoredVersion) -> int:
+        # One round trip: the version, and the current pointer moved to it.
         row = self._x(
-            "INSERT INTO resource_versions (tenant, type, id, version, last_updated, deleted, key_id, blob)"
-            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING seq",
+            "WITH v AS (INSERT INTO resource_versions (tenant, type, id, version, last_updated, deleted, key_id, blob)"
+            " VALUES (%s,%s,%s,%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING RETURNING seq, tenant, type, id, deleted),"
+            " c AS (INSERT INTO resources_current (tenant, type, id, seq, deleted)"
+            " SELECT tenant, type, id, seq, deleted FROM v"
+            " ON CONFLICT (tenant, type, id) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted)"
+            " SELECT seq FROM v",
             (tenant, v.type, v.id, v.version, v.last_updated_ms, v.deleted, v.key_id, v.blob),
         ).fetchone()
         if row is None:
             raise _VersionTaken(f"version {v.type}/{v.id}/{v.version} already exists")
-        seq = int(row[0])
-        self._x(
-            "INSERT INTO resources_current (tenant, type, id, seq, deleted) VALUES (%s,%s,%s,%s,%s)"
-            " ON CONFLICT (tenant, type, id) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted",
-            (tenant, v.type, v.id, seq, v.deleted),
-        )
-        return seq
+        return int(row[0])
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
         """Replace a resource's tags in the index, in this transaction (searchable at COMMIT)."""
-        row = self._x("SELECT rk, tags FROM resources_current WHERE tenant=%s AND type=%s AND id=%s",
-                      (tenant, type, id)).fetchone()
+        new_set = set(tags)
+        new = b"".join(sorted(new_set))
+        # The new list stored and the old one returned in one statement (the self-join sees the old row).
+        row = self._x("UPDATE resources_current n SET tags=%s FROM resources_current o"
+                      " WHERE n.tenant=%s AND n.type=%s AND n.id=%s AND o.rk=n.rk RETURNING n.rk, o.tags",
+                      (new, tenant, type, id)).fetchone()
         if row is None:
             raise LookupError("set_search_tags on a resource that has no version")
         rk, old = int(row[0]), bytes(row[1])
-        new_set = set(tags)
-        new = b"".join(sorted(new_set))
         if old == new:
             return
         step = SEARCH_TAG_BYTES
         old_set = {old[i : i + step] for i in range(0, len(old), step)}
-        self._x("UPDATE resources_current SET tags=%s WHERE rk=%s", (new, rk))
-        if gone := sorted(old_set - new_set):
-            self._x("DELETE FROM search_tags WHERE rk=%s AND tag = ANY(%s)", (rk, gone))
-        if added := sorted(new_set - old_set):
-            self._x("INSERT INTO search_tags (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
-                    (added, rk))
+        self._x("WITH d AS (DELETE FROM search_tags WHERE rk=%s AND tag = ANY(%s))"
+                " INSERT INTO search_tags (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
+                (rk, sorted(old_set - new_set), sorted(new_set - old_set), rk))
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._x("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
@@ -546,9 +548,11 @@ class PostgresStore:
         callbacks: list[list[Callable[[], None]]] = []
         done = len(batch)
         try:
-            conn.execute("BEGIN")
+            # Statements without parameters go in one round trip; COMMIT releases the last savepoint.
+            conn.execute(b"BEGIN; SAVEPOINT job")
             for n, (_name, fn, _fut, _loop) in enumerate(batch):
-                conn.execute("SAVEPOINT job")
+                if n:
+                    conn.execute(b"RELEASE SAVEPOINT job; SAVEPOINT job")
                 tx.committed = []
                 tx.job_took_head = False
                 before = (tx.audit_size, tx.audit_locked)
@@ -556,15 +560,14 @@ class PostgresStore:
                 try:
                     value = fn(tx)
                 except _Restart:
-                    conn.execute("ROLLBACK TO SAVEPOINT job")
+                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
                     del tx.invalidations[published:]
                     done = n
                     break
                 except BaseException as exc:  # the job's own failure: undo only its work
                     if isinstance(exc, psycopg.OperationalError) and conn.broken:
                         raise
-                    conn.execute("ROLLBACK TO SAVEPOINT job")
-                    conn.execute("RELEASE SAVEPOINT job")
+                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
                     tx.audit_size, tx.audit_locked = before  # a lock taken by this job went with it
                     del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
@@ -574,7 +577,6 @@ class PostgresStore:
                     outcomes.append((False, exc))
                     callbacks.append([])
                 else:
-                    conn.execute("RELEASE SAVEPOINT job")
                     outcomes.append((True, value))
                     callbacks.append(tx.committed)
             tx.flush_head()
@@ -623,18 +625,23 @@ class PostgresStore:
         return fut.result()
 
     # -- reads --------------------------------------------------------------
+    # PostgreSQL text cannot hold NUL, so no stored value has one: a lookup by such a string
+    # (a login name from a form, say) finds nothing, as in SQLite, instead of failing.
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
+        if _has_nul(args):
+            return None
         with self._pool.connection() as c:
             return c.execute(sql, args).fetchone()  # type: ignore[arg-type]  # statements are module constants
 
     def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
+        if _has_nul(args):
+            return []
         with self._pool.connection() as c:
             return c.execute(sql, args).fetchall()  # type: ignore[arg-type]
 
     def _int(self, sql: str, args: Any = ()) -> int:
         row = self._one(sql, args)
-        assert row is not None
-        return int(row[0])
+        return 0 if row is None else int(row[0])
 
     def read_current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._one(_SELECT_CURRENT, (tenant, type, id))

@@ -478,3 +478,14 @@ def test_on_commit_runs_after_success_only(store: ResourceStore) -> None:
     assert seen == ["ok"]
     store.write_sync("sync", ok)
     assert seen == ["ok", "ok"]
+
+
+def test_lookups_by_strings_holding_nul_find_nothing(store: ResourceStore) -> None:
+    # e.g. a login name from a form: PostgreSQL text cannot hold NUL, SQLite can; both find nothing.
+    _put(store, _v("a", 1))
+    assert store.read_current("t", "Patient", "a\x00") is None
+    assert store.read_version("t", "Patient", "a\x00", 1) is None
+    assert store.user_by_username("t", "alice\x00") is None
+    assert store.client("c\x00") is None and store.get_meta("m\x00") is None
+    assert store.history(HistoryQuery("t", "Patient", "a\x00")) == []
+    assert store.history_count(HistoryQuery("t\x00")) == 0
