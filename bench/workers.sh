@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CRUD mix on SQLite (1 worker) beside PostgreSQL with 1 and N workers, back to back on this machine.
 # Starts a throw-away PostgreSQL (scripts/pg-test-server.sh), a fresh data directory (and database) per run.
-# Usage: bench/workers.sh [seconds] [N]      (environment: CLIENTS=32, PROCESSES=1, MODE=crud)
+# Usage: bench/workers.sh [seconds] [N]
+# Environment: CLIENTS=32, PROCESSES=1, MODE=crud (or create, read), RUNS="sqlite pg1 pgN" (a subset).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -42,6 +43,8 @@ db() {  # a new database on the throw-away server
   echo "postgresql://postgres@127.0.0.1:$pgport/$1"
 }
 
-run sqlite "" 1
-run postgresql-1 "$(db bench1)" 1
-run "postgresql-$n" "$(db bench2)" "$n"
+runs=${RUNS:-sqlite pg1 pgN}
+[[ " $runs " == *" sqlite "* ]] && run sqlite "" 1
+[[ " $runs " == *" pg1 "* ]] && run postgresql-1 "$(db bench1)" 1
+[[ " $runs " == *" pgN "* ]] && run "postgresql-$n" "$(db bench2)" "$n"
+exit 0
