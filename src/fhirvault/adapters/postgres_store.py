@@ -893,9 +893,19 @@ def migrate(url: str) -> None:
                               (str(SCHEMA_VERSION).encode(),))
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"database schema version {version} is not supported by this release")
+            else:
+                _add_coherence_tables(c)
             _grant_app_role(c)
         finally:
             c.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _add_coherence_tables(c: psycopg.Connection[Any]) -> None:
+    """Databases created before the coherence log (same schema version, unreleased builds) get it."""
+    row = c.execute("SELECT to_regclass('public.coherence_head') IS NULL").fetchone()
+    if row and row[0]:
+        with c.transaction():
+            c.execute(COHERENCE_SCHEMA.encode())
 
 
 def _schema_version(c: psycopg.Connection[Any]) -> int | None:

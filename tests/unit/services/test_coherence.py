@@ -168,3 +168,15 @@ def test_two_processes_creating_one_compartment_key_at_once_share_the_first(pg_u
     finally:
         first.close()
         second.close()
+
+
+def test_a_database_created_before_the_coherence_log_gets_it_at_the_next_start(pg_url: str) -> None:
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute("DROP TABLE coherence_head, coherence_log")
+    store = PostgresStore(pg_url, read_pool_size=1)
+    try:
+        head, _ = store.changes_since(None)
+        store.write_sync("one", lambda tx: tx.invalidate(RELATIONSHIPS, "*"))
+        assert store.changes_since(head) == (head + 1, [(RELATIONSHIPS, "*")])
+    finally:
+        store.close()
