@@ -96,6 +96,30 @@ def test_a_revoked_token_is_refused_by_every_worker_at_once(cluster: Cluster) ->
     busy.join()
 
 
+def test_a_token_revoked_by_another_process_is_refused_by_every_worker_at_once(cluster: Cluster) -> None:
+    """No client authentication to wait for here: the revocation commits while both workers are busy."""
+    srv, c = cluster.server, cluster.container
+    token = srv.token()
+    claims = c.auth.own_token_claims(token)
+    assert claims is not None
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        while not done.is_set():
+            statuses(srv, token, "/Patient?_count=1", n=8)
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        statuses(srv, token, "/Patient?_count=1", n=16)
+        c.store.write_sync("oauth.revoke", lambda tx: tx.revoke_jti(claims["jti"], claims["exp"] * 1000,
+                                                                    c.clock.now_ms()))
+    finally:
+        done.set()
+    assert statuses(srv, token, "/Patient?_count=1") == [401] * N
+    busy.join()
+
+
 def test_a_disabled_user_is_refused_by_every_worker_at_once(cluster: Cluster) -> None:
     srv, c = cluster.server, cluster.container
     person = make_user(c, "dr-disabled", "practitioner", fhir_user="Practitioner/dr-disabled")
