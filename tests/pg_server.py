@@ -82,7 +82,15 @@ class PgServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
-def _free_port() -> int:
+def bindir() -> str:
+    """The PostgreSQL server binaries' directory (the newest installed version)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    if not found:
+        raise RuntimeError("PostgreSQL binaries not found: run scripts/pg-test-server.sh start once (it installs them)")
+    return str(found[-1])
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -99,7 +107,7 @@ def server() -> PgServer:
         if _server is None:
             base = Path(tempfile.mkdtemp(prefix="fhirvault-pg-"))
             os.chmod(base, 0o711)  # the server runs as another user
-            port = _free_port()
+            port = free_port()
             proc = subprocess.run([str(SCRIPT), "start", str(base), str(port)], capture_output=True, text=True,
                                   timeout=300, check=False)
             if proc.returncode != 0:

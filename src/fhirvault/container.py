@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -124,16 +125,13 @@ def open_store(settings: Settings) -> ResourceStore:
 
 def leadership_for(store: ResourceStore) -> Leadership:
     """Who runs the cluster singletons: with PostgreSQL several processes may share the database."""
-    from fhirvault.adapters.postgres_store import PostgresStore
-
-    return store.leadership() if isinstance(store, PostgresStore) else SoleProcess()
+    make: Callable[[], Leadership] | None = getattr(store, "leadership", None)  # PostgresStore has one
+    return make() if make is not None else SoleProcess()
 
 
 def change_feed_for(store: ResourceStore) -> ChangeFeed | None:
     """What other processes change in the database (PostgreSQL); None when this process is the only one."""
-    from fhirvault.adapters.postgres_store import PostgresStore
-
-    return store if isinstance(store, PostgresStore) else None
+    return store if hasattr(store, "changes_since") else None  # type: ignore[return-value]  # PostgresStore
 
 
 def coherence_for(store: ResourceStore, auth: AuthService, repository: Repository) -> Coherence:

@@ -154,7 +154,7 @@ class _Restart(Exception):
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head")
+    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head", "locked")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
@@ -163,6 +163,7 @@ class _Tx:
         self.audit_locked: int | None = None  # the size when this transaction locked the head
         self.job_took_head = False
         self.invalidations: list[tuple[str, str]] = []  # (kind, key) for the other processes' caches
+        self.locked: set[str] = set()  # advisory locks this transaction holds (serialize)
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
         return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
@@ -210,7 +211,10 @@ class _Tx:
             if self.job_took_head:
                 raise RuntimeError("serialize() must come before the job's first audit entry")
             raise _Restart
+        if key in self.locked:  # an earlier job of this transaction holds it: its writes are not committed yet
+            raise _Restart
         self._x("SELECT pg_advisory_xact_lock(%s)", (lock_key("fhirvault:" + key),))
+        self.locked.add(key)
         return True
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
@@ -557,6 +561,7 @@ class PostgresStore:
                 tx.job_took_head = False
                 before = (tx.audit_size, tx.audit_locked)
                 published = len(tx.invalidations)
+                locked_before = set(tx.locked)
                 try:
                     value = fn(tx)
                 except _Restart:
@@ -568,7 +573,9 @@ class PostgresStore:
                     if isinstance(exc, psycopg.OperationalError) and conn.broken:
                         raise
                     conn.execute(b"ROLLBACK TO SAVEPOINT job")
-                    tx.audit_size, tx.audit_locked = before  # a lock taken by this job went with it
+                    # Locks taken by this job went with its savepoint.
+                    tx.audit_size, tx.audit_locked = before
+                    tx.locked = locked_before
                     del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
                         wrapped = RuntimeError("write job raised StopIteration")

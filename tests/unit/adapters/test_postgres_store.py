@@ -4,9 +4,13 @@ processes on one database, the audit head lock, the application role, leader ele
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -119,6 +123,27 @@ def test_a_lock_wanted_after_the_audit_head_moves_the_job_to_the_next_transactio
             held.result(10)
         assert store.commits - commits == 3  # hold's batch, then [audited], then [locking]
 
+        # the same key twice in one batch: the second job waits for the first one's COMMIT
+        def same_key(tx: WriteTx) -> bool:
+            return tx.serialize("k2")
+
+        inside.clear()
+        release.clear()
+
+        async def twice() -> list[bool]:
+            jobs = [store.write("a", same_key), store.write("b", same_key)]
+            await asyncio.sleep(0.1)
+            release.set()
+            return list(await asyncio.gather(*jobs))
+
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(store.write_sync, "hold", hold)
+            assert inside.wait(10)
+            commits = store.commits
+            assert asyncio.run(twice()) == [True, True]
+            held.result(10)
+        assert store.commits - commits == 3
+
         def locks_after_own_audit(tx: WriteTx) -> None:
             tx.append_audit("t", 3, lambda _s: b"c")
             tx.serialize("k")
@@ -200,3 +225,53 @@ def test_writer_reconnects_after_losing_its_connection(pg_url: str) -> None:
         assert (store.get_meta("b"), store.get_meta("c")) == (None, b"1")
     finally:
         store.close()
+
+
+def test_acknowledged_writes_survive_a_database_crash(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A server of its own, stopped in `immediate` mode (no shutdown checkpoint: recovery replays the WAL)."""
+    base = tmp_path_factory.mktemp("crash")
+    base.chmod(0o711)
+    port = pg_server.free_port()
+    script = str(pg_server.SCRIPT)
+    url = subprocess.run([script, "start", str(base / "pg"), str(port)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        store = PostgresStore(url, read_pool_size=2)
+        acked: list[int] = []
+
+        def job(i: int) -> object:
+            def run(tx: WriteTx) -> int:
+                tx.insert_version("t", _v(f"p{i}"))
+                return tx.append_audit("t", i, lambda seq: b"%d" % seq)
+            return run
+
+        async def writes() -> None:
+            async def writer(k: int) -> None:  # 8 writers, each one write at a time, until the crash
+                for i in range(k, 100_000, 8):
+                    try:
+                        await store.write("w", job(i))
+                    except psycopg.Error:
+                        return
+                    acked.append(i)
+            await asyncio.gather(*(writer(k) for k in range(8)))
+
+        crash = threading.Timer(1.5, lambda: subprocess.run(
+            ["runuser", "-u", "postgres", "--"] * (os.getuid() == 0) + [
+                str(Path(pg_server.bindir()) / "pg_ctl"), "-D", str(base / "pg" / "data"), "-m", "immediate",
+                "stop"], check=True, capture_output=True))
+        crash.start()
+        asyncio.run(writes())
+        crash.join()
+        with contextlib.suppress(Exception):
+            store.close()
+        subprocess.run([script, "start", str(base / "pg"), str(port)], check=True, capture_output=True)
+        after = PostgresStore(url, read_pool_size=2)
+        try:
+            assert acked, "no write was acknowledged before the crash"
+            assert all(after.read_current("t", "Patient", f"p{i}") is not None for i in acked)
+            seqs = [r.seq for r in after.audit_rows(limit=1_000_000)]
+            assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= len(acked)
+        finally:
+            after.close()
+    finally:
+        subprocess.run([script, "stop", str(base / "pg")], check=False, capture_output=True)
