@@ -53,6 +53,8 @@ class Settings:
     # The database: None keeps the embedded SQLite files in the data directory; postgresql://… selects
     # PostgreSQL. Never printed: the URL may carry a password (repr=False, and errors do not echo it).
     database_url: str | None = dataclasses.field(default=None, repr=False)
+    # Server worker processes: default the core count on PostgreSQL; SQLite has one writer, so one.
+    workers: int | None = None
     # Audit log: signed checkpoints, their witnesses (file:///…, syslog+udp://…, syslog+tcp://…;
     # default: DATA_DIR/audit-witness.log — move it to another volume), full re-verification.
     audit_checkpoint_seconds: int = 10
@@ -226,6 +228,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _choice("debug", "info", "warning", "error"),
     "tenant": _tenant,
     "database_url": _database_url,
+    "workers": _positive_int(1, 256),
     "audit_checkpoint_seconds": _positive_int(1, 3600),
     "audit_witness_seconds": _positive_int(1, 86400),
     "audit_witnesses": _witnesses,
@@ -339,6 +342,9 @@ def load_settings(
                 break
     if "data_dir" not in merged:
         raise SettingsError("data_dir is required: pass --data-dir or set FHIRVAULT_DATA_DIR")
+    if merged.get("workers", 1) > 1 and "database_url" not in merged:
+        raise SettingsError("workers: more than one worker process needs PostgreSQL (database_url); the embedded"
+                            " SQLite store has a single writer, so it is served by one worker")
     if ("tls_cert" in merged) != ("tls_key" in merged):
         raise SettingsError("tls_cert and tls_key must be given together")
     for name in SECTIONS:

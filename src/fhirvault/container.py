@@ -19,7 +19,7 @@ from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import Clock, Leadership, ResourceStore
+from fhirvault.ports import ChangeFeed, Clock, Leadership, ResourceStore
 from fhirvault.services.alert_settings import AlertSettings
 from fhirvault.services.alerts import AlertService
 from fhirvault.services.audit import AuditTrail
@@ -31,6 +31,7 @@ from fhirvault.services.audit_checkpoints import (
 )
 from fhirvault.services.audit_query import AuditReader
 from fhirvault.services.auth import AuthService
+from fhirvault.services.coherence import BREAK_GLASS, RELATIONSHIPS, REVOCATIONS, Coherence
 from fhirvault.services.detection import DetectionEngine
 from fhirvault.services.health import HealthState
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
@@ -80,6 +81,7 @@ class Container:
     alerts: AlertService | None = None
     detection: DetectionEngine | None = None
     leadership: Leadership | None = None
+    coherence: Coherence | None = None
     _checkpointing: bool = False
 
     def enable_alerting(self) -> DetectionEngine:
@@ -132,6 +134,30 @@ def leadership_for(store: ResourceStore) -> Leadership:
     return make() if make is not None else SoleProcess()
 
 
+def change_feed_for(store: ResourceStore) -> ChangeFeed | None:
+    """What other processes change in the database (PostgreSQL); None when this process is the only one."""
+    return store if hasattr(store, "changes_since") else None  # type: ignore[return-value]  # PostgresStore
+
+
+def coherence_for(store: ResourceStore, auth: AuthService, repository: Repository) -> Coherence:
+    """Every per-process cache of shared facts, invalidated by the other processes' writes."""
+    coherence = Coherence(change_feed_for(store))
+    coherence.on(REVOCATIONS, lambda _keys: auth.poll_revocations())
+    coherence.on(RELATIONSHIPS, repository.relationships.invalidate_keys)
+    glass = repository.break_glass
+
+    def grants_changed(users: frozenset[str] | None) -> None:
+        if users is None:
+            glass.forget_all()
+        else:
+            for user in users:
+                glass.forget(user)
+
+    coherence.on(BREAK_GLASS, grants_changed)
+    auth.before_check = coherence.sync
+    return coherence
+
+
 def instance_id(store: ResourceStore) -> str:
     instance = store.get_meta(INSTANCE_META)
     if instance is None:
@@ -168,6 +194,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
                                               show_names=settings.access_history_show_names, push_patients=True)
         witnesses = [open_witness(spec) for spec in settings.audit_witness_specs]
         leadership = leadership_for(store)
+        coherence = coherence_for(store, auth, repository)
         checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
                                          checkpoint_interval_s=settings.audit_checkpoint_seconds,
                                          witness_interval_s=settings.audit_witness_seconds, leadership=leadership)
@@ -175,7 +202,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         store.close()
         raise
     return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
-                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership)
+                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership, coherence=coherence)
 
 
 def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:

@@ -18,6 +18,11 @@ T = TypeVar("T")
 SEARCH_TAG_BYTES = 8  # truncated HMAC-SHA256 blind-index tags (see docs/security-model.md)
 
 
+class VersionConflict(Exception):
+    """Another process stored this resource version (or data key) first, in a store shared by
+    processes: the transaction is still usable; re-read, and retry or use what the other stored."""
+
+
 class Clock(Protocol):
     def now_ms(self) -> int:
         """Milliseconds since the Unix epoch, UTC."""
@@ -252,6 +257,11 @@ class WriteTx(Protocol):
         run one at a time, so an in-process lock around the read and the write is enough."""
         ...
 
+    def invalidate(self, kind: str, key: str) -> None:
+        """Tell the other processes sharing the database, at COMMIT, that what they cache under
+        (``kind``, ``key``) changed (services/coherence.py). A no-op for single-process stores."""
+        ...
+
     def on_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once this job's changes are durable (never if the job or the commit fails).
 
@@ -352,6 +362,14 @@ class ResourceStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """What other processes changed (services/coherence.py); only stores shared by processes have one."""
+
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """(head, the (kind, key) rows after ``seq``), or (head, None): the rows are unknown, drop all."""
+        ...
 
 
 class Leadership(Protocol):

@@ -10,6 +10,7 @@ import httpx
 import psycopg
 import pytest
 
+from fhirvault.adapters.postgres_store import lock_key
 from tests import pg_server
 from tests.conftest import PATIENT, Server, start_server
 
@@ -60,7 +61,8 @@ def test_one_checkpointer_for_the_cluster_and_every_write_audited_in_order(
     with psycopg.connect(url) as conn:
         seqs = [r[0] for r in conn.execute("SELECT seq FROM audit.audit_log ORDER BY seq").fetchall()]
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) >= 10
+        key = lock_key("leader:audit-checkpoints")  # other roles (config-audit, clock-check…) hold their own
         leaders = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
-                               " AND pid IN (SELECT pid FROM pg_stat_activity"
-                               " WHERE application_name = 'fhirvault-leader')").fetchone()
+                               " AND classid::bigint = %s AND objid::bigint = %s",
+                               ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
         assert leaders == (1,)  # both processes run the checkpointer thread; one holds the role

@@ -124,6 +124,9 @@ class _Tx:
     def serialize(self, key: str) -> bool:
         return False  # one writer: jobs already run one at a time
 
+    def invalidate(self, kind: str, key: str) -> None:
+        pass  # one process: its caches are invalidated by on_commit callbacks
+
     def _set(self, table: dict[K, V], key: K, value: V) -> None:
         if key in table:
             old = table[key]

@@ -246,6 +246,24 @@ CREATE INDEX IF NOT EXISTS break_glass_user ON break_glass (tenant, user_id, exp
 CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, created_ms);
 """
 
+# Cache coherence between the processes sharing the database (services/coherence.py): a write that
+# changes something other processes cache adds (kind, key) rows under one new seq, assigned while the
+# one-row head is locked (taken last, just before COMMIT), so seqs appear in commit order. Each process
+# reads ``WHERE seq > last seen`` at the start of every authenticated request.
+COHERENCE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coherence_head (
+    one BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    seq BIGINT NOT NULL
+);
+INSERT INTO coherence_head (one, seq) VALUES (true, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS coherence_log (
+    seq  BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    key  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS coherence_log_seq ON coherence_log (seq);
+"""
+
 # What the application role may do: everything on the main tables, append-only on the audit log.
 # (Run by the owner, only when it may create roles or the role already exists.)
 APP_GRANTS = f"""

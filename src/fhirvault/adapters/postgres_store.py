@@ -38,6 +38,7 @@ from fhirvault.adapters.postgres_schema import (
     APP_ROLE,
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
+    COHERENCE_SCHEMA,
     IDENTITY_SCHEMA,
     SCHEMA,
     SCHEMA_VERSION,
@@ -76,13 +77,18 @@ from fhirvault.ports import (
     StoredVersion,
     TenantKeyRow,
     UserRow,
+    VersionConflict,
     WrappedKey,
 )
+from fhirvault.services.coherence import REVOCATIONS
 
 T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
+_COHERENCE_PRUNE_EVERY = 1000  # every this many seqs, drop log rows older than the last _COHERENCE_KEEP
+_COHERENCE_KEEP = 10_000
+_COHERENCE_READ_MAX = 5_000  # a process further behind than this drops all its caches instead
 _PROBE = 2000  # index entries counted per criterion to pick the one that drives a search
 _MIGRATION_LOCK = 0x66_68_69_72_76_61_75_6C  # "fhirvaul": one schema migration at a time per database
 
@@ -139,6 +145,10 @@ def _duplicate(what: str) -> pg_errors.UniqueViolation:
     return pg_errors.UniqueViolation(f"{what} already exists")
 
 
+class _VersionTaken(pg_errors.UniqueViolation, VersionConflict):
+    """A concurrent writer (another process) stored this version or data key first: the caller re-reads."""
+
+
 class _Restart(Exception):
     """The job must start a fresh transaction (it wants an advisory lock after the audit head lock)."""
 
@@ -146,7 +156,7 @@ class _Restart(Exception):
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "job_took_head", "locked")
+    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head", "locked")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
@@ -154,6 +164,7 @@ class _Tx:
         self.audit_size: int | None = None  # the log's size as this transaction sees it (None: head not locked)
         self.audit_locked: int | None = None  # the size when this transaction locked the head
         self.job_took_head = False
+        self.invalidations: list[tuple[str, str]] = []  # (kind, key) for the other processes' caches
         self.locked: set[str] = set()  # advisory locks this transaction holds (serialize)
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
@@ -174,6 +185,24 @@ class _Tx:
         """Before COMMIT: store the new size (the row has been locked since the first append)."""
         if self.audit_size is not None and self.audit_size != self.audit_locked:
             self._x("UPDATE audit.audit_head SET size=%s", (self.audit_size,))
+
+    def invalidate(self, kind: str, key: str) -> None:
+        self.invalidations.append((kind, key))
+
+    def flush_invalidations(self) -> None:
+        """Just before COMMIT: publish the batch's invalidations under one new seq (see COHERENCE_SCHEMA).
+
+        The head's row lock is the last lock a transaction takes, so it never waits while holding it."""
+        if not self.invalidations:
+            return
+        row = self._x("UPDATE coherence_head SET seq = seq + 1 RETURNING seq").fetchone()
+        assert row is not None
+        seq = int(row[0])
+        kinds, keys = zip(*sorted(set(self.invalidations)), strict=True)
+        self._x("INSERT INTO coherence_log (seq, kind, key) SELECT %s, * FROM unnest(%s::text[], %s::text[])",
+                (seq, list(kinds), list(keys)))
+        if seq % _COHERENCE_PRUNE_EVERY == 0:
+            self._x("DELETE FROM coherence_log WHERE seq <= %s", (seq - _COHERENCE_KEEP,))
 
     def serialize(self, key: str) -> bool:
         """Wait for, then hold until COMMIT, a database lock on ``key`` shared by every process.
@@ -206,7 +235,7 @@ class _Tx:
             (tenant, v.type, v.id, v.version, v.last_updated_ms, v.deleted, v.key_id, v.blob),
         ).fetchone()
         if row is None:
-            raise _duplicate(f"version {v.type}/{v.id}/{v.version}")
+            raise _VersionTaken(f"version {v.type}/{v.id}/{v.version} already exists")
         return int(row[0])
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
@@ -240,7 +269,7 @@ class _Tx:
             (key.key_id, tenant, lookup, key.wrapped, key.kek_version, key.compartment, created_ms),
         )
         if cur.rowcount != 1:
-            raise _duplicate("data key id or (tenant, lookup)")
+            raise _VersionTaken("data key id or (tenant, lookup) already exists")
 
     def rewrap_data_key(self, key_id: str, wrapped: bytes, compartment: bytes, kek_version: int) -> None:
         self._x("UPDATE data_keys SET wrapped=%s, compartment=%s, kek_version=%s WHERE key_id=%s",
@@ -425,9 +454,11 @@ class _Tx:
         self._x(_PURGE_REVOKED, (now_ms,))
         n = self._x(f"UPDATE refresh_tokens SET revoked=true WHERE {column}=%s AND NOT revoked",  # noqa: S608
                     (value,)).rowcount
-        n += self._x(f"INSERT INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
-                     f" WHERE {column}=%s ORDER BY jti ON CONFLICT DO NOTHING", (value,)).rowcount
-        return int(n)
+        added = self._x(f"INSERT INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
+                        f" WHERE {column}=%s ORDER BY jti ON CONFLICT DO NOTHING", (value,)).rowcount
+        if added:
+            self.invalidate(REVOCATIONS, "")
+        return int(n + added)
 
     def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
         found = self._refresh_for_update(token_hash)
@@ -439,6 +470,7 @@ class _Tx:
         self._lock_head()
         self._x(_PURGE_REVOKED, (now_ms,))
         self._x("INSERT INTO revoked_jtis (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
+        self.invalidate(REVOCATIONS, "")
 
     def end_user_sessions(self, user_id: str, now_ms: int) -> int:
         ids = [r[0] for r in self._x("SELECT session_id FROM login_sessions WHERE user_id=%s AND ended_ms=0",
@@ -485,6 +517,8 @@ class PostgresStore:
         self._lifecycle = threading.Lock()
         self._thread = threading.Thread(target=self._run_writer, name="fhirvault-pg-writer", daemon=True)
         self._thread.start()
+        self._head_conn: psycopg.Connection[Any] | None = None  # coherence head reads (changes_since)
+        self._head_lock = threading.Lock()
         self.commits = 0  # transactions committed (for tests and metrics)
         self.batched_jobs = 0
 
@@ -537,11 +571,13 @@ class PostgresStore:
                 tx.committed = []
                 tx.job_took_head = False
                 before = (tx.audit_size, tx.audit_locked)
+                published = len(tx.invalidations)
                 locked_before = set(tx.locked)
                 try:
                     value = fn(tx)
                 except _Restart:
                     conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    del tx.invalidations[published:]
                     done = n
                     break
                 except BaseException as exc:  # the job's own failure: undo only its work
@@ -551,6 +587,7 @@ class PostgresStore:
                     # Locks taken by this job went with its savepoint.
                     tx.audit_size, tx.audit_locked = before
                     tx.locked = locked_before
+                    del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
                         wrapped = RuntimeError("write job raised StopIteration")
                         wrapped.__cause__ = exc
@@ -561,6 +598,7 @@ class PostgresStore:
                     outcomes.append((True, value))
                     callbacks.append(tx.committed)
             tx.flush_head()
+            tx.flush_invalidations()
             conn.execute("COMMIT")
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
@@ -803,6 +841,38 @@ class PostgresStore:
         row = self._one(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=%s", (token_hash,))  # noqa: S608
         return _refresh(row) if row else None
 
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """The coherence head, and the (kind, key) rows published after ``seq`` up to it.
+
+        Called at every authenticated request: when nothing changed it costs one primary-key read of
+        a one-row table on a dedicated connection (no pool checkout). None instead of the rows when
+        they cannot all be given (no ``seq`` yet, pruned, too many): the caller drops everything."""
+        head = self._coherence_head()
+        if head == seq or seq is None:
+            return head, [] if head == seq else None
+        rows = self._all("SELECT seq, kind, key FROM coherence_log WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
+                         (seq, head, _COHERENCE_READ_MAX))
+        if not rows or int(rows[0][0]) != seq + 1 or len(rows) >= _COHERENCE_READ_MAX:
+            return head, None
+        return head, [(str(r[1]), str(r[2])) for r in rows]
+
+    def _coherence_head(self) -> int:
+        with self._head_lock:
+            try:
+                conn = self._head_conn
+                if conn is None or conn.closed or conn.broken:
+                    conn = self._head_conn = psycopg.connect(self._url, autocommit=True,
+                                                             application_name="fhirvault-coherence")
+                row = conn.execute("SELECT seq FROM coherence_head").fetchone()
+            except psycopg.Error:
+                if self._head_conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        self._head_conn.close()
+                self._head_conn = None
+                raise
+        assert row is not None
+        return int(row[0])
+
     def revoked_jtis(self, after_seq: int, now_ms: int) -> list[tuple[int, str, int]]:
         rows = self._all("SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > %s AND expires_ms >= %s"
                          " ORDER BY seq", (after_seq, now_ms))
@@ -816,6 +886,11 @@ class PostgresStore:
             self._queue.put(_STOP)
         self._thread.join(timeout=30)
         self._pool.close()
+        with self._head_lock:
+            if self._head_conn is not None:
+                with contextlib.suppress(psycopg.Error):
+                    self._head_conn.close()
+                self._head_conn = None
 
 
 # -- schema -------------------------------------------------------------------------
@@ -832,15 +907,25 @@ def migrate(url: str) -> None:
             version = _schema_version(c)
             if version is None:
                 with c.transaction():
-                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA):
+                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA, COHERENCE_SCHEMA):
                         c.execute(ddl.encode())
                     c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
                               (str(SCHEMA_VERSION).encode(),))
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"database schema version {version} is not supported by this release")
+            else:
+                _add_coherence_tables(c)
             _grant_app_role(c)
         finally:
             c.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+
+
+def _add_coherence_tables(c: psycopg.Connection[Any]) -> None:
+    """Databases created before the coherence log (same schema version, unreleased builds) get it."""
+    row = c.execute("SELECT to_regclass('public.coherence_head') IS NULL").fetchone()
+    if row and row[0]:
+        with c.transaction():
+            c.execute(COHERENCE_SCHEMA.encode())
 
 
 def _schema_version(c: psycopg.Connection[Any]) -> int | None:

@@ -180,6 +180,9 @@ class _Tx:
     def serialize(self, key: str) -> bool:
         return False  # one writer: jobs already run one at a time
 
+    def invalidate(self, kind: str, key: str) -> None:
+        pass  # one process: its caches are invalidated by on_commit callbacks
+
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
             _SELECT_CURRENT,

@@ -29,6 +29,7 @@ def _settings_options(p: argparse.ArgumentParser, *, server: bool = False) -> No
         p.add_argument("--tls-key", dest="tls_key", help="PEM private key for --tls-cert")
         p.add_argument("--public-base-url", dest="public_base_url", help="external URL, e.g. https://fhir.example.org")
         p.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+        p.add_argument("--workers", type=int, help="worker processes (PostgreSQL only; default: the core count)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    names = ("data_dir", "root_key_file", "host", "port", "tls_cert", "tls_key", "public_base_url", "log_level")
+    names = ("data_dir", "root_key_file", "host", "port", "tls_cert", "tls_key", "public_base_url", "log_level",
+             "workers")
     cli: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     return load_settings(cli, config_file=args.config_file)
 

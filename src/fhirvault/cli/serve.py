@@ -1,9 +1,11 @@
 """``fhirvault serve``: initialise on first run, then serve with Granian.
 
-Granian (a Rust HTTP server for Python) runs one worker process that owns the
-application: the store's single writer thread lives there, so there is exactly
-one writer per data directory. The supervising process restarts the worker if
-it dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
+Granian (a Rust HTTP server for Python) runs worker processes that each build the
+application. On SQLite there is one: the store's single writer thread lives there,
+so there is exactly one writer per data directory. On PostgreSQL there are
+``workers`` (default: the core count); the database serialises what must be, and
+services/coherence.py keeps each worker's caches correct. The supervising process
+restarts a worker that dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
 
 Before anything is served the supervisor checks what an operator can get wrong
 and refuses with one line (exit status 2): another server on the same data
@@ -193,6 +195,15 @@ def _prepare(settings: Settings) -> None:
         container.close()
 
 
+def worker_count(settings: Settings) -> int:
+    """``workers``, or the default: one per core on PostgreSQL, one on SQLite (config.py refuses more)."""
+    if settings.workers is not None:
+        return settings.workers
+    if settings.database_url is None:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 def serve(settings: Settings) -> int:
     from granian import Granian
     from granian.constants import Interfaces, Loops
@@ -219,13 +230,14 @@ def serve(settings: Settings) -> int:
                   "secrets and health data cross the network in clear; use --tls-cert/--tls-key, or a TLS proxy on "
                   "this host with --host 127.0.0.1", file=sys.stderr)
         scheme = "https" if tls else "http"
+        workers = worker_count(settings)
         server = Granian(
             "fhirvault.cli.serve:app_factory",
             factory=True,
             address=settings.host,
             port=settings.port,
             interface=Interfaces.ASGI,
-            workers=1,
+            workers=workers,
             loop=Loops.uvloop,
             http1_settings=HTTP1Settings(max_buffer_size=settings.max_body_bytes + 65536),
             log_level=LogLevels(settings.log_level),
@@ -243,7 +255,7 @@ def serve(settings: Settings) -> int:
             server.signal_handler_interrupt()  # type: ignore[no-untyped-call]  # stop, do not respawn
 
         previous = signal.signal(STARTUP_FAILED, startup_failed)
-        log.info("serving", extra={"url": f"{scheme}://{settings.host}:{settings.port}/fhir"})
+        log.info("serving", extra={"url": f"{scheme}://{settings.host}:{settings.port}/fhir", "workers": workers})
         try:
             server.serve()
         except SystemExit as exc:  # Granian's own crash-loop detection

@@ -352,6 +352,12 @@ class FhirRouter:
         if_match = _parse_etag(req.header("if-match"), "If-Match")
         async with self._conditional_lock:
             ids = await self._repo.find_ids(req.ctx, rtype, list(req.query))
+            if not ids and body.get("id") is None:
+                # No match: create, unless another process creates a match meanwhile (then update it).
+                created = await self._repo.create_unless(req.ctx, rtype, dict(body), list(req.query))
+                if not isinstance(created, list):
+                    return self._resource_response(req, created, 201)
+                ids = created
             if len(ids) > 1:
                 raise errors.precondition_failed("The conditional update matches more than one resource.")
             if ids:

@@ -73,10 +73,15 @@ class AuditMonitor:
         self._c.start_checkpoints()
         interval = self._c.settings.audit_verify_hours * 3600
 
+        leadership = self._c.leadership
+
         def run() -> None:
+            first = True  # every worker verifies at start-up (its readiness waits for it); then one per cluster
             while True:
                 try:
-                    self.verify_now()
+                    if first or leadership is None or leadership.lead("audit-verify"):
+                        self.verify_now()
+                    first = False
                 except Exception:
                     log.exception("audit verification could not run")
                     self._c.health.audit_verified = False

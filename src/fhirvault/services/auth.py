@@ -10,7 +10,8 @@
   kept wrapped by the root key. Verified tokens are cached until they expire.
 * Revocation: every check consults the revoked-jti set (after the cache, so a cached token is
   refused at once). Revocations made by this process are added to the set before the revoking
-  call returns; others' are picked up from the store at most ``REVOCATION_POLL_S`` later.
+  call returns; other server processes on the same PostgreSQL database pick them up at their next
+  request (``before_check``: services/coherence.py); a CLI on SQLite at most ``REVOCATION_POLL_S`` later.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class AuthService:
         self._revoked_seq = 0
         self._revoked_polled = float("-inf")
         self._cutoffs: dict[str, tuple[int, int]] = {}  # client id -> (cut-off, entry expiry), seconds
+        # Run first by every token check: with several server processes, applies what the others changed.
+        self.before_check: Callable[[], None] | None = None
 
     # -- server signing key ---------------------------------------------------
     def _load_signing_key(self) -> ECKey:
@@ -411,6 +414,8 @@ class AuthService:
 
     # -- resource server side ------------------------------------------------
     def verify(self, token: str) -> Principal:
+        if self.before_check is not None:
+            self.before_check()  # other processes' revocations and cache invalidations (coherence.py)
         now = self._clock.now_ms() // 1000
         with self._cache_lock:
             cached = self._cache.get(token)

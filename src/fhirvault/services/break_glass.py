@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from fhirvault.ports import BreakGlassRow, Clock, ResourceStore, WriteTx
+from fhirvault.services.coherence import BREAK_GLASS, publish
 from fhirvault.services.crypto import associated_data
 from fhirvault.services.keys import TENANT_COMPARTMENT, KeyRing
 
@@ -28,7 +29,7 @@ OPEN, CLOSED = "open", "closed"
 DECISIONS = frozenset({"justified", "unjustified"})
 MIN_REASON = 10
 MAX_TEXT = 2_000
-_CACHE_SECONDS = 5.0  # grants written by another process show within this delay
+_CACHE_SECONDS = 5.0  # grants written by a CLI process show within this delay (servers: coherence.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +91,13 @@ class BreakGlass:
             hit = (0.0, expiries)
         return frozenset(p for p, exp in hit[1].items() if exp > now_ms)
 
-    def _forget(self, user_id: str) -> None:
+    def forget(self, user_id: str) -> None:
         with self._lock:
             self._active.pop(user_id, None)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._active.clear()
 
     # -- start ----------------------------------------------------------------------
     async def start(self, *, user_id: str, role: str | None, fhir_user: str | None, patient_id: str, reason: str,
@@ -107,10 +112,10 @@ class BreakGlass:
         def job(tx: WriteTx) -> None:
             tx.put_break_glass(row)
             audit(tx)
-            tx.on_commit(lambda: self._forget(user_id))
+            publish(tx, BREAK_GLASS, {user_id}, lambda: self.forget(user_id))
 
         await self._store.write("break-glass.start", job)
-        self._forget(user_id)
+        self.forget(user_id)
         return grant
 
     # -- review queue ---------------------------------------------------------------

@@ -22,7 +22,15 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from fhirvault.ports import Clock, ResourceStore, RootKeyProvider, TenantKeyRow, WrappedKey, WriteTx
+from fhirvault.ports import (
+    Clock,
+    ResourceStore,
+    RootKeyProvider,
+    TenantKeyRow,
+    VersionConflict,
+    WrappedKey,
+    WriteTx,
+)
 from fhirvault.services.crypto import Aead, DecryptionError, associated_data, new_key
 
 TENANT_COMPARTMENT = "tenant"
@@ -179,7 +187,13 @@ class KeyRing:
             version,
             kek.seal(compartment.encode(), _compartment_aad(self.tenant, key_id, version)),
         )
-        tx.insert_data_key(self.tenant, lookup, wrapped, self._clock.now_ms())
+        try:
+            tx.insert_data_key(self.tenant, lookup, wrapped, self._clock.now_ms())
+        except VersionConflict:  # another server process created this compartment's key meanwhile: use it
+            row = tx.data_key_by_lookup(self.tenant, lookup)
+            if row is None:
+                raise
+            return self._unwrap(row), lookup
         return DataKey(key_id, Aead(raw), compartment), lookup
 
     def remember(self, key: DataKey, lookup: bytes) -> None:

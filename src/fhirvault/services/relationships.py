@@ -183,6 +183,21 @@ class Relationships:
             if change is None or change.everything or change.consent_patients:
                 self._with_consent = None
 
+    # -- other processes sharing the database (services/coherence.py) ----------------
+    @staticmethod
+    def published_keys(change: Change) -> frozenset[str]:
+        """``change`` as the keys other processes receive (``invalidate_keys`` reads them back)."""
+        if change.everything:
+            return frozenset({"*"})
+        return frozenset({f"ref:{r}" for r in change.refs} | {f"patient:{p}" for p in change.consent_patients})
+
+    def invalidate_keys(self, keys: frozenset[str] | None) -> None:
+        if keys is None or "*" in keys:
+            self.invalidate()
+            return
+        self.invalidate(Change(refs=frozenset(k[4:] for k in keys if k.startswith("ref:")),
+                               consent_patients=frozenset(k[8:] for k in keys if k.startswith("patient:"))))
+
     # -- practitioners ------------------------------------------------------------
     def patients_of(self, fhir_user: str | None, organization: str | None) -> Mapping[str, str]:
         """patient id -> how the user reaches it (careteam, encounter, gp, episode)."""

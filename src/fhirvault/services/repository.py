@@ -44,7 +44,14 @@ from fhirvault.domain.search.query import (
     reference_criterion,
 )
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import Clock, HistoryQuery, ResourceStore, StoredVersion, WriteTx
+from fhirvault.ports import (
+    Clock,
+    HistoryQuery,
+    ResourceStore,
+    StoredVersion,
+    VersionConflict,
+    WriteTx,
+)
 from fhirvault.services.access import Access, AccessGuard
 from fhirvault.services.audit import AuditRecord, AuditTrail, outcome_for
 from fhirvault.services.auth import Principal
@@ -57,6 +64,7 @@ from fhirvault.services.break_glass import (
     BreakGlass,
     Grant,
 )
+from fhirvault.services.coherence import RELATIONSHIPS, publish
 from fhirvault.services.crypto import DecryptionError, associated_data
 from fhirvault.services.keys import (
     TENANT_COMPARTMENT,
@@ -67,6 +75,7 @@ from fhirvault.services.keys import (
 )
 from fhirvault.services.relationships import (
     WATCHED_TYPES,
+    Change,
     Relationships,
     RelationshipSettings,
     relationship_change,
@@ -357,7 +366,7 @@ class Repository:
                 before = orjson.loads(self._open(current)) if current is not None and not current.deleted else None
                 change = relationship_change(rtype, before, body)
                 if change is not None:
-                    tx.on_commit(lambda: self.relationships.invalidate(change))
+                    self._relationship_changed(tx, change)
                     if rtype != "Consent":
                         note = note or RELATIONSHIP_CHANGE
             self._audit.record(tx, self._record(
@@ -430,7 +439,13 @@ class Repository:
 
     async def update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                      if_match: int | None) -> ResourceResult:
-        return await self._store.write("resource.update", await self.prepare_update(ctx, rtype, rid, body, if_match))
+        for _ in range(_MAX_PATCH_RETRIES):
+            try:
+                return await self._store.write("resource.update",
+                                               await self.prepare_update(ctx, rtype, rid, body, if_match))
+            except VersionConflict:  # another server process wrote this resource meanwhile: judge it again
+                continue
+        raise ConcurrentChange()
 
     async def prepare_patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,
                             if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
@@ -476,7 +491,7 @@ class Repository:
             job = await self.prepare_patch(ctx, rtype, rid, operations, if_match)
             try:
                 return await self._store.write("resource.patch", job)
-            except ConcurrentChange:
+            except (ConcurrentChange, VersionConflict):
                 continue
         raise errors.conflict("The resource kept changing while the patch was applied; retry.")
 
@@ -513,7 +528,7 @@ class Repository:
             if rtype in WATCHED_TYPES:
                 change = relationship_change(rtype, orjson.loads(self._open(current)), None)
                 if change is not None:
-                    tx.on_commit(lambda: self.relationships.invalidate(change))
+                    self._relationship_changed(tx, change)
                     note = RELATIONSHIP_CHANGE if rtype != "Consent" else None
             self._audit.record(tx, self._record(ctx, "delete", 204, entity=f"{rtype}/{rid}/_history/{version}",
                                                 patient=self._patient_ref(current.key_id),
@@ -523,12 +538,25 @@ class Repository:
 
         return job
 
+    def _relationship_changed(self, tx: WriteTx, change: Change) -> None:
+        """At COMMIT, this process and (through the database) the others forget what ``change`` touches."""
+        rel = self.relationships
+        publish(tx, RELATIONSHIPS, rel.published_keys(change), lambda: rel.invalidate(change))
+
     async def write_jobs(self, name: str, fn: Callable[[WriteTx], T]) -> T:
         """Run prepared jobs together in one transaction (transaction bundles)."""
-        return await self._store.write(name, fn)
+        try:
+            return await self._store.write(name, fn)
+        except VersionConflict:
+            raise ConcurrentChange() from None
 
     async def delete(self, ctx: RequestContext, rtype: str, rid: str, if_match: int | None) -> int | None:
-        return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
+        for _ in range(_MAX_PATCH_RETRIES):
+            try:
+                return await self._store.write("resource.delete", await self.prepare_delete(ctx, rtype, rid, if_match))
+            except VersionConflict:
+                continue
+        raise ConcurrentChange()
 
     async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion,
                             access: Access) -> ResourceResult:

@@ -70,12 +70,18 @@ class _Dispatcher:
         await self._other(scope, receive, send)
 
 
+def _leads(container: Container, role: str) -> bool:
+    """Whether this worker runs the cluster-wide singleton ``role`` (always, with one process)."""
+    return container.leadership is None or container.leadership.lead(role)
+
+
 async def _alert_housekeeping(container: Container, detection: DetectionEngine,
                               backups: BackupScheduler | None) -> None:
     """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges."""
     while True:
         try:
-            detection.check_clock()
+            if _leads(container, "clock-check"):  # one alert per clock jump, not one per worker
+                detection.check_clock()
             if backups is not None:
                 backups.update_metrics()
             if container.alerts is not None:
@@ -152,9 +158,12 @@ def create_app(container: Container) -> ASGIApp:
                                    f"entry {report.first_bad_seq}): {report.problems[0]}", "audit-log")
 
         monitor.on_failure.append(audit_failed)
-        changed_settings(container)  # a config-change audit record when the settings differ from the last start
+        # With several workers (PostgreSQL) the cluster singletons run in the worker holding their role.
+        if _leads(container, "config-audit"):
+            changed_settings(container)  # a config-change audit record when the settings differ from the last start
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
-        backups = BackupScheduler(container, detection, settings.backup) if settings.backup else None
+        backups = BackupScheduler(container, detection, settings.backup) \
+            if settings.backup and _leads(container, "backups") else None
         if backups is not None:
             backups.start()  # scheduled backups and continuous replication, when configured
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
