@@ -52,5 +52,5 @@ def test_open_store_selects_postgresql(tmp_path: Path, pg_url: str) -> None:
 def test_backup_settings_are_refused_with_postgresql(tmp_path: Path) -> None:
     (tmp_path / "fhirvault.toml").write_text('[backup.targets.local]\nurl = "file:///backups"\nlocation = "FR"\n')
     assert load_settings({"data_dir": tmp_path}, environ={}).backup is not None  # valid with SQLite
-    with pytest.raises(SettingsError, match="does not support database_url"):
+    with pytest.raises(SettingsError, match="not supported with database_url"):
         load_settings({"data_dir": tmp_path}, environ={"FHIRVAULT_DATABASE_URL": SECRET_URL})
