@@ -39,6 +39,8 @@ class Sample:
     t_s: float
     rss_mb: float
     fds: int
+    db_mb: float
+    load1: float
     requests: int
     errors: int
     shed: int
@@ -88,6 +90,17 @@ def rss_mb(pids: list[int]) -> float:
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
     return total_kb / 1024
+
+
+def dir_mb(path: Path) -> float:
+    """Bytes on disk of the data directory: the database grows (history, audit log), and SQLite's page cache
+    (bounded by its cache_size) grows with it, so RSS growth is read against this column."""
+    total = 0
+    for f in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if f.is_file():
+                total += f.stat().st_size
+    return total / 2**20
 
 
 def open_fds(pids: list[int]) -> int:
@@ -193,7 +206,7 @@ async def soak(args: argparse.Namespace, server: _server.Server) -> list[Sample]
     until = t0 + args.minutes * 60
     runner = asyncio.create_task(load.run(until))
     samples: list[Sample] = []
-    print(f"{'t(s)':>6} {'RSS MB':>8} {'fds':>5} {'reqs':>6} {'err':>4} {'shed':>5} "
+    print(f"{'t(s)':>6} {'RSS MB':>8} {'fds':>5} {'DB MB':>7} {'load1':>5} {'reqs':>6} {'err':>4} {'shed':>5} "
           f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}", flush=True)
     while not runner.done():
         with contextlib.suppress(asyncio.TimeoutError):
@@ -202,11 +215,12 @@ async def soak(args: argparse.Namespace, server: _server.Server) -> list[Sample]
         w = load.take_window()
         lat = sorted(w.latencies)
         pids = server.pids()
-        s = Sample(round(time.monotonic() - t0, 1), round(rss_mb(pids), 1), open_fds(pids), len(lat), w.errors,
+        s = Sample(round(time.monotonic() - t0, 1), round(rss_mb(pids), 1), open_fds(pids),
+                   round(dir_mb(server.data_dir), 1), os.getloadavg()[0], len(lat), w.errors,
                    w.shed, round(percentile(lat, 50), 2), round(percentile(lat, 95), 2),
                    round(percentile(lat, 99), 2), round(lat[-1] if lat else 0.0, 2))
         samples.append(s)
-        print(f"{s.t_s:>6.0f} {s.rss_mb:>8.1f} {s.fds:>5} {s.requests:>6} {s.errors:>4} {s.shed:>5} "
+        print(f"{s.t_s:>6.0f} {s.rss_mb:>8.1f} {s.fds:>5} {s.db_mb:>7.1f} {s.load1:>5.1f} {s.requests:>6} {s.errors:>4} {s.shed:>5} "
               f"{s.p50_ms:>7.2f} {s.p95_ms:>7.2f} {s.p99_ms:>7.2f} {s.max_ms:>7.1f}", flush=True)
         for e in w.error_samples:
             print(f"    error: {e}", flush=True)
@@ -215,8 +229,9 @@ async def soak(args: argparse.Namespace, server: _server.Server) -> list[Sample]
 
 
 def verdict(samples: list[Sample], args: argparse.Namespace) -> dict[str, Any]:
-    skip = max(1, int(len(samples) * args.warmup_fraction))
-    steady = samples[skip:] if len(samples) - skip >= 3 else samples
+    full = [s for s in samples if s.requests + s.shed >= args.rate * args.interval / 2]  # not the last stub
+    skip = max(1, int(len(full) * args.warmup_fraction))
+    steady = full[skip:] if len(full) - skip >= 3 else full
     ts = [s.t_s for s in steady]
     rss = slope_per_hour(ts, [s.rss_mb for s in steady])
     fds = slope_per_hour(ts, [float(s.fds) for s in steady])
@@ -226,6 +241,8 @@ def verdict(samples: list[Sample], args: argparse.Namespace) -> dict[str, Any]:
         "rss_mb_per_hour": round(rss, 2), "rss": "growing" if rss > args.rss_limit else "flat",
         "fds_per_hour": round(fds, 2), "fds": "growing" if fds > args.fd_limit else "flat",
         "p99_ms_per_hour": round(p99, 2), "p99": "growing" if p99 > args.p99_limit else "flat",
+        "db_mb_per_hour": round(slope_per_hour(ts, [s.db_mb for s in steady]), 2),
+        "load1_mean": round(sum(s.load1 for s in steady) / max(1, len(steady)), 2),
         "requests": sum(s.requests for s in samples), "errors": sum(s.errors for s in samples),
         "shed": sum(s.shed for s in samples),
     }
