@@ -120,8 +120,10 @@ def patient(rng: random.Random, n: int) -> dict[str, Any]:
 class Load:
     """An open-loop request schedule at ``rate`` per second, at most ``inflight`` outstanding (the rest is shed)."""
 
-    def __init__(self, server: _server.Server, rate: float, inflight: int, pool: int, seed: int) -> None:
+    def __init__(self, server: _server.Server, rate: float, inflight: int, pool: int, seed: int,
+                 churn: bool = True) -> None:
         self.server = server
+        self.churn = churn
         self.rate = rate
         self.inflight = inflight
         self.pool_max = pool
@@ -152,6 +154,8 @@ class Load:
         headers = {"Authorization": f"Bearer {self.token}"}
         start = time.perf_counter()
         try:
+            if not self.churn and len(self.pool) >= self.pool_max and (op < 0.2 or op >= 0.9):
+                op = 0.3  # no churn: once the pool is full, creates and deletes become reads
             if op < 0.2 or not self.pool:
                 if len(self.pool) >= self.pool_max:  # keep the live set bounded: delete instead
                     r = await c.delete(f"/Patient/{self.pool.pop(0)}", headers=headers)
@@ -201,7 +205,7 @@ class Load:
 
 
 async def soak(args: argparse.Namespace, server: _server.Server) -> list[Sample]:
-    load = Load(server, args.rate, args.inflight, args.pool, args.seed)
+    load = Load(server, args.rate, args.inflight, args.pool, args.seed, churn=args.churn)
     t0 = time.monotonic()
     until = t0 + args.minutes * 60
     runner = asyncio.create_task(load.run(until))
@@ -256,6 +260,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inflight", type=int, default=8, help="max outstanding requests; beyond, shed (default %(default)s)")
     p.add_argument("--pool", type=int, default=2000, help="max live Patients (default %(default)s)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-churn", dest="churn", action="store_false",
+                   help="once --pool Patients exist, no more creates or deletes (so no new per-patient keys: "
+                        "tells cache growth from a leak)")
     p.add_argument("--warmup-fraction", type=float, default=0.2,
                    help="share of the samples left out of the fit (caches filling up; default %(default)s)")
     p.add_argument("--rss-limit", type=float, default=20.0, help="MB/hour above which RSS is 'growing'")
