@@ -167,7 +167,10 @@ def openapi_document(capability: dict[str, Any], routes: Sequence[BaseRoute], *,
     return {
         "openapi": "3.0.3",
         "info": {"title": "fhirvault", "version": __version__,
-                 "description": "HL7 FHIR R4 REST API (see /fhir/metadata), OAuth2/SMART and operations endpoints."},
+                 "description": "HL7 FHIR R4 REST API (see /fhir/metadata), OAuth2/SMART and operations endpoints. "
+                                "Bearer tokens come from /oauth2/token; the OAuth2, login, discovery and "
+                                "health endpoints authenticate (or not) as their standards say, "
+                                "whatever the default security requirement below."},
         "servers": [{"url": server_url}],
         "paths": {**_route_paths(routes), **_fhir_paths(capability, fhir_prefix)},
         "components": {
