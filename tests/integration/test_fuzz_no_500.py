@@ -84,3 +84,42 @@ def test_hostile_search_strings_never_500(app: App, params: list[tuple[str, str,
     assert r.status_code in (200, 400), (query, r.text)
     r = app.client.get("/fhir/Patient", params=query, headers={**app.auth, "Prefer": "handling=strict"})
     assert r.status_code in (200, 400), (query, r.text)
+
+
+# Raw header bytes (Starlette decodes headers as latin-1, so any byte 0x80-0xff reaches the parsers as text).
+header_values = st.one_of(
+    st.binary(max_size=60),
+    st.tuples(st.sampled_from([b"Basic ", b"Bearer ", b"basic ", b"bearer ", b"DPoP ", b""]),
+              st.binary(max_size=60) | st.text(max_size=40).map(lambda t: t.encode())).map(b"".join),
+)
+token_forms = st.fixed_dictionaries(
+    {"grant_type": st.sampled_from(["client_credentials", "refresh_token", "authorization_code", "password", "",
+                                    "urn:ietf:params:oauth:grant-type:jwt-bearer"])},
+    optional={name: st.text(max_size=40) for name in (
+        "refresh_token", "scope", "client_id", "client_secret", "code", "code_verifier", "redirect_uri",
+        "client_assertion", "client_assertion_type", "token", "token_type_hint")},
+)
+
+
+@fuzz
+@given(header_values)
+def test_random_authorization_headers_never_500(app: App, authorization: bytes) -> None:
+    headers = {"Authorization": authorization, "Content-Type": "application/x-www-form-urlencoded"}
+    for path in ("/oauth2/token", "/oauth2/revoke", "/oauth2/introspect"):
+        r = app.client.post(path, content=b"grant_type=client_credentials&token=x", headers=headers)
+        assert r.status_code in (200, 400, 401, 429), (path, authorization, r.text)  # 429: failed-login throttle
+    for path in ("/fhir/Patient", "/metrics"):
+        r = app.client.get(path, headers={"Authorization": authorization})
+        assert r.status_code in (400, 401, 403), (path, authorization, r.text)
+
+
+@fuzz
+@given(token_forms, st.booleans())
+def test_random_token_requests_never_500(app: App, form: dict[str, str], with_admin_basic: bool) -> None:
+    """Every grant, refresh tokens included, with random fields, from the admin client or anonymous."""
+    auth = (app.creds["client_id"], app.creds["client_secret"]) if with_admin_basic else None
+    r = app.client.post("/oauth2/token", data=form, auth=auth)
+    assert r.status_code in (200, 400, 401, 429), (form, r.text)
+    if r.status_code != 200:
+        assert r.json()["error"] in ("invalid_request", "invalid_client", "invalid_grant", "invalid_scope",
+                                     "unauthorized_client", "unsupported_grant_type"), r.text

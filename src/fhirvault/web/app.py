@@ -33,6 +33,7 @@ from fhirvault.web.login import IdentityWeb
 from fhirvault.web.metrics_endpoint import MetricsEndpoint
 from fhirvault.web.middleware import RequestContextMiddleware
 from fhirvault.web.oauth import OAuthEndpoints
+from fhirvault.web.openapi import openapi_route
 
 log = logging.getLogger("fhirvault.app")
 FHIR_PREFIX = "/fhir"
@@ -184,6 +185,8 @@ def create_app(container: Container) -> ASGIApp:
             Route("/readyz", readyz, methods=["GET"]),
             *admin_web.routes(container),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
+            openapi_route("/openapi.json", lambda: other.routes, FHIR_PREFIX, lambda url: documents_for(url)[0],
+                          fhir.base_url),
         ],
         exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,

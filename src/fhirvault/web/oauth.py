@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -41,7 +40,7 @@ def _basic(header: str | None) -> tuple[str, str] | None:
         return None
     try:
         decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text (a latin-1 header byte)
         raise OAuthError("invalid_client", "malformed Basic authorization", 401) from None
     client_id, sep, secret = decoded.partition(":")
     if not sep:
