@@ -19,6 +19,8 @@ from tests import pg_server
 from tests.backup.conftest import MARKER, all_object_bytes, file_target, root_of, seed
 from tests.conftest import start_server
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 
 def _settings(data_dir: Path, url: str) -> Settings:
     return load_settings({"data_dir": data_dir, "database_url": url}, environ={})

@@ -18,6 +18,8 @@ from fhirvault.container import build
 from tests.conftest import Server, get_token, start_server
 from tests.integration.test_cli import fhirvault
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 CONFIG = """
 trusted_proxies = ["127.0.0.1/32"]
 

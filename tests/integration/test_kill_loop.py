@@ -9,8 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import start_server
 from tests.integration.test_crash_durability import _load
+
+pytestmark = pytest.mark.server  # starts real server processes
 
 KILLS = 5
 

@@ -14,6 +14,8 @@ from fhirvault.adapters.postgres_store import lock_key
 from tests import pg_server
 from tests.conftest import PATIENT, Server, start_server
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 
 

@@ -16,6 +16,8 @@ from schemathesis.checks import not_a_server_error
 
 from tests.conftest import Server, start_server
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 FUZZED = r"^/(?!fhir)|^/fhir(/(metadata|_history|\.well-known/smart-configuration))?$|^/fhir/(Patient|Observation|AuditEvent)(/|$)"
 
 

@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import PATIENT, free_port, start_server
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 
 def fhirvault(*args: str, env: dict[str, str] | None = None, python_args: tuple[str, ...] = ("-m", "fhirvault.cli.main"),
               timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -27,6 +27,8 @@ from tests.conftest import PATIENT, Server, start_server
 from tests.integration.authz_support import FHIR_JSON, care_team, mint, patient
 from tests.integration.identity_helpers import exchange, login, make_app, make_user
 
+pytestmark = pytest.mark.server  # starts real server processes
+
 N = 40  # requests per check: with two workers, both serve some of them
 
 
