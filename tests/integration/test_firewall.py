@@ -207,6 +207,7 @@ def test_auth_bucket_slows_password_guessing_per_source(make_env: Configure) -> 
         _bad_token_request(attacker)
     r = attacker.post("/oauth2/token", data={"grant_type": "client_credentials"}, auth=("fv-nobody", "wrong"))
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"] == "temporarily_unavailable"  # an OAuth error body, which OAuth clients parse
     assert attacker.get("/fhir/metadata").status_code == 200  # reads are not auth requests
     env.token(env.client("198.51.100.1"))  # the legitimate client elsewhere gets its token
 

@@ -26,8 +26,10 @@ def doc(app: App) -> dict[str, Any]:
 
 def _starlette_routes(app: App) -> list[Route]:
     """The routes of the running app, found by walking it (not from the OpenAPI module)."""
-    dispatcher = app.client.app.app  # type: ignore[attr-defined]  # RequestContextMiddleware -> _Dispatcher
-    return [r for r in dispatcher._other.routes if isinstance(r, Route)]
+    inner = app.client.app.app  # type: ignore[attr-defined]  # RequestContextMiddleware -> [Firewall ->] _Dispatcher
+    while not hasattr(inner, "_other"):  # through the middleware that wraps the dispatcher
+        inner = inner.app
+    return [r for r in inner._other.routes if isinstance(r, Route)]
 
 
 def test_document_is_valid_openapi_3(doc: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,9 +80,11 @@ def _load(args: argparse.Namespace) -> Settings:
 def _load_existing(args: argparse.Namespace) -> Settings:
     """Settings for a command that works on an existing data directory (all but init and serve)."""
     settings = _load(args)
-    if not settings.database_path.is_file():
+    # On PostgreSQL the data directory holds the keys; the database is checked when it is opened.
+    marker = settings.database_path if settings.database_url is None else settings.root_key_path
+    if not marker.is_file():
         raise SettingsError(f"data directory missing or not initialised: {settings.data_dir} (no "
-                            f"{settings.database_path.name}); check --data-dir, or run 'fhirvault init'")
+                            f"{marker.name}); check --data-dir, or run 'fhirvault init'")
     return settings
 
 
@@ -102,7 +103,9 @@ def _operator_error(exc: Exception) -> str | None:
 
     if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError):
         return str(exc)
-    if isinstance(exc, sqlite3.DatabaseError):
+    from fhirvault.adapters.database_errors import DATABASE_ERRORS
+
+    if isinstance(exc, DATABASE_ERRORS):
         return f"database error: {exc}"
     if isinstance(exc, OSError):
         return str(exc)

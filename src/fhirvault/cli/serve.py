@@ -17,6 +17,7 @@ package (the app is imported and built here, not first in the worker).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -214,7 +215,13 @@ def serve(settings: Settings) -> int:
 
     configure(settings.log_level)
     new_dir = not settings.data_dir.exists()
-    lock = lock_data_dir(settings.data_dir)
+    # One writer per SQLite database. On PostgreSQL the database serialises what must be, and several
+    # servers (or one per node) may share the key directory.
+    if settings.database_url is None:
+        lock: int | None = lock_data_dir(settings.data_dir)
+    else:
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = None
     try:
         check_port_free(settings.host, settings.port)
         _prepare(settings)
@@ -267,8 +274,11 @@ def serve(settings: Settings) -> int:
             raise ServeError("the server did not start (the worker's error is above)")
         return 0
     finally:
-        if not settings.database_path.exists():  # refused before initialising: leave the directory as it was
+        initialised = (settings.database_path if settings.database_url is None else settings.root_key_path).exists()
+        if not initialised:  # refused before initialising: leave the directory as it was
             (settings.data_dir / LOCK_FILE).unlink(missing_ok=True)
             if new_dir:
-                settings.data_dir.rmdir()
-        os.close(lock)
+                with contextlib.suppress(OSError):
+                    settings.data_dir.rmdir()
+        if lock is not None:
+            os.close(lock)

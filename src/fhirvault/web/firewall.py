@@ -22,6 +22,8 @@ import re
 import time
 from collections.abc import Callable, Iterable
 
+import orjson
+
 from fhirvault.config import Settings
 from fhirvault.domain import errors
 from fhirvault.domain.errors import OperationOutcomeError
@@ -32,7 +34,7 @@ from fhirvault.services.firewall_settings import FirewallSettings, Network
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.ratelimit import BucketLimit, RateLimiter
 from fhirvault.services.repository import Repository, RequestContext
-from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send, send_outcome
+from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send, send_outcome, send_response
 from fhirvault.web.context import request_id_of
 
 log = logging.getLogger("fhirvault.firewall")
@@ -254,6 +256,10 @@ class Firewall:
         try:
             await self._check(scope, path)
         except OperationOutcomeError as exc:
+            if path in _OAUTH_JSON:  # OAuth clients parse RFC 6749 error bodies, not OperationOutcomes
+                await send_response(send, exc.status, orjson.dumps(_oauth_error(exc)),
+                                    {"Content-Type": "application/json", "Cache-Control": "no-store", **exc.headers})
+                return
             await send_outcome(send, exc, scope["method"] == "HEAD")
             return
         await self.app(scope, receive, send)
@@ -374,3 +380,12 @@ class Firewall:
     def _refused(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.firewall_refused(reason)
+
+
+_OAUTH_JSON = frozenset({"/oauth2/token", "/oauth2/revoke", "/oauth2/introspect"})
+
+
+def _oauth_error(exc: OperationOutcomeError) -> dict[str, str]:
+    """The firewall's refusal as an OAuth 2.0 error (RFC 6749 section 5.2 shape)."""
+    code = {429: "temporarily_unavailable", 403: "access_denied"}.get(exc.status, "invalid_request")
+    return {"error": code, "error_description": "; ".join(i.diagnostics for i in exc.issues)}
