@@ -133,7 +133,16 @@ def start_server(data_dir: Path, log_path: Path, *extra: str, env: dict[str, str
     port = free_port()
     cmd = [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
-    full_env.update({f"FHIRVAULT_{k.upper()}": str(v) for k, v in engine_settings(data_dir).items()})
+    engine = engine_settings(data_dir)
+    if engine and not data_dir.exists():
+        # As an operator would: in the data directory's config file, so the CLI commands a test runs
+        # on this directory (user create, keys rotate, audit verify) reach the same database.
+        data_dir.mkdir(mode=0o700, parents=True)
+        config = data_dir / "fhirvault.toml"
+        config.write_text("".join(f'{k} = "{v}"\n' for k, v in engine.items()))
+        config.chmod(0o600)
+    else:
+        full_env.update({f"FHIRVAULT_{k.upper()}": str(v) for k, v in engine.items()})
     full_env.update(env or {})
     with log_path.open("ab") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=full_env, start_new_session=True)
