@@ -73,6 +73,7 @@ def test_login_flood_raises_brute_force_alert_and_throttles_only_the_attacker(se
     legit.close()
 
 
+@pytest.mark.sqlite_only  # tampers with the SQLite audit file
 @pytest.mark.server
 def test_tampered_audit_log_makes_server_not_ready_and_alerts(tmp_path: Path) -> None:
     import sqlite3

@@ -12,6 +12,8 @@ from fhirvault.backup.scheduler import BACKUP_FAILED, BackupScheduler
 from fhirvault.backup.settings import parse_backup_settings
 from tests.conftest import PATIENT, App, start_server
 
+pytestmark = pytest.mark.sqlite_only  # [backup] inside the server is SQLite-only for now
+
 
 def _backup_settings(url: str) -> object:
     return parse_backup_settings({"targets": {"local": {"url": url, "location": "FR"}}, "interval": "1h"},

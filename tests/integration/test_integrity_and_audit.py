@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+import pytest
+
 from tests.conftest import PATIENT, App, get_token, observation
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -15,6 +17,7 @@ def _create(app: App, resource: dict[str, object]) -> str:
     return str(r.json()["id"])
 
 
+@pytest.mark.sqlite_only  # edits the SQLite file
 def test_swapped_or_flipped_blobs_are_never_served(app: App) -> None:
     a = _create(app, PATIENT)
     b = _create(app, dict(PATIENT, gender="male"))

@@ -218,6 +218,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
                           env=env, timeout=120)
 
 
+@pytest.mark.sqlite_only  # its CLI init makes a SQLite data directory
 @pytest.mark.server
 def test_prometheus_scrapes_a_real_server(tmp_path: Path) -> None:
     data = tmp_path / "data"

@@ -46,6 +46,7 @@ def one_error_line(r: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
+@pytest.mark.sqlite_only  # SQLite files and the SQLite lock
 def test_second_server_on_the_same_data_directory_is_refused(tmp_path: Path) -> None:
     data = tmp_path / "data"
     first = start_server(data, tmp_path / "first.log")
@@ -150,6 +151,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(tmp_path: Path) -> None
     assert "fhirvault: error: the server did not start" in r.stderr
 
 
+@pytest.mark.sqlite_only  # SQLite files and the SQLite lock
 def test_data_files_are_owner_only_including_wal_files(tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = start_server(data, tmp_path / "log")
