@@ -35,7 +35,10 @@ from fhirvault.services.crypto import Aead, DecryptionError, associated_data, ne
 
 TENANT_COMPARTMENT = "tenant"
 AUDIT_COMPARTMENT = "audit"
-_CACHE_MAX = 200_000
+# Unwrapped data keys kept per map. Each costs about 2.6 KB (the AES-GCM context; measured), so
+# 20,000 patients' keys stay under ~55 MB per map; a miss is one key-row read and unwrap (~0.1 ms).
+# (200,000 made a soak grow by 112 MB/h toward ~600 MB on a small clinic's box.)
+_CACHE_MAX = 20_000
 
 
 class KeyError_(Exception):
