@@ -63,6 +63,8 @@ def test_move_a_clinic_from_sqlite_to_postgresql(tmp_path: Path) -> None:
         srv.stop()
     sqlite_files = sorted(data.glob("*.sqlite3"))
     untouched = _digest(sqlite_files)
+    r = fv("move", "--data-dir", str(data), "--to", "postgresql://u:s3cret@db:notaport/x")
+    assert r.returncode == 2 and "s3cret" not in r.stdout + r.stderr and "URL (from --to)" in r.stderr, r.stderr
 
     r = fv("move", "--data-dir", str(data), "--to", url)
     assert r.returncode == 0, r.stdout + r.stderr

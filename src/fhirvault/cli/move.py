@@ -70,8 +70,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise SettingsError(f"the settings come from {settings.config_path}: move writes database_url into "
                             f"{settings.data_dir / CONFIG_FILE_NAME}; run it without --config/FHIRVAULT_CONFIG")
     # What the next 'serve' will load: refuses a bad URL (without echoing it) or a [backup] section.
-    target = load_settings({"data_dir": settings.data_dir, "database_url": url},
-                           config_file=settings.config_path, environ={})
+    try:
+        target = load_settings({"data_dir": settings.data_dir, "database_url": url},
+                               config_file=settings.config_path, environ={})
+    except SettingsError as exc:
+        raise SettingsError(str(exc).replace("option --database-url", "--to")) from None
     lock = lock_data_dir(settings.data_dir)  # raises if a server is running; keeps one from starting
     try:
         try:
