@@ -19,10 +19,10 @@ from tests.conftest import PATIENT, get_token, observation, start_server
 pytestmark = [pytest.mark.server, pytest.mark.sqlite_only]  # starts servers; the source is a SQLite data dir
 
 
-def fv(*args: str) -> subprocess.CompletedProcess[str]:
+def fv(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
     return subprocess.run([sys.executable, "-m", "fhirvault.cli.main", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, input=stdin)
 
 
 def _digest(paths: list[Path]) -> dict[str, str]:
@@ -52,6 +52,7 @@ def test_move_a_clinic_from_sqlite_to_postgresql(tmp_path: Path) -> None:
         r = fv("user", "create", "--data-dir", str(data), "--username", "dr.who", "--role", "practitioner",
                "--fhir-user", "Practitioner/1", "--password-file", str(tmp_path / "pw"))
         assert r.returncode == 0, r.stderr
+        old_token = srv.token()
         r = fv("client", "create", "--data-dir", str(data), "--name", "lab", "--scope", "system/*.rs")
         assert r.returncode == 0, r.stderr
         lab = json.loads(r.stdout)
@@ -66,7 +67,7 @@ def test_move_a_clinic_from_sqlite_to_postgresql(tmp_path: Path) -> None:
     r = fv("move", "--data-dir", str(data), "--to", "postgresql://u:s3cret@db:notaport/x")
     assert r.returncode == 2 and "s3cret" not in r.stdout + r.stderr and "URL (from --to)" in r.stderr, r.stderr
 
-    r = fv("move", "--data-dir", str(data), "--to", url)
+    r = fv("move", "--data-dir", str(data), "--to", "-", stdin=url + "\n")  # out of ps
     assert r.returncode == 0, r.stdout + r.stderr
     assert "every table matches" in r.stdout and url not in r.stdout + r.stderr
     assert "127.0.0.1" not in r.stdout + r.stderr  # nothing of the URL is echoed
@@ -93,6 +94,8 @@ def test_move_a_clinic_from_sqlite_to_postgresql(tmp_path: Path) -> None:
             lab_token = get_token(h, lab)
         with again.client(lab_token) as c:
             assert c.get(f"/Patient/{ids[0]}").status_code == 200
+        with again.client(old_token) as c:  # a token issued before the move, by the SQLite server
+            assert c.get(f"/Patient/{ids[1]}").status_code == 200
     finally:
         again.stop()
     assert _digest(sqlite_files) == untouched  # the new write went to PostgreSQL

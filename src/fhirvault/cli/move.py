@@ -29,8 +29,9 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
     p = sub.add_parser("move", help="move a stopped clinic's SQLite data into a new, empty PostgreSQL database")
     settings_options(p)
     p.add_argument("--to", required=True, metavar="URL",
-                   help="postgresql://user@host:port/database of a new, empty database (password from"
-                        " ~/.pgpass or PGPASSWORD rather than the URL; it is written to DIR/fhirvault.toml)")
+                   help="postgresql://user@host:port/database of a new, empty database, or '-' to read it from"
+                        " stdin (keeps it out of 'ps'); it is written to DIR/fhirvault.toml, so prefer a"
+                        " password in ~/.pgpass or PGPASSWORD to one in the URL")
 
 
 def _toml_string(value: str) -> str:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     if settings.database_url is not None:
         raise SettingsError(f"{settings.data_dir} is already on PostgreSQL (database_url is set): nothing to move")
-    url: str = args.to
+    url: str = sys.stdin.readline().strip() if args.to == "-" else args.to
     own_config = settings.config_path is None or settings.config_path == settings.data_dir / CONFIG_FILE_NAME
     if not own_config:
         raise SettingsError(f"the settings come from {settings.config_path}: move writes database_url into "
