@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_cli.register(sub, _settings_options)
     backup_cli.register(sub, _settings_options)
+    from fhirvault.cli import move as move_cli
+
+    move_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     return parser
@@ -151,6 +154,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fhirvault.cli import audit as audit_cli
 
         return audit_cli.run(args, settings)
+    if args.command == "move":
+        from fhirvault.cli import move as move_cli
+
+        return move_cli.run(args, settings)
     return _fail("unknown command")
 
 
