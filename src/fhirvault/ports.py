@@ -372,7 +372,11 @@ class ChangeFeed(Protocol):
         ...
 
 
-class SchemaTooNew(Exception):
+class SchemaError(Exception):
+    """The database schema cannot be brought to this release's version (one line for the operator)."""
+
+
+class SchemaTooNew(SchemaError):
     """The database was migrated by a newer fhirvault than this one: opening it could corrupt it."""
 
     def __init__(self, found: int, known: int) -> None:

@@ -70,6 +70,7 @@ from fhirvault.ports import (
     LoginSessionRow,
     Migration,
     RefreshTokenRow,
+    SchemaError,
     SchemaTooNew,
     SearchQuery,
     StoredVersion,
@@ -905,7 +906,13 @@ def migrate(url: str) -> list[Migration]:
         try:
             for migration, ddl in MIGRATIONS[_check_version(c):]:
                 with c.transaction():
-                    c.execute(ddl.encode())
+                    try:
+                        c.execute(ddl.encode())
+                    except pg_errors.InsufficientPrivilege as exc:  # the application role, no DDL rights
+                        raise SchemaError(
+                            f"database schema needs migration {migration.version} ({migration.description}) and "
+                            "this role may not change the schema: run 'fhirvault migrate' with the owner role's "
+                            "database_url first") from exc
                     c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s)"
                               " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                               (str(migration.version).encode(),))

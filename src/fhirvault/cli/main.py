@@ -102,9 +102,9 @@ def _operator_error(exc: Exception) -> str | None:
     from fhirvault.adapters.memory_keys import RootKeyError
     from fhirvault.bootstrap import InitError
     from fhirvault.cli.serve import ServeError
-    from fhirvault.ports import SchemaTooNew
+    from fhirvault.ports import SchemaError
 
-    if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError | SchemaTooNew):
+    if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError | SchemaError):
         return str(exc)
     from fhirvault.adapters.database_errors import DATABASE_ERRORS
 

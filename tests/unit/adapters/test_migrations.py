@@ -10,11 +10,12 @@ import psycopg
 import pytest
 
 from fhirvault.adapters import sqlite_migrations
+from fhirvault.adapters.postgres_schema import APP_ROLE
 from fhirvault.adapters.postgres_schema import SCHEMA_VERSION as PG_LATEST
 from fhirvault.adapters.postgres_store import PostgresMigrator, PostgresStore
 from fhirvault.adapters.sqlite_store import SqliteMigrator, SqliteStore
 from fhirvault.cli.main import main
-from fhirvault.ports import SchemaTooNew
+from fhirvault.ports import SchemaError, SchemaTooNew
 from tests import pg_server
 
 DATA = Path(__file__).parents[2] / "data"
@@ -196,3 +197,34 @@ def test_newer_postgresql_database_is_refused() -> None:
         PostgresStore(url, read_pool_size=1)
     with pytest.raises(SchemaTooNew):
         PostgresMigrator(url).pending()
+
+
+def test_the_application_role_is_told_to_run_migrate_as_the_owner() -> None:
+    srv = pg_server.server()
+    url = srv.create_database()
+    srv.admin(f"DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname='fv_web') THEN"
+              f" CREATE ROLE fv_web LOGIN IN ROLE {APP_ROLE}; END IF; END $$")
+    with psycopg.connect(url, autocommit=True) as c:  # as the previous release left it: version 2, no coherence
+        c.execute("DROP TABLE coherence_log, coherence_head")
+        c.execute("UPDATE meta SET value='2'::bytea WHERE name='schema_version'")
+    with pytest.raises(SchemaError, match=r"needs migration 3 \(coherence_head.*run 'fhirvault migrate' with the "
+                                          r"owner role's database_url"):
+        PostgresStore(url.replace("postgres@", "fv_web@"), read_pool_size=1)
+    assert PostgresMigrator(url).current() == 2  # nothing half-done
+    assert [m.version for m in PostgresMigrator(url).apply()] == [3]  # the owner can
+    PostgresStore(url.replace("postgres@", "fv_web@"), read_pool_size=1).close()  # and the app role then starts
+
+
+def test_fhirvault_migrate_on_a_postgresql_data_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = pg_server.server().create_database(empty=True)
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute((DATA / "postgres_v1.sql").read_text().encode())
+    (tmp_path / "fhirvault.toml").write_text(f'database_url = "{url}"\n')
+    (tmp_path / "root.key").write_bytes(b"")  # marks an initialised PostgreSQL data directory; not read here
+    assert main(["migrate", "--check", "--data-dir", str(tmp_path)]) == 1
+    assert "pending: 3 coherence_head" in capsys.readouterr().out
+    assert main(["migrate", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "applied: 2 clients.allowed_sources" in out and f"from version 1 to {PG_LATEST}" in out
+    assert main(["migrate", "--check", "--data-dir", str(tmp_path)]) == 0
+    assert url.rsplit("@", 1)[0] not in capsys.readouterr().out  # the URL (credentials) is not printed
