@@ -904,7 +904,10 @@ def migrate(url: str) -> list[Migration]:
     with psycopg.connect(url, autocommit=True, application_name="fhirvault-migrate") as c:
         c.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
-            for migration, ddl in MIGRATIONS[_check_version(c):]:
+            version = _check_version(c)
+            for migration, ddl in MIGRATIONS[version:]:
+                if migration.version == 2:  # version 1 databases may predate some of its tables: all IF NOT EXISTS
+                    ddl = MIGRATIONS[0][1] + ddl
                 with c.transaction():
                     try:
                         c.execute(ddl.encode())

@@ -93,6 +93,10 @@ def apply(conn: sqlite3.Connection) -> list[Migration]:
                 conn.execute("COMMIT")
                 return done
             step = STEPS[version]
+            if version == 1:
+                # Builds before numbered migrations recorded version 1 and created missing tables at each start,
+                # so version 1 does not prove all of step 1's tables exist: re-run it (all IF NOT EXISTS).
+                STEPS[0].run(conn)
             step.run(conn)
             conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', ?)"
                          " ON CONFLICT (name) DO UPDATE SET value=excluded.value",
