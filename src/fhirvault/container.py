@@ -13,13 +13,13 @@ import orjson
 from fhirvault.adapters.alert_sinks import build_sinks
 from fhirvault.adapters.keyfile import KeyFileProvider
 from fhirvault.adapters.sqlite_alerts import SqliteAlertStore
-from fhirvault.adapters.sqlite_store import SqliteStore
+from fhirvault.adapters.sqlite_store import SqliteMigrator, SqliteStore
 from fhirvault.adapters.witness import open_witness
 from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import ChangeFeed, Clock, Leadership, ResourceStore
+from fhirvault.ports import ChangeFeed, Clock, Leadership, ResourceStore, SchemaMigrator
 from fhirvault.services.alert_settings import AlertSettings
 from fhirvault.services.alerts import AlertService
 from fhirvault.services.audit import AuditTrail
@@ -126,6 +126,15 @@ def open_store(settings: Settings) -> ResourceStore:
 
         return PostgresStore(settings.database_url)
     return SqliteStore(settings.database_path, settings.audit_database_path)
+
+
+def schema_migrator(settings: Settings) -> SchemaMigrator:
+    """The numbered schema migrations of the configured engine (opening a store also applies them)."""
+    if settings.database_url is not None:
+        from fhirvault.adapters.postgres_store import PostgresMigrator
+
+        return PostgresMigrator(settings.database_url)
+    return SqliteMigrator(settings.database_path, settings.audit_database_path)
 
 
 def leadership_for(store: ResourceStore) -> Leadership:

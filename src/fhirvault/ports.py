@@ -372,6 +372,52 @@ class ChangeFeed(Protocol):
         ...
 
 
+class SchemaError(Exception):
+    """The database schema cannot be brought to this release's version (one line for the operator)."""
+
+
+class SchemaTooNew(SchemaError):
+    """The database was migrated by a newer fhirvault than this one: opening it could corrupt it."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(f"database schema version {found} is newer than this fhirvault ({known}): upgrade fhirvault")
+        self.found = found
+        self.known = known
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One numbered schema step; version N takes the database from N-1 to N."""
+
+    version: int
+    description: str
+
+
+class SchemaMigrator(Protocol):
+    """Versioned schema migrations of a store's database (``fhirvault migrate``).
+
+    Each step runs in its own transaction with the update of the recorded version, and is
+    idempotent (a database that already has a step's change is marked, not altered).
+    """
+
+    @property
+    def latest(self) -> int:
+        """The schema version this code creates and reads."""
+        ...
+
+    def current(self) -> int:
+        """The version recorded in the database (0: empty database)."""
+        ...
+
+    def pending(self) -> list[Migration]:
+        """The steps ``apply`` would run; raises SchemaTooNew for a database newer than the code."""
+        ...
+
+    def apply(self) -> list[Migration]:
+        """Run the pending steps in order and return them; raises SchemaTooNew like ``pending``."""
+        ...
+
+
 class Leadership(Protocol):
     """Cluster singletons (the audit checkpointer…): one process of the cluster does the work."""
 

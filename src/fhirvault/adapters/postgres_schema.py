@@ -1,4 +1,4 @@
-"""PostgreSQL schema (version 1): the SQLite tables with bytea blobs and BIGINT ms timestamps.
+"""PostgreSQL schema: the SQLite tables with bytea blobs and BIGINT ms timestamps.
 
 The audit log lives in its own schema, ``audit``, of the same database, so an
 interaction and its record commit in one transaction. ``audit.audit_head`` is
@@ -12,7 +12,8 @@ may insert into the audit tables but not update, delete or truncate them. The
 server should connect as a login role that is a member of it (docs/postgresql.md).
 """
 
-SCHEMA_VERSION = 1
+from fhirvault.ports import Migration
+
 APP_ROLE = "fhirvault_app"
 
 SCHEMA = """
@@ -80,10 +81,8 @@ CREATE TABLE IF NOT EXISTS clients (
     scopes      TEXT NOT NULL,
     jwks        TEXT,
     created_ms  BIGINT NOT NULL,
-    disabled    BOOLEAN NOT NULL DEFAULT false,
-    allowed_sources TEXT  -- space-separated CIDRs; NULL: anywhere
+    disabled    BOOLEAN NOT NULL DEFAULT false
 );
-ALTER TABLE clients ADD COLUMN IF NOT EXISTS allowed_sources TEXT;
 CREATE TABLE IF NOT EXISTS seen_jti (
     jti        TEXT PRIMARY KEY,
     expires_ms BIGINT NOT NULL
@@ -263,6 +262,18 @@ CREATE TABLE IF NOT EXISTS coherence_log (
 );
 CREATE INDEX IF NOT EXISTS coherence_log_seq ON coherence_log (seq);
 """
+
+# Numbered migrations (``meta.schema_version`` records the last applied): version 1 is what the first
+# PostgreSQL release created, each later change is its own step. Every step is idempotent (IF NOT
+# EXISTS), because databases made by unreleased builds may have a change without its version.
+MIGRATIONS: tuple[tuple[Migration, str], ...] = (
+    (Migration(1, "initial schema"), SCHEMA + AUDIT_SCHEMA + IDENTITY_SCHEMA + BREAK_GLASS_SCHEMA),
+    (Migration(2, "clients.allowed_sources: CIDRs a client may call from"),
+     "ALTER TABLE clients ADD COLUMN IF NOT EXISTS allowed_sources TEXT;  -- space-separated; NULL: anywhere"),
+    (Migration(3, "coherence_head, coherence_log: cache coherence between processes"), COHERENCE_SCHEMA),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0].version
+assert [m.version for m, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "steps must be numbered 1..N"
 
 # What the application role may do: everything on the main tables, append-only on the audit log.
 # (Run by the owner, only when it may create roles or the role already exists.)

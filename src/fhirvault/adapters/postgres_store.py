@@ -36,11 +36,7 @@ from psycopg_pool import ConnectionPool
 from fhirvault.adapters.postgres_schema import (
     APP_GRANTS,
     APP_ROLE,
-    AUDIT_SCHEMA,
-    BREAK_GLASS_SCHEMA,
-    COHERENCE_SCHEMA,
-    IDENTITY_SCHEMA,
-    SCHEMA,
+    MIGRATIONS,
     SCHEMA_VERSION,
 )
 
@@ -72,7 +68,10 @@ from fhirvault.ports import (
     ClientRow,
     HistoryQuery,
     LoginSessionRow,
+    Migration,
     RefreshTokenRow,
+    SchemaError,
+    SchemaTooNew,
     SearchQuery,
     StoredVersion,
     TenantKeyRow,
@@ -894,47 +893,77 @@ class PostgresStore:
 
 
 # -- schema -------------------------------------------------------------------------
-def migrate(url: str) -> None:
-    """Create the tables if missing (the owner role's job) and check the schema version.
+def migrate(url: str) -> list[Migration]:
+    """Apply the pending numbered migrations (the owner role's job) and return them.
 
     A database already at this version is left alone, so the application role, which may
-    not create anything, can start on it. Migrations take a session advisory lock: several
-    processes starting at once do not race on the DDL.
+    not create anything, can start on it. Each step commits with its version update; a session
+    advisory lock keeps several processes starting at once from racing on the DDL.
     """
+    done: list[Migration] = []
     with psycopg.connect(url, autocommit=True, application_name="fhirvault-migrate") as c:
         c.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
         try:
-            version = _schema_version(c)
-            if version is None:
+            version = _check_version(c)
+            for migration, ddl in MIGRATIONS[version:]:
+                if migration.version == 2:  # version 1 databases may predate some of its tables: all IF NOT EXISTS
+                    ddl = MIGRATIONS[0][1] + ddl
                 with c.transaction():
-                    for ddl in (SCHEMA, AUDIT_SCHEMA, IDENTITY_SCHEMA, BREAK_GLASS_SCHEMA, COHERENCE_SCHEMA):
+                    try:
                         c.execute(ddl.encode())
-                    c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s) ON CONFLICT DO NOTHING",
-                              (str(SCHEMA_VERSION).encode(),))
-            elif version != SCHEMA_VERSION:
-                raise RuntimeError(f"database schema version {version} is not supported by this release")
-            else:
-                _add_coherence_tables(c)
+                    except pg_errors.InsufficientPrivilege as exc:  # the application role, no DDL rights
+                        raise SchemaError(
+                            f"database schema needs migration {migration.version} ({migration.description}) and "
+                            "this role may not change the schema: run 'fhirvault migrate' with the owner role's "
+                            "database_url first") from exc
+                    c.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s)"
+                              " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                              (str(migration.version).encode(),))
+                log.info("applied schema migration %d: %s", migration.version, migration.description)
+                done.append(migration)
             _grant_app_role(c)
         finally:
             c.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return done
 
 
-def _add_coherence_tables(c: psycopg.Connection[Any]) -> None:
-    """Databases created before the coherence log (same schema version, unreleased builds) get it."""
-    row = c.execute("SELECT to_regclass('public.coherence_head') IS NULL").fetchone()
-    if row and row[0]:
-        with c.transaction():
-            c.execute(COHERENCE_SCHEMA.encode())
+def pending_migrations(url: str) -> list[Migration]:
+    with psycopg.connect(url, autocommit=True, application_name="fhirvault-migrate") as c:
+        return [m for m, _ in MIGRATIONS[_check_version(c):]]
 
 
-def _schema_version(c: psycopg.Connection[Any]) -> int | None:
-    row = c.execute("SELECT to_regclass('public.meta') IS NOT NULL AND to_regclass('audit.audit_head') IS NOT NULL"
-                    ).fetchone()
-    if not row or not row[0]:
-        return None
+def _check_version(c: psycopg.Connection[Any]) -> int:
+    version = schema_version(c)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(version, SCHEMA_VERSION)
+    return version
+
+
+def schema_version(c: psycopg.Connection[Any]) -> int:
+    """The recorded version; 0 for an empty database."""
+    if not c.execute("SELECT to_regclass('public.meta') IS NOT NULL").fetchone()[0]:  # type: ignore[index]
+        return 0
     found = c.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-    return int(bytes(found[0])) if found else None
+    return int(bytes(found[0])) if found else 0
+
+
+class PostgresMigrator:
+    """SchemaMigrator for a PostgreSQL database, without starting a store (``fhirvault migrate``)."""
+
+    latest = SCHEMA_VERSION
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+
+    def current(self) -> int:
+        with psycopg.connect(self._url, autocommit=True, application_name="fhirvault-migrate") as c:
+            return schema_version(c)
+
+    def pending(self) -> list[Migration]:
+        return pending_migrations(self._url)
+
+    def apply(self) -> list[Migration]:
+        return migrate(self._url)
 
 
 def _grant_app_role(c: psycopg.Connection[Any]) -> None:

@@ -1,6 +1,8 @@
-"""SQLite schema (version 1). Only routing data is in clear; every payload is an AEAD blob."""
+"""SQLite schema. Only routing data is in clear; every payload is an AEAD blob.
 
-SCHEMA_VERSION = 1
+The scripts below are version 1, what the first release created (all IF NOT EXISTS); later
+changes are numbered steps in MIGRATIONS (adapters/sqlite_migrations.py runs them).
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -80,8 +82,7 @@ CREATE TABLE IF NOT EXISTS clients (
     scopes      TEXT NOT NULL,
     jwks        TEXT,
     created_ms  INTEGER NOT NULL,
-    disabled    INTEGER NOT NULL DEFAULT 0,
-    allowed_sources TEXT  -- CIDRs the client may call from (NULL: anywhere)
+    disabled    INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 
 -- client_assertion ids seen, kept until they expire (replay protection).
@@ -225,12 +226,6 @@ CREATE TABLE IF NOT EXISTS revoked_jtis (
     expires_ms INTEGER NOT NULL
 );
 """
-
-# Columns added after a table's first release: (table, column, definition). Data directories created
-# before them gain them at start-up (ALTER TABLE ... ADD COLUMN; CREATE IF NOT EXISTS would skip them).
-ADDED_COLUMNS = (
-    ("clients", "allowed_sources", "TEXT"),
-)
 
 # -- access control: break-the-glass grants and their review (see services/break_glass.py) --
 BREAK_GLASS_SCHEMA = """

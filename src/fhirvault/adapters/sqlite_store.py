@@ -28,15 +28,8 @@ from typing import Any, TypeVar
 
 import orjson
 
+from fhirvault.adapters import sqlite_migrations
 from fhirvault.adapters.files import create_private
-from fhirvault.adapters.sqlite_schema import (
-    ADDED_COLUMNS,
-    AUDIT_SCHEMA,
-    BREAK_GLASS_SCHEMA,
-    IDENTITY_SCHEMA,
-    SCHEMA,
-    SCHEMA_VERSION,
-)
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
     AppRow,
@@ -48,6 +41,7 @@ from fhirvault.ports import (
     ClientRow,
     HistoryQuery,
     LoginSessionRow,
+    Migration,
     RefreshTokenRow,
     SearchQuery,
     StoredVersion,
@@ -681,6 +675,32 @@ def _settle(outcomes: list[tuple[Any, bool, Any, list[Callable[[], None]]]]) -> 
             log.exception("could not deliver a write outcome")
 
 
+class SqliteMigrator:
+    """SchemaMigrator for a SQLite data directory, without starting a store (``fhirvault migrate``)."""
+
+    latest = sqlite_migrations.LATEST
+
+    def __init__(self, path: Path, audit_path: Path | None = None) -> None:
+        self.path = path
+        self.audit_path = audit_path or path.with_name("audit.sqlite3")
+
+    def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = _connect(self.path, self.audit_path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+    def current(self) -> int:
+        return self._run(sqlite_migrations.current_version)
+
+    def pending(self) -> list[Migration]:
+        return self._run(sqlite_migrations.pending)
+
+    def apply(self) -> list[Migration]:
+        return self._run(sqlite_migrations.apply)
+
+
 class SqliteStore:
     """The embedded default store: one SQLite file in WAL mode."""
 
@@ -702,22 +722,8 @@ class SqliteStore:
 
     # -- schema -------------------------------------------------------------
     def _migrate(self) -> None:
-        conn = self._writer_conn
-        conn.executescript(SCHEMA)  # idempotent: every statement is IF NOT EXISTS
-        conn.executescript(AUDIT_SCHEMA)
-        conn.executescript(BREAK_GLASS_SCHEMA)  # break-the-glass grants (IF NOT EXISTS: old data dirs gain it)
-        conn.executescript(IDENTITY_SCHEMA)  # identity tables (CREATE IF NOT EXISTS: old data dirs gain them)
-        for table, column, definition in ADDED_COLUMNS:
-            if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
-                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-        conn.execute("BEGIN IMMEDIATE")
-        row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
-        if row is None:
-            conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION).encode(),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            conn.execute("ROLLBACK")
-            raise RuntimeError(f"database schema version {int(row[0])} is not supported by this release")
-        conn.execute("COMMIT")
+        """Bring the schema to the latest version (logged per step); refuse a newer database."""
+        sqlite_migrations.apply(self._writer_conn)
 
     # -- writes -------------------------------------------------------------
     def _run_writer(self) -> None:

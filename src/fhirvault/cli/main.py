@@ -1,4 +1,4 @@
-"""The ``fhirvault`` command: init, serve, client create, keys rotate."""
+"""The ``fhirvault`` command: init, serve, migrate, client create, keys rotate."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 from fhirvault import __version__
 from fhirvault.cli import backup as backup_cli
 from fhirvault.cli import clients as clients_cli
+from fhirvault.cli import migrate as migrate_cli
 from fhirvault.cli import users as users_cli
 from fhirvault.config import Settings, SettingsError, load_settings
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fhirvault.cli import move as move_cli
 
     move_cli.register(sub, _settings_options)
+    migrate_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     return parser
@@ -103,8 +105,9 @@ def _operator_error(exc: Exception) -> str | None:
     from fhirvault.adapters.memory_keys import RootKeyError
     from fhirvault.bootstrap import InitError
     from fhirvault.cli.serve import ServeError
+    from fhirvault.ports import SchemaError
 
-    if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError):
+    if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError | SchemaError):
         return str(exc)
     from fhirvault.adapters.database_errors import DATABASE_ERRORS
 
@@ -148,6 +151,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return clients_cli.run(args, settings)
     if args.command == "client":
         return _client_create(settings, args)
+    if args.command == "migrate":
+        return migrate_cli.run(args, settings)
     if args.command == "keys":
         return _rotate(settings, args.level)
     if args.command == "audit":

@@ -164,8 +164,9 @@ def test_a_data_dir_from_before_client_allow_lists_gains_the_column(tmp_path: Pa
     path = tmp_path / "db.sqlite3"
     store = SqliteStore(path)
     store.close()
-    conn = sqlite3.connect(path)  # the clients table as the first release made it
-    conn.executescript("DROP TABLE clients; CREATE TABLE clients (client_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+    conn = sqlite3.connect(path)  # the clients table as the first release made it, at its schema version (1)
+    conn.executescript("UPDATE meta SET value=CAST('1' AS BLOB) WHERE name='schema_version';"
+                       "DROP TABLE clients; CREATE TABLE clients (client_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
                        " name TEXT NOT NULL, secret_hash TEXT, scopes TEXT NOT NULL, jwks TEXT,"
                        " created_ms INTEGER NOT NULL, disabled INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;"
                        "INSERT INTO clients VALUES ('old', 'default', 'old', NULL, 'system/*.rs', NULL, 1, 0);")

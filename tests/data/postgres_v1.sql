@@ -1,0 +1,225 @@
+-- PostgreSQL schema version 1, vendored from git show 3386e04:src/fhirvault/adapters/postgres_schema.py
+-- (test data: a database as the previous release created it; never edit, add a new file for a new release)
+
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tenant_keys (
+    tenant      TEXT NOT NULL,
+    version     BIGINT NOT NULL,
+    wrapped     BYTEA NOT NULL,
+    root_key_id TEXT NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    PRIMARY KEY (tenant, version)
+);
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id      TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    lookup      BYTEA NOT NULL,
+    wrapped     BYTEA NOT NULL,
+    kek_version BIGINT NOT NULL,
+    compartment BYTEA NOT NULL,
+    created_ms  BIGINT NOT NULL,
+    UNIQUE (tenant, lookup)
+);
+CREATE TABLE IF NOT EXISTS resource_versions (
+    seq          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    version      BIGINT NOT NULL,
+    last_updated BIGINT NOT NULL,
+    deleted      BOOLEAN NOT NULL,
+    key_id       TEXT NOT NULL,
+    blob         BYTEA NOT NULL,
+    UNIQUE (tenant, type, id, version)
+);
+CREATE INDEX IF NOT EXISTS resource_versions_type_seq ON resource_versions (tenant, type, seq);
+CREATE INDEX IF NOT EXISTS resource_versions_tenant_seq ON resource_versions (tenant, seq);
+CREATE INDEX IF NOT EXISTS resource_versions_updated ON resource_versions (tenant, last_updated);
+-- rk: assigned at creation, orders search results stably (updates do not move a resource).
+CREATE TABLE IF NOT EXISTS resources_current (
+    rk      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant  TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    seq     BIGINT NOT NULL,
+    deleted BOOLEAN NOT NULL DEFAULT false,
+    tags    BYTEA NOT NULL DEFAULT '\x',  -- this resource's search tags, to remove them on change
+    UNIQUE (tenant, type, id)
+);
+CREATE INDEX IF NOT EXISTS resources_current_type ON resources_current (tenant, type, rk) WHERE NOT deleted;
+-- Blind search index, written in the resource's own transaction. (tag, rk) serves the driving
+-- criterion (all rks of a tag, in order) and the per-candidate checks of the others.
+CREATE TABLE IF NOT EXISTS search_tags (
+    tag BYTEA NOT NULL,
+    rk  BIGINT NOT NULL,
+    PRIMARY KEY (tag, rk)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    secret_hash TEXT,
+    scopes      TEXT NOT NULL,
+    jwks        TEXT,
+    created_ms  BIGINT NOT NULL,
+    disabled    BOOLEAN NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS seen_jti (
+    jti        TEXT PRIMARY KEY,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_jti_expires ON seen_jti (expires_ms);
+
+CREATE SCHEMA IF NOT EXISTS audit;
+CREATE TABLE IF NOT EXISTS audit.audit_head (
+    one  BOOLEAN PRIMARY KEY DEFAULT true CHECK (one),
+    size BIGINT NOT NULL            -- entries appended so far: the next seq is size + 1
+);
+INSERT INTO audit.audit_head (one, size) VALUES (true, 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS audit.audit_log (
+    seq    BIGINT PRIMARY KEY,      -- leaf index + 1
+    tenant TEXT NOT NULL,
+    ts_ms  BIGINT NOT NULL,
+    tags   BYTEA NOT NULL,
+    blob   BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_log_tenant ON audit.audit_log (tenant, seq);
+CREATE TABLE IF NOT EXISTS audit.audit_index (
+    tag BYTEA NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (tag, seq)
+);
+CREATE TABLE IF NOT EXISTS audit.audit_nodes (
+    level BIGINT NOT NULL,
+    idx   BIGINT NOT NULL,
+    hash  BYTEA NOT NULL,
+    PRIMARY KEY (level, idx)
+);
+CREATE TABLE IF NOT EXISTS audit.audit_checkpoints (
+    size       BIGINT PRIMARY KEY,
+    ts_ms      BIGINT NOT NULL,
+    root       BYTEA NOT NULL,
+    key_id     TEXT NOT NULL,
+    signature  BYTEA NOT NULL,
+    witnessed  BOOLEAN NOT NULL DEFAULT false,
+    proof_from BIGINT NOT NULL DEFAULT 0,
+    proof      BYTEA NOT NULL DEFAULT '\x'
+);
+-- Stops accidents by any role, the owner included; tampering is caught by `fhirvault audit verify`.
+CREATE OR REPLACE FUNCTION audit.append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$;
+DO $$
+DECLARE t TEXT;
+BEGIN
+  FOREACH t IN ARRAY ARRAY['audit_log', 'audit_index', 'audit_checkpoints'] LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = t || '_append_only') THEN
+      EXECUTE format('CREATE TRIGGER %I BEFORE UPDATE OR DELETE ON audit.%I'
+                     ' FOR EACH ROW EXECUTE FUNCTION audit.append_only()', t || '_append_only', t);
+      EXECUTE format('CREATE TRIGGER %I BEFORE TRUNCATE ON audit.%I'
+                     ' FOR EACH STATEMENT EXECUTE FUNCTION audit.append_only()', t || '_no_truncate', t);
+    END IF;
+  END LOOP;
+END $$;
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id         TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    username        TEXT NOT NULL,
+    password_hash   TEXT,
+    role            TEXT NOT NULL,
+    fhir_user       TEXT,
+    organization    TEXT,
+    clearances      TEXT NOT NULL DEFAULT '',
+    totp            BYTEA,
+    totp_last_step  BIGINT NOT NULL DEFAULT 0,
+    disabled        BOOLEAN NOT NULL DEFAULT false,
+    failures        BIGINT NOT NULL DEFAULT 0,
+    locked_until_ms BIGINT NOT NULL DEFAULT 0,
+    created_ms      BIGINT NOT NULL,
+    UNIQUE (tenant, username)
+);
+CREATE TABLE IF NOT EXISTS federated_links (
+    provider TEXT NOT NULL,
+    issuer   TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    PRIMARY KEY (provider, issuer, subject)
+);
+CREATE TABLE IF NOT EXISTS oauth_apps (
+    client_id     TEXT PRIMARY KEY,
+    redirect_uris TEXT NOT NULL,
+    public        BOOLEAN NOT NULL
+);
+CREATE TABLE IF NOT EXISTS login_sessions (
+    session_id   TEXT PRIMARY KEY,
+    user_id      TEXT NOT NULL,
+    created_ms   BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    amr          TEXT NOT NULL,
+    ended_ms     BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS login_sessions_user ON login_sessions (user_id) WHERE ended_ms = 0;
+CREATE TABLE IF NOT EXISTS auth_codes (
+    code_hash      BYTEA PRIMARY KEY,
+    family_id      TEXT NOT NULL,
+    client_id      TEXT NOT NULL,
+    user_id        TEXT NOT NULL,
+    session_id     TEXT NOT NULL,
+    redirect_uri   TEXT NOT NULL,
+    scope          TEXT NOT NULL,
+    code_challenge TEXT NOT NULL,
+    nonce          TEXT,
+    patient        TEXT,
+    auth_time_ms   BIGINT NOT NULL,
+    expires_ms     BIGINT NOT NULL,
+    used           BOOLEAN NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash   BYTEA PRIMARY KEY,
+    family_id    TEXT NOT NULL,
+    client_id    TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    patient      TEXT,
+    auth_time_ms BIGINT NOT NULL,
+    expires_ms   BIGINT NOT NULL,
+    created_ms   BIGINT NOT NULL,
+    used         BOOLEAN NOT NULL DEFAULT false,
+    revoked      BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family_id);
+CREATE INDEX IF NOT EXISTS refresh_tokens_session ON refresh_tokens (session_id);
+CREATE TABLE IF NOT EXISTS issued_tokens (
+    jti        TEXT PRIMARY KEY,
+    family_id  TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    expires_ms BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS issued_tokens_family ON issued_tokens (family_id);
+CREATE INDEX IF NOT EXISTS issued_tokens_session ON issued_tokens (session_id);
+-- seq lets every process pick up new revocations: assigned under the audit head's lock, so in commit order.
+CREATE TABLE IF NOT EXISTS revoked_jtis (
+    seq        BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    jti        TEXT NOT NULL UNIQUE,
+    expires_ms BIGINT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS break_glass (
+    grant_id   TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    status     TEXT NOT NULL,
+    key_id     TEXT NOT NULL,
+    blob       BYTEA NOT NULL
+);
+CREATE INDEX IF NOT EXISTS break_glass_user ON break_glass (tenant, user_id, expires_ms);
+CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, created_ms);
+
+INSERT INTO meta (name, value) VALUES ('schema_version', convert_to('1', 'UTF8'));

@@ -1,0 +1,191 @@
+-- SQLite schema version 1, main database, vendored from git show 7ebcad9:src/fhirvault/adapters/sqlite_schema.py
+-- (test data: a database as the previous release created it; never edit, add a new file for a new release)
+
+CREATE TABLE IF NOT EXISTS meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS tenant_keys (
+    tenant      TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    wrapped     BLOB NOT NULL,
+    root_key_id TEXT NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    PRIMARY KEY (tenant, version)
+) WITHOUT ROWID;
+
+-- One data key per patient compartment (plus tenant-level keys). The lookup is an
+-- HMAC of the compartment name, so the table does not list patient ids in clear.
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id      TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    lookup      BLOB NOT NULL,
+    wrapped     BLOB NOT NULL,
+    kek_version INTEGER NOT NULL,
+    compartment BLOB NOT NULL,
+    created_ms  INTEGER NOT NULL,
+    UNIQUE (tenant, lookup)
+) WITHOUT ROWID;
+
+-- Every version of every resource; seq orders all writes of the store.
+CREATE TABLE IF NOT EXISTS resource_versions (
+    seq          INTEGER PRIMARY KEY,
+    tenant       TEXT NOT NULL,
+    type         TEXT NOT NULL,
+    id           TEXT NOT NULL,
+    version      INTEGER NOT NULL,
+    last_updated INTEGER NOT NULL,
+    deleted      INTEGER NOT NULL,
+    key_id       TEXT NOT NULL,
+    blob         BLOB NOT NULL,
+    UNIQUE (tenant, type, id, version)
+);
+CREATE INDEX IF NOT EXISTS resource_versions_type_seq ON resource_versions (tenant, type, seq);
+CREATE INDEX IF NOT EXISTS resource_versions_updated ON resource_versions (tenant, last_updated);
+
+-- One row per resource: its current version, and rk, a key assigned at creation that
+-- orders search results stably (updates do not move a resource).
+CREATE TABLE IF NOT EXISTS resources_current (
+    rk      INTEGER PRIMARY KEY,
+    tenant  TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    seq     INTEGER NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    tags    BLOB NOT NULL DEFAULT x'',  -- this resource's search tags, to remove them on change
+    UNIQUE (tenant, type, id)
+);
+CREATE INDEX IF NOT EXISTS resources_current_type ON resources_current (tenant, type, rk);
+
+-- Resources whose tag list (resources_current.tags) is not yet in search_tags.
+CREATE TABLE IF NOT EXISTS index_dirty (
+    rk INTEGER PRIMARY KEY
+);
+
+-- Blind search index: truncated HMAC tags (keyed per tenant, type and parameter) → resource.
+CREATE TABLE IF NOT EXISTS search_tags (
+    tag BLOB NOT NULL,
+    rk  INTEGER NOT NULL,
+    PRIMARY KEY (tag, rk)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS clients (
+    client_id   TEXT PRIMARY KEY,
+    tenant      TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    secret_hash TEXT,
+    scopes      TEXT NOT NULL,
+    jwks        TEXT,
+    created_ms  INTEGER NOT NULL,
+    disabled    INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+
+-- client_assertion ids seen, kept until they expire (replay protection).
+CREATE TABLE IF NOT EXISTS seen_jti (
+    jti        TEXT PRIMARY KEY,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+
+
+CREATE TABLE IF NOT EXISTS break_glass (
+    grant_id   TEXT PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    patient_id TEXT NOT NULL,   -- a resource id: routing data, like the resources table's ids
+    created_ms INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    status     TEXT NOT NULL,   -- open | closed
+    key_id     TEXT NOT NULL,
+    blob       BLOB NOT NULL    -- AEAD: reason, purpose of use, review decision and note
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS break_glass_user ON break_glass (tenant, user_id, expires_ms);
+CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, created_ms);
+
+CREATE TABLE IF NOT EXISTS users (
+    user_id         TEXT PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    username        TEXT NOT NULL,
+    password_hash   TEXT,
+    role            TEXT NOT NULL,
+    fhir_user       TEXT,
+    organization    TEXT,
+    clearances      TEXT NOT NULL DEFAULT '',
+    totp            BLOB,                       -- AEAD envelope of the TOTP secret
+    totp_last_step  INTEGER NOT NULL DEFAULT 0,
+    disabled        INTEGER NOT NULL DEFAULT 0,
+    failures        INTEGER NOT NULL DEFAULT 0,
+    locked_until_ms INTEGER NOT NULL DEFAULT 0, -- -1: locked until an admin unlocks
+    created_ms      INTEGER NOT NULL,
+    UNIQUE (tenant, username)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS federated_links (
+    provider TEXT NOT NULL,
+    issuer   TEXT NOT NULL,
+    subject  TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    PRIMARY KEY (provider, issuer, subject)
+) WITHOUT ROWID;
+-- Authorization-code clients (SMART apps): exact redirect URIs (JSON list), public or confidential.
+CREATE TABLE IF NOT EXISTS oauth_apps (
+    client_id     TEXT PRIMARY KEY,
+    redirect_uris TEXT NOT NULL,
+    public        INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS login_sessions (
+    session_id   TEXT PRIMARY KEY,  -- SHA-256 of the cookie
+    user_id      TEXT NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL,
+    amr          TEXT NOT NULL,
+    ended_ms     INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+-- Codes, refresh tokens: only SHA-256 hashes are stored.
+CREATE TABLE IF NOT EXISTS auth_codes (
+    code_hash      BLOB PRIMARY KEY,
+    family_id      TEXT NOT NULL,
+    client_id      TEXT NOT NULL,
+    user_id        TEXT NOT NULL,
+    session_id     TEXT NOT NULL,
+    redirect_uri   TEXT NOT NULL,
+    scope          TEXT NOT NULL,
+    code_challenge TEXT NOT NULL,
+    nonce          TEXT,
+    patient        TEXT,
+    auth_time_ms   INTEGER NOT NULL,
+    expires_ms     INTEGER NOT NULL,
+    used           INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash   BLOB PRIMARY KEY,
+    family_id    TEXT NOT NULL,
+    client_id    TEXT NOT NULL,
+    user_id      TEXT NOT NULL,
+    session_id   TEXT NOT NULL,
+    scope        TEXT NOT NULL,
+    patient      TEXT,
+    auth_time_ms INTEGER NOT NULL,
+    expires_ms   INTEGER NOT NULL,
+    created_ms   INTEGER NOT NULL,
+    used         INTEGER NOT NULL DEFAULT 0,
+    revoked      INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family_id);
+CREATE INDEX IF NOT EXISTS refresh_tokens_session ON refresh_tokens (session_id);
+-- Access tokens issued to users, so a family or a session can revoke them.
+CREATE TABLE IF NOT EXISTS issued_tokens (
+    jti        TEXT PRIMARY KEY,
+    family_id  TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS issued_tokens_family ON issued_tokens (family_id);
+CREATE INDEX IF NOT EXISTS issued_tokens_session ON issued_tokens (session_id);
+-- Revoked access-token ids until they expire; seq lets every process pick up new ones.
+CREATE TABLE IF NOT EXISTS revoked_jtis (
+    seq        INTEGER PRIMARY KEY,
+    jti        TEXT NOT NULL UNIQUE,
+    expires_ms INTEGER NOT NULL
+);
+
+INSERT INTO meta (name, value) VALUES ('schema_version', CAST('1' AS BLOB));
