@@ -20,6 +20,8 @@ cleanup() {
 trap cleanup EXIT
 admin=$(scripts/pg-test-server.sh start "$dir/pg" "$pgport")
 
+export FHIRVAULT_CONFIG=${FHIRVAULT_CONFIG:-bench/capacity.toml}  # the firewall's limits out of the way (one address, one client)
+
 run() {  # label, database URL ("" for SQLite), workers
   local label=$1 url=$2 workers=$3 data="$dir/data-$1"
   if [ -n "$url" ]; then
