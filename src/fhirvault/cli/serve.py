@@ -266,8 +266,9 @@ def serve(settings: Settings) -> int:
         try:
             server.serve()
         except SystemExit as exc:  # Granian's own crash-loop detection
-            if exc.code:
+            if exc.code and not failed_start:
                 raise ServeError("the server worker kept failing; see the log above") from None
+            # (with failed_start: Granian stopped on its own before our interrupt; same cause, said below)
         finally:
             signal.signal(STARTUP_FAILED, previous)
         if failed_start:

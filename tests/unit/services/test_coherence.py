@@ -173,6 +173,8 @@ def test_two_processes_creating_one_compartment_key_at_once_share_the_first(pg_u
 def test_a_database_created_before_the_coherence_log_gets_it_at_the_next_start(pg_url: str) -> None:
     with psycopg.connect(pg_url, autocommit=True) as c:
         c.execute("DROP TABLE coherence_head, coherence_log")
+        # As such a database was: at schema version 2, the step before the coherence tables.
+        c.execute("UPDATE meta SET value = %s WHERE name = 'schema_version'", (b"2",))
     store = PostgresStore(pg_url, read_pool_size=1)
     try:
         head, _ = store.changes_since(None)
