@@ -138,7 +138,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
         "software": {"name": "fhirvault", "version": __version__},
         "implementation": {"description": "fhirvault encrypted FHIR R4 server", "url": base_url},
         "fhirVersion": "4.0.1",
-        "format": ["application/fhir+json", "json"],
+        "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [
             {

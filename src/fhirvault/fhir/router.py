@@ -1,7 +1,7 @@
 """FHIR R4 REST semantics over the repository, independent of any web framework.
 
-FhirRequest in, FhirResponse out: URL dispatch, content negotiation, JSON
-parsing, ETag / If-Match / If-None-Match / If-Modified-Since, Prefer, and
+FhirRequest in, FhirResponse out: URL dispatch, content negotiation (XML is
+converted to and from JSON at the edge, in ``handle``), JSON parsing, ETag / If-Match / If-None-Match / If-Modified-Since, Prefer, and
 history Bundles with paging. Errors are ``OperationOutcomeError``s.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -23,7 +24,14 @@ from fhirvault.domain.summary import elements, summary
 from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
 from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
-from fhirvault.fhir.negotiation import require_json_body, require_patch_body, response_type
+from fhirvault.fhir.negotiation import (
+    FHIR_JSON,
+    is_xml,
+    negotiate,
+    require_json_body,
+    require_patch_body,
+)
+from fhirvault.fhir.xml import NotRepresentable, json_to_xml, xml_to_json
 from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
 from fhirvault.services.search import SearchOutcome
@@ -81,15 +89,21 @@ class FhirRouter:
         self._types = resource_types
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
-        self._bundles = BundleProcessor(repo, self.handle, self._resolve, max_entries=max_bundle_entries)
+        self._bundles = BundleProcessor(repo, self._dispatch, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
 
     async def handle(self, req: FhirRequest) -> FhirResponse:
-        media = response_type(req.header("accept"), req.param("_format"))
+        fmt, media = negotiate(req.header("accept"), req.param("_format"))
+        if req.method in ("POST", "PUT") and is_xml(req.header("content-type")):
+            # XML in: converted once here; everything below (bundle entries too) works in JSON.
+            headers = {**req.headers, "content-type": FHIR_JSON}
+            req = replace(req, body=xml_to_json(req.body), headers=headers)
         response = await self._dispatch(req)
-        if response.body:
-            response.headers.setdefault("Content-Type", f"{media}; charset=utf-8")
+        if response.body and "Content-Type" not in response.headers:
+            if fmt == "xml":
+                response.body = _as_xml(response.body)
+            response.headers["Content-Type"] = f"{media}; charset=utf-8"
         return response
 
     async def _dispatch(self, req: FhirRequest) -> FhirResponse:
@@ -463,6 +477,13 @@ class FhirRouter:
         bundle["link"] = links
         bundle["entry"] = entries
         return orjson.dumps(bundle)
+
+
+def _as_xml(body: bytes) -> bytes:
+    try:
+        return json_to_xml(body)
+    except NotRepresentable:
+        raise errors.not_acceptable("This content has no FHIR XML form; ask for JSON (_format=json).") from None
 
 
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")

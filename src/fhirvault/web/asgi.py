@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from fhirvault.domain.errors import OperationOutcomeError
+from fhirvault.fhir.xml import to_xml
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -70,6 +71,12 @@ async def send_response(send: Send, status: int, body: bytes, headers: dict[str,
     await send({"type": "http.response.body", "body": b"" if head_only else body})
 
 
-async def send_outcome(send: Send, exc: OperationOutcomeError, head_only: bool = False) -> None:
-    headers = {"Content-Type": "application/fhir+json; charset=utf-8", **exc.headers}
-    await send_response(send, exc.status, orjson.dumps(exc.outcome()), headers, head_only)
+async def send_outcome(send: Send, exc: OperationOutcomeError, head_only: bool = False, *,
+                       xml: bool = False) -> None:
+    """The error as an OperationOutcome, in FHIR XML when the client asked for XML."""
+    if xml:
+        body, media = to_xml(exc.outcome()), "application/fhir+xml"
+    else:
+        body, media = orjson.dumps(exc.outcome()), "application/fhir+json"
+    headers = {"Content-Type": f"{media}; charset=utf-8", **exc.headers}
+    await send_response(send, exc.status, body, headers, head_only)

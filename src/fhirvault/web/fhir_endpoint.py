@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl
 from fhirvault.domain import errors
 from fhirvault.domain.errors import OperationOutcomeError
 from fhirvault.fhir.messages import FhirRequest
+from fhirvault.fhir.negotiation import error_format
 from fhirvault.fhir.router import FhirRouter, is_public
 from fhirvault.services.auth import AuthService, TokenError
 from fhirvault.services.metrics import Metrics
@@ -53,17 +54,19 @@ class FhirEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         head = method == "HEAD"
+        xml = _wants_xml(scope)
         try:
             await self._handle(scope, receive, send, method)
         except OperationOutcomeError as exc:
             if exc.status == 403 and self._metrics is not None:
                 self._metrics.auth_failure("forbidden")
-            await send_outcome(send, exc, head)
+            await send_outcome(send, exc, head, xml=xml)
         except BodyTooLarge:
-            await send_outcome(send, errors.too_large(f"The request body exceeds {self._max_body} bytes."), head)
+            await send_outcome(send, errors.too_large(f"The request body exceeds {self._max_body} bytes."), head,
+                               xml=xml)
         except IntegrityError:
             log.error("stored data failed its integrity check")
-            await send_outcome(send, errors.internal_error(), head)
+            await send_outcome(send, errors.internal_error(), head, xml=xml)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         path = scope["path"][len(self._prefix):]
@@ -105,3 +108,10 @@ class FhirEndpoint:
     def _auth_failed(self, kind: str) -> None:
         if self._metrics is not None:
             self._metrics.auth_failure(kind)
+
+
+def _wants_xml(scope: Scope) -> bool:
+    """Errors answer in XML when the client asked for XML (_format, else Accept)."""
+    query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    format_param = next((v for k, v in query if k == "_format"), None)
+    return error_format(header_map(scope).get("accept"), format_param) == "xml"

@@ -1,0 +1,116 @@
+"""The XHTML of a FHIR narrative (Narrative.div): safe parsing, checking and serialising.
+
+R4 (narrative.html, txt-1/txt-2) allows only basic HTML formatting: the elements of HTML 4.0
+chapters 7-11 and 12 (less <link>), images and style attributes; never scripts, forms,
+frames, event handlers or active links. The div must have some non-whitespace content.
+"""
+
+from __future__ import annotations
+
+import re
+from xml.etree.ElementTree import Element
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import ParseError, fromstring
+
+from fhirvault.domain import errors
+
+XHTML = "http://www.w3.org/1999/xhtml"
+XML_NS = "http://www.w3.org/XML/1998/namespace"
+_XHTML_TAG = "{" + XHTML + "}"
+MAX_DEPTH = 64
+
+ELEMENTS = frozenset({
+    "a", "abbr", "acronym", "address", "b", "bdo", "big", "blockquote", "br", "caption", "cite", "code",
+    "col", "colgroup", "dd", "del", "dfn", "div", "dl", "dt", "em", "h1", "h2", "h3", "h4", "h5", "h6",
+    "hr", "i", "img", "ins", "kbd", "li", "ol", "p", "pre", "q", "samp", "small", "span", "strong",
+    "sub", "sup", "table", "tbody", "td", "tfoot", "th", "thead", "tr", "tt", "ul", "var",
+})
+ATTRIBUTES = frozenset({
+    "abbr", "accesskey", "align", "alt", "axis", "bgcolor", "border", "cellhalign", "cellpadding",
+    "cellspacing", "cellvalign", "char", "charoff", "charset", "cite", "class", "colspan", "compact",
+    "coords", "datetime", "dir", "frame", "headers", "height", "href", "hreflang", "hspace", "id", "lang",
+    "longdesc", "name", "nowrap", "rel", "rev", "rowspan", "rules", "scope", "shape", "span", "src",
+    "start", "style", "summary", "tabindex", "title", "type", "valign", "value", "vspace", "width",
+    "{" + XML_NS + "}lang",
+})
+# Links and images may point at web pages, fragments, other resources or inline images, never
+# at script or markup that a browser would run.
+_SAFE_URL = re.compile(r"^(?:https?:|mailto:|urn:|#|data:image/(?:png|gif|jpeg|webp);|[^:]*$)", re.IGNORECASE)
+_STYLE_BAD = re.compile(r"expression\s*\(|url\s*\(|javascript:|@import|behavior\s*:", re.IGNORECASE)
+
+
+def _bad(message: str) -> errors.OperationOutcomeError:
+    return errors.bad_request(f"Narrative (Narrative.div): {message}", "Narrative.div")
+
+
+def check(div: Element) -> None:
+    """Raise a 400 unless ``div`` is a safe, non-empty XHTML narrative div."""
+    if div.tag != _XHTML_TAG + "div":
+        raise _bad("the narrative must be a <div> in the XHTML namespace.")
+    _check(div, 0)
+    if not "".join(div.itertext()).strip() and div.find(".//" + _XHTML_TAG + "img") is None:
+        raise _bad("the narrative must have some non-whitespace content.")
+
+
+def _check(elem: Element, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise _bad("nested too deeply.")
+    if not elem.tag.startswith(_XHTML_TAG) or elem.tag[len(_XHTML_TAG):] not in ELEMENTS:
+        raise _bad("only basic HTML formatting elements are allowed (no script, form, frame, object, style).")
+    for name, value in elem.attrib.items():
+        if name not in ATTRIBUTES:
+            raise _bad("only basic HTML attributes are allowed (no event handlers).")
+        if name in ("href", "src", "longdesc", "cite") and not _SAFE_URL.match(value.strip()):
+            raise _bad("links and images must use http(s), mailto, urn, fragment, relative or image data URLs.")
+        if name == "style" and _STYLE_BAD.search(value):
+            raise _bad("style attributes may not load or run anything.")
+    for child in elem:
+        _check(child, depth + 1)
+
+
+def parse(text: str) -> Element:
+    """The div of a JSON narrative string; elements without a namespace are taken as XHTML."""
+    try:
+        root = fromstring(text.encode("utf-8"), forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except (ParseError, DefusedXmlException, ValueError):
+        raise _bad("not well-formed XHTML.") from None
+    for elem in root.iter():
+        if isinstance(elem.tag, str) and not elem.tag.startswith("{"):
+            elem.tag = _XHTML_TAG + elem.tag
+    return root
+
+
+def to_string(div: Element) -> str:
+    """The div serialised with the XHTML namespace as its default namespace (JSON and XML alike)."""
+    out: list[str] = []
+    _write(div, out, top=True)
+    return "".join(out)
+
+
+def _write(elem: Element, out: list[str], *, top: bool) -> None:
+    name = elem.tag[len(_XHTML_TAG):] if elem.tag.startswith(_XHTML_TAG) else elem.tag
+    out.append("<" + name)
+    if top:
+        out.append(f' xmlns="{XHTML}"')
+    for key, value in elem.attrib.items():
+        attr = "xml:lang" if key == "{" + XML_NS + "}lang" else key
+        out.append(f' {attr}="{escape_attr(value)}"')
+    if elem.text is None and len(elem) == 0:
+        out.append("/>")
+    else:
+        out.append(">")
+        out.append(escape_text(elem.text or ""))
+        for child in elem:
+            _write(child, out, top=False)
+            out.append(escape_text(child.tail or ""))
+        out.append(f"</{name}>")
+
+
+def escape_text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def escape_attr(value: str) -> str:
+    return (escape_text(value).replace('"', "&quot;").replace("\n", "&#10;").replace("\r", "&#13;")
+            .replace("\t", "&#9;"))

@@ -1,0 +1,181 @@
+"""FHIR XML through HTTP: every interaction reads and writes XML, errors come back in XML."""
+
+from __future__ import annotations
+
+from xml.etree import ElementTree as ET
+
+import pytest
+
+from tests.conftest import App
+
+F = "{http://hl7.org/fhir}"
+XML_IN = {"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"}
+
+PATIENT_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
+<Patient xmlns="http://hl7.org/fhir">
+  <text>
+    <status value="generated"/>
+    <div xmlns="http://www.w3.org/1999/xhtml"><p>Claire <b>MARTIN</b> &amp; co</p></div>
+  </text>
+  <identifier><system value="urn:oid:1.2.250.1.213.1.4.8"/><value value="1840575123456"/></identifier>
+  <name><use value="official"/><family value="Martin"/><given value="Claire"/><given value="Anne"/></name>
+  <gender value="female"/>
+  <birthDate value="1984-05-12">
+    <extension url="http://hl7.org/fhir/StructureDefinition/patient-birthTime">
+      <valueDateTime value="1984-05-12T14:35:45+02:00"/>
+    </extension>
+  </birthDate>
+</Patient>"""
+
+
+def parse(r: object) -> ET.Element:
+    assert r.headers["content-type"].startswith("application/fhir+xml"), r.headers  # type: ignore[attr-defined]
+    return ET.fromstring(r.content)  # type: ignore[attr-defined]
+
+
+def value(root: ET.Element, path: str) -> str | None:
+    found = root.find("/".join(F + p for p in path.split("/")))
+    return None if found is None else found.get("value")
+
+
+def outcome_xml(r: object) -> ET.Element:
+    root = parse(r)
+    assert root.tag == F + "OperationOutcome"
+    return root
+
+
+def test_create_read_update_in_xml(app: App) -> None:
+    r = app.client.post("/fhir/Patient", content=PATIENT_XML, headers={**app.auth, **XML_IN})
+    assert r.status_code == 201, r.text
+    created = parse(r)
+    pid = value(created, "id")
+    assert pid and r.headers["location"].endswith(f"/Patient/{pid}/_history/1")
+    # the same resource in JSON: the primitive's extension is the JSON _birthDate
+    j = app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).json()
+    assert j["name"][0]["given"] == ["Claire", "Anne"]
+    assert j["_birthDate"]["extension"][0]["valueDateTime"] == "1984-05-12T14:35:45+02:00"
+    assert j["text"]["div"] == '<div xmlns="http://www.w3.org/1999/xhtml"><p>Claire <b>MARTIN</b> &amp; co</p></div>'
+    # read in XML three ways
+    for kwargs in ({"params": {"_format": "xml"}}, {"params": {"_format": "application/fhir+xml"}},
+                   {"headers": {"Accept": "application/xml"}}):
+        headers = {**app.auth, **kwargs.get("headers", {})}
+        r = app.client.get(f"/fhir/Patient/{pid}", params=kwargs.get("params"), headers=headers)
+        assert r.status_code == 200
+        root = parse(r)
+        assert [c.tag for c in root][:3] == [F + "id", F + "meta", F + "text"]  # definition order
+        assert root.find(f"{F}text/{{http://www.w3.org/1999/xhtml}}div/{{http://www.w3.org/1999/xhtml}}p") is not None
+        assert [g.get("value") for g in root.iter(F + "given")] == ["Claire", "Anne"]
+        ext = root.find(f"{F}birthDate/{F}extension")
+        assert ext is not None and ext.get("url").endswith("patient-birthTime")
+    # update in XML, with If-Match
+    body = PATIENT_XML.replace(b"<Patient xmlns=\"http://hl7.org/fhir\">",
+                               f'<Patient xmlns="http://hl7.org/fhir"><id value="{pid}"/>'.encode())
+    body = body.replace(b'<gender value="female"/>', b'<gender value="other"/>')
+    r = app.client.put(f"/fhir/Patient/{pid}", content=body, headers={**app.auth, **XML_IN, "If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    assert value(parse(r), "gender") == "other" and r.headers["etag"] == 'W/"2"'
+    # a JSON write answered in XML (Accept decides the answer, Content-Type the input)
+    r = app.client.put(f"/fhir/Patient/{pid}", json={**j, "gender": "male"},
+                       headers={**app.auth, "Content-Type": "application/fhir+json", "Accept": "application/fhir+xml"})
+    assert r.status_code == 200 and value(parse(r), "gender") == "male"
+
+
+def test_search_history_and_metadata_in_xml(app: App) -> None:
+    r = app.client.post("/fhir/Patient", content=PATIENT_XML, headers={**app.auth, **XML_IN})
+    pid = value(parse(r), "id")
+    r = app.client.get("/fhir/Patient", params={"family": "Martin", "_format": "xml"}, headers=app.auth)
+    assert r.status_code == 200
+    bundle = parse(r)
+    assert bundle.tag == F + "Bundle" and value(bundle, "type") == "searchset"
+    nested = bundle.find(f"{F}entry/{F}resource/{F}Patient")
+    assert nested is not None and value(nested, "id") == pid
+    r = app.client.get(f"/fhir/Patient/{pid}/_history", headers={**app.auth, "Accept": "application/fhir+xml"})
+    assert value(parse(r), "type") == "history"
+    r = app.client.get("/fhir/metadata", params={"_format": "xml"})
+    cap = parse(r)
+    assert cap.tag == F + "CapabilityStatement"
+    assert "application/fhir+xml" in [f.get("value") for f in cap.findall(F + "format")]
+
+
+def test_transaction_in_xml(app: App) -> None:
+    bundle = b"""<Bundle xmlns="http://hl7.org/fhir"><type value="transaction"/>
+      <entry><fullUrl value="urn:uuid:0b2f3e58-7d43-4d84-9d7c-7f1c3c8c1b11"/>
+        <resource><Patient><name><family value="Durand"/></name></Patient></resource>
+        <request><method value="POST"/><url value="Patient"/></request></entry>
+      <entry><resource><Observation><status value="final"/>
+          <code><coding><system value="http://loinc.org"/><code value="8867-4"/></coding></code>
+          <subject><reference value="urn:uuid:0b2f3e58-7d43-4d84-9d7c-7f1c3c8c1b11"/></subject>
+          <valueQuantity><value value="72"/><unit value="/min"/></valueQuantity></Observation></resource>
+        <request><method value="POST"/><url value="Observation"/></request></entry>
+    </Bundle>"""
+    r = app.client.post("/fhir", content=bundle, headers={**app.auth, **XML_IN})
+    assert r.status_code == 200, r.text
+    root = parse(r)
+    assert value(root, "type") == "transaction-response"
+    statuses = [value(e, "status") for e in root.iter(F + "response")]
+    assert statuses == ["201 Created", "201 Created"]
+    obs = app.client.get("/fhir/Observation", params={"code": "8867-4"}, headers=app.auth).json()
+    assert obs["entry"][0]["resource"]["subject"]["reference"].startswith("Patient/")
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b"<Patient xmlns='http://hl7.org/fhir'><gender value='female'>", 400),  # not well-formed
+    (b"<Patient xmlns='http://hl7.org/fhir'><colour value='blue'/></Patient>", 400),  # unknown element
+    (b"<Patient><gender value='female'/></Patient>", 400),  # no FHIR namespace
+    (b"<Spaceship xmlns='http://hl7.org/fhir'/>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'><active value='yes'/></Patient>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'><gender value='female'/><gender value='male'/></Patient>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'><name id='a'><id value='b'/></name></Patient>", 400),
+    (b"<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'><!ENTITY lol2 '&lol;&lol;&lol;&lol;'>]>"
+     b"<Patient xmlns='http://hl7.org/fhir'><name><family value='&lol2;'/></name></Patient>", 400),
+    (b"<?xml version='1.0'?><!DOCTYPE p [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]>"
+     b"<Patient xmlns='http://hl7.org/fhir'><name><family value='&xxe;'/></name></Patient>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'><name><family value='&nbsp;'/></name></Patient>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'>" + b"<extension url='u'>" * 300 + b"</extension>" * 300
+     + b"</Patient>", 400),
+    (b"<Patient xmlns='http://hl7.org/fhir'><gender value='robot'/></Patient>", 422),  # JSON validation applies
+])
+def test_bad_xml_is_a_4xx_outcome_in_xml(app: App, body: bytes, status: int) -> None:
+    r = app.client.post("/fhir/Patient", content=body, headers={**app.auth, **XML_IN})
+    assert r.status_code == status, r.text
+    outcome_xml(r)
+    assert "root:" not in r.text and "robot" not in r.text
+
+
+@pytest.mark.parametrize("div", [
+    b"<div xmlns='http://www.w3.org/1999/xhtml'><script>alert(1)</script>x</div>",
+    b"<div xmlns='http://www.w3.org/1999/xhtml'><p onclick='alert(1)'>x</p></div>",
+    b"<div xmlns='http://www.w3.org/1999/xhtml'><a href='javascript:alert(1)'>x</a></div>",
+    b"<div xmlns='http://www.w3.org/1999/xhtml'><iframe src='https://evil.example'/>x</div>",
+    b"<div xmlns='http://www.w3.org/1999/xhtml'><p style='background:url(https://evil.example/t)'>x</p></div>",
+    b"<div xmlns='http://www.w3.org/1999/xhtml'>   </div>",
+])
+def test_unsafe_narrative_is_refused(app: App, div: bytes) -> None:
+    body = b"<Patient xmlns='http://hl7.org/fhir'><text><status value='generated'/>" + div + b"</text></Patient>"
+    r = app.client.post("/fhir/Patient", content=body, headers={**app.auth, **XML_IN})
+    assert r.status_code == 400, r.text
+    issue = outcome_xml(r).find(f"{F}issue/{F}expression")
+    assert issue is not None and issue.get("value") == "Narrative.div"
+
+
+def test_errors_answer_in_the_negotiated_format(app: App) -> None:
+    r = app.client.get("/fhir/Patient/nope", headers={**app.auth, "Accept": "application/fhir+xml"})
+    assert r.status_code == 404 and value(outcome_xml(r), "issue/code") == "not-found"
+    r = app.client.get("/fhir/Patient/nope", params={"_format": "xml"})
+    assert r.status_code == 401 and outcome_xml(r) is not None
+    r = app.client.get("/fhir/Patient/nope", headers=app.auth)
+    assert r.status_code == 404 and r.json()["resourceType"] == "OperationOutcome"
+    # q-values: XML preferred over JSON
+    r = app.client.get("/fhir/metadata", headers={"Accept": "application/fhir+json;q=0.5, application/fhir+xml"})
+    assert parse(r).tag == F + "CapabilityStatement"
+    r = app.client.get("/fhir/metadata", headers={"Accept": "text/html"})
+    assert r.status_code == 406 and r.json()["resourceType"] == "OperationOutcome"
+    # the SMART configuration is plain JSON whatever the Accept header
+    r = app.client.get("/fhir/.well-known/smart-configuration", headers={"Accept": "application/fhir+xml"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+
+
+def test_prefer_operation_outcome_in_xml(app: App) -> None:
+    r = app.client.post("/fhir/Patient", content=PATIENT_XML,
+                        headers={**app.auth, **XML_IN, "Prefer": "return=OperationOutcome"})
+    assert r.status_code == 201 and value(outcome_xml(r), "issue/severity") == "information"
