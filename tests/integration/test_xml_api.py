@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from xml.etree import ElementTree as ET
 
 import pytest
 
-from tests.conftest import App
+from tests.conftest import PATIENT, App, observation
+from tests.unit.fhir.test_xml import canonical
 
 F = "{http://hl7.org/fhir}"
 XML_IN = {"Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"}
@@ -179,3 +181,43 @@ def test_prefer_operation_outcome_in_xml(app: App) -> None:
     r = app.client.post("/fhir/Patient", content=PATIENT_XML,
                         headers={**app.auth, **XML_IN, "Prefer": "return=OperationOutcome"})
     assert r.status_code == 201 and value(outcome_xml(r), "issue/severity") == "information"
+
+
+OFFICIAL = sorted((Path(__file__).parents[1] / "data" / "fhir-r4-xml").glob("*.xml"))
+
+
+@pytest.mark.parametrize("path", OFFICIAL, ids=[p.name for p in OFFICIAL])
+def test_official_examples_stored_and_served_in_xml(app: App, path: Path) -> None:
+    original = ET.fromstring(path.read_bytes())
+    rtype, rid = original.tag.removeprefix(F), value(original, "id")
+    r = app.client.put(f"/fhir/{rtype}/{rid}", content=path.read_bytes(), headers={**app.auth, **XML_IN})
+    assert r.status_code == 201, r.text
+    served = parse(app.client.get(f"/fhir/{rtype}/{rid}", params={"_format": "xml"}, headers=app.auth))
+    meta = served.find(F + "meta")
+    assert meta is not None and value(meta, "versionId") == "1"
+    served.remove(meta)  # the server's own addition
+    assert canonical(served) == canonical(original)
+
+
+def test_interop_with_an_independent_fhir_xml_library(app: App) -> None:
+    """fhir.resources (pydantic FHIR models, its own XML writer and reader) talks to the server in XML."""
+    from fhir.resources.R4B.observation import Observation as LibObservation
+    from fhir.resources.R4B.patient import Patient as LibPatient
+    from lxml import etree as lxml_etree
+
+    patient = LibPatient.model_validate({**PATIENT, "active": True})
+    r = app.client.post("/fhir/Patient", content=patient.model_dump_xml(), headers={**app.auth, **XML_IN})
+    assert r.status_code == 201, r.text
+    served = LibPatient.model_validate_xml(r.content)
+    assert served.id and served.meta.versionId == "1"
+    assert served.name[0].given == ["Claire", "Anne"] and str(served.birthDate) == "1984-05-12"
+    obs = LibObservation.model_validate(observation(served.id) | {"valueQuantity": {
+        "value": "37.50", "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}})
+    r = app.client.post("/fhir/Observation", content=obs.model_dump_xml(), headers={**app.auth, **XML_IN})
+    assert r.status_code == 201, r.text
+    r = app.client.get("/fhir/Observation", params={"subject": f"Patient/{served.id}", "_format": "xml"},
+                       headers=app.auth)
+    nested = lxml_etree.fromstring(r.content).find(f"{F}entry/{F}resource/{F}Observation")
+    assert nested is not None
+    lib_obs = LibObservation.model_validate_xml(lxml_etree.tostring(nested))
+    assert float(lib_obs.valueQuantity.value) == 37.5 and lib_obs.subject.reference == f"Patient/{served.id}"
