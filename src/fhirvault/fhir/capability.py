@@ -76,6 +76,19 @@ def _audit_event_resource() -> dict[str, Any]:
     }
 
 
+RESOURCE_OPERATIONS = [
+    {"name": "validate", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+     "documentation": "POST [type]/$validate and [type]/[id]/$validate: mode create, update or delete; against "
+                      "the base R4 definitions only (a profile other than the base one is refused)."},
+    {"name": "meta", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta",
+     "documentation": "[type]/[id]/$meta and [type]/[id]/_history/[vid]/$meta (not at type or system level)."},
+    {"name": "meta-add", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta-add",
+     "documentation": "Adds profiles, tags and security labels; creates a new version (stored versions are never "
+                      "rewritten)."},
+    {"name": "meta-delete", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta-delete",
+     "documentation": "Removes profiles, tags and security labels; creates a new version."},
+]
+
 SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SECURITY_DOC = (
     "OAuth 2.0 (SMART App Launch 2.x and SMART Backend Services), the same endpoints as "
@@ -121,10 +134,9 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchInclude": ["*", *_includes(rtype)],
             **_rev_includes(rtype, resource_types),
             "searchParam": _search_params(rtype),
-            **({"operation": [{"name": "everything",
-                               "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                              ACCESS_HISTORY, BREAK_GLASS]}
-               if rtype == "Patient" else {}),
+            "operation": [*RESOURCE_OPERATIONS, *(
+                [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+                 ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else [])],
         }
         if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types

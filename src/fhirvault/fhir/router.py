@@ -31,6 +31,7 @@ from fhirvault.fhir.negotiation import (
     require_json_body,
     require_patch_body,
 )
+from fhirvault.fhir.operations import Operations
 from fhirvault.fhir.xml import NotRepresentable, json_to_xml, xml_to_json
 from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
@@ -89,6 +90,7 @@ class FhirRouter:
         self._types = resource_types
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
+        self._ops = Operations(repo)
         self._bundles = BundleProcessor(repo, self._dispatch, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
@@ -146,8 +148,15 @@ class FhirRouter:
         if n == 2 and seg[1] == "_search":
             self._allow(method, "POST")
             return await self._search(req, rtype, [*req.query, *_form_params(req)])
+        if n == 2 and seg[1] in _OPERATIONS:
+            return await self._operation(req, rtype, None, seg[1])
         rid = seg[1]
         _check_id(rid)
+        if n == 3 and seg[2] in _OPERATIONS:
+            return await self._operation(req, rtype, rid, seg[2])
+        if n == 5 and seg[2] == "_history" and seg[4] == "$meta" and _VERSION.match(seg[3]):
+            self._allow(method, "GET")
+            return await self._ops.meta(req, rtype, rid, int(seg[3]))
         if n == 2:
             if method in ("GET", "HEAD"):
                 return await self._read(req, rtype, rid)
@@ -176,6 +185,24 @@ class FhirRouter:
             raise errors.bad_request("Malformed version id.")
         result = await self._repo.vread(req.ctx, rtype, rid, int(seg[3]))
         return self._resource_response(req, result, 200)
+
+    async def _operation(self, req: FhirRequest, rtype: str, rid: str | None, name: str) -> FhirResponse:
+        """$meta (GET or POST), $validate, $meta-add, $meta-delete (POST, JSON or XML Parameters)."""
+        if rid is None and name != "$validate":
+            raise errors.not_implemented(f"{name} is served on one resource only ([type]/[id]/{name}).")
+        if name == "$meta":
+            if req.method != "POST":
+                self._allow(req.method, "GET")
+            return await self._ops.meta(req, rtype, rid or "", None)
+        self._allow(req.method, "POST")
+        body: Any = None
+        if req.body:
+            require_json_body(req.header("content-type"))
+            body = _parse_body(req.body)
+        if name == "$validate":
+            return await self._ops.validate(req, rtype, rid, body or {"resourceType": "Parameters"})
+        assert rid is not None
+        return await self._ops.meta_change(req, rtype, rid, body, add=name == "$meta-add")
 
     async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:
         return await self._repo.find_ids(req.ctx, rtype, query)
@@ -486,6 +513,7 @@ def _as_xml(body: bytes) -> bytes:
         raise errors.not_acceptable("This content has no FHIR XML form; ask for JSON (_format=json).") from None
 
 
+_OPERATIONS = frozenset({"$validate", "$meta", "$meta-add", "$meta-delete"})
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
 
 

@@ -307,6 +307,14 @@ class Repository:
                 [Issue("error", i.code, i.message, (i.path,) if i.path else ()) for i in issues]
             )
 
+    def validation_issues(self, rtype: str, body: dict[str, Any]) -> list[Issue]:
+        """$validate: what a write of ``body`` would be refused for (the same rules, nothing stored)."""
+        try:
+            self._validate(rtype, body)
+        except errors.OperationOutcomeError as exc:
+            return list(exc.issues)
+        return []
+
     async def _key_for(self, rtype: str, body: dict[str, Any]) -> DataKey:
         pid = patient_of(rtype, body)
         return await self._keys.for_compartment(patient_compartment(pid) if pid else TENANT_COMPARTMENT)

@@ -48,7 +48,8 @@ _CRITERIA = {"name": "criteria", "in": "query", "required": True, "style": "form
              "schema": {**_FREE_FORM, "minProperties": 1}, "description": "search parameters, as for the search"}
 _PUBLIC: list[dict[str, list[str]]] = []  # an empty security requirement list: no token needed
 # Method of the FHIR operations this server declares (the CapabilityStatement does not carry it).
-_OPERATION_METHODS = {"everything": "get", "access-history": "get", "break-glass": "post"}
+_OPERATION_METHODS = {"everything": "get", "access-history": "get", "break-glass": "post", "validate": "post",
+                      "meta": "get", "meta-add": "post", "meta-delete": "post"}
 
 
 def _ok(description: str, ctype: str = FHIR_JSON) -> dict[str, Any]:
@@ -121,6 +122,12 @@ def _type_paths(resource: dict[str, Any], prefix: str) -> dict[str, dict[str, An
         if method == "post":
             extra["requestBody"] = _resource_body("Parameters")
         op(f"{inst}/${name}", method, f"${name}", parameters=[_ID], **extra)
+        if name == "validate":  # also at type level (mode=create)
+            op(f"{base}/$validate", "post", "$validate-type", **extra)
+        if name == "meta":  # also POST, and on one version
+            op(f"{inst}/$meta", "post", "$meta", parameters=[_ID], description=extra["description"])
+            op(f"{inst}/_history/{{vid}}/$meta", "get", "$meta-version", parameters=[_ID, _VID],
+               description=extra["description"])
     return paths
 
 
