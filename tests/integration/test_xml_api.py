@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 from xml.etree import ElementTree as ET
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import PATIENT, App, observation
 from tests.unit.fhir.test_xml import canonical
@@ -221,3 +224,45 @@ def test_interop_with_an_independent_fhir_xml_library(app: App) -> None:
     assert nested is not None
     lib_obs = LibObservation.model_validate_xml(lxml_etree.tostring(nested))
     assert float(lib_obs.valueQuantity.value) == 37.5 and lib_obs.subject.reference == f"Patient/{served.id}"
+
+
+_names = st.sampled_from(["Patient", "Bundle", "Observation", "name", "given", "family", "gender", "birthDate",
+                          "extension", "contained", "resource", "entry", "text", "div", "id", "valueQuantity",
+                          "value", "meta", "p", "script"])
+_attrs = st.dictionaries(st.sampled_from(["value", "id", "url", "xmlns", "onclick"]),
+                         st.text(alphabet=st.characters(blacklist_categories=["Cs", "Cc"]), max_size=8), max_size=2)
+_trees = st.recursive(
+    st.builds(lambda n, a: (n, a, []), _names, _attrs),
+    lambda kids: st.builds(lambda n, a, k: (n, a, k), _names, _attrs, st.lists(kids, max_size=3)),
+    max_leaves=20,
+)
+
+
+def _render(tree: tuple[str, dict[str, str], list[Any]], top: bool = False) -> str:
+    name, attrs, kids = tree
+    attr = "".join(f' {k}="{v}"' for k, v in attrs.items() if k != "xmlns")
+    ns = ' xmlns="http://hl7.org/fhir"' if top else (' xmlns="http://www.w3.org/1999/xhtml"' if name == "div" else "")
+    return f"<{name}{ns}{attr}>" + "".join(_render(k) for k in kids) + f"</{name}>"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_trees, st.binary(max_size=40))
+def test_random_xml_never_500(app: App, tree: tuple[str, dict[str, str], list[Any]], noise: bytes) -> None:
+    for body in (_render(tree, top=True).encode("utf-8", "surrogatepass"), noise, b"<Patient " + noise):
+        r = app.client.post("/fhir/Patient", content=body, headers={**app.auth, **XML_IN})
+        assert r.status_code in (201, 400, 422), r.text
+        outcome = parse(r)
+        assert outcome.tag in (F + "OperationOutcome", F + "Patient")
+
+
+@pytest.mark.parametrize("div", [
+    '<div xmlns="http://www.w3.org/1999/xhtml"><script>alert(1)</script>x</div>',
+    '<div xmlns="http://www.w3.org/1999/xhtml"><img src="x" onerror="alert(1)"/>x</div>',
+    '<div xmlns="http://www.w3.org/1999/xhtml"><p>unclosed</div>',
+])
+def test_unsafe_narrative_is_refused_in_json_too(app: App, div: str) -> None:
+    body = {"resourceType": "Patient", "text": {"status": "generated", "div": div}}
+    r = app.client.post("/fhir/Patient", json=body, headers={**app.auth, "Content-Type": "application/fhir+json"})
+    assert r.status_code == 422, r.text
+    assert "Patient.text.div" in [e for i in r.json()["issue"] for e in i.get("expression", [])]
+    assert "alert" not in r.text

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from fhirvault.domain import xhtml
 from fhirvault.domain.r4 import FLAG_ARRAY, FLAG_REQUIRED, R4Tables, load_tables
 
 __all__ = ["ValidationIssue", "Validator"]
@@ -255,7 +256,8 @@ def _xhtml_check(value: Any) -> Problem | None:
         return ("structure", "expected a JSON string (xhtml)")
     if not value.lstrip().startswith("<div"):
         return ("value", "narrative must be an XHTML <div> element")
-    return None
+    message = xhtml.text_problem(value)  # R4 txt-1/txt-2: basic formatting only, never script
+    return ("value", f"narrative: {message}") if message else None
 
 
 def _boolean_check(value: Any) -> Problem | None:

@@ -27,9 +27,8 @@ import orjson
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import ParseError, fromstring
 
-from fhirvault.domain import errors
+from fhirvault.domain import errors, xhtml
 from fhirvault.domain.r4 import FLAG_ARRAY, is_resource_type, load_tables
-from fhirvault.fhir import xhtml
 
 FHIR_NS = "http://hl7.org/fhir"
 _FHIR_TAG = "{" + FHIR_NS + "}"

@@ -46,27 +46,46 @@ def _bad(message: str) -> errors.OperationOutcomeError:
 
 def check(div: Element) -> None:
     """Raise a 400 unless ``div`` is a safe, non-empty XHTML narrative div."""
+    message = problem(div)
+    if message is not None:
+        raise _bad(message)
+
+
+def problem(div: Element) -> str | None:
+    """Why ``div`` is not a safe, non-empty XHTML narrative div; None when it is."""
     if div.tag != _XHTML_TAG + "div":
-        raise _bad("the narrative must be a <div> in the XHTML namespace.")
-    _check(div, 0)
-    if not "".join(div.itertext()).strip() and div.find(".//" + _XHTML_TAG + "img") is None:
-        raise _bad("the narrative must have some non-whitespace content.")
+        return "the narrative must be a <div> in the XHTML namespace."
+    message = _problem(div, 0)
+    if message is None and not "".join(div.itertext()).strip() and div.find(".//" + _XHTML_TAG + "img") is None:
+        return "the narrative must have some non-whitespace content."
+    return message
 
 
-def _check(elem: Element, depth: int) -> None:
+def text_problem(text: str) -> str | None:
+    """problem() of a JSON narrative string (used by the JSON validation too)."""
+    try:
+        return problem(parse(text))
+    except errors.OperationOutcomeError:
+        return "not well-formed XHTML."
+
+
+def _problem(elem: Element, depth: int) -> str | None:
     if depth > MAX_DEPTH:
-        raise _bad("nested too deeply.")
+        return "nested too deeply."
     if not elem.tag.startswith(_XHTML_TAG) or elem.tag[len(_XHTML_TAG):] not in ELEMENTS:
-        raise _bad("only basic HTML formatting elements are allowed (no script, form, frame, object, style).")
+        return "only basic HTML formatting elements are allowed (no script, form, frame, object, style)."
     for name, value in elem.attrib.items():
         if name not in ATTRIBUTES:
-            raise _bad("only basic HTML attributes are allowed (no event handlers).")
+            return "only basic HTML attributes are allowed (no event handlers)."
         if name in ("href", "src", "longdesc", "cite") and not _SAFE_URL.match(value.strip()):
-            raise _bad("links and images must use http(s), mailto, urn, fragment, relative or image data URLs.")
+            return "links and images must use http(s), mailto, urn, fragment, relative or image data URLs."
         if name == "style" and _STYLE_BAD.search(value):
-            raise _bad("style attributes may not load or run anything.")
+            return "style attributes may not load or run anything."
     for child in elem:
-        _check(child, depth + 1)
+        message = _problem(child, depth + 1)
+        if message is not None:
+            return message
+    return None
 
 
 def parse(text: str) -> Element:
