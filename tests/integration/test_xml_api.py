@@ -266,3 +266,16 @@ def test_unsafe_narrative_is_refused_in_json_too(app: App, div: str) -> None:
     assert r.status_code == 422, r.text
     assert "Patient.text.div" in [e for i in r.json()["issue"] for e in i.get("expression", [])]
     assert "alert" not in r.text
+
+
+def test_audit_trail_and_everything_in_xml(app: App) -> None:
+    r = app.client.post("/fhir/Patient", content=PATIENT_XML, headers={**app.auth, **XML_IN})
+    pid = value(parse(r), "id")
+    r = app.client.get("/fhir/AuditEvent", params={"_format": "xml", "_count": "20"}, headers=app.auth)
+    assert r.status_code == 200, r.text
+    events = parse(r).findall(f"{F}entry/{F}resource/{F}AuditEvent")
+    assert events and all(e.find(F + "recorded") is not None for e in events)
+    r = app.client.get(f"/fhir/Patient/{pid}/$access-history", params={"_format": "xml"}, headers=app.auth)
+    assert r.status_code == 200 and parse(r).tag == F + "Bundle"
+    r = app.client.get(f"/fhir/Patient/{pid}/$everything", params={"_format": "xml"}, headers=app.auth)
+    assert r.status_code == 200 and parse(r).find(f"{F}entry/{F}resource/{F}Patient") is not None
