@@ -1,8 +1,9 @@
 """FHIR R4 REST semantics over the repository, independent of any web framework.
 
 FhirRequest in, FhirResponse out: URL dispatch, content negotiation (XML is
-converted to and from JSON at the edge, in ``handle``), JSON parsing, ETag / If-Match / If-None-Match / If-Modified-Since, Prefer, and
-history Bundles with paging. Errors are ``OperationOutcomeError``s.
+converted to and from JSON at the edge, in ``handle``), JSON parsing, ETag /
+If-Match / If-None-Match / If-Modified-Since, Prefer, and history Bundles with
+paging. Errors are ``OperationOutcomeError``s.
 """
 
 from __future__ import annotations
@@ -188,20 +189,20 @@ class FhirRouter:
 
     async def _operation(self, req: FhirRequest, rtype: str, rid: str | None, name: str) -> FhirResponse:
         """$meta (GET or POST), $validate, $meta-add, $meta-delete (POST, JSON or XML Parameters)."""
-        if rid is None and name != "$validate":
-            raise errors.not_implemented(f"{name} is served on one resource only ([type]/[id]/{name}).")
-        if name == "$meta":
-            if req.method != "POST":
-                self._allow(req.method, "GET")
-            return await self._ops.meta(req, rtype, rid or "", None)
-        self._allow(req.method, "POST")
+        if name == "$meta" and req.method != "POST":
+            self._allow(req.method, "GET")
+        elif name != "$meta":
+            self._allow(req.method, "POST")
         body: Any = None
-        if req.body:
+        if req.body and name != "$meta":
             require_json_body(req.header("content-type"))
             body = _parse_body(req.body)
         if name == "$validate":
             return await self._ops.validate(req, rtype, rid, body or {"resourceType": "Parameters"})
-        assert rid is not None
+        if rid is None:
+            raise errors.not_implemented(f"{name} is served on one resource only ([type]/[id]/{name}).")
+        if name == "$meta":
+            return await self._ops.meta(req, rtype, rid, None)
         return await self._ops.meta_change(req, rtype, rid, body, add=name == "$meta-add")
 
     async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:
