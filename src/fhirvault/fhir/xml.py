@@ -36,6 +36,7 @@ ORDER_FILE = "xml_order.json.gz"
 _DIV_TAG = "{" + xhtml.XHTML + "}div"
 MAX_DEPTH = 128  # FHIR resources nest far less; stops stack exhaustion on hostile input
 
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,10}$")
 _DECIMAL = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$")
 
@@ -238,7 +239,10 @@ def json_to_xml(data: bytes) -> bytes:
 def to_xml(resource: dict[str, Any]) -> bytes:
     out = ['<?xml version="1.0" encoding="UTF-8"?>']
     _write_resource(resource, out, 0, top=True)
-    return "".join(out).encode("utf-8")
+    text = "".join(out)
+    if _NOT_XML_CHAR.search(text):  # JSON strings may hold U+FFFE and the like, which XML 1.0 cannot
+        raise NotRepresentable("a character that XML 1.0 cannot carry")
+    return text.encode("utf-8")
 
 
 class NotRepresentable(Exception):

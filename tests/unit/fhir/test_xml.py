@@ -199,3 +199,11 @@ def test_bad_xml_is_a_400(body: bytes) -> None:
         xml_to_json(body)
     assert info.value.status == 400
     assert "1234567890" not in str(info.value)
+
+
+def test_characters_xml_cannot_carry_are_not_served_as_broken_xml() -> None:
+    from fhirvault.fhir.xml import NotRepresentable
+
+    with pytest.raises(NotRepresentable):
+        to_xml({"resourceType": "Basic", "code": {"text": "a\ufffeb"}})
+    assert b"\xf0\x9f\x98\x80" in to_xml({"resourceType": "Basic", "code": {"text": "emoji \U0001f600"}})
