@@ -32,6 +32,7 @@ from fhirvault.domain.r4 import FLAG_ARRAY, is_resource_type, load_tables
 
 FHIR_NS = "http://hl7.org/fhir"
 _FHIR_TAG = "{" + FHIR_NS + "}"
+_XSI = "{http://www.w3.org/2001/XMLSchema-instance}"
 ORDER_FILE = "xml_order.json.gz"
 _DIV_TAG = "{" + xhtml.XHTML + "}div"
 MAX_DEPTH = 128  # FHIR resources nest far less; stops stack exhaustion on hostile input
@@ -91,7 +92,7 @@ def _resource(elem: Element, path: str, depth: int) -> dict[str, Any]:
     rtype = _local(elem, path or "(root)")
     if not is_resource_type(rtype):
         raise _bad("Not a FHIR R4 resource type", path or "(root)")
-    if elem.attrib:
+    if any(not name.startswith(_XSI) for name in elem.attrib):  # xsi:schemaLocation is common and harmless
         raise _bad("Unexpected XML attribute on a resource", rtype)
     out: dict[str, Any] = {"resourceType": rtype}
     _fill(out, elem, rtype, rtype, depth + 1, is_resource=True)

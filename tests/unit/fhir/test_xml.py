@@ -207,3 +207,9 @@ def test_characters_xml_cannot_carry_are_not_served_as_broken_xml() -> None:
     with pytest.raises(NotRepresentable):
         to_xml({"resourceType": "Basic", "code": {"text": "a\ufffeb"}})
     assert b"\xf0\x9f\x98\x80" in to_xml({"resourceType": "Basic", "code": {"text": "emoji \U0001f600"}})
+
+
+def test_schema_location_on_the_root_is_ignored() -> None:
+    xml = (b'<Patient xmlns="http://hl7.org/fhir" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" '
+           b'xsi:schemaLocation="http://hl7.org/fhir ../../schema/patient.xsd"><active value="true"/></Patient>')
+    assert json.loads(xml_to_json(xml)) == {"resourceType": "Patient", "active": True}
