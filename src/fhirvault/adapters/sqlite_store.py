@@ -631,9 +631,18 @@ class _DeferredIndex:
 
 
 # Search: a resource whose tags are not in search_tags yet matches on its tag list (``instr`` may also
-# match across two tags: one more candidate, verified like any other).
-def _pending(tags: int) -> str:
-    return "(c.rk IN (SELECT rk FROM index_dirty) AND (" + " OR ".join(["instr(c.tags, ?) > 0"] * tags) + "))"  # noqa: S608
+# match across two tags: one more candidate, verified like any other). The driving criterion lists the
+# few dirty resources (CROSS JOIN: from index_dirty, never a scan of resources_current); the others
+# test the candidate row.
+def _pending_rks(tags: int) -> str:
+    return ("SELECT d.rk FROM index_dirty d CROSS JOIN resources_current p ON p.rk = d.rk WHERE "  # noqa: S608
+            + " OR ".join(["instr(p.tags, ?) > 0"] * tags))
+
+
+def _pending_row(tags: int) -> str:
+    return ("(EXISTS (SELECT 1 FROM index_dirty d WHERE d.rk = c.rk) AND ("  # noqa: S608
+            + " OR ".join(["instr(c.tags, ?) > 0"] * tags) + "))")
+
 
 _COHERENCE_KEEP = 10_000  # coherence_log seqs kept; a process further behind drops all its caches
 _COHERENCE_READ_MAX = 1000
@@ -917,10 +926,11 @@ class SqliteStore:
             # committed or not).
             marks = ",".join("?" * len(group))
             if n == 0:
-                clause = f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({marks}))"  # noqa: S608
+                clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({marks})"  # noqa: S608
+                               f" UNION ALL {_pending_rks(len(group))})")
             else:
-                clause = f"EXISTS (SELECT 1 FROM search_tags s WHERE s.tag IN ({marks}) AND s.rk = c.rk)"  # noqa: S608
-            clauses.append(f"({clause} OR {_pending(len(group))})")
+                clauses.append(f"(EXISTS (SELECT 1 FROM search_tags s WHERE s.tag IN ({marks}) AND s.rk = c.rk)"  # noqa: S608
+                               f" OR {_pending_row(len(group))})")
             args.extend(group)
             args.extend(group)
         order = "DESC" if q.descending else "ASC"
