@@ -268,3 +268,41 @@ def test_leadership_goes_to_one_process_and_moves_when_it_closes(tmp_path: Path)
     one.close()
     assert two.lead("audit-checkpoints") is True
     two.close()
+
+
+def test_a_resource_changed_during_a_flush_stays_dirty_from_what_the_flush_wrote(tmp_path: Path) -> None:
+    """The flush plans from one snapshot and writes in slices; another process may update meanwhile."""
+    import math
+
+    from fhirvault.adapters.sqlite_locks import FileLeadership, WriteGate
+    from fhirvault.adapters.sqlite_store import _connect, _DeferredIndex
+
+    path = tmp_path / "db.sqlite3"
+    a, b, c = b"A" * 8, b"B" * 8, b"C" * 8
+
+    def write(tags: list[bytes]) -> None:  # as another process: its writer never flushes
+        other = SqliteStore(path)
+        other._index.flush = lambda conn, gate: None  # type: ignore[method-assign]
+        _tagged(other, "p1", tags)
+        other.close()
+
+    write([a, b])
+    conn = _connect(path, tmp_path / "audit.sqlite3")
+    leader = FileLeadership(tmp_path)
+    index, gate = _DeferredIndex(leader), WriteGate(tmp_path / "gate.lock")
+    try:
+        index._since = -math.inf
+        assert index.step(conn, gate, budget=1) is False  # planned {a, b}; one row written
+        write([b, c])  # meanwhile: drops a, adds c
+        while not index.step(conn, gate, budget=1):
+            pass
+        assert conn.execute("SELECT flushed FROM index_dirty").fetchall() == [(a + b,)]
+        assert sorted(r[0] for r in conn.execute("SELECT tag FROM search_tags")) == [a, b]
+        index._since = -math.inf
+        assert index.step(conn, gate) is True
+        assert sorted(r[0] for r in conn.execute("SELECT tag FROM search_tags")) == [b, c]
+        assert conn.execute("SELECT count(*) FROM index_dirty").fetchone()[0] == 0
+    finally:
+        gate.close()
+        leader.close()
+        conn.close()
