@@ -1,9 +1,12 @@
 """ResourceStore on SQLite in WAL mode, with group commit.
 
-One writer thread owns the only write connection. Callers hand it closures;
+One writer thread owns the process's write connection. Callers hand it closures;
 it runs every closure waiting in the queue inside one ``BEGIN IMMEDIATE`` …
 ``COMMIT`` (each under its own SAVEPOINT, so one failure does not undo the
-others), and only then wakes the callers. ``synchronous=FULL`` makes SQLite
+others), and only then wakes the callers. Several processes may share the file
+(``serve --workers N``, the CLI): their writers take the write lock in turn
+(``WriteGate``), and what one process must know of another's writes is in the
+database (pending search tags, ``coherence_log``, the audit position). ``synchronous=FULL`` makes SQLite
 fsync the WAL at every commit, so an acknowledged write survives a crash or a
 power cut; batching is what lets many writers share one fsync.
 
@@ -510,7 +513,7 @@ class _DeferredIndex:
     records the resource's new tag list (in ``resources_current``) and marks it in
     ``index_dirty`` with the tags ``search_tags`` holds for it; the ``search_tags``
     rows are applied about once a second in one sorted pass. Until then searches
-    also match the tag lists of the dirty resources (``PENDING``), so every
+    also match the tag lists of the dirty resources (``_pending_rks``), so every
     process's searches see every committed write, and a crash loses nothing.
 
     Only the holder of the ``search-index`` lock flushes (several server processes
