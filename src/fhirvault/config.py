@@ -342,9 +342,6 @@ def load_settings(
                 break
     if "data_dir" not in merged:
         raise SettingsError("data_dir is required: pass --data-dir or set FHIRVAULT_DATA_DIR")
-    if merged.get("workers", 1) > 1 and "database_url" not in merged:
-        raise SettingsError("workers: more than one worker process needs PostgreSQL (database_url); the embedded"
-                            " SQLite store has a single writer, so it is served by one worker")
     if ("tls_cert" in merged) != ("tls_key" in merged):
         raise SettingsError("tls_cert and tls_key must be given together")
     for name in SECTIONS:

@@ -52,7 +52,7 @@ class SystemClock:
 
 
 class SoleProcess:
-    """Leadership for a store only one server process uses (SQLite): always the leader."""
+    """Leadership for a store only one process uses (the in-memory store): always the leader."""
 
     def lead(self, role: str) -> bool:
         return True
@@ -138,14 +138,14 @@ def schema_migrator(settings: Settings) -> SchemaMigrator:
 
 
 def leadership_for(store: ResourceStore) -> Leadership:
-    """Who runs the cluster singletons: with PostgreSQL several processes may share the database."""
-    make: Callable[[], Leadership] | None = getattr(store, "leadership", None)  # PostgresStore has one
+    """Who runs the cluster singletons: several processes may share the database."""
+    make: Callable[[], Leadership] | None = getattr(store, "leadership", None)  # PostgreSQL, SQLite
     return make() if make is not None else SoleProcess()
 
 
 def change_feed_for(store: ResourceStore) -> ChangeFeed | None:
-    """What other processes change in the database (PostgreSQL); None when this process is the only one."""
-    return store if hasattr(store, "changes_since") else None  # type: ignore[return-value]  # PostgresStore
+    """What other processes change in the database; None when this process is the only one (memory store)."""
+    return store if hasattr(store, "changes_since") else None  # type: ignore[return-value]  # PostgreSQL, SQLite
 
 
 def coherence_for(store: ResourceStore, auth: AuthService, repository: Repository) -> Coherence:

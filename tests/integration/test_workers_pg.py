@@ -1,4 +1,4 @@
-"""One server with two worker processes (``--workers 2``) on a real PostgreSQL.
+"""One server with two worker processes (``--workers 2``), on a real PostgreSQL and on SQLite.
 
 Each check sends many requests, each on its own connection and several at once, so both
 workers serve some of them; a change made through one worker (or by another process, like
@@ -15,7 +15,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -38,17 +37,27 @@ class Cluster:
     container: Container  # this test process's view of the same data directory and database
     url: str
     admin: str  # an admin client-credentials token
+    engine: str
+
+    def cli_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
+        if self.url:
+            env["FHIRVAULT_DATABASE_URL"] = self.url
+        return env
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+# SQLite: the workers share the file (and this test process writes it too, like the CLI would).
+@pytest.fixture(scope="module", params=[pytest.param("sqlite", marks=pytest.mark.sqlite_only), "postgresql"])
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     base = tmp_path_factory.mktemp("workers")
-    url = pg_server.server().create_database()
-    srv = start_server(base / "data", base / "server.log", "--workers", "2", env={"FHIRVAULT_DATABASE_URL": url})
+    url = pg_server.server().create_database() if request.param == "postgresql" else ""
+    env = {"FHIRVAULT_DATABASE_URL": url} if url else {}
+    srv = start_server(base / "data", base / "server.log", "--workers", "2", env=env)
     try:
-        container = build(load_settings({"data_dir": base / "data", "database_url": url}, environ={}))
+        engine = {"database_url": url} if url else {}
+        container = build(load_settings({"data_dir": base / "data", **engine}, environ={}))
         try:
-            yield Cluster(srv, container, url, srv.token())
+            yield Cluster(srv, container, url, srv.token(), request.param)
         finally:
             container.close()
     finally:
@@ -67,10 +76,26 @@ def statuses(srv: Server, token: str, path: str, n: int = N) -> list[int]:
     return asyncio.run(run())
 
 
+async def totals(srv: Server, token: str, identifier: str, n: int = 16) -> list[int]:
+    """``total`` of ``n`` identifier searches, each on a new connection."""
+    limits = httpx.Limits(max_keepalive_connections=0, max_connections=8)
+    async with httpx.AsyncClient(base_url=srv.fhir, timeout=30, limits=limits,
+                                 headers={"Authorization": f"Bearer {token}"}) as c:
+        rs = await asyncio.gather(*(c.get("/Patient", params={"identifier": identifier, "_total": "accurate"})
+                                    for _ in range(n)))
+        return [r.json()["total"] for r in rs]
+
+
 def test_the_server_runs_two_worker_processes(cluster: Cluster) -> None:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(cluster.server.proc.pid)], capture_output=True,
                          text=True, check=True).stdout.split()
     assert len(out) == 2, out
+    if cluster.engine == "sqlite":  # still one server per data directory (the supervisor holds the lock)
+        proc = subprocess.run([sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir",
+                               str(cluster.server.data_dir), "--port", "0", "--workers", "2"], capture_output=True,
+                              text=True, env=cluster.cli_env(), timeout=60, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "is already serving" in proc.stderr
 
 
 def test_a_revoked_token_is_refused_by_every_worker_at_once(cluster: Cluster) -> None:
@@ -202,20 +227,48 @@ def test_concurrent_conditional_creates_and_updates_create_one_resource_then_the
         assert asyncio.run(race_updates(n)) == [200] * 7 + [201], n  # conditional update: one create
     # Concurrent load through both workers, then the whole trail verifies (gap-free, in commit order).
     assert set(statuses(srv, token, "/Patient?_count=5", n=80)) == {200}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
-    env["FHIRVAULT_DATABASE_URL"] = cluster.url
     proc = subprocess.run([sys.executable, "-m", "fhirvault.cli.main", "audit", "verify", "--json",
-                           "--data-dir", str(srv.data_dir)], capture_output=True, text=True, env=env, timeout=300,
-                          check=False)
+                           "--data-dir", str(srv.data_dir)], capture_output=True, text=True, env=cluster.cli_env(),
+                          timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is True and report["entries"] > 100, report
 
 
-def test_more_than_one_worker_on_sqlite_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
-    proc = subprocess.run([sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(tmp_path / "d"),
-                           "--workers", "2"], capture_output=True, text=True, env=env, timeout=60, check=False)
-    assert proc.returncode == 2
-    assert "more than one worker process needs PostgreSQL" in proc.stderr
-    assert not (tmp_path / "d").exists()  # refused before anything was initialised
+def test_two_processes_writing_at_once_keep_every_write_and_a_gap_free_audit_trail(cluster: Cluster) -> None:
+    """The workers and this process (as the CLI would) write the same database at the same time."""
+    srv, c = cluster.server, cluster.container
+    token = cluster.admin
+    before = c.store.audit_size()
+    done = threading.Event()
+    written: list[str] = []
+
+    def write_here() -> None:  # a second writer process's worth of writes, in this process
+        n = 0
+        while not done.is_set():
+            n += 1
+            c.store.write_sync("test.meta", lambda tx, n=n: tx.set_meta(f"test-{n % 7}", str(n).encode()))
+            written.append(str(n))
+
+    here = threading.Thread(target=write_here)
+    here.start()
+
+    async def create(n: int) -> list[int]:
+        limits = httpx.Limits(max_keepalive_connections=0, max_connections=8)
+        async with httpx.AsyncClient(base_url=srv.fhir, timeout=60, limits=limits,
+                                     headers={"Authorization": f"Bearer {token}", **FHIR_JSON}) as http:
+            rs = await asyncio.gather(*(http.post("/Patient", json=dict(PATIENT, identifier=[
+                {"system": "urn:example:two", "value": f"TWO-{n}-{i}"}])) for i in range(n)))
+            return [r.status_code for r in rs]
+
+    try:
+        assert asyncio.run(create(60)) == [201] * 60
+    finally:
+        done.set()
+        here.join()
+    assert written
+    # Every create is found, by whichever worker answers, at once (the last ones before any index flush).
+    assert asyncio.run(totals(srv, token, ",".join(f"TWO-60-{i}" for i in range(60)))) == [60] * 16
+    rows = c.store.audit_rows(after_seq=before, limit=100_000)
+    assert [r.seq for r in rows] == list(range(before + 1, before + 1 + len(rows)))  # no gap, no duplicate
+    assert len(rows) >= 60

@@ -17,6 +17,7 @@ from fhirvault.adapters.sqlite_schema import (
     AUDIT_SCHEMA,
     BREAK_GLASS_SCHEMA,
     IDENTITY_SCHEMA,
+    MULTI_PROCESS_SCHEMA,
     SCHEMA,
 )
 from fhirvault.ports import Migration, SchemaTooNew
@@ -56,11 +57,21 @@ def _add_column(table: str, column: str, definition: str) -> Callable[[sqlite3.C
     return run
 
 
+def _both(*runs: Callable[[sqlite3.Connection], None]) -> Callable[[sqlite3.Connection], None]:
+    def run(conn: sqlite3.Connection) -> None:
+        for one in runs:
+            one(conn)
+
+    return run
+
+
 STEPS: tuple[_Step, ...] = (
     _Step(Migration(1, "initial schema (fhirvault 0.1)"),
           _script(SCHEMA, AUDIT_SCHEMA, BREAK_GLASS_SCHEMA, IDENTITY_SCHEMA)),
     _Step(Migration(2, "clients.allowed_sources: CIDRs a client may call from"),
           _add_column("clients", "allowed_sources", "TEXT")),
+    _Step(Migration(3, "index_dirty.flushed, coherence_log: several server processes on one database"),
+          _both(_add_column("index_dirty", "flushed", "BLOB"), _script(MULTI_PROCESS_SCHEMA))),
 )
 LATEST = STEPS[-1].migration.version
 assert [s.migration.version for s in STEPS] == list(range(1, LATEST + 1)), "steps must be numbered 1..N"

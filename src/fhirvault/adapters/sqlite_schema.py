@@ -243,3 +243,18 @@ CREATE TABLE IF NOT EXISTS break_glass (
 CREATE INDEX IF NOT EXISTS break_glass_user ON break_glass (tenant, user_id, expires_ms);
 CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, created_ms);
 """
+
+
+# Several server processes on one data directory (serve --workers N), schema version 3:
+# - index_dirty.flushed: the tags search_tags held for the resource when it became dirty (NULL: unknown,
+#   from an older release), so whichever process flushes the index knows what to remove;
+# - coherence_log: what a write changed that other processes cache (services/coherence.py), numbered
+#   in commit order (seq is assigned under the write lock).
+MULTI_PROCESS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS coherence_log (
+    seq  INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    key  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS coherence_log_seq ON coherence_log (seq);
+"""

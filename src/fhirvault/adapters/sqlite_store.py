@@ -1,9 +1,12 @@
 """ResourceStore on SQLite in WAL mode, with group commit.
 
-One writer thread owns the only write connection. Callers hand it closures;
+One writer thread owns the process's write connection. Callers hand it closures;
 it runs every closure waiting in the queue inside one ``BEGIN IMMEDIATE`` …
 ``COMMIT`` (each under its own SAVEPOINT, so one failure does not undo the
-others), and only then wakes the callers. ``synchronous=FULL`` makes SQLite
+others), and only then wakes the callers. Several processes may share the file
+(``serve --workers N``, the CLI): their writers take the write lock in turn
+(``WriteGate``), and what one process must know of another's writes is in the
+database (pending search tags, ``coherence_log``, the audit position). ``synchronous=FULL`` makes SQLite
 fsync the WAL at every commit, so an acknowledged write survives a crash or a
 power cut; batching is what lets many writers share one fsync.
 
@@ -30,6 +33,7 @@ import orjson
 
 from fhirvault.adapters import sqlite_migrations
 from fhirvault.adapters.files import create_private
+from fhirvault.adapters.sqlite_locks import FileLeadership, WriteGate
 from fhirvault.ports import (
     SEARCH_TAG_BYTES,
     AppRow,
@@ -49,6 +53,7 @@ from fhirvault.ports import (
     UserRow,
     WrappedKey,
 )
+from fhirvault.services.coherence import REVOCATIONS
 
 T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
@@ -159,23 +164,25 @@ def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_next", "committed", "index_changes")
+    __slots__ = ("_c", "audit_next", "committed", "index_rows", "invalidations")
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
-        # (rk, old tags, new tags) recorded by the current job, applied to the pending index on commit
-        self.index_changes: list[tuple[int, bytes, bytes]] = []
+        self.index_rows = 0  # tags the current job left for the next index flush
         self.committed: list[Callable[[], None]] = []  # the current job's on_commit callbacks
+        self.invalidations: list[tuple[str, str]] = []  # the current job's (kind, key) for other processes
         self.audit_next: int | None = None  # next audit seq (None: read it from the table)
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
 
     def serialize(self, key: str) -> bool:
-        return False  # one writer: jobs already run one at a time
+        # Every transaction of every process holds the database's write lock from BEGIN IMMEDIATE:
+        # a re-check here sees all that was committed before, by any process.
+        return True
 
     def invalidate(self, kind: str, key: str) -> None:
-        pass  # one process: its caches are invalidated by on_commit callbacks
+        self.invalidations.append((kind, key))  # published in coherence_log by the batch (see SqliteStore)
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
         row = self._c.execute(
@@ -200,8 +207,8 @@ class _Tx:
         return seq
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
-        """Record a resource's new tags. The tag list is durable now (in resources_current);
-        the search_tags rows follow at the next index flush (see SqliteStore)."""
+        """Record a resource's new tags. The tag list is durable now (in resources_current), and
+        searched there until the search_tags rows follow at the next index flush (_DeferredIndex)."""
         row = self._c.execute(
             "SELECT rk, tags FROM resources_current WHERE tenant=? AND type=? AND id=?", (tenant, type, id)
         ).fetchone()
@@ -212,8 +219,9 @@ class _Tx:
         if old == new:
             return
         self._c.execute("UPDATE resources_current SET tags=? WHERE rk=?", (new, rk))
-        self._c.execute("INSERT OR IGNORE INTO index_dirty (rk) VALUES (?)", (rk,))
-        self.index_changes.append((rk, old, new))
+        # Already dirty: its row keeps the tags search_tags holds, which the flush replaces.
+        self._c.execute("INSERT INTO index_dirty (rk, flushed) VALUES (?,?) ON CONFLICT (rk) DO NOTHING", (rk, old))
+        self.index_rows += len(new) // SEARCH_TAG_BYTES
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._c.execute(
@@ -412,10 +420,12 @@ class _Tx:
         self._c.execute(_PURGE_REVOKED, (now_ms,))
         n = self._c.execute(f"UPDATE refresh_tokens SET revoked=1 WHERE {column}=? AND revoked=0",  # noqa: S608
                             (value,)).rowcount
-        n += self._c.execute(
+        added = self._c.execute(
             f"INSERT OR IGNORE INTO revoked_jtis (jti, expires_ms) SELECT jti, expires_ms FROM issued_tokens"  # noqa: S608
             f" WHERE {column}=?", (value,)).rowcount
-        return int(n)
+        if added:
+            self.invalidate(REVOCATIONS, "")  # the other processes read revoked_jtis at their next request
+        return int(n + added)
 
     def revoke_refresh(self, token_hash: bytes) -> RefreshTokenRow | None:
         row = self._c.execute(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=?",  # noqa: S608
@@ -428,6 +438,7 @@ class _Tx:
     def revoke_jti(self, jti: str, expires_ms: int, now_ms: int) -> None:
         self._c.execute(_PURGE_REVOKED, (now_ms,))
         self._c.execute("INSERT OR IGNORE INTO revoked_jtis (jti, expires_ms) VALUES (?,?)", (jti, expires_ms))
+        self.invalidate(REVOCATIONS, "")
 
     def end_user_sessions(self, user_id: str, now_ms: int) -> int:
         ids = [r[0] for r in self._c.execute("SELECT session_id FROM login_sessions WHERE user_id=? AND ended_ms=0",
@@ -482,7 +493,7 @@ def _delete_tags(conn: sqlite3.Connection, rows: list[tuple[bytes, int]], chunk:
 
 @dataclass
 class _Flush:
-    changes: dict[int, tuple[bytes, bytes]]
+    changes: dict[int, bytes]  # rk -> the tags this flush writes (resources_current.tags when planned)
     gone: list[tuple[bytes, int]]
     added: list[tuple[bytes, int]]
     gone_at: int = 0
@@ -490,88 +501,78 @@ class _Flush:
     ms: float = 0.0
 
 
+_PLAN_MAX = 20_000  # resources per flush
+
+
 class _DeferredIndex:
-    """Search tags written in large, infrequent transactions.
+    """Search tags written in large, infrequent transactions, by one process at a time.
 
     Tags are random keys: each one dirties a random page of the index, and SQLite's
     WAL rewrites every dirty page at every commit. Writing them with each group
     commit made a create cost ~140-700 KiB of WAL. So a write transaction only
-    records the resource's new tag list (durable, in ``resources_current``) and
-    marks it in ``index_dirty``; the ``search_tags`` rows are applied here about
-    once a second in one sorted transaction. Until then the new tags are searched
-    in memory (``pending_rks``). After a crash, ``recover`` re-applies the tag lists
-    of the dirty resources. Tags an update removed may linger after a crash: they
-    only add candidates, which search always decrypts and verifies.
+    records the resource's new tag list (in ``resources_current``) and marks it in
+    ``index_dirty`` with the tags ``search_tags`` holds for it; the ``search_tags``
+    rows are applied about once a second in one sorted pass. Until then searches
+    also match the tag lists of the dirty resources (``_pending_rks``), so every
+    process's searches see every committed write, and a crash loses nothing.
+
+    Only the holder of the ``search-index`` lock flushes (several server processes
+    may share the database): two flushers working from different snapshots could
+    remove a tag the other re-added. Tags an update removed may linger for a moment:
+    they only add candidates, which search always decrypts and verifies.
     """
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_tag: dict[bytes, set[int]] = {}
-        self._changes: dict[int, tuple[bytes, bytes]] = {}  # rk -> (tags in search_tags, latest tags)
-        self._rows = 0
+    def __init__(self, leadership: FileLeadership) -> None:
+        self._leadership = leadership
+        self._rows = 0  # tags this process left dirty since the last flush
         self._since = time.monotonic()
         self._job: _Flush | None = None
 
     @staticmethod
-    def _split(blob: bytes) -> set[bytes]:
+    def _split(blob: bytes | None) -> set[bytes]:
+        blob = blob or b""
         return {blob[i : i + SEARCH_TAG_BYTES] for i in range(0, len(blob), SEARCH_TAG_BYTES)}
 
-    def stage(self, changes: list[tuple[int, bytes, bytes]]) -> None:
-        if not changes:
-            return
-        with self._lock:
-            if not self._changes:
-                self._since = time.monotonic()
-            for rk, old, new in changes:
-                flushed = self._changes[rk][0] if rk in self._changes else old
-                self._changes[rk] = (flushed, new)
-                for tag in self._split(new):
-                    self._by_tag.setdefault(tag, set()).add(rk)
-                self._rows += len(new) // SEARCH_TAG_BYTES
-
-    def pending_rks(self, tags: tuple[bytes, ...]) -> list[int]:
-        with self._lock:
-            if not self._by_tag:
-                return []
-            found: set[int] = set()
-            for tag in tags:
-                found |= self._by_tag.get(tag, set())
-            return sorted(found)
+    def stage(self, rows: int) -> None:
+        self._rows += rows
 
     def due(self) -> bool:
-        return self._job is not None or (bool(self._changes) and (
-            self._rows >= _INDEX_FLUSH_ROWS or time.monotonic() - self._since >= _INDEX_FLUSH_S))
+        if self._job is not None:
+            return True
+        if self._rows < _INDEX_FLUSH_ROWS and time.monotonic() - self._since < _INDEX_FLUSH_S:
+            return False
+        self._since, self._rows = time.monotonic(), 0
+        return self._leadership.lead("search-index")
 
-    def _plan(self) -> _Flush | None:
-        with self._lock:
-            changes = dict(self._changes)
-        if not changes:
+    def _plan(self, conn: sqlite3.Connection) -> _Flush | None:
+        rows = conn.execute("SELECT d.rk, d.flushed, c.tags FROM index_dirty d LEFT JOIN resources_current c"
+                            " ON c.rk = d.rk ORDER BY d.rk LIMIT ?", (_PLAN_MAX,)).fetchall()
+        if not rows:
             return None
+        changes: dict[int, bytes] = {}
         gone: list[tuple[bytes, int]] = []
         added: list[tuple[bytes, int]] = []
-        step = SEARCH_TAG_BYTES
-        for rk, (flushed, latest) in changes.items():
-            if not flushed:  # a new resource (the common case): every tag is added
-                added += [(latest[i : i + step], rk) for i in range(0, len(latest), step)]
-                continue
-            before, after = self._split(flushed), self._split(latest)
+        for rk, flushed, latest in rows:
+            latest = bytes(latest or b"")
+            changes[rk] = latest
+            before, after = self._split(flushed), self._split(latest)  # flushed NULL: unknown, add them all
             gone += [(t, rk) for t in before - after]
             added += [(t, rk) for t in after - before]
         gone.sort()
         added.sort()  # sorted keys: each slice covers its own key range, each index page is written once
         return _Flush(changes, gone, added)
 
-    def step(self, conn: sqlite3.Connection, budget: int = _FLUSH_SLICE) -> bool:
+    def step(self, conn: sqlite3.Connection, gate: WriteGate, budget: int = _FLUSH_SLICE) -> bool:
         """Apply the next slice (at most ``budget`` rows) of a flush; True when nothing is left.
 
         Slices keep each write transaction short, so writers never wait long behind the
-        index. Until the last slice commits, the flushed resources stay in the pending
-        map, so searches find them either way.
+        index. Until the last slice commits, the flushed resources stay in ``index_dirty``,
+        so searches find them either way.
         """
         if self._job is None:
             if not self.due():
                 return True
-            self._job = self._plan()
+            self._job = self._plan(conn)
             if self._job is None:
                 return True
         job = self._job
@@ -580,14 +581,15 @@ class _DeferredIndex:
         added = job.added[job.added_at : job.added_at + max(0, budget - len(gone))]
         last = job.gone_at + len(gone) >= len(job.gone) and job.added_at + len(added) >= len(job.added)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            if gone:
-                _delete_tags(conn, gone)
-            if added:
-                _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
-            if last:
-                _chunked(conn, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", [(rk,) for rk in sorted(job.changes)])
-            conn.execute("COMMIT")
+            with gate.held():
+                conn.execute("BEGIN IMMEDIATE")
+                if gone:
+                    _delete_tags(conn, gone)
+                if added:
+                    _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
+                if last:
+                    self._finish(conn, job.changes)
+                conn.execute("COMMIT")
         except sqlite3.Error:
             log.exception("search index flush failed; will retry")
             with contextlib.suppress(sqlite3.Error):
@@ -599,49 +601,63 @@ class _DeferredIndex:
         if not last:
             return False
         self._job = None
-        self._finish(job.changes)
         log.debug("search index flushed", extra={"resources": len(job.changes), "added": len(job.added),
                                                  "removed": len(job.gone), "ms": round(job.ms, 1)})
         return True
 
-    def flush(self, conn: sqlite3.Connection) -> None:
-        """Apply everything pending now (idle time, shutdown)."""
-        while self._job is not None or self._changes:
-            self._since = -math.inf  # due now
+    @staticmethod
+    def _finish(conn: sqlite3.Connection, changes: dict[int, bytes]) -> None:
+        """Under the write lock: resources not changed since the plan are clean; the others stay dirty,
+        from the tags just written."""
+        rks = sorted(changes)
+        moved: list[tuple[bytes, int]] = []
+        for i in range(0, len(rks), 500):
+            part = rks[i : i + 500]
+            sql = f"SELECT rk, tags FROM resources_current WHERE rk IN ({','.join('?' * len(part))})"  # noqa: S608
+            moved += [(changes[rk], rk) for rk, tags in conn.execute(sql, part) if bytes(tags) != changes[rk]]
+        conn.executemany("UPDATE index_dirty SET flushed=? WHERE rk=?", moved)
+        still = {rk for _t, rk in moved}
+        _chunked(conn, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", [(rk,) for rk in rks if rk not in still])
+
+    def flush(self, conn: sqlite3.Connection, gate: WriteGate) -> None:
+        """Apply what is pending now (idle time, shutdown), if this process is the one that flushes.
+
+        One plan's worth: whatever is left stays dirty (and searchable) for the next flush, by any process."""
+        self._since = -math.inf  # due now
+        while True:
             before = (id(self._job), self._job.gone_at, self._job.added_at) if self._job else None
-            self.step(conn, budget=_FLUSH_SLICE * 10)
+            if self.step(conn, gate, budget=_FLUSH_SLICE * 10):
+                return
             after = (id(self._job), self._job.gone_at, self._job.added_at) if self._job else None
-            if after is not None and after == before:
+            if after == before:
                 return  # the slice failed (logged): try again later
 
-    def _finish(self, changes: dict[int, tuple[bytes, bytes]]) -> None:
-        with self._lock:
-            for rk, (_flushed, latest) in changes.items():
-                current = self._changes.get(rk)
-                if current is not None and current[1] == latest:
-                    del self._changes[rk]
-                elif current is not None:  # changed again meanwhile: what is flushed is `latest`
-                    self._changes[rk] = (latest, current[1])
-            self._by_tag = {}
-            for rk, (_f, latest) in self._changes.items():
-                for tag in self._split(latest):
-                    self._by_tag.setdefault(tag, set()).add(rk)
-            self._rows = sum(len(latest) // SEARCH_TAG_BYTES for _f, latest in self._changes.values())
-            self._since = time.monotonic()
 
-    def recover(self, conn: sqlite3.Connection) -> None:
-        """After a crash: re-apply the tag lists of resources whose tags were not flushed."""
-        rows = conn.execute(
-            "SELECT c.rk, c.tags FROM index_dirty d JOIN resources_current c ON c.rk = d.rk"
-        ).fetchall()
-        if not rows:
-            return
-        log.warning("rebuilding search index entries after an unclean shutdown", extra={"resources": len(rows)})
-        added = sorted((tag, rk) for rk, blob in rows for tag in self._split(blob))
-        conn.execute("BEGIN IMMEDIATE")
-        _chunked(conn, "INSERT OR IGNORE INTO search_tags (tag, rk) VALUES {}", added)
-        conn.execute("DELETE FROM index_dirty")
-        conn.execute("COMMIT")
+# Search: a resource whose tags are not in search_tags yet matches on its tag list (``instr`` may also
+# match across two tags: one more candidate, verified like any other). The driving criterion lists the
+# few dirty resources (CROSS JOIN: from index_dirty, never a scan of resources_current); the others
+# test the candidate row.
+def _pending_rks(tags: int) -> str:
+    return ("SELECT d.rk FROM index_dirty d CROSS JOIN resources_current p ON p.rk = d.rk WHERE "  # noqa: S608
+            + " OR ".join(["instr(p.tags, ?) > 0"] * tags))
+
+
+def _pending_row(tags: int) -> str:
+    return ("(EXISTS (SELECT 1 FROM index_dirty d WHERE d.rk = c.rk) AND ("  # noqa: S608
+            + " OR ".join(["instr(c.tags, ?) > 0"] * tags) + "))")
+
+
+_COHERENCE_KEEP = 10_000  # coherence_log seqs kept; a process further behind drops all its caches
+_COHERENCE_READ_MAX = 1000
+
+
+def _publish(conn: sqlite3.Connection, invalidations: list[tuple[str, str]]) -> None:
+    """Inside the batch, under the write lock: its invalidations under one new seq, in commit order."""
+    seq = int(conn.execute("SELECT coalesce(max(seq), 0) + 1 FROM coherence_log").fetchone()[0])
+    conn.executemany("INSERT INTO coherence_log (seq, kind, key) VALUES (?,?,?)",
+                     [(seq, kind, key) for kind, key in sorted(set(invalidations))])
+    if seq % 100 == 0:
+        conn.execute("DELETE FROM coherence_log WHERE seq <= ?", (seq - _COHERENCE_KEEP,))
 
 
 _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
@@ -711,8 +727,10 @@ class SqliteStore:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._writer_conn = _connect(path, self.audit_path)
         self._migrate()
-        self._index = _DeferredIndex()
-        self._index.recover(self._writer_conn)
+        # Other server processes may share the file (serve --workers N): they take turns at the gate.
+        self._gate = WriteGate(path.with_name(path.name + ".write.lock"))
+        self._index_leader = FileLeadership(path.parent)
+        self._index = _DeferredIndex(self._index_leader)
         self._closed = False
         self._lifecycle = threading.Lock()
         self._thread = threading.Thread(target=self._run_writer, name="fhirvault-writer", daemon=True)
@@ -733,7 +751,7 @@ class SqliteStore:
             try:
                 first = self._queue.get(timeout=_INDEX_FLUSH_S)
             except queue.Empty:
-                self._index.flush(conn)  # idle: catch the index up
+                self._index.flush(conn, self._gate)  # idle: catch the index up
                 continue
             if first is _STOP:
                 break
@@ -749,51 +767,57 @@ class SqliteStore:
                     break
                 batch.append(item)
             self._commit_batch(conn, tx, batch)
-            self._index.step(conn)
+            self._index.step(conn, self._gate)
             if stop:
                 break
-        self._index.flush(conn)
+        self._index.flush(conn, self._gate)
         conn.close()
 
     def _commit_batch(self, conn: sqlite3.Connection, tx: _Tx, batch: list[_Job]) -> None:
         outcomes: list[tuple[bool, Any]] = []
         callbacks: list[list[Callable[[], None]]] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            changes: list[tuple[int, bytes, bytes]] = []
-            for _name, fn, _fut, _loop in batch:
-                conn.execute("SAVEPOINT job")
-                tx.index_changes = []
-                tx.committed = []
-                try:
-                    value = fn(tx)
-                except BaseException as exc:  # the job's own failure: undo only its work
-                    tx.audit_next = None  # the job may have appended audit entries that are now gone
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
-                        wrapped = RuntimeError("write job raised StopIteration")
-                        wrapped.__cause__ = exc
-                        exc = wrapped
-                    outcomes.append((False, exc))
-                    callbacks.append([])
-                else:
-                    conn.execute("RELEASE job")
-                    outcomes.append((True, value))
-                    callbacks.append(tx.committed)
-                    changes.extend(tx.index_changes)
-            conn.execute("COMMIT")
-            self._index.stage(changes)  # searchable before any writer hears back
-        except Exception as exc:  # the commit itself failed: nothing is durable
-            tx.audit_next = None
-            log.error("write batch failed", extra={"error": type(exc).__name__})
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            outcomes = [(False, exc)] * len(batch)
-            callbacks = [[] for _ in batch]
-        else:
-            self.commits += 1
-            self.batched_jobs += len(batch)
+        with self._gate.held():
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                tx.audit_next = None  # other processes append too: read the next seq under the lock
+                rows = 0
+                invalidations: list[tuple[str, str]] = []
+                for _name, fn, _fut, _loop in batch:
+                    conn.execute("SAVEPOINT job")
+                    tx.index_rows = 0
+                    tx.committed = []
+                    tx.invalidations = []
+                    try:
+                        value = fn(tx)
+                    except BaseException as exc:  # the job's own failure: undo only its work
+                        tx.audit_next = None  # the job may have appended audit entries that are now gone
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
+                            wrapped = RuntimeError("write job raised StopIteration")
+                            wrapped.__cause__ = exc
+                            exc = wrapped
+                        outcomes.append((False, exc))
+                        callbacks.append([])
+                    else:
+                        conn.execute("RELEASE job")
+                        outcomes.append((True, value))
+                        callbacks.append(tx.committed)
+                        rows += tx.index_rows
+                        invalidations += tx.invalidations
+                if invalidations:
+                    _publish(conn, invalidations)
+                conn.execute("COMMIT")
+            except Exception as exc:  # the commit itself failed: nothing is durable
+                log.error("write batch failed", extra={"error": type(exc).__name__})
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                outcomes = [(False, exc)] * len(batch)
+                callbacks = [[] for _ in batch]
+            else:
+                self._index.stage(rows)
+                self.commits += 1
+                self.batched_jobs += len(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, bool, Any, list[Callable[[], None]]]]] = {}
         for (_name, _fn, fut, loop), (ok, value), hooks in zip(batch, outcomes, callbacks, strict=True):
             if loop is None:
@@ -901,18 +925,17 @@ class SqliteStore:
         # count of each group's index entries); the others are checked per candidate by
         # primary-key seeks on (tag, rk), so a broad criterion never gets materialised.
         for n, group in enumerate(self._by_selectivity(q.tag_groups)):
-            # Pending first: a flush clears it only after its commit, which this query then sees.
-            pending = self._index.pending_rks(group)
+            # Or a resource not in search_tags yet (one statement, one snapshot: a flush either
+            # committed or not).
             marks = ",".join("?" * len(group))
             if n == 0:
-                clause = f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({marks}))"  # noqa: S608
+                clauses.append(f"c.rk IN (SELECT rk FROM search_tags WHERE tag IN ({marks})"  # noqa: S608
+                               f" UNION ALL {_pending_rks(len(group))})")
             else:
-                clause = f"EXISTS (SELECT 1 FROM search_tags s WHERE s.tag IN ({marks}) AND s.rk = c.rk)"  # noqa: S608
+                clauses.append(f"(EXISTS (SELECT 1 FROM search_tags s WHERE s.tag IN ({marks}) AND s.rk = c.rk)"  # noqa: S608
+                               f" OR {_pending_row(len(group))})")
             args.extend(group)
-            if pending:
-                clause = f"({clause} OR c.rk IN ({','.join('?' * len(pending))}))"
-                args.extend(pending)
-            clauses.append(clause)
+            args.extend(group)
         order = "DESC" if q.descending else "ASC"
         sql = (
             "SELECT c.rk, v.type, v.id, v.version, v.last_updated, v.deleted, v.key_id, v.blob, v.seq"  # noqa: S608
@@ -930,7 +953,7 @@ class SqliteStore:
         def estimate(group: tuple[bytes, ...]) -> int:
             marks = ",".join("?" * len(group))
             sql = f"SELECT count(*) FROM (SELECT 1 FROM search_tags WHERE tag IN ({marks}) LIMIT {_PROBE})"  # noqa: S608
-            return int(reader.execute(sql, group).fetchone()[0]) + len(self._index.pending_rks(group))
+            return int(reader.execute(sql, group).fetchone()[0])  # (pending resources: a second or so of writes)
 
         return sorted(groups, key=estimate)
 
@@ -1089,6 +1112,24 @@ class SqliteStore:
             (after_seq, now_ms)).fetchall()
         return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
 
+    # -- other processes sharing the file (services/coherence.py) -------------
+    def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
+        """The coherence head, and the (kind, key) rows published after ``seq`` up to it (None: unknown,
+        drop everything). One index lookup when nothing changed."""
+        reader = self._reader()
+        head = int(reader.execute("SELECT coalesce(max(seq), 0) FROM coherence_log").fetchone()[0])
+        if head == seq or seq is None:
+            return head, [] if head == seq else None
+        rows = reader.execute("SELECT seq, kind, key FROM coherence_log WHERE seq > ? AND seq <= ? ORDER BY seq"
+                              " LIMIT ?", (seq, head, _COHERENCE_READ_MAX)).fetchall()
+        if not rows or int(rows[0][0]) != seq + 1 or len(rows) >= _COHERENCE_READ_MAX:
+            return head, None
+        return head, [(str(r[1]), str(r[2])) for r in rows]
+
+    def leadership(self) -> FileLeadership:
+        """Cluster singletons among the server processes of this data directory (container.leadership_for)."""
+        return FileLeadership(self.path.parent)
+
     def close(self) -> None:
         with self._lifecycle:
             if self._closed:
@@ -1096,6 +1137,8 @@ class SqliteStore:
             self._closed = True
             self._queue.put(_STOP)
         self._thread.join(timeout=30)
+        self._index_leader.close()
+        self._gate.close()
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()

@@ -1,11 +1,10 @@
 """``fhirvault serve``: initialise on first run, then serve with Granian.
 
-Granian (a Rust HTTP server for Python) runs worker processes that each build the
-application. On SQLite there is one: the store's single writer thread lives there,
-so there is exactly one writer per data directory. On PostgreSQL there are
-``workers`` (default: the core count); the database serialises what must be, and
-services/coherence.py keeps each worker's caches correct. The supervising process
-restarts a worker that dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
+Granian (a Rust HTTP server for Python) runs ``workers`` worker processes that each
+build the application (default: the core count on PostgreSQL, one on SQLite). The
+database serialises what must be (on SQLite each worker's writer takes the file's
+write lock in turn), and services/coherence.py keeps each worker's caches correct.
+The supervising process restarts a worker that dies. TLS is rustls, TLS 1.2 minimum, forward-secret AEAD suites only.
 
 Before anything is served the supervisor checks what an operator can get wrong
 and refuses with one line (exit status 2): another server on the same data
@@ -197,7 +196,7 @@ def _prepare(settings: Settings) -> None:
 
 
 def worker_count(settings: Settings) -> int:
-    """``workers``, or the default: one per core on PostgreSQL, one on SQLite (config.py refuses more)."""
+    """``workers``, or the default: one per core on PostgreSQL, one on SQLite."""
     if settings.workers is not None:
         return settings.workers
     if settings.database_url is None:
@@ -215,8 +214,9 @@ def serve(settings: Settings) -> int:
 
     configure(settings.log_level)
     new_dir = not settings.data_dir.exists()
-    # One writer per SQLite database. On PostgreSQL the database serialises what must be, and several
-    # servers (or one per node) may share the key directory.
+    # One server per SQLite data directory (its workers share the file; the supervisor holds the lock).
+    # On PostgreSQL the database serialises what must be, and several servers (or one per node) may
+    # share the key directory.
     if settings.database_url is None:
         lock: int | None = lock_data_dir(settings.data_dir)
     else:

@@ -10,8 +10,9 @@
   kept wrapped by the root key. Verified tokens are cached until they expire.
 * Revocation: every check consults the revoked-jti set (after the cache, so a cached token is
   refused at once). Revocations made by this process are added to the set before the revoking
-  call returns; other server processes on the same PostgreSQL database pick them up at their next
-  request (``before_check``: services/coherence.py); a CLI on SQLite at most ``REVOCATION_POLL_S`` later.
+  call returns; other processes on the same database (server workers, the CLI) publish theirs,
+  picked up at the next request (``before_check``: services/coherence.py); a direct write to
+  ``revoked_jtis`` at most ``REVOCATION_POLL_S`` later.
 """
 
 from __future__ import annotations

@@ -2,15 +2,15 @@
 
 Each worker process caches facts read from the database: revoked token ids, the
 patients a practitioner reaches (relationships), consents, break-the-glass grants.
-A write that changes one of them calls ``tx.invalidate(kind, key)``; the PostgreSQL
-store publishes those rows in the same transaction (``coherence_log``, numbered in
-commit order). ``Coherence.sync`` runs at the start of every authenticated request:
+A write that changes one of them calls ``tx.invalidate(kind, key)``; the store
+publishes those rows in the same transaction (``coherence_log``, numbered in commit
+order; on PostgreSQL and on SQLite alike). ``Coherence.sync`` runs at the start of every authenticated request:
 one indexed query (``seq > last seen``, joined to a one-row head), and when something
 changed, the handler of each kind drops what it cached. So a change acknowledged to
 a client applies on every worker from that worker's next request on.
 
-With SQLite there is one process: there is no feed and ``sync`` does nothing (the
-writing process invalidates its caches with ``on_commit`` callbacks, as before).
+The writing process also invalidates its own caches at once with ``on_commit``
+callbacks; a store without a feed (the in-memory one of the tests) has only those.
 """
 
 from __future__ import annotations

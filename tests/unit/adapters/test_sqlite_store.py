@@ -116,14 +116,17 @@ def test_unflushed_tags_are_recovered_after_a_crash(tmp_path: Path) -> None:
     store = SqliteStore(path)
     _tagged(store, "p1", [b"C" * 8])
     # simulate a crash: the writer never flushes (the committed tag list and index_dirty row remain)
-    store._index.flush = lambda conn: None  # type: ignore[method-assign]
+    store._index.flush = lambda conn, gate: None  # type: ignore[method-assign]
     store.close()
     reopened = SqliteStore(path)
     try:
-        assert _found(reopened, b"C" * 8) == ["p1"]
-        assert reopened._reader().execute("SELECT count(*) FROM search_tags").fetchone()[0] == 1
+        assert _found(reopened, b"C" * 8) == ["p1"]  # searched on its tag list until flushed
     finally:
-        reopened.close()
+        reopened.close()  # the next flush writes it
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM search_tags").fetchone()[0] == 1
+    assert conn.execute("SELECT count(*) FROM index_dirty").fetchone()[0] == 0
+    conn.close()
 
 
 def test_flushed_tags_an_update_dropped_are_deleted_from_the_index(tmp_path: Path) -> None:
@@ -180,3 +183,126 @@ def test_a_data_dir_from_before_client_allow_lists_gains_the_column(tmp_path: Pa
         assert store.client("new") == row
     finally:
         store.close()
+
+
+# -- several processes on one file (serve --workers N): two stores stand for two processes --------------
+def test_a_search_sees_what_another_process_wrote_before_any_index_flush(tmp_path: Path) -> None:
+    one, two = SqliteStore(tmp_path / "db.sqlite3"), SqliteStore(tmp_path / "db.sqlite3")
+    try:
+        _tagged(one, "p1", [b"A" * 8])
+        assert _found(two, b"A" * 8) == ["p1"]
+        _tagged(two, "p1", [b"B" * 8])  # the other one updates it
+        assert _found(one, b"B" * 8) == ["p1"]
+        assert one._reader().execute("SELECT count(*) FROM search_tags").fetchone()[0] == 0
+    finally:
+        two.close()
+        one.close()
+
+
+def test_only_one_process_flushes_and_updates_from_another_are_not_lost(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite3"
+    one, two = SqliteStore(path), SqliteStore(path)
+    a, b, c = b"A" * 8, b"B" * 8, b"C" * 8
+    try:
+        _tagged(one, "p1", [a, b])
+        _tagged(two, "p1", [b, c])  # drops a, adds c
+        _tagged(one, "p1", [a, c])  # drops b, adds a back
+        assert _found(one, a) == ["p1"] and _found(two, c) == ["p1"] and _found(one, b) == []
+    finally:
+        one.close()  # each flushes when it closes, if it holds the index role (one at a time)
+        assert not one._index_leader._held
+        two.close()
+    conn = sqlite3.connect(path)
+    assert sorted(r[0] for r in conn.execute("SELECT tag FROM search_tags")) == [a, c]
+    assert conn.execute("SELECT count(*) FROM index_dirty").fetchone()[0] == 0
+    conn.close()
+
+
+def test_a_revocation_is_published_to_the_other_processes(tmp_path: Path) -> None:
+    from fhirvault.services.coherence import REVOCATIONS
+
+    one, two = SqliteStore(tmp_path / "db.sqlite3"), SqliteStore(tmp_path / "db.sqlite3")
+    try:
+        head, _ = two.changes_since(None)
+        assert two.changes_since(head) == (head, [])
+        one.write_sync("revoke", lambda tx: tx.revoke_jti("jti-1", 10**13, 1))
+        new, rows = two.changes_since(head)
+        assert new == head + 1 and rows == [(REVOCATIONS, "")]
+        assert two.revoked_jtis(0, 1)[-1][1] == "jti-1"
+    finally:
+        two.close()
+        one.close()
+
+
+def test_audit_entries_of_processes_writing_at_once_are_gap_free(tmp_path: Path) -> None:
+    import threading
+
+    stores = [SqliteStore(tmp_path / "db.sqlite3") for _ in range(2)]
+
+    def append(store: SqliteStore, mark: bytes) -> None:
+        for _ in range(50):
+            store.write_sync("a", lambda tx: tx.append_audit("t", 1, lambda seq: mark + b"%d" % seq))
+
+    threads = [threading.Thread(target=append, args=(s, m)) for s, m in zip(stores, (b"s", b"c"), strict=True)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        rows = stores[0].audit_rows(limit=1000)
+        assert [r.seq for r in rows] == list(range(1, 101))
+        assert all(r.blob.endswith(b"%d" % r.seq) for r in rows)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_leadership_goes_to_one_process_and_moves_when_it_closes(tmp_path: Path) -> None:
+    from fhirvault.adapters.sqlite_locks import FileLeadership
+
+    one, two = FileLeadership(tmp_path), FileLeadership(tmp_path)
+    assert one.lead("audit-checkpoints") is True
+    assert two.lead("audit-checkpoints") is False
+    assert two.lead("audit-verify") is True  # roles are independent
+    assert one.lead("audit-checkpoints") is True  # held until closed
+    one.close()
+    assert two.lead("audit-checkpoints") is True
+    two.close()
+
+
+def test_a_resource_changed_during_a_flush_stays_dirty_from_what_the_flush_wrote(tmp_path: Path) -> None:
+    """The flush plans from one snapshot and writes in slices; another process may update meanwhile."""
+    import math
+
+    from fhirvault.adapters.sqlite_locks import FileLeadership, WriteGate
+    from fhirvault.adapters.sqlite_store import _connect, _DeferredIndex
+
+    path = tmp_path / "db.sqlite3"
+    a, b, c = b"A" * 8, b"B" * 8, b"C" * 8
+
+    def write(tags: list[bytes]) -> None:  # as another process: its writer never flushes
+        other = SqliteStore(path)
+        other._index.flush = lambda conn, gate: None  # type: ignore[method-assign]
+        _tagged(other, "p1", tags)
+        other.close()
+
+    write([a, b])
+    conn = _connect(path, tmp_path / "audit.sqlite3")
+    leader = FileLeadership(tmp_path)
+    index, gate = _DeferredIndex(leader), WriteGate(tmp_path / "gate.lock")
+    try:
+        index._since = -math.inf
+        assert index.step(conn, gate, budget=1) is False  # planned {a, b}; one row written
+        write([b, c])  # meanwhile: drops a, adds c
+        while not index.step(conn, gate, budget=1):
+            pass
+        assert conn.execute("SELECT flushed FROM index_dirty").fetchall() == [(a + b,)]
+        assert sorted(r[0] for r in conn.execute("SELECT tag FROM search_tags")) == [a, b]
+        index._since = -math.inf
+        assert index.step(conn, gate) is True
+        assert sorted(r[0] for r in conn.execute("SELECT tag FROM search_tags")) == [b, c]
+        assert conn.execute("SELECT count(*) FROM index_dirty").fetchone()[0] == 0
+    finally:
+        gate.close()
+        leader.close()
+        conn.close()
