@@ -53,9 +53,9 @@ def main() -> None:
             checkpoint = time.perf_counter() - t0
         finally:
             c.close()
-        size = sum(f.stat().st_size for f in args.dir.glob("audit.sqlite3*"))
+        size = sum(f.stat().st_size for f in args.dir.glob("fhirvault.sqlite3*"))
         print(f"fill: {args.entries} entries in {fill:.1f} s ({args.entries / fill:,.0f}/s); "
-              f"last checkpoint step {checkpoint:.2f} s; audit files {size / 1e6:.0f} MB "
+              f"last checkpoint step {checkpoint:.2f} s; database files {size / 1e6:.0f} MB "
               f"({size / args.entries:.0f} B/entry)")
     report = verify_data_dir(settings)
     print(f"verify: {report.summary()}")

@@ -49,7 +49,7 @@ def logged(tmp_path: Path) -> Iterator[Settings]:
 
 def _sql(settings: Settings, *statements: str) -> None:
     """What a DBA with file access can do: drop the guards and edit rows."""
-    conn = sqlite3.connect(settings.audit_database_path)
+    conn = sqlite3.connect(settings.database_path)  # the audit tables are in the main file
     for table in ("audit_log", "audit_checkpoints"):
         for op in ("update", "delete"):
             conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{op}")
@@ -71,7 +71,7 @@ def test_an_untouched_log_verifies(logged: Settings) -> None:
 
 
 def test_edited_entry_is_named(logged: Settings) -> None:
-    conn = sqlite3.connect(logged.audit_database_path)
+    conn = sqlite3.connect(logged.database_path)
     (blob,) = conn.execute("SELECT blob FROM audit_log WHERE seq = 57").fetchone()
     conn.close()
     flipped = blob[:20] + bytes([blob[20] ^ 1]) + blob[21:]
@@ -131,11 +131,12 @@ def test_rollback_to_an_older_copy_is_caught_by_the_witness(tmp_path: Path) -> N
     _fill(settings, 0, 30)
     saved = tmp_path / "old-audit"
     saved.mkdir()
-    for f in settings.data_dir.glob("audit.sqlite3*"):
+    assert not list(settings.data_dir.glob("audit.sqlite3*"))  # one file holds the audit log
+    for f in settings.data_dir.glob("fhirvault.sqlite3*"):
         shutil.copy2(f, saved / f.name)
     _fill(settings, 30, 30)
     assert _verify(settings).ok
-    for f in settings.data_dir.glob("audit.sqlite3*"):
+    for f in settings.data_dir.glob("fhirvault.sqlite3*"):
         f.unlink()
     for f in saved.iterdir():
         shutil.copy2(f, settings.data_dir / f.name)
