@@ -116,8 +116,13 @@ def pending(conn: sqlite3.Connection) -> list[Migration]:
     return [s.migration for s in STEPS[version:]]
 
 
+def _open_existing(path: Path, mode: str) -> sqlite3.Connection:
+    """Never creates the file (another process may have just renamed it)."""
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode={mode}", uri=True, isolation_level=None)
+
+
 def _max_seq(path: Path) -> int:
-    conn = sqlite3.connect(path)
+    conn = _open_existing(path, "ro")
     try:
         if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='audit_log'").fetchone() is None:
             return 0
@@ -131,14 +136,17 @@ def _settle_legacy(conn: sqlite3.Connection, legacy: Path, merged_now: bool) -> 
     merged = legacy.with_name(legacy.name + MERGED_SUFFIX)
     if legacy.exists():  # merged just now, or by a start that stopped before this rename
         with contextlib.suppress(sqlite3.Error):  # fold its WAL in, so one file holds it all
-            old = sqlite3.connect(legacy, isolation_level=None)
+            old = _open_existing(legacy, "rw")
             try:
                 old.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 old.execute("PRAGMA journal_mode=DELETE")
             finally:
                 old.close()
         ours = int(conn.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0])
-        theirs = _max_seq(legacy)
+        try:
+            theirs = _max_seq(legacy)
+        except sqlite3.OperationalError:  # renamed meanwhile by another process opening the store
+            return
         if theirs > ours:
             raise SchemaError(f"{legacy} holds audit entries up to {theirs}, the main database only up to {ours}:"
                               f" it was put back after the audit log moved into the main database. Move it away"
