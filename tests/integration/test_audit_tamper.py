@@ -3,6 +3,7 @@ start-up pass catches what follows the last witnessed checkpoint, its background
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fhirvault.adapters.witness import open_witness
@@ -20,6 +22,7 @@ from fhirvault.container import build
 from fhirvault.services.audit import AuditRecord
 from fhirvault.services.audit_monitor import VERIFIED_META, AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport, verify_data_dir, verify_recent
+from tests.conftest import start_server
 
 ENTRIES_PER_ROUND = 40
 
@@ -274,3 +277,49 @@ def test_a_clean_full_pass_records_where_the_next_start_up_pass_may_begin(logged
         c.close()
     _fill(logged, 3 * ENTRIES_PER_ROUND, 5, witness=False)
     assert _recent(logged).since == 3 * ENTRIES_PER_ROUND
+
+
+def _server_alerts(data: Path, timeout: float) -> str:
+    path = data / "alerts.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and "audit_verification" in path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    return ""
+
+
+def _audit_log_lines(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith("{") and '"fhirvault.audit"' in line]
+
+
+@pytest.mark.sqlite_only  # edits the SQLite audit table
+@pytest.mark.server
+def test_server_with_an_old_entry_changed_gets_ready_then_alerts(long_logged: Settings, tmp_path: Path) -> None:
+    _set_blob(long_logged, 5)
+    srv = start_server(long_logged.data_dir, tmp_path / "server.log")
+    try:
+        alerts = _server_alerts(long_logged.data_dir, timeout=30)
+        assert "entry 5 does not authenticate" in alerts
+        assert httpx.get(srv.base_url + "/readyz").status_code == 503  # and out of the load balancer again
+    finally:
+        srv.stop()
+    lines = [(ln["msg"], ln.get("since")) for ln in _audit_log_lines(tmp_path / "server.log")]
+    # ready after the start-up pass (nothing after the shutdown's witnessed checkpoint), then the full pass
+    assert lines[:2] == [("audit log verified since a checkpoint", 300), ("audit log verification FAILED", None)]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.server
+def test_server_with_a_recent_entry_changed_never_gets_ready(logged: Settings, tmp_path: Path) -> None:
+    _fill(logged, 3 * ENTRIES_PER_ROUND, 25, witness=False)  # after the last witnessed checkpoint
+    _set_blob(logged, 3 * ENTRIES_PER_ROUND + 3)
+    srv = start_server(logged.data_dir, tmp_path / "server.log")
+    try:
+        alerts = _server_alerts(logged.data_dir, timeout=30)
+        assert f"entry {3 * ENTRIES_PER_ROUND + 3} does not authenticate" in alerts
+        assert httpx.get(srv.base_url + "/readyz").json()["checks"]["audit"] == "failed"
+    finally:
+        srv.stop()
+    assert [ln["msg"] for ln in _audit_log_lines(tmp_path / "server.log")][:1] == ["audit log verification FAILED"]
