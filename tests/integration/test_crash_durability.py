@@ -131,6 +131,7 @@ def _pairing(data: Path) -> tuple[set[int], set[int]]:
         conn.close()
 
 
+@pytest.mark.sqlite_only  # the SQLite files' write-ahead log (PostgreSQL commits the audit schema in the same transaction)
 def test_power_loss_at_any_point_never_splits_a_write_from_its_audit_entry(tmp_path: Path) -> None:
     """kill -9 mid-load, then every state a power cut can leave each WAL in (cut at every frame, torn commit
     frames): on reopen, every clinical version has its audit entry and every entry its version. With the
