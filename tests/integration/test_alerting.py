@@ -89,7 +89,7 @@ def test_tampered_audit_log_makes_server_not_ready_and_alerts(tmp_path: Path) ->
                 assert c.get("/Patient?name=x").status_code == 200
     finally:
         srv.stop()
-    conn = sqlite3.connect(tmp_path / "data" / "audit.sqlite3")
+    conn = sqlite3.connect(tmp_path / "data" / "fhirvault.sqlite3")  # the audit log is in the main file
     conn.execute("DROP TRIGGER audit_log_no_delete")
     conn.execute("DELETE FROM audit_log WHERE seq = 2")
     conn.commit()

@@ -1,21 +1,28 @@
-"""Tampering with the audit log, each way the issue lists, is caught by ``fhirvault audit verify``."""
+"""Tampering with the audit log, each way the issue lists, is caught by ``fhirvault audit verify``; the server's
+start-up pass catches what follows the last witnessed checkpoint, its background full pass the rest."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
+from fhirvault.adapters.witness import open_witness
 from fhirvault.bootstrap import initialise
 from fhirvault.config import Settings, load_settings
 from fhirvault.container import build
 from fhirvault.services.audit import AuditRecord
-from fhirvault.services.audit_verify import VerifyReport, verify_data_dir
+from fhirvault.services.audit_monitor import VERIFIED_META, AuditMonitor
+from fhirvault.services.audit_verify import VerifyReport, verify_data_dir, verify_recent
+from tests.conftest import start_server
 
 ENTRIES_PER_ROUND = 40
 
@@ -49,7 +56,7 @@ def logged(tmp_path: Path) -> Iterator[Settings]:
 
 def _sql(settings: Settings, *statements: str) -> None:
     """What a DBA with file access can do: drop the guards and edit rows."""
-    conn = sqlite3.connect(settings.audit_database_path)
+    conn = sqlite3.connect(settings.database_path)  # the audit tables are in the main file
     for table in ("audit_log", "audit_checkpoints"):
         for op in ("update", "delete"):
             conn.execute(f"DROP TRIGGER IF EXISTS {table}_no_{op}")
@@ -71,7 +78,7 @@ def test_an_untouched_log_verifies(logged: Settings) -> None:
 
 
 def test_edited_entry_is_named(logged: Settings) -> None:
-    conn = sqlite3.connect(logged.audit_database_path)
+    conn = sqlite3.connect(logged.database_path)
     (blob,) = conn.execute("SELECT blob FROM audit_log WHERE seq = 57").fetchone()
     conn.close()
     flipped = blob[:20] + bytes([blob[20] ^ 1]) + blob[21:]
@@ -131,11 +138,12 @@ def test_rollback_to_an_older_copy_is_caught_by_the_witness(tmp_path: Path) -> N
     _fill(settings, 0, 30)
     saved = tmp_path / "old-audit"
     saved.mkdir()
-    for f in settings.data_dir.glob("audit.sqlite3*"):
+    assert not list(settings.data_dir.glob("audit.sqlite3*"))  # one file holds the audit log
+    for f in settings.data_dir.glob("fhirvault.sqlite3*"):
         shutil.copy2(f, saved / f.name)
     _fill(settings, 30, 30)
     assert _verify(settings).ok
-    for f in settings.data_dir.glob("audit.sqlite3*"):
+    for f in settings.data_dir.glob("fhirvault.sqlite3*"):
         f.unlink()
     for f in saved.iterdir():
         shutil.copy2(f, settings.data_dir / f.name)
@@ -169,3 +177,149 @@ def test_cli_exit_status_and_message(logged: Settings) -> None:
     _sql(logged, "DELETE FROM audit_log WHERE seq = 5")
     bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "entries 5..5 are missing" in bad.stdout
+
+
+# -- the start-up pass (readiness) and the full pass after it -------------------------------------------------
+def _recent(settings: Settings) -> VerifyReport:
+    c = build(settings)
+    try:
+        held = [(spec, open_witness(spec).read() or []) for spec in settings.audit_witness_specs]
+        return verify_recent(c.store, c.audit, c.audit_signer, held)
+    finally:
+        c.close()
+
+
+def _set_blob(settings: Settings, seq: int) -> None:
+    conn = sqlite3.connect(settings.database_path)
+    (blob,) = conn.execute("SELECT blob FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+    conn.close()
+    _sql(settings, f"UPDATE audit_log SET blob = x'{bytes(blob[:-1]).hex()}{(blob[-1] ^ 1):02x}' WHERE seq = {seq}")
+
+
+@pytest.fixture
+def long_logged(tmp_path: Path) -> Iterator[Settings]:
+    """300 entries, witnessed at the end: the first 256 are a stored subtree the start-up pass does not reread."""
+    settings = load_settings({"data_dir": tmp_path / "data"}, environ={})
+    initialise(settings)
+    _fill(settings, 0, 300)
+    yield settings
+
+
+def test_start_up_pass_reads_only_what_follows_the_last_witnessed_checkpoint(logged: Settings) -> None:
+    _fill(logged, 3 * ENTRIES_PER_ROUND, 25, witness=False)  # signed, not yet witnessed (a crash before it)
+    report = _recent(logged)
+    assert report.ok, report.problems
+    assert (report.since, report.entries, report.tree_size) == (3 * ENTRIES_PER_ROUND, 25, 3 * ENTRIES_PER_ROUND + 25)
+    assert report.checkpoints == 4 and report.witnessed == 3
+
+
+def test_start_up_pass_finds_a_recent_entry_changed(logged: Settings) -> None:
+    _fill(logged, 3 * ENTRIES_PER_ROUND, 25, witness=False)
+    _set_blob(logged, 3 * ENTRIES_PER_ROUND + 10)
+    report = _recent(logged)
+    assert report.first_bad_seq == 3 * ENTRIES_PER_ROUND + 10
+    assert f"entry {3 * ENTRIES_PER_ROUND + 10} does not authenticate" in report.problems[0]
+
+
+def test_start_up_pass_finds_a_rollback_to_an_older_copy(tmp_path: Path) -> None:
+    settings = load_settings({"data_dir": tmp_path / "data"}, environ={})
+    initialise(settings)
+    _fill(settings, 0, 30)
+    saved = {f.name: f.read_bytes() for f in settings.data_dir.glob("fhirvault.sqlite3*")}
+    _fill(settings, 30, 30)
+    for f in settings.data_dir.glob("fhirvault.sqlite3*"):
+        f.unlink()
+    for name, raw in saved.items():
+        (settings.data_dir / name).write_bytes(raw)
+    report = _recent(settings)
+    assert any("truncated or rolled back" in p for p in report.problems), report.problems
+
+
+def test_start_up_pass_names_an_entry_changed_within_its_last_partial_subtree(logged: Settings) -> None:
+    # Fewer than 256 entries: no stored subtree, the start-up pass rehashes them and the full pass names it.
+    _set_blob(logged, 7)
+    report = _recent(logged)
+    assert report.first_bad_seq == 7 and report.since == 0
+
+
+def test_an_old_entry_changed_is_found_by_the_full_pass_after_readiness(long_logged: Settings) -> None:
+    _set_blob(long_logged, 5)  # inside the stored subtree of entries 1..256, before the witnessed checkpoint
+    assert _recent(long_logged).ok  # what readiness waits for does not reread it...
+    c = build(long_logged)
+    monitor = AuditMonitor(c)
+    reports: list[VerifyReport] = []
+    failures: list[VerifyReport] = []
+    ready: list[bool | None] = []
+    monitor.on_report.append(lambda r: (reports.append(r), ready.append(c.health.audit_verified)))
+    monitor.on_failure.append(failures.append)
+    try:
+        monitor.start()
+        deadline = time.monotonic() + 30
+        while len(reports) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        monitor.stop()
+        c.close()
+    # ...the server was ready (start-up pass), then the full pass in the background alerted and took it out.
+    assert [r.ok for r in reports] == [True, False] and ready == [True, False]
+    assert reports[0].since == 300 and reports[1].since == 0
+    assert failures == [reports[1]] and failures[0].first_bad_seq == 5
+    assert c.health.audit_verified is False
+
+
+def test_a_clean_full_pass_records_where_the_next_start_up_pass_may_begin(logged: Settings) -> None:
+    c = build(logged)
+    try:
+        monitor = AuditMonitor(c)
+        assert monitor.verify_now().ok
+        assert c.store.get_meta(VERIFIED_META) == str(3 * ENTRIES_PER_ROUND).encode()
+    finally:
+        c.close()
+    _fill(logged, 3 * ENTRIES_PER_ROUND, 5, witness=False)
+    assert _recent(logged).since == 3 * ENTRIES_PER_ROUND
+
+
+def _server_alerts(data: Path, timeout: float) -> str:
+    path = data / "alerts.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and "audit_verification" in path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    return ""
+
+
+def _audit_log_lines(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines()
+            if line.startswith("{") and '"fhirvault.audit"' in line]
+
+
+@pytest.mark.sqlite_only  # edits the SQLite audit table
+@pytest.mark.server
+def test_server_with_an_old_entry_changed_gets_ready_then_alerts(long_logged: Settings, tmp_path: Path) -> None:
+    _set_blob(long_logged, 5)
+    srv = start_server(long_logged.data_dir, tmp_path / "server.log")
+    try:
+        alerts = _server_alerts(long_logged.data_dir, timeout=30)
+        assert "entry 5 does not authenticate" in alerts
+        assert httpx.get(srv.base_url + "/readyz").status_code == 503  # and out of the load balancer again
+    finally:
+        srv.stop()
+    lines = [(ln["msg"], ln.get("since")) for ln in _audit_log_lines(tmp_path / "server.log")]
+    # ready after the start-up pass (nothing after the shutdown's witnessed checkpoint), then the full pass
+    assert lines[:2] == [("audit log verified since a checkpoint", 300), ("audit log verification FAILED", None)]
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.server
+def test_server_with_a_recent_entry_changed_never_gets_ready(logged: Settings, tmp_path: Path) -> None:
+    _fill(logged, 3 * ENTRIES_PER_ROUND, 25, witness=False)  # after the last witnessed checkpoint
+    _set_blob(logged, 3 * ENTRIES_PER_ROUND + 3)
+    srv = start_server(logged.data_dir, tmp_path / "server.log")
+    try:
+        alerts = _server_alerts(logged.data_dir, timeout=30)
+        assert f"entry {3 * ENTRIES_PER_ROUND + 3} does not authenticate" in alerts
+        assert httpx.get(srv.base_url + "/readyz").json()["checks"]["audit"] == "failed"
+    finally:
+        srv.stop()
+    assert [ln["msg"] for ln in _audit_log_lines(tmp_path / "server.log")][:1] == ["audit log verification FAILED"]

@@ -160,8 +160,9 @@ def test_data_files_are_owner_only_including_wal_files(tmp_path: Path) -> None:
             r = c.post("/Patient", json=PATIENT, headers={"Content-Type": "application/fhir+json"})
             assert r.status_code == 201
         names = {p.name for p in data.iterdir()}
-        for db in ("fhirvault.sqlite3", "audit.sqlite3", "alerts.sqlite3"):
+        for db in ("fhirvault.sqlite3", "alerts.sqlite3"):
             assert {db, db + "-wal", db + "-shm"} <= names, names
+        assert not {n for n in names if n.startswith("audit.sqlite3")}  # the audit log is in fhirvault.sqlite3
         loose = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in data.iterdir()
                  if stat.S_IMODE(p.stat().st_mode) & 0o077}
         assert loose == {}

@@ -7,6 +7,12 @@ the copy is exactly the database as of the moment the step began.
 Change feed: read-only connections, one short read transaction per file per
 cycle, so the store's write path is untouched; ``PRAGMA data_version`` tells an
 idle database apart for the cost of one pragma per file.
+
+The logical databases of the backup format (``fhirvault.sqlite3``, ``audit.sqlite3``)
+are views here: since migration 3 both are tables of the one main file (read in
+one transaction, so a cut never splits a write from its audit entry); a data
+directory of an older release, or restored from its backup before its first
+start, still has the audit tables in their own file, and the feed reads that.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fhirvault.adapters.sqlite_schema import AUDIT_TABLES
 from fhirvault.backup.changefeed import SEGMENT_MAGIC
 from fhirvault.backup.ports import (
     AUDIT_DB,
@@ -36,8 +43,19 @@ from fhirvault.backup.ports import (
 T = TypeVar("T")
 
 DATABASES = (CLINICAL_DB, AUDIT_DB)
-# Which table's max(seq) says how far each database goes (replication ships what follows).
-WATERMARK_TABLES = {CLINICAL_DB: "resource_versions", AUDIT_DB: "audit_log"}
+# Per file copied: which (logical database, table)'s max(seq) says how far it goes (replication ships
+# what follows). The main file holds the audit log too since migration 3.
+WATERMARK_TABLES = {CLINICAL_DB: ((CLINICAL_DB, "resource_versions"), (AUDIT_DB, "audit_log")),
+                    AUDIT_DB: ((AUDIT_DB, "audit_log"),)}
+_AUDIT = frozenset(AUDIT_TABLES)
+
+
+def feed_files(data_dir: Path) -> dict[str, tuple[Path, bool | None]]:
+    """Logical database -> (file, which tables: True the audit ones, False the others, None all of them)."""
+    main, legacy = data_dir / CLINICAL_DB, data_dir / AUDIT_DB
+    if legacy.exists():  # not migrated yet (an older release's directory, or a restore of its backup)
+        return {CLINICAL_DB: (main, None), AUDIT_DB: (legacy, None)}
+    return {CLINICAL_DB: (main, False), AUDIT_DB: (main, True)}
 
 
 def _q(name: str) -> str:
@@ -147,10 +165,10 @@ class SqliteSnapshotSource:
                 raise SnapshotError(f"cannot copy database {name}: {exc}") from None
             if name == CLINICAL_DB:
                 snapshot_ms = started
-            table = WATERMARK_TABLES.get(name)
-            mark = _watermark(copy, table) if table else None
-            if table and mark is not None:
-                watermarks[name] = {table: mark}
+            for db, table in WATERMARK_TABLES.get(name, ()):
+                mark = _watermark(copy, table)
+                if mark is not None:
+                    watermarks[db] = {table: mark}
             files.append(SnapshotFile(name, copy, "sqlite"))
         if not snapshot_ms:
             raise SnapshotError(f"{self._dir} has no {CLINICAL_DB}")
@@ -180,16 +198,17 @@ def _key_sql(spec: AppendTable) -> str:
 
 
 class SqliteFeedTables:
-    """``FeedReader`` and ``FeedWriter`` over one connection to one database file."""
+    """``FeedReader`` and ``FeedWriter`` over one connection: one logical database's tables of a file."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, audit: bool | None = None) -> None:
         self.conn = conn
+        self._audit = audit  # True: only the audit tables; False: all but them; None: every table
 
     # -- reading
     def tables(self) -> list[str]:
         rows = self.conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
-        return [r[0] for r in rows]
+        return [r[0] for r in rows if self._audit is None or (r[0] in _AUDIT) == self._audit]
 
     def columns(self, table: str) -> list[str]:
         return [r[1] for r in self.conn.execute(f"PRAGMA table_info({_q(table)})")]
@@ -297,11 +316,17 @@ class SqliteChangeFeed:
         self._dbs: dict[str, SqliteFeedTables] = {}
 
     def databases(self) -> dict[str, SqliteFeedTables]:
-        for db in DATABASES:
-            if db not in self._dbs and (self._dir / db).exists():
-                # the replicator's thread and its final flush (another thread) take turns under its lock
-                self._dbs[db] = SqliteFeedTables(_open_ro(self._dir / db, check_same_thread=False))
+        if not self._dbs and (self._dir / CLINICAL_DB).exists():
+            opened: dict[Path, sqlite3.Connection] = {}
+            for db, (path, audit) in feed_files(self._dir).items():
+                if path not in opened:
+                    # the replicator's thread and its final flush (another thread) take turns under its lock
+                    opened[path] = _open_ro(path, check_same_thread=False)
+                self._dbs[db] = SqliteFeedTables(opened[path], audit)
         return self._dbs
+
+    def _conns(self) -> list[sqlite3.Connection]:
+        return list({id(t.conn): t.conn for t in self._dbs.values()}.values())
 
     def change_tokens(self) -> dict[str, int]:
         return {db: int(t.conn.execute("PRAGMA data_version").fetchone()[0]) for db, t in self._dbs.items()}
@@ -309,18 +334,18 @@ class SqliteChangeFeed:
     @contextlib.contextmanager
     def read(self) -> Iterator[None]:
         # One short read transaction per file: a consistent cut that never blocks the writer.
-        for t in self._dbs.values():
-            t.conn.execute("BEGIN")
+        for conn in self._conns():
+            conn.execute("BEGIN")
         try:
             yield
         finally:
-            for t in self._dbs.values():
+            for conn in self._conns():
                 with contextlib.suppress(sqlite3.Error):
-                    t.conn.execute("COMMIT")
+                    conn.execute("COMMIT")
 
     def close(self) -> None:
-        for t in self._dbs.values():
-            t.conn.close()
+        for conn in self._conns():
+            conn.close()
         self._dbs.clear()
 
 
@@ -352,10 +377,12 @@ class SqliteRestoreSink:
 
     @contextlib.contextmanager
     def feed(self) -> Iterator[dict[str, FeedWriter]]:
-        conns = {db: sqlite3.connect(self._dir / db, isolation_level=None)
-                 for db in DATABASES if (self._dir / db).exists()}
+        # A backup of an older release restores as its two files: its audit segments go to its audit
+        # file, which the store's first start merges into the main one (migration 3).
+        files = feed_files(self._dir) if (self._dir / CLINICAL_DB).exists() else {}
+        conns = {path: sqlite3.connect(path, isolation_level=None) for path, _ in files.values()}
         try:
-            yield {db: SqliteFeedTables(conn) for db, conn in conns.items()}
+            yield {db: SqliteFeedTables(conns[path], audit) for db, (path, audit) in files.items()}
         finally:
             for conn in conns.values():
                 conn.close()

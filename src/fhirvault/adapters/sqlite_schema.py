@@ -93,32 +93,33 @@ CREATE TABLE IF NOT EXISTS seen_jti (
 
 """
 
-# The audit log lives in its own file (``audit.sqlite3``), attached to every
-# connection as schema ``audit`` so an interaction and its record still commit in
-# one transaction. Rows are AEAD blobs; their Merkle tree (RFC 9162) is built by
-# the checkpointer, which keeps the hashes of complete subtrees and the signed
-# checkpoints here too. The triggers stop accidents; tampering is caught by
+# The audit log lives in the main database file, so an interaction and its record commit in one
+# transaction of one file: atomic across a crash or a power cut (an ATTACHed second file in WAL mode is
+# atomic per file only; migration 3 merged the old ``audit.sqlite3`` in). Rows are AEAD blobs; their
+# Merkle tree (RFC 9162) is built by the checkpointer, which keeps the hashes of complete subtrees and
+# the signed checkpoints here too. The triggers stop accidents; tampering is caught by
 # ``fhirvault audit verify``, not by them.
+AUDIT_TABLES = ("audit_log", "audit_index", "audit_nodes", "audit_checkpoints")
 AUDIT_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit.audit_log (
+CREATE TABLE IF NOT EXISTS audit_log (
     seq    INTEGER PRIMARY KEY,  -- leaf index + 1
     tenant TEXT NOT NULL,
     ts_ms  INTEGER NOT NULL,
     tags   BLOB NOT NULL,        -- blind index tags (patient, agent) covered by the leaf hash
     blob   BLOB NOT NULL
 );
-CREATE TABLE IF NOT EXISTS audit.audit_index (
+CREATE TABLE IF NOT EXISTS audit_index (
     tag BLOB NOT NULL,
     seq INTEGER NOT NULL,
     PRIMARY KEY (tag, seq)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit.audit_nodes (
+CREATE TABLE IF NOT EXISTS audit_nodes (
     level INTEGER NOT NULL,
     idx   INTEGER NOT NULL,
     hash  BLOB NOT NULL,
     PRIMARY KEY (level, idx)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS audit.audit_checkpoints (
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
     size       INTEGER PRIMARY KEY,
     ts_ms      INTEGER NOT NULL,
     root       BLOB NOT NULL,
@@ -128,13 +129,13 @@ CREATE TABLE IF NOT EXISTS audit.audit_checkpoints (
     proof_from INTEGER NOT NULL DEFAULT 0,  -- previous witnessed size (0: none)
     proof      BLOB NOT NULL DEFAULT x''    -- consistency proof from proof_from to size
 );
-CREATE TRIGGER IF NOT EXISTS audit.audit_log_no_update BEFORE UPDATE ON audit_log
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit.audit_log_no_delete BEFORE DELETE ON audit_log
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit.audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit.audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit_checkpoints is append-only'); END;
 """
 

@@ -82,7 +82,7 @@ def _audit_row(r: tuple[Any, ...]) -> AuditRow:
 
 
 _SELECT_CHECKPOINTS = ("SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof"
-                       " FROM audit.audit_checkpoints")
+                       " FROM audit_checkpoints")
 
 
 def _checkpoint(r: tuple[Any, ...]) -> AuditCheckpoint:
@@ -138,19 +138,13 @@ def _app(r: tuple[Any, ...]) -> AppRow:
     return AppRow(r[0], tuple(orjson.loads(r[1])), bool(r[2]))
 
 
-def _attach_audit(conn: sqlite3.Connection, audit_path: Path) -> None:
-    conn.execute("ATTACH DATABASE ? AS audit", (str(audit_path),))
-
-
-def _connect(path: Path, audit_path: Path) -> sqlite3.Connection:
-    for db in (path, audit_path):
-        if not db.exists():
-            create_private(db)
+def _connect(path: Path) -> sqlite3.Connection:
+    # One file holds the clinical tables and the audit log: a write and its audit entry share one commit.
+    if not path.exists():
+        create_private(path)
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-    _attach_audit(conn, audit_path)
-    for schema in ("main", "audit"):
-        conn.execute(f"PRAGMA {schema}.journal_mode=WAL")
-        conn.execute(f"PRAGMA {schema}.synchronous=FULL")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute("PRAGMA secure_delete=ON")  # freed pages are zeroed, not left behind
     # The search index is keyed by random tags, so writes touch pages all over it: keep them cached.
@@ -308,10 +302,10 @@ class _Tx:
         for attempt in (1, 2):
             if self.audit_next is None:
                 self.audit_next = int(
-                    self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit.audit_log").fetchone()[0])
+                    self._c.execute("SELECT coalesce(max(seq), 0) + 1 FROM audit_log").fetchone()[0])
             seq = self.audit_next
             try:
-                self._c.execute("INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
+                self._c.execute("INSERT INTO audit_log (seq, tenant, ts_ms, tags, blob) VALUES (?,?,?,?,?)",
                                 (seq, tenant, ts_ms, tags, seal(seq)))
             except sqlite3.IntegrityError:
                 # Another process (a CLI command on the live data directory) appended meanwhile.
@@ -325,15 +319,15 @@ class _Tx:
             step = SEARCH_TAG_BYTES
             rows = [v for i in range(0, len(tags), step) for v in (tags[i : i + step], seq)]
             values = ",".join(["(?,?)"] * (len(rows) // 2))
-            self._c.execute(f"INSERT OR IGNORE INTO audit.audit_index (tag, seq) VALUES {values}", rows)  # noqa: S608
+            self._c.execute(f"INSERT OR IGNORE INTO audit_index (tag, seq) VALUES {values}", rows)  # noqa: S608
         return seq
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
-        self._c.executemany("INSERT OR IGNORE INTO audit.audit_nodes (level, idx, hash) VALUES (?,?,?)", nodes)
+        self._c.executemany("INSERT OR IGNORE INTO audit_nodes (level, idx, hash) VALUES (?,?,?)", nodes)
 
     def add_audit_checkpoint(self, cp: AuditCheckpoint) -> None:
         self._c.execute(
-            "INSERT INTO audit.audit_checkpoints (size, ts_ms, root, key_id, signature, witnessed, proof_from, proof)"
+            "INSERT INTO audit_checkpoints (size, ts_ms, root, key_id, signature, witnessed, proof_from, proof)"
             " VALUES (?,?,?,?,?,?,?,?)",
             (cp.size, cp.ts_ms, cp.root, cp.key_id, cp.signature, int(cp.witnessed), cp.proof_from, cp.proof),
         )
@@ -698,10 +692,11 @@ class SqliteMigrator:
 
     def __init__(self, path: Path, audit_path: Path | None = None) -> None:
         self.path = path
-        self.audit_path = audit_path or path.with_name("audit.sqlite3")
+        # where releases before migration 3 kept the audit log (merged into the main file by it)
+        self.audit_path = audit_path or path.with_name(sqlite_migrations.LEGACY_AUDIT)
 
     def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        conn = _connect(self.path, self.audit_path)
+        conn = _connect(self.path)
         try:
             return fn(conn)
         finally:
@@ -714,7 +709,7 @@ class SqliteMigrator:
         return self._run(sqlite_migrations.pending)
 
     def apply(self) -> list[Migration]:
-        return self._run(sqlite_migrations.apply)
+        return self._run(lambda conn: sqlite_migrations.apply(conn, self.audit_path))
 
 
 class SqliteStore:
@@ -722,10 +717,11 @@ class SqliteStore:
 
     def __init__(self, path: Path, audit_path: Path | None = None) -> None:
         self.path = path
-        self.audit_path = audit_path or path.with_name("audit.sqlite3")
+        # where releases before migration 3 kept the audit log (merged into the main file by it)
+        self.audit_path = audit_path or path.with_name(sqlite_migrations.LEGACY_AUDIT)
         self._local = threading.local()
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._writer_conn = _connect(path, self.audit_path)
+        self._writer_conn = _connect(path)
         self._migrate()
         # Other server processes may share the file (serve --workers N): they take turns at the gate.
         self._gate = WriteGate(path.with_name(path.name + ".write.lock"))
@@ -741,7 +737,7 @@ class SqliteStore:
     # -- schema -------------------------------------------------------------
     def _migrate(self) -> None:
         """Bring the schema to the latest version (logged per step); refuse a newer database."""
-        sqlite_migrations.apply(self._writer_conn)
+        sqlite_migrations.apply(self._writer_conn, self.audit_path)
 
     # -- writes -------------------------------------------------------------
     def _run_writer(self) -> None:
@@ -852,7 +848,6 @@ class SqliteStore:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            _attach_audit(conn, self.audit_path)
             conn.execute("PRAGMA busy_timeout=30000")
             conn.execute("PRAGMA query_only=ON")
             conn.execute("PRAGMA cache_size=-65536")  # KiB: 64 MiB per reader thread
@@ -998,14 +993,14 @@ class SqliteStore:
 
     def audit_entries(self, tenant: str, after_seq: int = 0, limit: int = 1000) -> list[tuple[int, int, bytes]]:
         rows = self._reader().execute(
-            "SELECT seq, ts_ms, blob FROM audit.audit_log WHERE tenant=? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT seq, ts_ms, blob FROM audit_log WHERE tenant=? AND seq > ? ORDER BY seq LIMIT ?",
             (tenant, after_seq, limit),
         ).fetchall()
         return [(r[0], r[1], r[2]) for r in rows]
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
         rows = self._reader().execute(
-            f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
+            f"SELECT {_AUDIT_COLUMNS} FROM audit_log WHERE seq > ? ORDER BY seq LIMIT ?",  # noqa: S608
             (after_seq, limit),
         ).fetchall()
         return [_audit_row(r) for r in rows]
@@ -1024,19 +1019,19 @@ class SqliteStore:
             args.append(q.until_ms)
         if q.tags:
             marks = ",".join("?" * len(q.tags))
-            clauses.append(f"l.seq IN (SELECT seq FROM audit.audit_index WHERE tag IN ({marks}))")  # noqa: S608
+            clauses.append(f"l.seq IN (SELECT seq FROM audit_index WHERE tag IN ({marks}))")  # noqa: S608
             args.extend(q.tags)
         order = "DESC" if q.descending else "ASC"
-        sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit.audit_log l"  # noqa: S608
+        sql = (f"SELECT {_AUDIT_COLUMNS} FROM audit_log l"  # noqa: S608
                f" WHERE {' AND '.join(clauses)} ORDER BY l.seq {order} LIMIT ?")
         return [_audit_row(r) for r in self._reader().execute(sql, [*args, q.limit]).fetchall()]
 
     def audit_size(self) -> int:
-        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM audit.audit_log").fetchone()[0])
+        return int(self._reader().execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0])
 
     def audit_node(self, level: int, index: int) -> bytes | None:
         row = self._reader().execute(
-            "SELECT hash FROM audit.audit_nodes WHERE level=? AND idx=?", (level, index)).fetchone()
+            "SELECT hash FROM audit_nodes WHERE level=? AND idx=?", (level, index)).fetchone()
         return bytes(row[0]) if row else None
 
     def audit_checkpoints(self, after_size: int = 0, limit: int = 1000) -> list[AuditCheckpoint]:

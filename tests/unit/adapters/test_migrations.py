@@ -44,13 +44,11 @@ def _v1_data_dir(d: Path) -> Path:
 
 def _columns(db: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = sqlite3.connect(db)
-    conn.execute("ATTACH DATABASE ? AS audit", (str(db.with_name("audit.sqlite3")),))
     out: dict[str, list[tuple[object, ...]]] = {}
-    for schema in ("main", "audit"):
-        for (name,) in conn.execute(f"SELECT name FROM {schema}.sqlite_master WHERE type IN ('table', 'index')"
-                                    " AND name NOT LIKE 'sqlite_%' ORDER BY name"):
-            out[f"{schema}.{name}"] = list(conn.execute(f"PRAGMA {schema}.index_xinfo({name})")) or \
-                list(conn.execute(f"PRAGMA {schema}.table_info({name})"))
+    for (name, kind) in conn.execute("SELECT name, type FROM sqlite_master WHERE type IN ('table', 'index', 'trigger')"
+                                     " AND name NOT LIKE 'sqlite_%' ORDER BY name"):
+        out[name] = [kind, *(list(conn.execute(f"PRAGMA index_xinfo({name})")) or
+                             list(conn.execute(f"PRAGMA table_info({name})")))]
     conn.close()
     return out
 
@@ -76,16 +74,107 @@ def test_previous_release_sqlite_database_is_upgraded_on_open(tmp_path: Path) ->
     assert conn.execute("SELECT client_id, name, allowed_sources FROM clients").fetchall() == \
         [("fv-old", "old client", None)]
     assert conn.execute("SELECT id, blob FROM resource_versions").fetchall() == [("p1", b"\x00\x11\x22\x33")]
+    # The audit log moved into the main file (one commit covers a write and its entry).
+    assert conn.execute("SELECT seq, blob FROM audit_log").fetchall() == [(1, b"\xaa\xbb")]
     conn.close()
-    audit = sqlite3.connect(old / "audit.sqlite3")
-    assert audit.execute("SELECT blob FROM audit_log").fetchall() == [(b"\xaa\xbb",)]
-    audit.close()
-    # The same tables, columns and indexes as a database this release creates.
+    # The old file is kept under another name until the next start, then deleted.
+    assert not (old / "audit.sqlite3").exists() and (old / "audit.sqlite3.merged").is_file()
+    SqliteStore(db).close()
+    assert not list(old.glob("audit.sqlite3*"))
+    # The same tables, columns, indexes and triggers as a database this release creates.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     SqliteStore(fresh / "fhirvault.sqlite3").close()
+    assert not list(fresh.glob("audit.sqlite3*"))
     assert _columns(db) == _columns(fresh / "fhirvault.sqlite3")
     assert SqliteMigrator(db).pending() == []
+
+
+@pytest.mark.sqlite_only
+def test_merge_carries_every_audit_table_verbatim_even_from_the_wal(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _v1_data_dir(tmp_path)
+    monkeypatch.setattr(sqlite_migrations, "LATEST", 2)  # the previous release: stop before the merge
+    SqliteMigrator(db).apply()
+    monkeypatch.undo()
+    audit = sqlite3.connect(tmp_path / "audit.sqlite3", isolation_level=None)
+    audit.execute("PRAGMA journal_mode=WAL")
+    audit.execute("PRAGMA wal_autocheckpoint=0")  # rows left in the WAL, as a killed server leaves them
+    audit.execute("INSERT INTO audit_log (seq, tenant, ts_ms, tags, blob) VALUES (2, 'default', 8, x'01', 'text')")
+    audit.execute("INSERT INTO audit_index (tag, seq) VALUES (x'01', 2)")
+    audit.execute("INSERT INTO audit_nodes (level, idx, hash) VALUES (0, 0, x'ff')")
+    audit.execute("INSERT INTO audit_checkpoints (size, ts_ms, root, key_id, signature) VALUES (2, 9, x'ee', 'k', x'dd')")
+    assert (tmp_path / "audit.sqlite3-wal").stat().st_size > 0
+    before = {t: audit.execute(f"SELECT *, typeof(blob) FROM {t}" if t == "audit_log" else f"SELECT * FROM {t}"
+                               ).fetchall() for t in ("audit_log", "audit_index", "audit_nodes", "audit_checkpoints")}
+    crashed = {p.name: p.read_bytes() for p in tmp_path.glob("audit.sqlite3*")}
+    audit.close()  # (a clean close checkpoints: put the WAL back as the crash left it)
+    for name, data in crashed.items():
+        (tmp_path / name).write_bytes(data)
+    assert [m.version for m in SqliteMigrator(db).apply()] == [3]
+    conn = sqlite3.connect(db)
+    after = {t: conn.execute(f"SELECT *, typeof(blob) FROM {t}" if t == "audit_log" else f"SELECT * FROM {t}"
+                             ).fetchall() for t in before}
+    conn.close()
+    assert after == before and after["audit_log"][1][-1:] == ("text",)  # a row rewritten as text stays text
+    assert sorted(p.name for p in tmp_path.glob("audit.sqlite3*")) == ["audit.sqlite3.merged"]
+
+
+@pytest.mark.sqlite_only
+def test_a_stop_between_the_merge_and_the_rename_is_finished_at_the_next_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _v1_data_dir(tmp_path)
+    real = Path.rename
+
+    def crash(self: Path, target: Path) -> Path:
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(Path, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        SqliteMigrator(db).apply()
+    monkeypatch.setattr(Path, "rename", real)
+    assert _version(db) == LATEST and (tmp_path / "audit.sqlite3").exists()  # merged, not yet renamed
+    store = SqliteStore(db)  # no second merge (it would duplicate keys and fail): the file is retired
+    try:
+        assert [r.blob for r in store.audit_rows()] == [b"\xaa\xbb"]
+    finally:
+        store.close()
+    assert sorted(p.name for p in tmp_path.glob("audit.sqlite3*")) == ["audit.sqlite3.merged"]
+
+
+@pytest.mark.sqlite_only
+def test_an_old_audit_file_put_back_with_more_entries_is_refused_not_discarded(tmp_path: Path) -> None:
+    db = _v1_data_dir(tmp_path)
+    SqliteStore(db).close()
+    legacy = sqlite3.connect(tmp_path / "audit.sqlite3.merged")
+    legacy.execute("INSERT INTO audit_log (seq, tenant, ts_ms, tags, blob) VALUES (2, 'default', 8, x'', x'00')")
+    legacy.commit()
+    legacy.close()
+    (tmp_path / "audit.sqlite3.merged").rename(tmp_path / "audit.sqlite3")
+    with pytest.raises(SchemaError, match="holds audit entries up to 2, the main database only up to 1"):
+        SqliteStore(db)
+    assert (tmp_path / "audit.sqlite3").exists()  # left where it was
+
+
+@pytest.mark.sqlite_only
+def test_a_failed_merge_leaves_version_2_and_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = _v1_data_dir(tmp_path)
+    conn = sqlite3.connect(db)  # a row already where the copy goes: the merge must fail, not half-apply
+    conn.execute("CREATE TABLE audit_nodes (level INTEGER NOT NULL, idx INTEGER NOT NULL, hash BLOB NOT NULL,"
+                 " PRIMARY KEY (level, idx)) WITHOUT ROWID")
+    conn.execute("INSERT INTO audit_nodes VALUES (0, 0, x'00')")
+    conn.commit()
+    conn.close()
+    legacy = sqlite3.connect(tmp_path / "audit.sqlite3")
+    legacy.execute("INSERT INTO audit_nodes VALUES (0, 0, x'ff')")
+    legacy.commit()
+    legacy.close()
+    with pytest.raises(sqlite3.IntegrityError):
+        SqliteStore(db)
+    assert _version(db) == 2 and (tmp_path / "audit.sqlite3").exists()
+    conn = sqlite3.connect(db)
+    assert "audit_log" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    conn.close()
 
 
 @pytest.mark.sqlite_only

@@ -74,7 +74,7 @@ def test_history_order_and_cursor(store: SqliteStore) -> None:
 def test_audit_table_is_append_only(store: SqliteStore) -> None:
     store.write_sync("a", lambda tx: tx.append_audit("t", 1, lambda _s: b"x"))
     with pytest.raises(Exception, match="append-only"):
-        store.write_sync("tamper", lambda tx: tx._c.execute("DELETE FROM audit.audit_log"))
+        store.write_sync("tamper", lambda tx: tx._c.execute("DELETE FROM audit_log"))
     assert len(store.audit_entries("t")) == 1
 
 
