@@ -246,7 +246,7 @@ CREATE INDEX IF NOT EXISTS break_glass_status ON break_glass (tenant, status, cr
 """
 
 
-# Several server processes on one data directory (serve --workers N), schema version 3:
+# Several server processes on one data directory (serve --workers N), schema version 4:
 # - index_dirty.flushed: the tags search_tags held for the resource when it became dirty (NULL: unknown,
 #   from an older release), so whichever process flushes the index knows what to remove;
 # - coherence_log: what a write changed that other processes cache (services/coherence.py), numbered

@@ -287,7 +287,7 @@ def test_a_resource_changed_during_a_flush_stays_dirty_from_what_the_flush_wrote
         other.close()
 
     write([a, b])
-    conn = _connect(path, tmp_path / "audit.sqlite3")
+    conn = _connect(path)
     leader = FileLeadership(tmp_path)
     index, gate = _DeferredIndex(leader), WriteGate(tmp_path / "gate.lock")
     try:
