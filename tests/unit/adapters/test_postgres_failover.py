@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ from fhirvault.adapters.postgres_store import PostgresLeadership, PostgresStore
 from fhirvault.config import load_settings
 from fhirvault.ports import LostLeadership, StoreUnavailable, WriteTx
 from tests import pg_server
+from tests.pg_restartable import RestartablePg, restartable_pg
 
 
 def _meta(name: str) -> Any:
@@ -142,57 +139,26 @@ def test_a_read_only_session_is_a_reason_to_reconnect_and_a_503_not_a_500(pg_url
 
 
 # -- restarts ---------------------------------------------------------------------------------
-@pytest.fixture
-def own_server() -> Iterator[tuple[str, Any]]:
-    """A PostgreSQL of its own (the test stops and starts it), and a function restarting it."""
-    # Not under pytest's basetemp: other pytest sessions on the machine prune old ones.
-    base = Path(tempfile.mkdtemp(prefix="fhirvault-pg-own-"))
-    base.chmod(0o711)
-    port = pg_server.free_port()
-    script = str(pg_server.SCRIPT)
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-
-    def stop(mode: str = "immediate") -> None:
-        pg_ctl = str(Path(pg_server.bindir()) / "pg_ctl")
-        as_pg = ["runuser", "-u", "postgres", "--"] if _root() else []
-        subprocess.run([*as_pg, pg_ctl, "-D", str(base / "pg" / "data"), "-m", mode, "stop"], check=True,
-                       capture_output=True)
-
-    def start() -> None:
-        done = subprocess.run([script, "start", str(base / "pg"), str(port)], capture_output=True, text=True,
-                              check=False)
-        log = base / "pg" / "server.log"
-        assert done.returncode == 0, done.stderr + (log.read_text()[-2000:] if log.exists() else "")
-
-    start()
-    try:
-        yield url, (stop, start)
-    finally:
-        subprocess.run([script, "stop", str(base / "pg")], check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def _root() -> bool:
-    import os
-
-    return os.getuid() == 0
-
-
 @pytest.mark.slow
-def test_reads_and_writes_come_back_after_a_database_crash_and_restart(own_server: tuple[str, Any]) -> None:
-    url, (stop, start) = own_server
+def test_reads_and_writes_come_back_after_a_database_crash_and_restart() -> None:
+    with restartable_pg() as pg:
+        _crash_and_restart(pg)
+
+
+def _crash_and_restart(pg: RestartablePg) -> None:
+    url = pg.url()
     store = PostgresStore(url, read_pool_size=3)
     leader = PostgresLeadership(failover.conninfo(url))
     try:
         store.write_sync("m", _meta("before"))
         assert store.get_meta("before") == b"1" and leader.lead("audit-checkpoints")
-        stop("immediate")  # a crash: no shutdown checkpoint, recovery at the next start
+        pg.stop("immediate")  # a crash: no shutdown checkpoint, recovery at the next start
         with pytest.raises(StoreUnavailable):
             store.write_sync("m", _meta("while-down"))
         with pytest.raises(StoreUnavailable):
             store.get_meta("before")
         assert not leader.lead("audit-checkpoints")  # the lock died with the session: stop leading
-        start()
+        pg.start()
         up = time.monotonic()
         store.write_sync("m", _meta("after"))  # reconnects: no error for the first write after
         first_write = time.monotonic() - up
