@@ -167,3 +167,49 @@ def test_leadership_moves_when_its_server_is_killed_and_checkpoints_keep_coming(
             second.stop()
     finally:
         first.stop()
+
+
+def test_after_a_lost_connection_only_requests_safe_to_repeat_are_repeated(tmp_path: Path) -> None:
+    """The writer's session is cut before each request: the server reconnects; reads, an update with
+    If-Match and a conditional create are repeated for the client, other writes answer 503."""
+    url = pg_server.server().create_database()
+    database = url.rsplit("/", 1)[1]
+    # One worker: cut() must reach the session of the process that serves the next request.
+    srv = start_server(tmp_path / "data", tmp_path / "server.log", "--workers", "1",
+                       env={"FHIRVAULT_DATABASE_URL": url, "FHIRVAULT_AUDIT_CHECKPOINT_SECONDS": "3600"})
+    try:
+        token = srv.token()
+
+        def cut() -> None:
+            _wait("ready", lambda: _ready(srv), 30)  # and so the writer has a session
+            pg_server.server().admin("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity"
+                                     " WHERE application_name = 'fhirvault-writer' AND datname = %s", database)
+
+        with srv.client(token) as c:
+            created = c.post("/Patient", json=PATIENT, headers=FHIR_JSON)
+            assert created.status_code == 201
+            pid = created.json()["id"]
+            cut()
+            assert c.get(f"/Patient/{pid}").status_code == 200  # a read (its audit entry is a write)
+            cut()
+            assert c.get("/Patient", params={"_id": pid}).json()["total"] == 1  # a search
+            cut()
+            body = dict(created.json(), active=False)
+            updated = c.put(f"/Patient/{pid}", json=body, headers={**FHIR_JSON, "If-Match": 'W/"1"'})
+            assert updated.status_code == 200 and updated.json()["meta"]["versionId"] == "2"
+            cut()
+            ident = {"system": "urn:example:mrn", "value": "RETRY-1"}
+            conditional = c.post("/Patient", json=dict(PATIENT, identifier=[ident]),
+                                 headers={**FHIR_JSON, "If-None-Exist": "identifier=RETRY-1"})
+            assert conditional.status_code == 201
+            cut()
+            plain = c.post("/Patient", json=PATIENT, headers=FHIR_JSON)  # the client decides: 503
+            assert plain.status_code == 503 and plain.headers["Retry-After"].isdigit()
+            assert plain.json()["issue"][0]["code"] == "transient"
+            cut()
+            blind = c.put(f"/Patient/{pid}", json=body, headers=FHIR_JSON)  # no If-Match: 503 too
+            assert blind.status_code == 503
+            assert c.get(f"/Patient/{pid}").json()["meta"]["versionId"] == "2"  # nothing written twice
+            assert c.get("/Patient", params={"identifier": "RETRY-1"}).json()["total"] == 1
+    finally:
+        srv.stop()
