@@ -39,9 +39,8 @@ RECONNECT_WAIT = 2.0  # a write waits this long for the database to come back be
 READ_WAIT = 2.0  # a read waits this long for a pooled connection
 _PAUSE_FIRST, _PAUSE_MAX = 0.05, 0.5  # back-off between connection attempts
 _OUTCOME_WAIT = 2.0  # how long a still-running COMMIT (seen from a new session) is waited for
-UNAVAILABLE = "The database is unavailable (restarting or failing over); retry shortly."
-UNKNOWN = ("The database connection was lost while this write was committing and whether it was stored could "
-           "not be established; read the resource before retrying.")
+UNAVAILABLE = "database unavailable"
+UNKNOWN = "database connection lost during COMMIT; outcome unknown"
 
 # Server states that end the session or refuse writes here: reconnect (maybe to another host).
 _RECONNECT_STATES = (pg_errors.ReadOnlySqlTransaction, pg_errors.AdminShutdown, pg_errors.CrashShutdown,

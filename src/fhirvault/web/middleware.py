@@ -25,10 +25,15 @@ _ID_PREFIX = secrets.token_hex(6)
 _id_counter = itertools.count(1)
 
 
+_UNAVAILABLE = "The database is unavailable (restarting or failing over); retry shortly."
+_UNKNOWN = ("The database connection was lost while this write was committing and whether it was stored could "
+            "not be established; read the resource before retrying.")
+
+
 def unavailable(exc: StoreUnavailable) -> OperationOutcomeError:
     """503 + Retry-After for a database that is restarting or failing over (logged once, no traceback)."""
     error_log.warning("request failed: database unavailable", extra={"outcome_unknown": exc.outcome_unknown})
-    return errors.service_unavailable(str(exc), retry_after=exc.retry_after)
+    return errors.service_unavailable(_UNKNOWN if exc.outcome_unknown else _UNAVAILABLE, retry_after=exc.retry_after)
 
 
 def _route_kind(path: str) -> str:
