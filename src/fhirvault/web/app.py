@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -136,10 +137,13 @@ def create_app(container: Container) -> ASGIApp:
         """Ready = database writable, tenant key loaded, audit log verified since start."""
         checks: dict[str, str] = {}
         try:
+            started = time.monotonic()
             try:
                 await container.store.write("health.ready", lambda tx: None)
-            except StoreUnavailable:  # the session had died: this attempt reconnects, or waits for the database
-                await container.store.write("health.ready", lambda tx: None)
+            except StoreUnavailable:
+                if time.monotonic() - started > 1:  # it already waited for the database: down
+                    raise
+                await container.store.write("health.ready", lambda tx: None)  # only the session had died
             checks["database"] = "ok"
         except StoreUnavailable:  # restarting, failing over, or only a standby reachable: not ready
             log.warning("readiness check: database unavailable")
