@@ -27,3 +27,18 @@ def test_exception_logs_carry_no_message() -> None:
 def test_route_kind_keeps_operations_and_search() -> None:
     assert _route_kind("/fhir/Patient/8a1f/$everything") == "/fhir/Patient/{id}/$everything"
     assert _route_kind("/fhir/Observation/_search") == "/fhir/Observation/_search"
+
+
+def test_a_lost_database_on_any_route_is_a_503_with_retry_after_not_a_500() -> None:
+    from starlette.testclient import TestClient
+
+    from fhirvault.ports import StoreUnavailable
+    from fhirvault.web.asgi import Receive, Scope, Send
+    from fhirvault.web.middleware import RequestContextMiddleware
+
+    async def token_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        raise StoreUnavailable("database unavailable", retry_after=2)
+
+    r = TestClient(RequestContextMiddleware(token_endpoint, hsts=False)).post("/oauth2/token")
+    assert r.status_code == 503 and r.headers["Retry-After"] == "2"
+    assert r.json()["resourceType"] == "OperationOutcome" and r.json()["issue"][0]["code"] == "transient"
