@@ -106,7 +106,7 @@ def check_consistent(cluster: Cluster, load: Load, acknowledged: list[Attempt]) 
     assert report["checkpoints"] > 0
     assert cluster.forks() == []
     errors = [f"{a.status}: {a.error}" for a in load.attempts if a.status == 500]
-    assert errors == [], f"{len(errors)} × 500, e.g. {errors[0]}"
+    assert errors == [], f"{len(errors)} answers 500, e.g. {errors[0]}"
     assert {a.status for a in load.failed()} <= FAILOVER_STATUSES, load.statuses()
 
 
