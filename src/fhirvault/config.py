@@ -196,13 +196,10 @@ def _database_url(name: str, raw: Any) -> str:
 
     try:
         parts = urlsplit(raw)
-        # libpq's multi-host form (a Patroni cluster): host1:5432,host2:5432; each port is checked.
-        hosts = [urlsplit("//" + item) for item in parts.netloc.rpartition("@")[2].split(",")]
-        for host in hosts:
-            host.port  # noqa: B018 - validates the port
+        parts.port  # noqa: B018 - validates the port
     except ValueError:
         raise SettingsError(f"{name}: not a valid postgresql:// URL") from None
-    if not all(host.hostname for host in hosts) and "host=" not in parts.query:
+    if not parts.hostname and "host=" not in parts.query:
         raise SettingsError(f"{name}: the URL names no host")
     return raw
 
