@@ -192,15 +192,20 @@ def _database_url(name: str, raw: Any) -> str:
     # The value is never put in a message: it may contain a password.
     if not isinstance(raw, str) or not raw.startswith(("postgresql://", "postgres://")):
         raise SettingsError(f"{name}: expected a postgresql://user@host:port/database URL")
-    from urllib.parse import urlsplit
+    # libpq's own parser: several hosts (postgresql://h1:5432,h2:5432/db?target_session_attrs=
+    # read-write) are one URL, which libpq tries in turn.
+    from psycopg import Error as PsycopgError
+    from psycopg.conninfo import conninfo_to_dict
 
     try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - validates the port
-    except ValueError:
+        params = conninfo_to_dict(raw)
+    except PsycopgError:
         raise SettingsError(f"{name}: not a valid postgresql:// URL") from None
-    if not parts.hostname and "host=" not in parts.query:
+    if not params.get("host") and not params.get("hostaddr"):
         raise SettingsError(f"{name}: the URL names no host")
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise SettingsError(f"{name}: not a valid postgresql:// URL (port)")
     return raw
 
 

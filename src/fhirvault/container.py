@@ -19,7 +19,7 @@ from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
 from fhirvault.domain.validation import Validator
-from fhirvault.ports import ChangeFeed, Clock, Leadership, ResourceStore, SchemaMigrator
+from fhirvault.ports import ChangeFeed, Clock, Leadership, ResourceStore, SchemaMigrator, WriteTx
 from fhirvault.services.alert_settings import AlertSettings
 from fhirvault.services.alerts import AlertService
 from fhirvault.services.audit import AuditTrail
@@ -56,6 +56,9 @@ class SoleProcess:
 
     def lead(self, role: str) -> bool:
         return True
+
+    def fence(self, tx: WriteTx, role: str) -> None:
+        pass
 
     def close(self) -> None:
         pass

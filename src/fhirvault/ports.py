@@ -23,6 +23,20 @@ class VersionConflict(Exception):
     processes: the transaction is still usable; re-read, and retry or use what the other stored."""
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be reached (or is read-only: a standby) for now; the store reconnects.
+
+    ``outcome_unknown`` is False when nothing of the write was committed (it failed before its
+    COMMIT was sent, or the store learned the COMMIT did not happen), True when the connection
+    broke during COMMIT and the store could not learn whether it committed (see
+    docs/postgresql.md "Failover and reconnection"). ``retry_after`` is a hint in seconds."""
+
+    def __init__(self, message: str, *, outcome_unknown: bool = False, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.outcome_unknown = outcome_unknown
+        self.retry_after = retry_after
+
+
 class Clock(Protocol):
     def now_ms(self) -> int:
         """Milliseconds since the Unix epoch, UTC."""
@@ -426,7 +440,16 @@ class Leadership(Protocol):
         role when it is free, and answers False once it has been lost (e.g. the connection dropped)."""
         ...
 
+    def fence(self, tx: WriteTx, role: str) -> None:
+        """Inside a write transaction: raise ``LostLeadership`` unless this process still holds
+        ``role``, so a former leader cannot commit the singleton's write after losing the role."""
+        ...
+
     def close(self) -> None: ...
+
+
+class LostLeadership(Exception):
+    """This process no longer holds a cluster singleton's role (raised by ``Leadership.fence``)."""
 
 
 class RootKeyProvider(Protocol):

@@ -31,8 +31,9 @@ from typing import Any, TypeVar
 import orjson
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from fhirvault.adapters import postgres_failover as failover
 from fhirvault.adapters.postgres_schema import (
     APP_GRANTS,
     APP_ROLE,
@@ -68,16 +69,19 @@ from fhirvault.ports import (
     ClientRow,
     HistoryQuery,
     LoginSessionRow,
+    LostLeadership,
     Migration,
     RefreshTokenRow,
     SchemaError,
     SchemaTooNew,
     SearchQuery,
     StoredVersion,
+    StoreUnavailable,
     TenantKeyRow,
     UserRow,
     VersionConflict,
     WrappedKey,
+    WriteTx,
 )
 from fhirvault.services.coherence import REVOCATIONS
 
@@ -171,6 +175,15 @@ class _Tx:
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
+
+    def holds_advisory_lock(self, pid: int, backend_start: str, key: int) -> bool:
+        """Whether session (pid, start) holds the session advisory lock ``key`` (Leadership.fence)."""
+        row = self._x("SELECT EXISTS (SELECT 1 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                      " WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.pid = %s"
+                      " AND a.backend_start::text = %s AND l.classid::bigint = %s AND l.objid::bigint = %s"
+                      " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+                      (pid, backend_start, (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
+        return bool(row and row[0])
 
     def _lock_head(self) -> int:
         if self.audit_size is None:
@@ -486,14 +499,8 @@ _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
 _STOP = object()
 
 
-def _connect(url: str) -> psycopg.Connection[Any]:
-    conn = psycopg.connect(url, autocommit=True, application_name="fhirvault-writer")
-    # Durable at COMMIT whatever the server's default: a write is acknowledged once its WAL is flushed.
-    conn.execute("SET synchronous_commit = on")
-    return conn
-
-
 def _configure_reader(conn: psycopg.Connection[Any]) -> None:
+    failover.reject_standby(conn)
     conn.execute("SET default_transaction_read_only = on")
 
 
@@ -501,13 +508,14 @@ class PostgresStore:
     """ResourceStore on a PostgreSQL database (``postgresql://user@host/db``)."""
 
     def __init__(self, url: str, *, read_pool_size: int = 8) -> None:
-        self._url = url
-        migrate(url)
-        self._pool = ConnectionPool(url, min_size=1, max_size=read_pool_size, open=True, name="fhirvault-read",
+        self._url = failover.conninfo(url)  # time-outs and keepalives added (a password stays inside)
+        migrate(self._url)
+        self._pool = ConnectionPool(self._url, min_size=1, max_size=read_pool_size, open=True,
+                                    name="fhirvault-read", timeout=failover.READ_WAIT,
                                     kwargs={"autocommit": True, "application_name": "fhirvault-read"},
                                     configure=_configure_reader)
         try:
-            self._writer_conn = _connect(url)
+            self._writer_conn, self._server = failover.connect_writer(self._url)
         except BaseException:
             self._pool.close()
             raise
@@ -549,14 +557,12 @@ class PostgresStore:
 
     def _commit_batch(self, batch: list[_Job]) -> list[_Job]:
         """Run and commit a prefix of ``batch``; return the jobs left for the next transaction."""
-        if self._writer_conn.broken or self._writer_conn.closed:
-            try:
-                self._writer_conn = _connect(self._url)
-            except psycopg.Error as exc:
-                log.error("database unavailable", extra={"error": type(exc).__name__})
-                self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
-                return []
-        conn = self._writer_conn
+        try:
+            conn = self._writer_connection()
+        except StoreUnavailable as exc:
+            self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
+            return []
+        xid: int | None = None
         tx = _Tx(conn)
         outcomes: list[tuple[bool, Any]] = []
         callbacks: list[list[Callable[[], None]]] = []
@@ -580,8 +586,8 @@ class PostgresStore:
                     done = n
                     break
                 except BaseException as exc:  # the job's own failure: undo only its work
-                    if isinstance(exc, psycopg.OperationalError) and conn.broken:
-                        raise
+                    if isinstance(exc, psycopg.Error) and failover.connection_lost(exc, conn):
+                        raise  # the whole batch fails (or the database is read-only now)
                     conn.execute(b"ROLLBACK TO SAVEPOINT job")
                     # Locks taken by this job went with its savepoint.
                     tx.audit_size, tx.audit_locked = before
@@ -598,18 +604,55 @@ class PostgresStore:
                     callbacks.append(tx.committed)
             tx.flush_head()
             tx.flush_invalidations()
+            xid = failover.transaction_id(conn)
             conn.execute("COMMIT")
-        except Exception as exc:  # the commit itself failed: nothing is durable
-            log.error("write batch failed", extra={"error": type(exc).__name__})
-            if not conn.broken:
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("ROLLBACK")
-            self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
-            return []
+        except Exception as exc:  # the batch or its COMMIT failed: find out whether anything is durable
+            failure = self._batch_failed(exc, conn, xid)
+            if failure is not None:
+                self._finish(batch, [(False, failure)] * len(batch), [[] for _ in batch])
+                return []
         self.commits += 1
         self.batched_jobs += done
         self._finish(batch[:done], outcomes, callbacks)
         return batch[done:]
+
+    # -- connection loss (see postgres_failover) --
+    def _writer_connection(self) -> psycopg.Connection[Any]:
+        """The write session, reconnected (with back-off, bounded) when it broke."""
+        conn = self._writer_conn
+        if not (conn.broken or conn.closed):
+            return conn
+        self._writer_conn, self._server = failover.reconnect_writer(self._url, lambda: self._closed)
+        return self._writer_conn
+
+    def _batch_failed(self, exc: Exception, conn: psycopg.Connection[Any], xid: int | None) -> Exception | None:
+        """What the batch's callers hear when it failed with ``exc``; None if it committed after all.
+
+        ``xid`` is set once COMMIT was about to be sent: if the session broke then, the new
+        session asks the server what became of the transaction (never a success it cannot prove)."""
+        if not failover.connection_lost(exc, conn):  # a statement failed: the session is fine
+            log.error("write batch failed", extra={"error": type(exc).__name__})
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+            return exc
+        log.error("database connection lost", extra={"error": type(exc).__name__})
+        with contextlib.suppress(psycopg.Error):
+            conn.close()  # a read-only (standby) session too: the next batch reconnects to the primary
+        if xid is None:
+            return StoreUnavailable(failover.UNAVAILABLE)
+        server = self._server
+        try:
+            fresh = self._writer_connection()
+            committed = failover.commit_outcome(fresh, xid, self._server == server)
+        except (StoreUnavailable, psycopg.Error):
+            committed = None
+        log.warning("write batch outcome after connection loss",
+                    extra={"outcome": {True: "committed", False: "not committed", None: "unknown"}[committed]})
+        if committed:
+            return None
+        if committed is None:
+            return StoreUnavailable(failover.UNKNOWN, outcome_unknown=True)
+        return StoreUnavailable(failover.UNAVAILABLE)
 
     @staticmethod
     def _finish(batch: list[_Job], outcomes: list[tuple[bool, Any]], callbacks: list[list[Callable[[], None]]]) -> None:
@@ -647,14 +690,26 @@ class PostgresStore:
     def _one(self, sql: str, args: Any = ()) -> tuple[Any, ...] | None:
         if _has_nul(args):
             return None
-        with self._pool.connection() as c:
-            return c.execute(sql, args).fetchone()  # type: ignore[arg-type]  # statements are module constants
+        return self._read(lambda c: c.execute(sql, args).fetchone())  # type: ignore[arg-type]  # module constants
 
     def _all(self, sql: str, args: Any = ()) -> list[tuple[Any, ...]]:
         if _has_nul(args):
             return []
-        with self._pool.connection() as c:
-            return c.execute(sql, args).fetchall()  # type: ignore[arg-type]
+        return self._read(lambda c: c.execute(sql, args).fetchall())  # type: ignore[arg-type]
+
+    def _read(self, run: Callable[[psycopg.Connection[Any]], T]) -> T:
+        """``run`` on a pooled session; after a restart or failover the pool's sessions are dead:
+        drop them and try once more on a new one, then StoreUnavailable (503)."""
+        for attempt in (1, 2):
+            try:
+                with self._pool.connection() as c:
+                    return run(c)
+            except psycopg.OperationalError as exc:  # PoolTimeout too: no session within READ_WAIT
+                if attempt == 2 or isinstance(exc, PoolTimeout):
+                    log.error("database unavailable for reads", extra={"error": type(exc).__name__})
+                    raise StoreUnavailable(failover.UNAVAILABLE) from exc
+                self._pool.check()  # the pool discards the broken session; find its dead siblings too
+        raise AssertionError("unreachable")
 
     def _int(self, sql: str, args: Any = ()) -> int:
         row = self._one(sql, args)
@@ -857,18 +912,24 @@ class PostgresStore:
 
     def _coherence_head(self) -> int:
         with self._head_lock:
-            try:
-                conn = self._head_conn
-                if conn is None or conn.closed or conn.broken:
-                    conn = self._head_conn = psycopg.connect(self._url, autocommit=True,
-                                                             application_name="fhirvault-coherence")
-                row = conn.execute("SELECT seq FROM coherence_head").fetchone()
-            except psycopg.Error:
-                if self._head_conn is not None:
-                    with contextlib.suppress(psycopg.Error):
-                        self._head_conn.close()
-                self._head_conn = None
-                raise
+            for attempt in (1, 2):  # the session may have died with a restarted server: one new one
+                try:
+                    conn = self._head_conn
+                    if conn is None or conn.closed or conn.broken:
+                        conn = self._head_conn = psycopg.connect(self._url, autocommit=True,
+                                                                 application_name="fhirvault-coherence")
+                        failover.reject_standby(conn)
+                    row = conn.execute("SELECT seq FROM coherence_head").fetchone()
+                    break
+                except psycopg.Error as exc:
+                    if self._head_conn is not None:
+                        with contextlib.suppress(psycopg.Error):
+                            self._head_conn.close()
+                    self._head_conn = None
+                    if not isinstance(exc, psycopg.OperationalError):
+                        raise
+                    if attempt == 2:
+                        raise StoreUnavailable(failover.UNAVAILABLE) from exc
         assert row is not None
         return int(row[0])
 
@@ -987,28 +1048,49 @@ class PostgresLeadership:
     """Leader election by session advisory lock on a dedicated connection.
 
     ``pg_try_advisory_lock`` is held as long as the session lives; if the connection
-    drops (network, server restart) the lock goes with it and another process can
-    take the role, so every ``lead`` call re-checks the connection.
+    drops (network, server restart, failover) the lock goes with it and another process can
+    take the role, so every ``lead`` call re-checks the connection. A process that vanished
+    without closing its socket loses the session to the server's TCP keepalives (~11 s).
+    ``fence`` re-checks, inside a singleton's write transaction, that this very session still
+    holds the lock: a former leader that has not noticed yet cannot commit.
     """
 
     def __init__(self, url: str) -> None:
         self._url = url
         self._conn: psycopg.Connection[Any] | None = None
+        self._session: tuple[int, str] | None = None  # (backend pid, backend start) holding the locks
         self._held: set[str] = set()
         self._lock = threading.Lock()
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._url, autocommit=True, application_name="fhirvault-leader")
+        try:
+            failover.reject_standby(conn)  # a standby takes advisory locks too, but no one would see them
+            conn.execute(failover.SERVER_KEEPALIVES.encode())
+            row = conn.execute("SELECT pid, backend_start::text FROM pg_stat_activity"
+                               " WHERE pid = pg_backend_pid()").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        assert row is not None
+        self._session = (int(row[0]), str(row[1]))
+        return conn
 
     def lead(self, role: str) -> bool:
         with self._lock:
             try:
                 if self._conn is None or self._conn.closed or self._conn.broken:
+                    if self._held:
+                        log.warning("leadership lost with its database session", extra={"roles": sorted(self._held)})
                     self._held.clear()
-                    self._conn = psycopg.connect(self._url, autocommit=True, application_name="fhirvault-leader")
+                    self._conn = self._connect()
                 if role in self._held:
                     self._conn.execute("SELECT 1")  # still connected: still the leader
                     return True
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", (lock_key("leader:" + role),)).fetchone()
                 if row and row[0]:
                     self._held.add(role)
+                    log.info("leadership taken", extra={"role": role})
                     return True
                 return False
             except psycopg.Error as exc:
@@ -1019,6 +1101,19 @@ class PostgresLeadership:
                         self._conn.close()
                 self._conn = None
                 return False
+
+    def fence(self, tx: WriteTx, role: str) -> None:
+        """Raise LostLeadership unless our leadership session holds ``role``'s lock right now.
+
+        Run in the singleton's write transaction (another session: the writer's), so the check
+        and the write commit together or not at all."""
+        session = self._session
+        if not isinstance(tx, _Tx) or session is None or role not in self._held:
+            raise LostLeadership(role)
+        key = lock_key("leader:" + role)
+        row = tx.holds_advisory_lock(session[0], session[1], key)
+        if not row:
+            raise LostLeadership(role)
 
     def close(self) -> None:
         with self._lock:

@@ -109,10 +109,10 @@ def _operator_error(exc: Exception) -> str | None:
 
     if isinstance(exc, SettingsError | InitError | ServeError | RootKeyError | SchemaError):
         return str(exc)
-    from fhirvault.adapters.database_errors import DATABASE_ERRORS
+    from fhirvault.adapters.database_errors import DATABASE_ERRORS, describe
 
     if isinstance(exc, DATABASE_ERRORS):
-        return f"database error: {exc}"
+        return f"database error: {describe(exc)}"
     if isinstance(exc, OSError):
         return str(exc)
     return None

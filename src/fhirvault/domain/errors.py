@@ -113,8 +113,9 @@ def internal_error() -> OperationOutcomeError:
     return _error(500, "exception", "Internal server error; the incident was logged with the request id.")
 
 
-def service_unavailable(message: str) -> OperationOutcomeError:
-    return _error(503, "transient", message)
+def service_unavailable(message: str, retry_after: int | None = None) -> OperationOutcomeError:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return _error(503, "transient", message, headers=headers)
 
 
 def too_many_requests(message: str, retry_after: int) -> OperationOutcomeError:

@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fhirvault.domain import merkle
 from fhirvault.domain.merkle import CompactTree
-from fhirvault.ports import AuditCheckpoint, Clock, Leadership, ResourceStore
+from fhirvault.ports import (
+    AuditCheckpoint,
+    Clock,
+    Leadership,
+    LostLeadership,
+    ResourceStore,
+    StoreUnavailable,
+)
 from fhirvault.services.audit import leaf_data
 
 log = logging.getLogger("fhirvault.audit")
@@ -250,6 +257,8 @@ class AuditCheckpointer:
             nodes = finished
 
             def write(tx: Any) -> None:
+                if self._leadership is not None:  # a former leader that has not noticed yet fails here
+                    self._leadership.fence(tx, "audit-checkpoints")
                 if nodes:
                     tx.add_audit_nodes(nodes)
                 tx.add_audit_checkpoint(cp)
@@ -292,6 +301,8 @@ class AuditCheckpointer:
                 try:
                     if self._leads():
                         self.step()
+                except (LostLeadership, StoreUnavailable) as exc:  # another process takes over / reconnecting
+                    log.warning("audit checkpoint skipped", extra={"error": type(exc).__name__})
                 except Exception:  # keep checkpointing; the verifier reports what is wrong
                     log.exception("audit checkpoint failed")
 

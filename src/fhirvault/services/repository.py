@@ -49,6 +49,7 @@ from fhirvault.ports import (
     HistoryQuery,
     ResourceStore,
     StoredVersion,
+    StoreUnavailable,
     VersionConflict,
     WriteTx,
 )
@@ -128,6 +129,12 @@ class HistoryPage:
     entries: list[HistoryEntry]
     next_before_seq: int | None
     total: int | None
+
+
+def _unstamped(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource without what the server stamps (meta.versionId, meta.lastUpdated)."""
+    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in ("versionId", "lastUpdated")}
+    return {**resource, "meta": meta}
 
 
 def resource_aad(tenant: str, type: str, id: str, version: int, key_id: str) -> bytes:
@@ -406,7 +413,32 @@ class Repository:
         return self._seal_job(ctx, "create", rtype, rid, body, key, None, decision=decision, detail=detail)
 
     async def create(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> ResourceResult:
-        return await self._store.write("resource.create", await self.prepare_create(ctx, rtype, body))
+        job = await self.prepare_create(ctx, rtype, body)
+        try:
+            return await self._store.write("resource.create", job)
+        except StoreUnavailable as exc:
+            # The connection broke during COMMIT. The id is ours alone (a fresh UUID): if the
+            # database has it now, the create committed.
+            stored = self._committed_after_all(exc, rtype, body["id"], 1, body)
+            if stored is None:
+                raise
+            return dataclasses.replace(stored, created=True)
+
+    def _committed_after_all(self, exc: StoreUnavailable, rtype: str, rid: str, version: int,
+                             body: dict[str, Any]) -> ResourceResult | None:
+        """After a write's outcome was unknown: the result it stored, if the store now holds it.
+
+        Only a positive answer counts (a COMMIT still under way may land after this read):
+        version ``version`` of ``rid`` whose content, but for the stamped meta, is ``body``."""
+        if not exc.outcome_unknown:
+            return None
+        found = self._store.read_version(self.tenant, rtype, rid, version)
+        if found is None or found.deleted:
+            return None
+        plaintext = self._open(found)
+        if _unstamped(orjson.loads(plaintext)) != _unstamped(body):
+            return None
+        return ResourceResult(rtype, rid, version, found.last_updated_ms, plaintext)
 
     async def prepare_update(self, ctx: RequestContext, rtype: str, rid: str, body: dict[str, Any],
                              if_match: int | None) -> Callable[[WriteTx], ResourceResult]:
@@ -445,6 +477,12 @@ class Repository:
                                                await self.prepare_update(ctx, rtype, rid, body, if_match))
             except VersionConflict:  # another server process wrote this resource meanwhile: judge it again
                 continue
+            except StoreUnavailable as exc:
+                # With If-Match the version it would have made is known: is it there, with this content?
+                stored = None if if_match is None else self._committed_after_all(exc, rtype, rid, if_match + 1, body)
+                if stored is None:
+                    raise
+                return stored
         raise ConcurrentChange()
 
     async def prepare_patch(self, ctx: RequestContext, rtype: str, rid: str, operations: Any,

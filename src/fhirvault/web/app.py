@@ -19,6 +19,7 @@ from fhirvault.container import Container, capability_bytes
 from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
 from fhirvault.fhir.router import FhirRouter
+from fhirvault.ports import StoreUnavailable
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
 from fhirvault.services.config_audit import changed_settings
@@ -134,6 +135,9 @@ def create_app(container: Container) -> ASGIApp:
         try:
             await container.store.write("health.ready", lambda tx: None)
             checks["database"] = "ok"
+        except StoreUnavailable:  # restarting, failing over, or only a standby reachable: not ready
+            log.warning("readiness check: database unavailable")
+            checks["database"] = "failed"
         except Exception:
             log.exception("readiness check: database not writable")
             checks["database"] = "failed"

@@ -10,6 +10,7 @@ from fhirvault.domain import errors
 from fhirvault.domain.errors import OperationOutcomeError
 from fhirvault.fhir.messages import FhirRequest
 from fhirvault.fhir.router import FhirRouter, is_public
+from fhirvault.ports import StoreUnavailable
 from fhirvault.services.auth import AuthService, TokenError
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import IntegrityError, Repository, RequestContext
@@ -24,10 +25,28 @@ from fhirvault.web.asgi import (
     send_response,
 )
 from fhirvault.web.context import client_ip, request_id_of, set_client_id
+from fhirvault.web.middleware import unavailable
 
 log = logging.getLogger("fhirvault.fhir")
 _HOST = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]{2,45}\](:[0-9]{1,5})?$")
 _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"}
+
+
+def repeatable(request: FhirRequest, exc: StoreUnavailable) -> bool:
+    """Whether the server may run ``request`` again by itself after the database came back.
+
+    Reads and searches (a repeat may record its access twice in the audit log, never lose it);
+    a conditional create (a repeat finds what the first attempt created, if it did); an update
+    with If-Match when the first attempt is known not to have committed (a repeat after an
+    unknown outcome would answer 412 for the client's own write). Anything else: 503, and the
+    client decides (see docs/postgresql.md, "Failover and reconnection")."""
+    method, segments = request.method, request.segments
+    if method in ("GET", "HEAD") or (method == "POST" and segments[-1:] == ["_search"]):
+        return True
+    if method == "POST" and len(segments) == 1 and request.header("if-none-exist") is not None:
+        return True
+    return (method == "PUT" and len(segments) == 2 and request.header("if-match") is not None
+            and not exc.outcome_unknown)
 
 
 class FhirEndpoint:
@@ -64,6 +83,8 @@ class FhirEndpoint:
         except IntegrityError:
             log.error("stored data failed its integrity check")
             await send_outcome(send, errors.internal_error(), head)
+        except StoreUnavailable as exc:  # restart or failover: the store reconnects, the client retries
+            await send_outcome(send, unavailable(exc), head)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         path = scope["path"][len(self._prefix):]
@@ -77,7 +98,14 @@ class FhirEndpoint:
         body = await read_body(scope, receive, self._max_body) if method in ("POST", "PUT", "PATCH") else b""
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         request = FhirRequest(method, segments, query, headers, body, ctx, self.base_url(scope, headers))
-        response = await self._router.handle(request)
+        try:
+            response = await self._router.handle(request)
+        except StoreUnavailable as exc:
+            if not repeatable(request, exc):
+                raise
+            # The store has reconnected meanwhile (or waits up to a few seconds for it): once more.
+            log.warning("database unavailable: request repeated once", extra={"method": method})
+            response = await self._router.handle(request)
         await send_response(send, response.status, response.body, response.headers, method == "HEAD")
 
     async def _authenticate(self, ctx: RequestContext, headers: dict[str, str]) -> RequestContext:

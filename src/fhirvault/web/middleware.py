@@ -9,7 +9,9 @@ import secrets
 import time
 
 from fhirvault.domain import errors
+from fhirvault.domain.errors import OperationOutcomeError
 from fhirvault.logs import request_id_var
+from fhirvault.ports import StoreUnavailable
 from fhirvault.services.metrics import Metrics
 from fhirvault.web.asgi import ASGIApp, Message, Receive, Scope, Send, send_outcome
 from fhirvault.web.context import REQUEST_ID_KEY, new_client_holder
@@ -21,6 +23,12 @@ _REQUEST_ID = re.compile(rb"^[A-Za-z0-9\-_.]{8,64}$")
 # across restarts, and without a getrandom() system call per request.
 _ID_PREFIX = secrets.token_hex(6)
 _id_counter = itertools.count(1)
+
+
+def unavailable(exc: StoreUnavailable) -> OperationOutcomeError:
+    """503 + Retry-After for a database that is restarting or failing over (logged once, no traceback)."""
+    error_log.warning("request failed: database unavailable", extra={"outcome_unknown": exc.outcome_unknown})
+    return errors.service_unavailable(str(exc), retry_after=exc.retry_after)
 
 
 def _route_kind(path: str) -> str:
@@ -127,6 +135,9 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, wrapped_send)
+        except StoreUnavailable as exc:  # any route (token, login, admin): 503, not 500
+            if not sent:
+                await send_outcome(wrapped_send, unavailable(exc))
         except Exception:
             error_log.exception("unhandled error")
             if not sent:
