@@ -241,12 +241,16 @@ for i in $(seq 1 "$FV_NODES"); do
   fv_servers+="    server node$i 127.0.0.1:$(fv_port "$i") check"$'\n'
 done
 H=$DIR/haproxy
+old_cfg=$(cat "$H/haproxy.cfg" 2>/dev/null || true)
 render "$TEMPLATES/haproxy.cfg.in" "$H/haproxy.cfg" PIDFILE="$H/haproxy.pid" PG_FRONT_PORT="$PG_FRONT" \
   HTTP_PORT="$HTTP" STATS_PORT="$STATS" PG_SERVERS="${pg_servers%$'\n'}" FV_SERVERS="${fv_servers%$'\n'}"
 haproxy -c -q -f "$H/haproxy.cfg" || die "HAProxy refuses $H/haproxy.cfg"
 if ! alive "$H/haproxy.pid"; then
   log "starting HAProxy"
   haproxy -D -f "$H/haproxy.cfg"
+elif [ "$old_cfg" != "$(cat "$H/haproxy.cfg")" ]; then
+  log "reloading HAProxy (its configuration changed)"
+  haproxy -D -f "$H/haproxy.cfg" -sf "$(cat "$H/haproxy.pid")"  # the old process finishes its requests
 fi
 
 for i in $(seq 1 "$FV_NODES"); do
