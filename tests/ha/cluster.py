@@ -34,6 +34,7 @@ DOWN = ROOT / "scripts" / "ha-down.sh"
 FHIRVAULT = str(Path(sys.executable).parent / "fhirvault")
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 MARKER_SYSTEM = "urn:fhirvault:ha-test"
+TOKEN_RENEW_S = 200.0
 # The server's cluster singletons (web/app.py, services/audit_*.py): role names of Leadership.lead().
 ROLES = ("audit-checkpoints", "audit-verify", "config-audit", "backups")
 
@@ -86,6 +87,7 @@ class Cluster:
         self.dir = directory
         self.base_port = base_port
         self._token: str | None = None
+        self._token_at = 0.0
 
     # -- whole cluster ---------------------------------------------------------------------------
     def up(self, timeout: float = 300) -> str:
@@ -231,7 +233,8 @@ class Cluster:
 
     # -- FHIR ------------------------------------------------------------------------------------
     def token(self, refresh: bool = False) -> str:
-        if self._token is None or refresh:
+        """The admin client's access token, renewed before it expires (token_ttl_seconds: 300)."""
+        if self._token is None or refresh or time.monotonic() - self._token_at > TOKEN_RENEW_S:
             creds = json.loads(Path(self.info["admin_client"]).read_text())
             deadline = time.monotonic() + 60
             while True:
@@ -240,6 +243,7 @@ class Cluster:
                                    auth=(creds["client_id"], creds["client_secret"]), timeout=10)
                     if r.status_code == 200:
                         self._token = str(r.json()["access_token"])
+                        self._token_at = time.monotonic()
                         break
                 except httpx.TransportError:
                     pass
