@@ -512,6 +512,9 @@ class PostgresStore:
         migrate(self._url)
         self._pool = ConnectionPool(self._url, min_size=1, max_size=read_pool_size, open=True,
                                     name="fhirvault-read", timeout=failover.READ_WAIT,
+                                    # The pool's back-off grows to minutes; give up within seconds instead,
+                                    # so the next read asks for a new session at once (on demand).
+                                    reconnect_timeout=failover.RECONNECT_WAIT,
                                     kwargs={"autocommit": True, "application_name": "fhirvault-read"},
                                     configure=_configure_reader)
         try:

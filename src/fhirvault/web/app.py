@@ -26,6 +26,7 @@ from fhirvault.services.config_audit import changed_settings
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.federation import OidcProvider
 from fhirvault.services.metrics import tenant_key_created
+from fhirvault.services.singletons import LeaderOnly
 from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
@@ -78,14 +79,16 @@ def _leads(container: Container, role: str) -> bool:
 
 
 async def _alert_housekeeping(container: Container, detection: DetectionEngine,
-                              backups: BackupScheduler | None) -> None:
-    """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges."""
+                              backups: LeaderOnly[BackupScheduler] | None) -> None:
+    """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges;
+    the backup scheduler (with its drills and replication) runs in the worker holding its role."""
     while True:
         try:
             if _leads(container, "clock-check"):  # one alert per clock jump, not one per worker
                 detection.check_clock()
-            if backups is not None:
-                backups.update_metrics()
+            running = await asyncio.to_thread(backups.follow) if backups is not None else None
+            if running is not None:
+                running.update_metrics()
             if container.alerts is not None:
                 by_severity: dict[str, int] = {}
                 for (_rule, severity), n in container.alerts.open_counts().items():
@@ -133,7 +136,10 @@ def create_app(container: Container) -> ASGIApp:
         """Ready = database writable, tenant key loaded, audit log verified since start."""
         checks: dict[str, str] = {}
         try:
-            await container.store.write("health.ready", lambda tx: None)
+            try:
+                await container.store.write("health.ready", lambda tx: None)
+            except StoreUnavailable:  # the session had died: this attempt reconnects, or waits for the database
+                await container.store.write("health.ready", lambda tx: None)
             checks["database"] = "ok"
         except StoreUnavailable:  # restarting, failing over, or only a standby reachable: not ready
             log.warning("readiness check: database unavailable")
@@ -167,10 +173,14 @@ def create_app(container: Container) -> ASGIApp:
         if _leads(container, "config-audit"):
             changed_settings(container)  # a config-change audit record when the settings differ from the last start
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
-        backups = BackupScheduler(container, detection, settings.backup) \
-            if settings.backup and _leads(container, "backups") else None
+        backup_settings = settings.backup
+        # Scheduled backups, drills and continuous replication when configured, in one worker of the
+        # cluster; another takes them over within seconds when it dies or loses its database session.
+        backups = LeaderOnly(container.leadership, "backups",
+                             lambda: BackupScheduler(container, detection, backup_settings)) \
+            if backup_settings else None
         if backups is not None:
-            backups.start()  # scheduled backups and continuous replication, when configured
+            backups.follow()
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
         yield
         housekeeping.cancel()
