@@ -245,7 +245,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"server up on {server.origin} ({result['config']['workers']} worker(s)); log {server.log_path}")
         audit_before = audit_rows(args, url)
         sent = int(state.get("bundles_sent", 0))
-        if sent < args.patients:
+        if "ingest" not in args.phases:
+            log(f"no ingest phase; the store holds {sent:,} bundles")
+        elif sent < args.patients:
             load = run_phase("ingest", bench_cmd(
                 "ingest.py", server, "--patients", str(args.patients - sent), "--offset", str(sent),
                 "--clients", str(args.load_clients), "--max-seconds", str(args.load_max_seconds),
@@ -260,11 +262,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             log(f"the store already holds the {sent:,} bundles asked for; no load")
         result["loads"] = state.get("loads", [])
-        result["search"] = run_phase("search", bench_cmd(
+        if "search" in args.phases:
+            result["search"] = run_phase("search", bench_cmd(
             "search.py", server, "--clients", str(args.search_clients), "--duration", str(args.search_duration),
-            "--warmup", "3", *store_args(args, url)), args.work / "search.json", server, args)
+                "--warmup", "3", *store_args(args, url)), args.work / "search.json", server, args)
         result["crud"] = {}
-        for mode in args.crud_modes:
+        for mode in args.crud_modes if "crud" in args.phases else ():
             result["crud"][mode] = run_phase(f"crud-{mode}", bench_cmd(
                 "crud.py", server, "--mode", mode, "--clients", str(args.crud_clients),
                 "--duration", str(args.crud_duration), "--warmup", "3"),
@@ -291,7 +294,8 @@ def label(r: dict[str, Any]) -> str:
 
 
 def ingest_rate(r: dict[str, Any]) -> str:
-    loads = r.get("loads") or []
+    """Resources/s over the loads this store got with the same worker count."""
+    loads = [x for x in r.get("loads") or [] if x.get("workers") == r["config"]["workers"]]
     res = sum(x["resources"] for x in loads)
     secs = sum(x["elapsed_s"] for x in loads)
     return f"{res / secs:,.0f}" if secs else "-"
@@ -306,8 +310,9 @@ def crud_cell(r: dict[str, Any], mode: str) -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    cols = [label(r) for r in results]
     rows: list[tuple[str, list[str]]] = []
+    results = [r for r in results if "search" in r]  # the table compares loaded stores
+    cols = [label(r) for r in results]
     store = [r["search"]["store"]["resources"] for r in results]
     rows.append(("store, resources", [f"{s:,}" if s else "?" for s in store]))
     rows.append(("ingest, resources/s (all loads)", [ingest_rate(r) for r in results]))
@@ -355,6 +360,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crud-duration", type=float, default=20.0)
     p.add_argument("--crud-modes", type=lambda s: [m for m in s.split(",") if m], default=list(CRUD_MODES),
                    help="comma-separated subset of crud,create,read (default: all)")
+    p.add_argument("--phases", type=lambda s: set(s.split(",")), default={"ingest", "search", "crud"},
+                   help="comma-separated subset of ingest,search,crud (default: all)")
     p.add_argument("--py-spy", action="store_true", help="profile the workers in each phase (py-spy raw stacks)")
     p.add_argument("--py-spy-delay", type=float, default=20.0)
     p.add_argument("--py-spy-seconds", type=float, default=30.0)
@@ -380,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     out = args.json or args.work / "scale.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table([result]))
+    if "search" in result:
+        print(table([result]))
     a = result["audit_rows"]
     print(f"audit log entries: {a['before']:,} before, {a['after']:,} after" +
           (" (plain build: must not grow)" if args.plain else ""))
