@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -44,6 +45,7 @@ BENCH = ROOT / "bench"
 PG_SCRIPT = ROOT / "scripts" / "pg-test-server.sh"
 DB_NAME = "fhirvault"
 CRUD_MODES = ("crud", "create", "read")
+PY_SPY = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}") or "py-spy"
 
 
 def log(msg: str) -> None:
@@ -178,7 +180,7 @@ def profile_later(server: Server, out: Path, delay: float, seconds: float) -> th
 
     def run() -> None:
         time.sleep(delay)
-        procs = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
+        procs = [subprocess.Popen([PY_SPY, "record", "--pid", str(pid), "--duration", str(int(seconds)),
                                    "--rate", "50", "--format", "raw", "--output", f"{out}-{pid}.txt",
                                    "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for pid in server.workers()]
