@@ -84,6 +84,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
         "count the store's resources in it (read-only)",
     )
     p.add_argument(
+        "--database-url",
+        metavar="URL",
+        help="the server's PostgreSQL database: count the store's resources in it (as --db does)",
+    )
+    p.add_argument(
         "--timeout", type=float, default=300.0, help="per-request timeout, s (default: %(default)s)"
     )
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
@@ -149,6 +154,20 @@ def count_in_db(db: Path) -> dict[str, int] | None:
     return {str(t): int(n) for t, n in rows}
 
 
+def count_in_pg(url: str) -> dict[str, int] | None:
+    """Live resources per type, read from fhirvault's PostgreSQL database."""
+    import psycopg
+
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT type, count(*) FROM resources_current WHERE NOT deleted GROUP BY type"
+            ).fetchall()
+    except psycopg.Error:
+        return None
+    return {str(t): int(n) for t, n in rows}
+
+
 def db_tables(db: Path | None) -> dict[str, int] | None:
     """Bytes per table and index (SQLite ``dbstat``), largest first; None if unavailable."""
     if db is None:
@@ -189,7 +208,11 @@ async def count_api(
 async def count_store(
     args: argparse.Namespace, session: aiohttp.ClientSession, auth: lg.Auth
 ) -> dict[str, int] | None:
-    """Resources per type in the store: from ``--db`` if given, else through the API."""
+    """Resources per type in the store: from ``--db`` or ``--database-url`` if given, else through the API."""
+    if args.database_url is not None:
+        counts = await asyncio.to_thread(count_in_pg, args.database_url)
+        if counts is not None:
+            return counts
     if args.db is not None:
         counts = await asyncio.to_thread(count_in_db, args.db)
         if counts is not None:

@@ -7,14 +7,19 @@ to build a store of the wanted size, and print the resource count reached.
 
 Phase 2: discover query parameters from the data through the API (a sample of
 Patients spread over the store by probing random birth dates; for some of them
-their Observation codes, Encounter dates and Conditions), then run with
-``--clients`` virtual users for ``--duration`` seconds (after ``--warmup``) an
-even mix of four searches, each with ``_count=100``:
+their Observation codes, categories and dates, Encounter dates, Conditions and
+MedicationRequest statuses), then run with ``--clients`` virtual users for
+``--duration`` seconds (after ``--warmup``) an even mix of eight searches, each
+with ``_count=100``:
 
 * ``Observation?patient=X&code=Y``
 * ``Patient?family=F&birthdate=B``
 * ``Encounter?date=geD&patient=X``
 * ``Condition?patient=X&_include=Condition:subject``
+* ``Patient?identifier=S|V``
+* ``Observation?patient=X&category=C&date=geA&date=leB`` (a window around one of X's)
+* ``Observation?code=Y&date=geD&date=ltD+1`` (every patient's, one day)
+* ``MedicationRequest?patient=X&status=S``
 
 and report, per query kind: count, req/s, p50/p95/p99/max latency, mean entries
 returned and errors. Target (issue): p95 <= 20 ms on a store of >= 1 million
@@ -38,6 +43,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -46,12 +52,18 @@ import aiohttp
 import ingest as ing
 from yarl import URL
 
-KINDS: tuple[str, ...] = ("observation", "patient", "encounter", "condition")
+KINDS: tuple[str, ...] = (
+    "observation", "patient", "encounter", "condition", "identifier", "obs-range", "obs-day", "medication",
+)
 SHAPES: dict[str, str] = {
     "observation": "Observation?patient=X&code=Y",
     "patient": "Patient?family=F&birthdate=B",
     "encounter": "Encounter?date=geD&patient=X",
     "condition": "Condition?patient=X&_include=Condition:subject",
+    "identifier": "Patient?identifier=S|V",
+    "obs-range": "Observation?patient=X&category=C&date=geA&date=leB",
+    "obs-day": "Observation?code=Y&date=geD&date=ltD+1",
+    "medication": "MedicationRequest?patient=X&status=S",
 }
 PAGE = 100  # _count of every measured search
 TARGET_P95_MS = 20.0
@@ -69,6 +81,18 @@ def q(value: str) -> str:
 # ---------------------------------------------------------------------------
 # Discovery (through the API)
 # ---------------------------------------------------------------------------
+
+
+Sampled = tuple[str, str, str, str]  # a sampled Patient: id, family, birthDate, first identifier (system|value)
+
+
+@dataclass
+class Details:
+    codes: list[str]  # Observation codes, system|code
+    encounter_days: list[str]
+    conditions: int
+    observations: list[tuple[str, str, str]]  # (category code, system|code, effective day)
+    med_statuses: list[str]
 
 
 class Discovery:
@@ -99,24 +123,26 @@ class Discovery:
         ]
 
     @staticmethod
-    def _patient(res: dict[str, Any]) -> tuple[str, str, str] | None:
+    def _patient(res: dict[str, Any]) -> Sampled | None:
         family = next((n.get("family") for n in res.get("name") or () if n.get("family")), None)
         birth = res.get("birthDate")
         if not (res.get("id") and family and birth):
             return None
-        return res["id"], family, birth
+        ident = next((f"{i['system']}|{i['value']}" for i in res.get("identifier") or ()
+                      if i.get("system") and i.get("value")), "")
+        return res["id"], family, birth, ident
 
-    async def patients(self, target: int, rng: random.Random) -> list[tuple[str, str, str]]:
+    async def patients(self, target: int, rng: random.Random) -> list[Sampled]:
         """(id, family, birthDate) of up to ``target`` patients spread over the store.
 
         The first page of Patients gives the birth-date range; then Patients born on
         random dates in that range are added, so the sample is not just the oldest rows.
         """
-        found: dict[str, tuple[str, str, str]] = {}
+        found: dict[str, Sampled] = {}
         # birthdate=ge1800-01-01 matches every Patient with a birth date, and gives the server
         # an indexed criterion (fhirvault refuses unfiltered searches over 10,000 resources).
         first = await self.search(
-            "Patient", f"birthdate=ge1800-01-01&_count={PAGE}&_elements=name,birthDate"
+            "Patient", f"birthdate=ge1800-01-01&_count={PAGE}&_elements=name,birthDate,identifier"
         )
         for res in first:
             if (p := self._patient(res)) is not None:
@@ -132,7 +158,7 @@ class Discovery:
             probes += 1
             day = dt.date.fromordinal(rng.randint(lo, hi)).isoformat()
             for res in await self.search(
-                "Patient", f"birthdate={day}&_count={PAGE}&_elements=name,birthDate"
+                "Patient", f"birthdate={day}&_count={PAGE}&_elements=name,birthDate,identifier"
             ):
                 if (p := self._patient(res)) is not None:
                     keep[p[0]] = p
@@ -143,16 +169,28 @@ class Discovery:
                 keep.setdefault(pid, p)
         return list(keep.values())
 
-    async def details(self, pid: str) -> tuple[list[str], list[str], int]:
-        """A patient's Observation codes (system|code), Encounter start dates and Condition count."""
+    async def details(self, pid: str) -> Details:
+        """A patient's Observation codes (system|code), Encounter start dates, Condition count,
+        Observation (category, date) pairs and MedicationRequest statuses."""
         ref = q(f"Patient/{pid}")
-        obs = await self.search("Observation", f"patient={ref}&_count={PAGE}&_elements=code")
+        obs = await self.search(
+            "Observation", f"patient={ref}&_count={PAGE}&_elements=code,category,effectiveDateTime"
+        )
         codes: list[str] = []
+        dated: list[tuple[str, str, str]] = []  # (category, code, day)
         for res in obs:
-            for c in (res.get("code") or {}).get("coding") or ():
-                if c.get("code"):
-                    codes.append(f"{c['system']}|{c['code']}" if c.get("system") else c["code"])
-                    break
+            code = next((f"{c['system']}|{c['code']}" if c.get("system") else c["code"]
+                         for c in (res.get("code") or {}).get("coding") or () if c.get("code")), None)
+            if code is None:
+                continue
+            codes.append(code)
+            category = next((c["code"] for cat in res.get("category") or ()
+                             for c in cat.get("coding") or () if c.get("code")), None)
+            when = res.get("effectiveDateTime")
+            if category and isinstance(when, str) and len(when) >= 10:
+                dated.append((category, code, when[:10]))
+        meds = await self.search("MedicationRequest", f"patient={ref}&_count={PAGE}&_elements=status")
+        statuses = sorted({str(m["status"]) for m in meds if m.get("status")})
         enc = await self.search("Encounter", f"patient={ref}&_count={PAGE}&_elements=period")
         dates = [
             res["period"]["start"][:10]
@@ -160,7 +198,7 @@ class Discovery:
             if isinstance(res.get("period"), dict) and res["period"].get("start")
         ]
         cond = await self.search("Condition", f"patient={ref}&_count={PAGE}&_elements=code")
-        return sorted(set(codes)), dates, len(cond)
+        return Details(sorted(set(codes)), dates, len(cond), dated, statuses)
 
 
 async def discover(
@@ -176,12 +214,27 @@ async def discover(
     detail = rng.sample(patients, min(len(patients), args.detail_patients))
     urls: dict[str, list[str]] = {k: [] for k in KINDS}
     n_codes = n_enc = n_cond = 0
-    for pid, _family, _birth in detail:
-        codes, dates, conditions = await d.details(pid)
+    for pid, _family, _birth, _ident in detail:
+        det = await d.details(pid)
+        codes, dates = det.codes, det.encounter_days
         ref = q(f"Patient/{pid}")
         n_codes += len(codes)
         n_enc += len(dates)
-        n_cond += conditions
+        n_cond += det.conditions
+        for category, code, day in det.observations:
+            # a window of 0-90 days on each side of one of the patient's observations
+            when = dt.date.fromisoformat(day)
+            lo = when - dt.timedelta(days=rng.randint(0, 90))
+            hi = when + dt.timedelta(days=rng.randint(0, 90))
+            urls["obs-range"].append(
+                f"Observation?patient={ref}&category={q(category)}&date=ge{lo}&date=le{hi}&_count={PAGE}"
+            )
+            # every patient's observations of that code on that day (a population query)
+            urls["obs-day"].append(
+                f"Observation?code={q(code)}&date=ge{when}&date=lt{when + dt.timedelta(days=1)}&_count={PAGE}"
+            )
+        for status in det.med_statuses:
+            urls["medication"].append(f"MedicationRequest?patient={ref}&status={status}&_count={PAGE}")
         for code in codes:
             urls["observation"].append(f"Observation?patient={ref}&code={q(code)}&_count={PAGE}")
         for start in dates:
@@ -193,8 +246,10 @@ async def discover(
         urls["condition"].append(
             f"Condition?patient={ref}&_include=Condition:subject&_count={PAGE}"
         )
-    for _pid, family, birth in patients:
+    for _pid, family, birth, ident in patients:
         urls["patient"].append(f"Patient?family={q(family)}&birthdate={birth}&_count={PAGE}")
+        if ident:
+            urls["identifier"].append(f"Patient?identifier={q(ident)}&_count={PAGE}")
     missing = [k for k in KINDS if not urls[k]]
     if missing:
         raise RuntimeError(f"discovery found no parameters for: {', '.join(missing)}")

@@ -93,6 +93,10 @@ _COHERENCE_PRUNE_EVERY = 1000  # every this many seqs, drop log rows older than 
 _COHERENCE_KEEP = 10_000
 _COHERENCE_READ_MAX = 5_000  # a process further behind than this drops all its caches instead
 _PROBE = 2000  # index entries counted per criterion to pick the one that drives a search
+_SEEK_TAGS = 8  # a non-driving criterion of up to this many tags is checked by index seeks, a larger one in c.tags
+_IN_TAG_LIST = ("EXISTS (SELECT 1 FROM generate_series(1, length(c.tags), 8) i"
+                " WHERE substring(c.tags FROM i FOR 8) = ANY(%s::bytea[]))")
+assert SEARCH_TAG_BYTES == 8, "_IN_TAG_LIST slices c.tags in 8-byte tags"
 _MIGRATION_LOCK = 0x66_68_69_72_76_61_75_6C  # "fhirvaul": one schema migration at a time per database
 
 _VERSION_COLUMNS = "type, id, version, last_updated, deleted, key_id, blob, seq"
@@ -758,12 +762,17 @@ class PostgresStore:
                 clauses.append(clause)
                 args.append(value)
         # AND of ORs, one group per criterion: the most selective group drives (a bounded count of
-        # its index entries), the others are checked per candidate by seeks on (tag, rk).
+        # its index entries), the others are checked per candidate: a small group by seeks on (tag, rk),
+        # one per tag; a large one (a date or number range: dozens of block tags) in the candidate's own
+        # tag list, c.tags, which is one 8-byte slice after another (with 52 tags the seeks cost 70 index
+        # pages per candidate, and a population query has thousands of candidates).
         for n, group in enumerate(self._by_selectivity(q.tag_groups)):
             if n == 0:
                 clauses.append("c.rk IN (SELECT rk FROM search_tags WHERE tag = ANY(%s))")
-            else:
+            elif len(group) <= _SEEK_TAGS:
                 clauses.append("EXISTS (SELECT 1 FROM search_tags s WHERE s.tag = ANY(%s) AND s.rk = c.rk)")
+            else:
+                clauses.append(_IN_TAG_LIST)
             args.append(list(group))
         order = "DESC" if q.descending else "ASC"
         sql = ("SELECT c.rk, v.type, v.id, v.version, v.last_updated, v.deleted, v.key_id, v.blob, v.seq"  # noqa: S608
