@@ -8,12 +8,16 @@ back. Async callers only await a future: the event loop never blocks on the
 database. Reads come from a connection pool (autocommit, read-only sessions),
 so they never wait for the writer.
 
-Several processes may share one database. The audit log's counter row
-(``audit.audit_head``) is locked by the first append of a transaction and held
-to its COMMIT, so leaf indexes are gap-free and in commit order across all of
-them. Cross-process critical sections (conditional create) use transaction
-advisory locks, always taken before that row lock (see ``_Tx.serialize``), so the
-two kinds never wait on each other in opposite orders.
+Several processes may share one database. A transaction's audit entries wait
+in the transaction object and are written together at its end (``_Tx.flush_audit``):
+only then is the log's counter row (``audit.audit_head``) locked, and it is held
+to the COMMIT, so leaf indexes are gap-free and in commit order across all of
+them, while the lock covers one UPDATE, one INSERT and the COMMIT (its WAL flush
+included: synchronous_commit stays on), not the batch's jobs.
+Cross-process critical sections (conditional create) use transaction advisory
+locks, taken while the jobs run, hence before that row lock, and by one job of a
+transaction at most (see ``_Tx.serialize``), so no two transactions wait on each
+other in opposite orders.
 """
 
 from __future__ import annotations
@@ -85,6 +89,9 @@ T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
+# Writer connections per process, each with its own thread and transaction, taking jobs from one
+# queue: a job is mostly round trips to the server, so several overlap them (see docs/postgresql.md).
+WRITERS = 4
 _COHERENCE_PRUNE_EVERY = 1000  # every this many seqs, drop log rows older than the last _COHERENCE_KEEP
 _COHERENCE_KEEP = 10_000
 _COHERENCE_READ_MAX = 5_000  # a process further behind than this drops all its caches instead
@@ -149,22 +156,38 @@ class _VersionTaken(pg_errors.UniqueViolation, VersionConflict):
 
 
 class _Restart(Exception):
-    """The job must start a fresh transaction (it wants an advisory lock after the audit head lock)."""
+    """The job must start a fresh transaction (an earlier job of this one holds a lock it could wait on)."""
+
+
+class _PendingAudit:
+    """An audit entry waiting for the end of its batch; called, it gives the seq the entry got."""
+
+    __slots__ = ("seal", "seq", "tags", "tenant", "ts_ms")
+
+    def __init__(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes) -> None:
+        self.tenant, self.ts_ms, self.seal, self.tags = tenant, ts_ms, seal, tags
+        self.seq: int | None = None
+
+    def __call__(self) -> int:
+        if self.seq is None:
+            raise RuntimeError("an audit entry's seq is known once its transaction has committed")
+        return self.seq
 
 
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head", "locked")
+    __slots__ = ("_c", "audit", "committed", "head_locked", "invalidations", "job_locks", "job_took_head", "locked")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
         self.committed: list[Callable[[], None]] = []
-        self.audit_size: int | None = None  # the log's size as this transaction sees it (None: head not locked)
-        self.audit_locked: int | None = None  # the size when this transaction locked the head
-        self.job_took_head = False
+        self.audit: list[_PendingAudit] = []  # this transaction's entries, written by flush_audit
         self.invalidations: list[tuple[str, str]] = []  # (kind, key) for the other processes' caches
         self.locked: set[str] = set()  # advisory locks this transaction holds (serialize)
+        self.job_locks = False  # taken by the job running now
+        self.head_locked = False  # the audit head's row lock, taken early (_lock_head) or by flush_audit
+        self.job_took_head = False
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
         return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
@@ -172,18 +195,41 @@ class _Tx:
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
 
-    def _lock_head(self) -> int:
-        if self.audit_size is None:
-            row = self._x("SELECT size FROM audit.audit_head FOR UPDATE").fetchone()
-            assert row is not None
-            self.audit_size = self.audit_locked = int(row[0])
-            self.job_took_head = True
-        return self.audit_size
+    def _lock_head(self) -> None:
+        """Hold the audit head's row lock from now to COMMIT: what a job writes next is then in commit
+        order across processes (revocations, which other processes poll by seq). Rare jobs only."""
+        if not self.head_locked:
+            self._x("SELECT size FROM audit.audit_head FOR UPDATE")
+            self.head_locked = self.job_took_head = True
 
-    def flush_head(self) -> None:
-        """Before COMMIT: store the new size (the row has been locked since the first append)."""
-        if self.audit_size is not None and self.audit_size != self.audit_locked:
-            self._x("UPDATE audit.audit_head SET size=%s", (self.audit_size,))
+    def flush_audit(self) -> None:
+        """Just before COMMIT: write the batch's audit entries, each sealed with its final seq.
+
+        The head's row lock is taken here rather than at the first append, so what other processes'
+        writers wait for is this UPDATE, one INSERT and the COMMIT, not the batch's jobs."""
+        if not self.audit:
+            return
+        n = len(self.audit)
+        row = self._x("UPDATE audit.audit_head SET size = size + %s RETURNING size - %s", (n, n)).fetchone()
+        assert row is not None
+        self.head_locked = True
+        first = int(row[0]) + 1
+        step = SEARCH_TAG_BYTES
+        blobs: list[bytes] = []
+        tag_tags: list[bytes] = []
+        tag_seqs: list[int] = []
+        for seq, e in enumerate(self.audit, first):
+            e.seq = seq
+            blobs.append(e.seal(seq))
+            for tag in {e.tags[i : i + step] for i in range(0, len(e.tags), step)}:
+                tag_tags.append(tag)
+                tag_seqs.append(seq)
+        self._x(
+            "WITH e AS (INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob)"
+            " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bytea[], %s::bytea[]))"
+            " INSERT INTO audit.audit_index (tag, seq) SELECT * FROM unnest(%s::bytea[], %s::bigint[])",
+            (list(range(first, first + n)), [e.tenant for e in self.audit], [e.ts_ms for e in self.audit],
+             [e.tags for e in self.audit], blobs, tag_tags, tag_seqs))
 
     def invalidate(self, kind: str, key: str) -> None:
         self.invalidations.append((kind, key))
@@ -206,16 +252,18 @@ class _Tx:
     def serialize(self, key: str) -> bool:
         """Wait for, then hold until COMMIT, a database lock on ``key`` shared by every process.
 
-        Always before the audit head's lock (one lock order, no deadlock): when an earlier job of
-        the batch holds the head, the batch commits without this job, which starts the next one."""
-        if self.audit_size is not None:
-            if self.job_took_head:
-                raise RuntimeError("serialize() must come before the job's first audit entry")
-            raise _Restart
-        if key in self.locked:  # an earlier job of this transaction holds it: its writes are not committed yet
+        One job's locks per transaction: a transaction holding an earlier job's lock could wait here
+        for one that another transaction holds while that one waits for ours. Such a job starts the
+        next transaction instead, as does one that follows a revocation (which took the audit head's
+        lock early: its holder must never wait for an advisory lock). Otherwise the head is locked
+        only after every job ran (flush_audit), so advisory locks always come first."""
+        if self.job_took_head:
+            raise RuntimeError("serialize() must come before the job's revocations")
+        if self.head_locked or (self.locked and not self.job_locks):
             raise _Restart
         self._x("SELECT pg_advisory_xact_lock(%s)", (lock_key("fhirvault:" + key),))
         self.locked.add(key)
+        self.job_locks = True
         return True
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
@@ -328,16 +376,11 @@ class _Tx:
         cur = self._x("INSERT INTO seen_jti (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
         return cur.rowcount == 1
 
-    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
-        seq = self._lock_head() + 1
-        step = SEARCH_TAG_BYTES
-        tag_list = [tags[i : i + step] for i in range(0, len(tags), step)]
-        self._x(
-            "WITH e AS (INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (%s,%s,%s,%s,%s))"
-            " INSERT INTO audit.audit_index (tag, seq) SELECT DISTINCT unnest(%s::bytea[]), %s",
-            (seq, tenant, ts_ms, tags, seal(seq), tag_list, seq))
-        self.audit_size = seq
-        return seq
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes],
+                     tags: bytes = b"") -> Callable[[], int]:
+        entry = _PendingAudit(tenant, ts_ms, seal, tags)
+        self.audit.append(entry)
+        return entry
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
         if nodes:
@@ -500,22 +543,29 @@ def _configure_reader(conn: psycopg.Connection[Any]) -> None:
 class PostgresStore:
     """ResourceStore on a PostgreSQL database (``postgresql://user@host/db``)."""
 
-    def __init__(self, url: str, *, read_pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, read_pool_size: int = 8, writers: int = WRITERS) -> None:
         self._url = url
         migrate(url)
         self._pool = ConnectionPool(url, min_size=1, max_size=read_pool_size, open=True, name="fhirvault-read",
                                     kwargs={"autocommit": True, "application_name": "fhirvault-read"},
                                     configure=_configure_reader)
+        self._writer_conns: list[psycopg.Connection[Any]] = []
         try:
-            self._writer_conn = _connect(url)
+            for _ in range(max(1, writers)):
+                self._writer_conns.append(_connect(url))
         except BaseException:
+            for conn in self._writer_conns:
+                conn.close()
             self._pool.close()
             raise
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._lifecycle = threading.Lock()
-        self._thread = threading.Thread(target=self._run_writer, name="fhirvault-pg-writer", daemon=True)
-        self._thread.start()
+        self.writers = len(self._writer_conns)
+        self._threads = [threading.Thread(target=self._run_writer, args=(slot,), name=f"fhirvault-pg-writer-{slot}",
+                                          daemon=True) for slot in range(len(self._writer_conns))]
+        for thread in self._threads:
+            thread.start()
         self._head_conn: psycopg.Connection[Any] | None = None  # coherence head reads (changes_since)
         self._head_lock = threading.Lock()
         self.commits = 0  # transactions committed (for tests and metrics)
@@ -525,7 +575,7 @@ class PostgresStore:
         return PostgresLeadership(self._url)
 
     # -- writes -------------------------------------------------------------
-    def _run_writer(self) -> None:
+    def _run_writer(self, slot: int) -> None:
         pending: list[_Job] = []
         stop = False
         while pending or not stop:
@@ -543,20 +593,20 @@ class PostgresStore:
                     stop = True
                 else:
                     pending.append(item)
-            pending = self._commit_batch(pending)
+            pending = self._commit_batch(pending, slot)
         with contextlib.suppress(psycopg.Error):
-            self._writer_conn.close()
+            self._writer_conns[slot].close()
 
-    def _commit_batch(self, batch: list[_Job]) -> list[_Job]:
-        """Run and commit a prefix of ``batch``; return the jobs left for the next transaction."""
-        if self._writer_conn.broken or self._writer_conn.closed:
+    def _commit_batch(self, batch: list[_Job], slot: int = 0) -> list[_Job]:
+        """Run and commit a prefix of ``batch`` on writer ``slot``; return the jobs left for the next transaction."""
+        if self._writer_conns[slot].broken or self._writer_conns[slot].closed:
             try:
-                self._writer_conn = _connect(self._url)
+                self._writer_conns[slot] = _connect(self._url)
             except psycopg.Error as exc:
                 log.error("database unavailable", extra={"error": type(exc).__name__})
                 self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
                 return []
-        conn = self._writer_conn
+        conn = self._writer_conns[slot]
         tx = _Tx(conn)
         outcomes: list[tuple[bool, Any]] = []
         callbacks: list[list[Callable[[], None]]] = []
@@ -565,17 +615,20 @@ class PostgresStore:
             # Statements without parameters go in one round trip; COMMIT releases the last savepoint.
             conn.execute(b"BEGIN; SAVEPOINT job")
             for n, (_name, fn, _fut, _loop) in enumerate(batch):
+                if tx.head_locked:  # by a revocation: no job may wait for a row lock while holding it
+                    done = n
+                    break
                 if n:
                     conn.execute(b"RELEASE SAVEPOINT job; SAVEPOINT job")
                 tx.committed = []
-                tx.job_took_head = False
-                before = (tx.audit_size, tx.audit_locked)
+                tx.job_locks = tx.job_took_head = False
+                appended = len(tx.audit)
                 published = len(tx.invalidations)
-                locked_before = set(tx.locked)
                 try:
                     value = fn(tx)
                 except _Restart:
                     conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    del tx.audit[appended:]
                     del tx.invalidations[published:]
                     done = n
                     break
@@ -583,9 +636,13 @@ class PostgresStore:
                     if isinstance(exc, psycopg.OperationalError) and conn.broken:
                         raise
                     conn.execute(b"ROLLBACK TO SAVEPOINT job")
-                    # Locks taken by this job went with its savepoint.
-                    tx.audit_size, tx.audit_locked = before
-                    tx.locked = locked_before
+                    # Locks taken by this job went with its savepoint (only one job per transaction
+                    # takes advisory locks, so they were all its own).
+                    if tx.job_locks:
+                        tx.locked = set()
+                    if tx.job_took_head:
+                        tx.head_locked = False
+                    del tx.audit[appended:]
                     del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
                         wrapped = RuntimeError("write job raised StopIteration")
@@ -596,9 +653,9 @@ class PostgresStore:
                 else:
                     outcomes.append((True, value))
                     callbacks.append(tx.committed)
-            tx.flush_head()
+            tx.flush_audit()
             tx.flush_invalidations()
-            conn.execute("COMMIT")
+            conn.execute(b"COMMIT")
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
             if not conn.broken:
@@ -882,8 +939,10 @@ class PostgresStore:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=30)
         self._pool.close()
         with self._head_lock:
             if self._head_conn is not None:
