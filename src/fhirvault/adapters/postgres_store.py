@@ -104,6 +104,17 @@ _SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM resource_versions"  # noqa: 
 _SELECT_CURRENT = (
     f"{_SELECT_VERSIONS} WHERE seq = (SELECT seq FROM resources_current WHERE tenant=%s AND type=%s AND id=%s)"  # noqa: S608
 )
+# A resource's tag list stored and the index moved to it in one round trip: `o` is the row as the
+# statement started (old tags), entries only in the old list go, entries only in the new one come.
+_SET_SEARCH_TAGS = (
+    "WITH o AS (SELECT rk, tags FROM resources_current WHERE tenant=%s AND type=%s AND id=%s),"
+    " old AS (SELECT substring(o.tags FROM g FOR %s) AS tag FROM o, generate_series(1, length(o.tags), %s) g),"
+    " u AS (UPDATE resources_current c SET tags=%s FROM o WHERE c.rk=o.rk AND c.tags IS DISTINCT FROM %s),"
+    " d AS (DELETE FROM search_tags s USING o WHERE s.rk=o.rk AND s.tag IN (SELECT tag FROM old)"
+    " AND NOT s.tag = ANY(%s::bytea[])),"
+    " i AS (INSERT INTO search_tags (tag, rk) SELECT t, o.rk FROM o, unnest(%s::bytea[]) t"
+    " WHERE t NOT IN (SELECT tag FROM old) ON CONFLICT DO NOTHING)"
+    " SELECT (SELECT rk FROM o)")
 _AUDIT_COLUMNS = "seq, tenant, ts_ms, tags, blob"
 _SELECT_CHECKPOINTS = ("SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof"
                        " FROM audit.audit_checkpoints")
@@ -177,7 +188,8 @@ class _PendingAudit:
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit", "committed", "head_locked", "invalidations", "job_locks", "job_took_head", "locked")
+    __slots__ = ("_c", "audit", "committed", "head_locked", "in_savepoint", "invalidations", "job_locks",
+                 "job_took_head", "locked", "pending")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
@@ -188,9 +200,31 @@ class _Tx:
         self.job_locks = False  # taken by the job running now
         self.head_locked = False  # the audit head's row lock, taken early (_lock_head) or by flush_audit
         self.job_took_head = False
+        # BEGIN and the savepoints wait here and go with the next statement, in one round trip: a job
+        # that only appends audit entries (an audited read) then costs none.
+        self.pending: list[bytes] = [b"BEGIN"]
+        self.in_savepoint = False  # the job's savepoint has been sent (a failure rolls back to it)
+
+    @property
+    def begun(self) -> bool:
+        return b"BEGIN" not in self.pending
+
+    def next_job(self) -> None:
+        if self.in_savepoint:
+            self.pending.append(b"RELEASE SAVEPOINT job")
+            self.in_savepoint = False
+        if b"SAVEPOINT job" not in self.pending:
+            self.pending.append(b"SAVEPOINT job")
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
-        return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
+        if not self.pending:
+            return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
+        pending, self.pending = self.pending, []
+        self.in_savepoint = self.in_savepoint or b"SAVEPOINT job" in pending
+        with self._c.pipeline():
+            for statement in pending:
+                self._c.execute(statement)
+            return self._c.execute(sql, args)  # type: ignore[arg-type]
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
@@ -287,22 +321,11 @@ class _Tx:
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
         """Replace a resource's tags in the index, in this transaction (searchable at COMMIT)."""
-        new_set = set(tags)
-        new = b"".join(sorted(new_set))
-        # The new list stored and the old one returned in one statement (the self-join sees the old row).
-        row = self._x("UPDATE resources_current n SET tags=%s FROM resources_current o"
-                      " WHERE n.tenant=%s AND n.type=%s AND n.id=%s AND o.rk=n.rk RETURNING n.rk, o.tags",
-                      (new, tenant, type, id)).fetchone()
-        if row is None:
+        new = sorted(set(tags))
+        joined, step = b"".join(new), SEARCH_TAG_BYTES
+        row = self._x(_SET_SEARCH_TAGS, (tenant, type, id, step, step, joined, joined, new, new)).fetchone()
+        if row is None or row[0] is None:
             raise LookupError("set_search_tags on a resource that has no version")
-        rk, old = int(row[0]), bytes(row[1])
-        if old == new:
-            return
-        step = SEARCH_TAG_BYTES
-        old_set = {old[i : i + step] for i in range(0, len(old), step)}
-        self._x("WITH d AS (DELETE FROM search_tags WHERE rk=%s AND tag = ANY(%s))"
-                " INSERT INTO search_tags (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
-                (rk, sorted(old_set - new_set), sorted(new_set - old_set), rk))
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._x("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
@@ -612,14 +635,13 @@ class PostgresStore:
         callbacks: list[list[Callable[[], None]]] = []
         done = len(batch)
         try:
-            # Statements without parameters go in one round trip; COMMIT releases the last savepoint.
-            conn.execute(b"BEGIN; SAVEPOINT job")
+            # BEGIN and each job's SAVEPOINT go with its first statement (_Tx.pending); COMMIT releases
+            # the last savepoint.
             for n, (_name, fn, _fut, _loop) in enumerate(batch):
                 if tx.head_locked:  # by a revocation: no job may wait for a row lock while holding it
                     done = n
                     break
-                if n:
-                    conn.execute(b"RELEASE SAVEPOINT job; SAVEPOINT job")
+                tx.next_job()
                 tx.committed = []
                 tx.job_locks = tx.job_took_head = False
                 appended = len(tx.audit)
@@ -627,7 +649,8 @@ class PostgresStore:
                 try:
                     value = fn(tx)
                 except _Restart:
-                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    if tx.in_savepoint:
+                        conn.execute(b"ROLLBACK TO SAVEPOINT job")
                     del tx.audit[appended:]
                     del tx.invalidations[published:]
                     done = n
@@ -635,7 +658,8 @@ class PostgresStore:
                 except BaseException as exc:  # the job's own failure: undo only its work
                     if isinstance(exc, psycopg.OperationalError) and conn.broken:
                         raise
-                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    if tx.in_savepoint:  # (otherwise the job sent nothing)
+                        conn.execute(b"ROLLBACK TO SAVEPOINT job")
                     # Locks taken by this job went with its savepoint (only one job per transaction
                     # takes advisory locks, so they were all its own).
                     if tx.job_locks:
@@ -655,10 +679,11 @@ class PostgresStore:
                     callbacks.append(tx.committed)
             tx.flush_audit()
             tx.flush_invalidations()
-            conn.execute(b"COMMIT")
+            if tx.begun:
+                conn.execute(b"COMMIT")
         except Exception as exc:  # the commit itself failed: nothing is durable
             log.error("write batch failed", extra={"error": type(exc).__name__})
-            if not conn.broken:
+            if not conn.broken and tx.begun:
                 with contextlib.suppress(psycopg.Error):
                     conn.execute("ROLLBACK")
             self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
