@@ -110,8 +110,9 @@ _SET_SEARCH_TAGS = (
     "WITH o AS (SELECT rk, tags FROM resources_current WHERE tenant=%s AND type=%s AND id=%s),"
     " old AS (SELECT substring(o.tags FROM g FOR %s) AS tag FROM o, generate_series(1, length(o.tags), %s) g),"
     " u AS (UPDATE resources_current c SET tags=%s FROM o WHERE c.rk=o.rk AND c.tags IS DISTINCT FROM %s),"
-    " d AS (DELETE FROM search_tags s USING o WHERE s.rk=o.rk AND s.tag IN (SELECT tag FROM old)"
-    " AND NOT s.tag = ANY(%s::bytea[])),"
+    # (the pairs are looked up by the primary key: `rk = scalar AND tag = ANY(array)`)
+    " d AS (DELETE FROM search_tags WHERE rk = (SELECT rk FROM o)"
+    " AND tag = ANY(ARRAY(SELECT tag FROM old WHERE NOT tag = ANY(%s::bytea[])))),"
     " i AS (INSERT INTO search_tags (tag, rk) SELECT t, o.rk FROM o, unnest(%s::bytea[]) t"
     " WHERE t NOT IN (SELECT tag FROM old) ON CONFLICT DO NOTHING)"
     " SELECT (SELECT rk FROM o)")
