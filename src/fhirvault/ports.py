@@ -257,9 +257,15 @@ class WriteTx(Protocol):
         ...
 
     def remember_jti(self, jti: str, expires_ms: int, now_ms: int) -> bool: ...
-    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes],
+                     tags: bytes = b"") -> Callable[[], int]:
         """Append an entry: ``seal(seq)`` is called with the entry's sequence number and returns
-        the ciphertext (so the encryption can bind the position). Returns the seq."""
+        the ciphertext (so the encryption can bind the position).
+
+        A store may place the entry only at the end of the transaction (PostgreSQL does, to hold the
+        log's cross-process lock briefly) and call ``seal`` then, so it must not depend on the job's
+        later state. Returns a function giving the seq, valid once the write has committed (in an
+        ``on_commit`` callback or after ``write`` returned)."""
         ...
 
     def serialize(self, key: str) -> bool:

@@ -231,12 +231,13 @@ class _Tx:
         self._set(seen, jti, expires_ms)
         return True
 
-    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes],
+                     tags: bytes = b"") -> Callable[[], int]:
         audit = self._t.audit
         seq = len(audit) + 1
         audit.append(AuditRow(seq, tenant, ts_ms, tags, seal(seq)))
         self.undo.append(audit.pop)
-        return seq
+        return lambda: seq
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
         for level, index, digest in nodes:

@@ -8,12 +8,16 @@ back. Async callers only await a future: the event loop never blocks on the
 database. Reads come from a connection pool (autocommit, read-only sessions),
 so they never wait for the writer.
 
-Several processes may share one database. The audit log's counter row
-(``audit.audit_head``) is locked by the first append of a transaction and held
-to its COMMIT, so leaf indexes are gap-free and in commit order across all of
-them. Cross-process critical sections (conditional create) use transaction
-advisory locks, always taken before that row lock (see ``_Tx.serialize``), so the
-two kinds never wait on each other in opposite orders.
+Several processes may share one database. A transaction's audit entries wait
+in the transaction object and are written together at its end (``_Tx.flush_audit``):
+only then is the log's counter row (``audit.audit_head``) locked, and it is held
+to the COMMIT, so leaf indexes are gap-free and in commit order across all of
+them, while the lock covers one UPDATE, one INSERT and the COMMIT (its WAL flush
+included: synchronous_commit stays on), not the batch's jobs.
+Cross-process critical sections (conditional create) use transaction advisory
+locks, taken while the jobs run, hence before that row lock, and by one job of a
+transaction at most (see ``_Tx.serialize``), so no two transactions wait on each
+other in opposite orders.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ T = TypeVar("T")
 log = logging.getLogger("fhirvault.store")
 
 _MAX_BATCH = 512
+# Writer connections per process, each with its own thread and transaction, taking jobs from one
+# queue: a job is mostly round trips to the server, so several overlap them (see docs/postgresql.md).
+WRITERS = 4
 _COHERENCE_PRUNE_EVERY = 1000  # every this many seqs, drop log rows older than the last _COHERENCE_KEEP
 _COHERENCE_KEEP = 10_000
 _COHERENCE_READ_MAX = 5_000  # a process further behind than this drops all its caches instead
@@ -105,6 +112,18 @@ _SELECT_VERSIONS = f"SELECT {_VERSION_COLUMNS} FROM resource_versions"  # noqa: 
 _SELECT_CURRENT = (
     f"{_SELECT_VERSIONS} WHERE seq = (SELECT seq FROM resources_current WHERE tenant=%s AND type=%s AND id=%s)"  # noqa: S608
 )
+# A resource's tag list stored and the index moved to it in one round trip: `o` is the row as the
+# statement started (old tags), entries only in the old list go, entries only in the new one come.
+_SET_SEARCH_TAGS = (
+    "WITH o AS (SELECT rk, tags FROM resources_current WHERE tenant=%s AND type=%s AND id=%s),"
+    " old AS (SELECT substring(o.tags FROM g FOR %s) AS tag FROM o, generate_series(1, length(o.tags), %s) g),"
+    " u AS (UPDATE resources_current c SET tags=%s FROM o WHERE c.rk=o.rk AND c.tags IS DISTINCT FROM %s),"
+    # (the pairs are looked up by the primary key: `rk = scalar AND tag = ANY(array)`)
+    " d AS (DELETE FROM search_tags WHERE rk = (SELECT rk FROM o)"
+    " AND tag = ANY(ARRAY(SELECT tag FROM old WHERE NOT tag = ANY(%s::bytea[])))),"
+    " i AS (INSERT INTO search_tags (tag, rk) SELECT t, o.rk FROM o, unnest(%s::bytea[]) t"
+    " WHERE t NOT IN (SELECT tag FROM old) ON CONFLICT DO NOTHING)"
+    " SELECT (SELECT rk FROM o)")
 _AUDIT_COLUMNS = "seq, tenant, ts_ms, tags, blob"
 _SELECT_CHECKPOINTS = ("SELECT size, ts_ms, root, key_id, signature, witnessed, proof_from, proof"
                        " FROM audit.audit_checkpoints")
@@ -157,25 +176,64 @@ class _VersionTaken(pg_errors.UniqueViolation, VersionConflict):
 
 
 class _Restart(Exception):
-    """The job must start a fresh transaction (it wants an advisory lock after the audit head lock)."""
+    """The job must start a fresh transaction (an earlier job of this one holds a lock it could wait on)."""
+
+
+class _PendingAudit:
+    """An audit entry waiting for the end of its batch; called, it gives the seq the entry got."""
+
+    __slots__ = ("seal", "seq", "tags", "tenant", "ts_ms")
+
+    def __init__(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes) -> None:
+        self.tenant, self.ts_ms, self.seal, self.tags = tenant, ts_ms, seal, tags
+        self.seq: int | None = None
+
+    def __call__(self) -> int:
+        if self.seq is None:
+            raise RuntimeError("an audit entry's seq is known once its transaction has committed")
+        return self.seq
 
 
 class _Tx:
     """WriteTx over the writer connection."""
 
-    __slots__ = ("_c", "audit_locked", "audit_size", "committed", "invalidations", "job_took_head", "locked")
+    __slots__ = ("_c", "audit", "committed", "head_locked", "in_savepoint", "invalidations", "job_locks",
+                 "job_took_head", "locked", "pending")
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self._c = conn
         self.committed: list[Callable[[], None]] = []
-        self.audit_size: int | None = None  # the log's size as this transaction sees it (None: head not locked)
-        self.audit_locked: int | None = None  # the size when this transaction locked the head
-        self.job_took_head = False
+        self.audit: list[_PendingAudit] = []  # this transaction's entries, written by flush_audit
         self.invalidations: list[tuple[str, str]] = []  # (kind, key) for the other processes' caches
         self.locked: set[str] = set()  # advisory locks this transaction holds (serialize)
+        self.job_locks = False  # taken by the job running now
+        self.head_locked = False  # the audit head's row lock, taken early (_lock_head) or by flush_audit
+        self.job_took_head = False
+        # BEGIN and the savepoints wait here and go with the next statement, in one round trip: a job
+        # that only appends audit entries (an audited read) then costs none.
+        self.pending: list[bytes] = [b"BEGIN"]
+        self.in_savepoint = False  # the job's savepoint has been sent (a failure rolls back to it)
+
+    @property
+    def begun(self) -> bool:
+        return b"BEGIN" not in self.pending
+
+    def next_job(self) -> None:
+        if self.in_savepoint:
+            self.pending.append(b"RELEASE SAVEPOINT job")
+            self.in_savepoint = False
+        if b"SAVEPOINT job" not in self.pending:
+            self.pending.append(b"SAVEPOINT job")
 
     def _x(self, sql: str, args: Any = None) -> psycopg.Cursor[Any]:
-        return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
+        if not self.pending:
+            return self._c.execute(sql, args)  # type: ignore[arg-type]  # statements are module constants
+        pending, self.pending = self.pending, []
+        self.in_savepoint = self.in_savepoint or b"SAVEPOINT job" in pending
+        with self._c.pipeline():
+            for statement in pending:
+                self._c.execute(statement)
+            return self._c.execute(sql, args)  # type: ignore[arg-type]
 
     def on_commit(self, fn: Callable[[], None]) -> None:
         self.committed.append(fn)
@@ -189,18 +247,41 @@ class _Tx:
                       (pid, backend_start, (key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
         return bool(row and row[0])
 
-    def _lock_head(self) -> int:
-        if self.audit_size is None:
-            row = self._x("SELECT size FROM audit.audit_head FOR UPDATE").fetchone()
-            assert row is not None
-            self.audit_size = self.audit_locked = int(row[0])
-            self.job_took_head = True
-        return self.audit_size
+    def _lock_head(self) -> None:
+        """Hold the audit head's row lock from now to COMMIT: what a job writes next is then in commit
+        order across processes (revocations, which other processes poll by seq). Rare jobs only."""
+        if not self.head_locked:
+            self._x("SELECT size FROM audit.audit_head FOR UPDATE")
+            self.head_locked = self.job_took_head = True
 
-    def flush_head(self) -> None:
-        """Before COMMIT: store the new size (the row has been locked since the first append)."""
-        if self.audit_size is not None and self.audit_size != self.audit_locked:
-            self._x("UPDATE audit.audit_head SET size=%s", (self.audit_size,))
+    def flush_audit(self) -> None:
+        """Just before COMMIT: write the batch's audit entries, each sealed with its final seq.
+
+        The head's row lock is taken here rather than at the first append, so what other processes'
+        writers wait for is this UPDATE, one INSERT and the COMMIT, not the batch's jobs."""
+        if not self.audit:
+            return
+        n = len(self.audit)
+        row = self._x("UPDATE audit.audit_head SET size = size + %s RETURNING size - %s", (n, n)).fetchone()
+        assert row is not None
+        self.head_locked = True
+        first = int(row[0]) + 1
+        step = SEARCH_TAG_BYTES
+        blobs: list[bytes] = []
+        tag_tags: list[bytes] = []
+        tag_seqs: list[int] = []
+        for seq, e in enumerate(self.audit, first):
+            e.seq = seq
+            blobs.append(e.seal(seq))
+            for tag in {e.tags[i : i + step] for i in range(0, len(e.tags), step)}:
+                tag_tags.append(tag)
+                tag_seqs.append(seq)
+        self._x(
+            "WITH e AS (INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob)"
+            " SELECT * FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bytea[], %s::bytea[]))"
+            " INSERT INTO audit.audit_index (tag, seq) SELECT * FROM unnest(%s::bytea[], %s::bigint[])",
+            (list(range(first, first + n)), [e.tenant for e in self.audit], [e.ts_ms for e in self.audit],
+             [e.tags for e in self.audit], blobs, tag_tags, tag_seqs))
 
     def invalidate(self, kind: str, key: str) -> None:
         self.invalidations.append((kind, key))
@@ -223,16 +304,18 @@ class _Tx:
     def serialize(self, key: str) -> bool:
         """Wait for, then hold until COMMIT, a database lock on ``key`` shared by every process.
 
-        Always before the audit head's lock (one lock order, no deadlock): when an earlier job of
-        the batch holds the head, the batch commits without this job, which starts the next one."""
-        if self.audit_size is not None:
-            if self.job_took_head:
-                raise RuntimeError("serialize() must come before the job's first audit entry")
-            raise _Restart
-        if key in self.locked:  # an earlier job of this transaction holds it: its writes are not committed yet
+        One job's locks per transaction: a transaction holding an earlier job's lock could wait here
+        for one that another transaction holds while that one waits for ours. Such a job starts the
+        next transaction instead, as does one that follows a revocation (which took the audit head's
+        lock early: its holder must never wait for an advisory lock). Otherwise the head is locked
+        only after every job ran (flush_audit), so advisory locks always come first."""
+        if self.job_took_head:
+            raise RuntimeError("serialize() must come before the job's revocations")
+        if self.head_locked or (self.locked and not self.job_locks):
             raise _Restart
         self._x("SELECT pg_advisory_xact_lock(%s)", (lock_key("fhirvault:" + key),))
         self.locked.add(key)
+        self.job_locks = True
         return True
 
     def current(self, tenant: str, type: str, id: str) -> StoredVersion | None:
@@ -256,22 +339,11 @@ class _Tx:
 
     def set_search_tags(self, tenant: str, type: str, id: str, tags: list[bytes]) -> None:
         """Replace a resource's tags in the index, in this transaction (searchable at COMMIT)."""
-        new_set = set(tags)
-        new = b"".join(sorted(new_set))
-        # The new list stored and the old one returned in one statement (the self-join sees the old row).
-        row = self._x("UPDATE resources_current n SET tags=%s FROM resources_current o"
-                      " WHERE n.tenant=%s AND n.type=%s AND n.id=%s AND o.rk=n.rk RETURNING n.rk, o.tags",
-                      (new, tenant, type, id)).fetchone()
-        if row is None:
+        new = sorted(set(tags))
+        joined, step = b"".join(new), SEARCH_TAG_BYTES
+        row = self._x(_SET_SEARCH_TAGS, (tenant, type, id, step, step, joined, joined, new, new)).fetchone()
+        if row is None or row[0] is None:
             raise LookupError("set_search_tags on a resource that has no version")
-        rk, old = int(row[0]), bytes(row[1])
-        if old == new:
-            return
-        step = SEARCH_TAG_BYTES
-        old_set = {old[i : i + step] for i in range(0, len(old), step)}
-        self._x("WITH d AS (DELETE FROM search_tags WHERE rk=%s AND tag = ANY(%s))"
-                " INSERT INTO search_tags (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
-                (rk, sorted(old_set - new_set), sorted(new_set - old_set), rk))
 
     def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
         row = self._x("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
@@ -345,16 +417,11 @@ class _Tx:
         cur = self._x("INSERT INTO seen_jti (jti, expires_ms) VALUES (%s,%s) ON CONFLICT DO NOTHING", (jti, expires_ms))
         return cur.rowcount == 1
 
-    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
-        seq = self._lock_head() + 1
-        step = SEARCH_TAG_BYTES
-        tag_list = [tags[i : i + step] for i in range(0, len(tags), step)]
-        self._x(
-            "WITH e AS (INSERT INTO audit.audit_log (seq, tenant, ts_ms, tags, blob) VALUES (%s,%s,%s,%s,%s))"
-            " INSERT INTO audit.audit_index (tag, seq) SELECT DISTINCT unnest(%s::bytea[]), %s",
-            (seq, tenant, ts_ms, tags, seal(seq), tag_list, seq))
-        self.audit_size = seq
-        return seq
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes],
+                     tags: bytes = b"") -> Callable[[], int]:
+        entry = _PendingAudit(tenant, ts_ms, seal, tags)
+        self.audit.append(entry)
+        return entry
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
         if nodes:
@@ -501,6 +568,7 @@ _TENANT_KEYS = "SELECT tenant, version, wrapped, root_key_id, created_ms FROM te
 
 _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
 _STOP = object()
+_AGAIN = object()  # _attempt_batch: the session died before COMMIT, run the batch again
 
 
 def _configure_reader(conn: psycopg.Connection[Any]) -> None:
@@ -511,7 +579,7 @@ def _configure_reader(conn: psycopg.Connection[Any]) -> None:
 class PostgresStore:
     """ResourceStore on a PostgreSQL database (``postgresql://user@host/db``)."""
 
-    def __init__(self, url: str, *, read_pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, read_pool_size: int = 8, writers: int = WRITERS) -> None:
         self._url = failover.conninfo(url)  # time-outs and keepalives added (a password stays inside)
         migrate(self._url)
         self._pool = ConnectionPool(self._url, min_size=1, max_size=read_pool_size, open=True,
@@ -521,16 +589,26 @@ class PostgresStore:
                                     reconnect_timeout=failover.RECONNECT_WAIT,
                                     kwargs={"autocommit": True, "application_name": "fhirvault-read"},
                                     configure=_configure_reader)
+        self._writer_conns: list[psycopg.Connection[Any]] = []
+        self._servers: list[tuple[Any, ...]] = []  # each writer session's server identity (commit_outcome)
         try:
-            self._writer_conn, self._server = failover.connect_writer(self._url)
+            for _ in range(max(1, writers)):
+                conn, server = failover.connect_writer(self._url)
+                self._writer_conns.append(conn)
+                self._servers.append(server)
         except BaseException:
+            for conn in self._writer_conns:
+                conn.close()
             self._pool.close()
             raise
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
         self._lifecycle = threading.Lock()
-        self._thread = threading.Thread(target=self._run_writer, name="fhirvault-pg-writer", daemon=True)
-        self._thread.start()
+        self.writers = len(self._writer_conns)
+        self._threads = [threading.Thread(target=self._run_writer, args=(slot,), name=f"fhirvault-pg-writer-{slot}",
+                                          daemon=True) for slot in range(len(self._writer_conns))]
+        for thread in self._threads:
+            thread.start()
         self._head_conn: psycopg.Connection[Any] | None = None  # coherence head reads (changes_since)
         self._head_lock = threading.Lock()
         self.commits = 0  # transactions committed (for tests and metrics)
@@ -540,7 +618,7 @@ class PostgresStore:
         return PostgresLeadership(self._url)
 
     # -- writes -------------------------------------------------------------
-    def _run_writer(self) -> None:
+    def _run_writer(self, slot: int) -> None:
         pending: list[_Job] = []
         stop = False
         while pending or not stop:
@@ -558,14 +636,22 @@ class PostgresStore:
                     stop = True
                 else:
                     pending.append(item)
-            pending = self._commit_batch(pending)
+            pending = self._commit_batch(pending, slot)
         with contextlib.suppress(psycopg.Error):
-            self._writer_conn.close()
+            self._writer_conns[slot].close()
 
-    def _commit_batch(self, batch: list[_Job]) -> list[_Job]:
-        """Run and commit a prefix of ``batch``; return the jobs left for the next transaction."""
+    def _commit_batch(self, batch: list[_Job], slot: int = 0) -> list[_Job]:
+        """Run and commit a prefix of ``batch`` on writer ``slot``; return the jobs left for the next transaction.
+
+        A session found dead before COMMIT was sent (an idle writer after a restart or failover: each
+        of the writers finds out with its next batch) committed nothing, so the batch runs once more on
+        a new session, as a job restarted by _Restart does; a second loss answers 503."""
+        left = self._attempt_batch(batch, slot, last=False)
+        return self._attempt_batch(batch, slot, last=True) if left is _AGAIN else left
+
+    def _attempt_batch(self, batch: list[_Job], slot: int, *, last: bool) -> Any:
         try:
-            conn = self._writer_connection()
+            conn = self._writer_connection(slot)
         except StoreUnavailable as exc:
             self._finish(batch, [(False, exc)] * len(batch), [[] for _ in batch])
             return []
@@ -575,30 +661,38 @@ class PostgresStore:
         callbacks: list[list[Callable[[], None]]] = []
         done = len(batch)
         try:
-            # Statements without parameters go in one round trip; COMMIT releases the last savepoint.
-            conn.execute(b"BEGIN; SAVEPOINT job")
+            # BEGIN and each job's SAVEPOINT go with its first statement (_Tx.pending); COMMIT releases
+            # the last savepoint.
             for n, (_name, fn, _fut, _loop) in enumerate(batch):
-                if n:
-                    conn.execute(b"RELEASE SAVEPOINT job; SAVEPOINT job")
+                if tx.head_locked:  # by a revocation: no job may wait for a row lock while holding it
+                    done = n
+                    break
+                tx.next_job()
                 tx.committed = []
-                tx.job_took_head = False
-                before = (tx.audit_size, tx.audit_locked)
+                tx.job_locks = tx.job_took_head = False
+                appended = len(tx.audit)
                 published = len(tx.invalidations)
-                locked_before = set(tx.locked)
                 try:
                     value = fn(tx)
                 except _Restart:
-                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    if tx.in_savepoint:
+                        conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    del tx.audit[appended:]
                     del tx.invalidations[published:]
                     done = n
                     break
                 except BaseException as exc:  # the job's own failure: undo only its work
                     if isinstance(exc, psycopg.Error) and failover.connection_lost(exc, conn):
                         raise  # the whole batch fails (or the database is read-only now)
-                    conn.execute(b"ROLLBACK TO SAVEPOINT job")
-                    # Locks taken by this job went with its savepoint.
-                    tx.audit_size, tx.audit_locked = before
-                    tx.locked = locked_before
+                    if tx.in_savepoint:  # (otherwise the job sent nothing)
+                        conn.execute(b"ROLLBACK TO SAVEPOINT job")
+                    # Locks taken by this job went with its savepoint (only one job per transaction
+                    # takes advisory locks, so they were all its own).
+                    if tx.job_locks:
+                        tx.locked = set()
+                    if tx.job_took_head:
+                        tx.head_locked = False
+                    del tx.audit[appended:]
                     del tx.invalidations[published:]
                     if isinstance(exc, StopIteration):  # futures refuse it (PEP 479 does the same)
                         wrapped = RuntimeError("write job raised StopIteration")
@@ -609,12 +703,18 @@ class PostgresStore:
                 else:
                     outcomes.append((True, value))
                     callbacks.append(tx.committed)
-            tx.flush_head()
+            tx.flush_audit()
             tx.flush_invalidations()
-            xid = failover.transaction_id(conn)
-            conn.execute("COMMIT")
+            if tx.begun:
+                xid = failover.transaction_id(conn)
+                conn.execute(b"COMMIT")
         except Exception as exc:  # the batch or its COMMIT failed: find out whether anything is durable
-            failure = self._batch_failed(exc, conn, xid)
+            if not last and xid is None and failover.connection_lost(exc, conn):
+                log.warning("database session lost before COMMIT: batch run again", extra={"jobs": len(batch)})
+                with contextlib.suppress(psycopg.Error):
+                    conn.close()
+                return _AGAIN
+            failure = self._batch_failed(exc, conn, xid, slot, begun=tx.begun)
             if failure is not None:
                 self._finish(batch, [(False, failure)] * len(batch), [[] for _ in batch])
                 return []
@@ -624,33 +724,35 @@ class PostgresStore:
         return batch[done:]
 
     # -- connection loss (see postgres_failover) --
-    def _writer_connection(self) -> psycopg.Connection[Any]:
-        """The write session, reconnected (with back-off, bounded) when it broke."""
-        conn = self._writer_conn
+    def _writer_connection(self, slot: int) -> psycopg.Connection[Any]:
+        """Writer ``slot``'s session, reconnected (with back-off, bounded) when it broke."""
+        conn = self._writer_conns[slot]
         if not (conn.broken or conn.closed):
             return conn
-        self._writer_conn, self._server = failover.reconnect_writer(self._url, lambda: self._closed)
-        return self._writer_conn
+        self._writer_conns[slot], self._servers[slot] = failover.reconnect_writer(self._url, lambda: self._closed)
+        return self._writer_conns[slot]
 
-    def _batch_failed(self, exc: Exception, conn: psycopg.Connection[Any], xid: int | None) -> Exception | None:
+    def _batch_failed(self, exc: Exception, conn: psycopg.Connection[Any], xid: int | None, slot: int, *,
+                      begun: bool = True) -> Exception | None:
         """What the batch's callers hear when it failed with ``exc``; None if it committed after all.
 
         ``xid`` is set once COMMIT was about to be sent: if the session broke then, the new
         session asks the server what became of the transaction (never a success it cannot prove)."""
         if not failover.connection_lost(exc, conn):  # a statement failed: the session is fine
             log.error("write batch failed", extra={"error": type(exc).__name__})
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
+            if begun:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
             return exc
         log.error("database connection lost", extra={"error": type(exc).__name__})
         with contextlib.suppress(psycopg.Error):
             conn.close()  # a read-only (standby) session too: the next batch reconnects to the primary
         if xid is None:
             return StoreUnavailable(failover.UNAVAILABLE)
-        server = self._server
+        server = self._servers[slot]
         try:
-            fresh = self._writer_connection()
-            committed = failover.commit_outcome(fresh, xid, self._server == server)
+            fresh = self._writer_connection(slot)
+            committed = failover.commit_outcome(fresh, xid, self._servers[slot] == server)
         except (StoreUnavailable, psycopg.Error):
             committed = None
         log.warning("write batch outcome after connection loss",
@@ -955,8 +1057,10 @@ class PostgresStore:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(_STOP)
-        self._thread.join(timeout=30)
+            for _ in self._threads:
+                self._queue.put(_STOP)
+        for thread in self._threads:
+            thread.join(timeout=30)
         self._pool.close()
         with self._head_lock:
             if self._head_conn is not None:

@@ -296,7 +296,8 @@ class _Tx:
         )
         return cur.rowcount == 1
 
-    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes], tags: bytes = b"") -> int:
+    def append_audit(self, tenant: str, ts_ms: int, seal: Callable[[int], bytes],
+                     tags: bytes = b"") -> Callable[[], int]:
         # The writer thread is the only appender: the next seq is kept here, and forgotten whenever
         # a job or a batch rolls back (see SqliteStore._commit_batch).
         for attempt in (1, 2):
@@ -320,7 +321,7 @@ class _Tx:
             rows = [v for i in range(0, len(tags), step) for v in (tags[i : i + step], seq)]
             values = ",".join(["(?,?)"] * (len(rows) // 2))
             self._c.execute(f"INSERT OR IGNORE INTO audit_index (tag, seq) VALUES {values}", rows)  # noqa: S608
-        return seq
+        return lambda: seq
 
     def add_audit_nodes(self, nodes: list[tuple[int, int, bytes]]) -> None:
         self._c.executemany("INSERT OR IGNORE INTO audit_nodes (level, idx, hash) VALUES (?,?,?)", nodes)

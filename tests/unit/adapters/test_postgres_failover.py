@@ -58,10 +58,10 @@ def test_the_first_host_down_the_second_primary_is_used(pg_url: str) -> None:
 def test_a_commit_interrupted_by_a_lost_connection_is_reported_as_committed_when_it_was(pg_url: str) -> None:
     """The reply to COMMIT is lost (the session dies right after it): the server is asked, the write
     is acknowledged because it was stored, not failed (the client would write it again)."""
-    store = PostgresStore(pg_url, read_pool_size=2)
+    store = PostgresStore(pg_url, read_pool_size=2, writers=1)
     try:
         store.write_sync("m", _meta("warm"))
-        real = store._writer_conn
+        real = store._writer_conns[0]
 
         class LosesTheReply:
             def __getattr__(self, name: str) -> Any:
@@ -69,12 +69,12 @@ def test_a_commit_interrupted_by_a_lost_connection_is_reported_as_committed_when
 
             def execute(self, sql: Any, *args: Any) -> Any:
                 result = real.execute(sql, *args)
-                if sql == "COMMIT":
+                if sql in ("COMMIT", b"COMMIT"):
                     real.pgconn.finish()  # as if the network dropped before the reply came back
                     raise psycopg.OperationalError("the connection is lost")
                 return result
 
-        store._writer_conn = LosesTheReply()  # type: ignore[assignment]
+        store._writer_conns[0] = LosesTheReply()  # type: ignore[assignment]
         assert store.write_sync("m", lambda tx: tx.set_meta("stored", b"1") or "done") == "done"
         assert store.get_meta("stored") == b"1"
         store.write_sync("m", _meta("after"))  # on a new session
@@ -122,7 +122,7 @@ def test_commit_outcome_answers_only_what_the_server_can_prove(pg_url: str) -> N
 def test_a_read_only_session_is_a_reason_to_reconnect_and_a_503_not_a_500(pg_url: str) -> None:
     """As when the old primary's address now leads to a standby: writes refused, the writer reconnects."""
     database = pg_url.rsplit("/", 1)[1]
-    store = PostgresStore(pg_url, read_pool_size=2)
+    store = PostgresStore(pg_url, read_pool_size=2, writers=1)  # the one session made read-only below
     try:
         store.write_sync("m", _meta("before"))
         pg_server.server().admin(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')

@@ -7,8 +7,9 @@ import asyncio
 import contextlib
 import os
 import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -48,14 +49,14 @@ def test_audit_seqs_stay_gap_free_and_in_commit_order_under_concurrent_writers(
                 if seqs != list(range(1, len(seqs) + 1)):
                     holes.append(seqs)
 
-    def job(i: int) -> object:
-        def run(tx: WriteTx) -> int:
+    def job(i: int) -> Callable[[WriteTx], Callable[[], int]]:
+        def run(tx: WriteTx) -> Callable[[], int]:
             tx.insert_version("t", _v(f"p{i}"))
             return tx.append_audit("t", i, lambda seq: b"entry %d" % seq)
         return run
 
     async def burst(store: PostgresStore, start: int) -> list[int]:
-        return list(await asyncio.gather(*[store.write("w", job(i)) for i in range(start, start + 150)]))
+        return [seq() for seq in await asyncio.gather(*[store.write("w", job(i)) for i in range(start, start + 150)])]
 
     poller = threading.Thread(target=poll)
     poller.start()
@@ -72,6 +73,57 @@ def test_audit_seqs_stay_gap_free_and_in_commit_order_under_concurrent_writers(
     assert [r.seq for r in rows] == list(range(1, 601))
     assert all(r.blob == b"entry %d" % r.seq for r in rows)  # each sealed with its own final seq
     assert holes == []
+
+
+_WRITER_PROCESS = """
+import asyncio, os, sys
+from fhirvault.adapters.postgres_store import PostgresStore
+from fhirvault.ports import StoredVersion
+
+store = PostgresStore(sys.argv[1], read_pool_size=1)  # the default number of writer connections
+name = sys.argv[2]
+
+def job(i):
+    def run(tx):
+        tx.insert_version("t", StoredVersion("Patient", f"{name}-{i}", 1, 1, False, "k1", b"x"))
+        tx.append_audit("t", i, lambda seq: b"%s %d" % (name.encode(), seq))
+    return run
+
+async def main():
+    for start in range(0, 400, 100):  # bursts of 100 concurrent writes
+        await asyncio.gather(*[store.write("w", job(i)) for i in range(start, start + 100)])
+
+asyncio.run(main())
+store.close()
+"""
+
+
+def test_audit_log_of_two_writer_processes_is_gap_free_in_commit_order_and_each_entry_sealed_with_its_seq(
+        pg_url: str) -> None:
+    """Two OS processes, each with several writer connections, append at once. A reader polling
+    meanwhile must only ever see leaves 1..k: a hole that a later commit fills would be a leaf
+    committed after a higher one (an unordered append, e.g. from a sequence, shows them at once)."""
+    PostgresStore(pg_url, read_pool_size=1).close()  # the schema, before both start
+    holes: list[list[int]] = []
+    polls = 0
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER_PROCESS, pg_url, name]) for name in ("a", "b")]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        while any(p.poll() is None for p in procs):
+            seqs = [r[0] for r in c.execute("SELECT seq FROM audit.audit_log ORDER BY seq").fetchall()]
+            polls += 1
+            if seqs != list(range(1, len(seqs) + 1)):
+                holes.append(seqs)
+    assert [p.wait(60) for p in procs] == [0, 0]
+    assert holes == [] and polls > 5
+    store = PostgresStore(pg_url, read_pool_size=1, writers=1)
+    try:
+        rows = store.audit_rows(limit=10_000)
+        assert [r.seq for r in rows] == list(range(1, 801))
+        assert all(r.blob.split()[1] == b"%d" % r.seq for r in rows)  # sealed with its final seq
+        assert {r.blob.split()[0] for r in rows} == {b"a", b"b"}
+        assert store.history_count(HistoryQuery("t")) == 800
+    finally:
+        store.close()
 
 
 def test_serialize_makes_check_then_insert_atomic_across_processes(
@@ -93,8 +145,10 @@ def test_serialize_makes_check_then_insert_atomic_across_processes(
     assert two_stores[1].history_count(HistoryQuery("t")) == 1
 
 
-def test_a_lock_wanted_after_the_audit_head_moves_the_job_to_the_next_transaction(pg_url: str) -> None:
-    store = PostgresStore(pg_url, read_pool_size=2)
+def test_audit_entries_and_advisory_locks_share_a_transaction_but_two_jobs_locks_do_not(pg_url: str) -> None:
+    """The audit head is locked only at the end of the batch, so a job may lock after an earlier job's
+    (or its own) audit entry; a second job wanting an advisory lock starts the next transaction."""
+    store = PostgresStore(pg_url, read_pool_size=2, writers=1)  # one writer: the jobs form one batch
     try:
         inside, release = threading.Event(), threading.Event()
 
@@ -102,55 +156,51 @@ def test_a_lock_wanted_after_the_audit_head_moves_the_job_to_the_next_transactio
             inside.set()
             release.wait(10)
 
-        def audited(tx: WriteTx) -> int:
-            return tx.append_audit("t", 1, lambda _s: b"a")
+        def batch(jobs: list[tuple[str, Callable[[WriteTx], object]]]) -> tuple[list[object], int]:
+            """Run ``jobs`` queued behind a blocked one (so they form one batch): results, commits taken."""
+            inside.clear()
+            release.clear()
 
-        def locking(tx: WriteTx) -> int:
-            tx.serialize("k")
-            return tx.append_audit("t", 2, lambda _s: b"b")
+            async def run() -> list[object]:
+                futs = [store.write(name, fn) for name, fn in jobs]
+                await asyncio.sleep(0.1)
+                release.set()
+                return list(await asyncio.gather(*futs, return_exceptions=True))
 
-        async def run() -> list[int]:
-            jobs = [store.write("a", audited), store.write("b", locking)]
-            await asyncio.sleep(0.1)  # both queued behind `hold`: one batch
-            release.set()
-            return list(await asyncio.gather(*jobs))
+            with ThreadPoolExecutor(1) as pool:
+                held = pool.submit(store.write_sync, "hold", hold)
+                assert inside.wait(10)
+                commits = store.commits
+                results = asyncio.run(run())
+                held.result(10)
+            return results, store.commits - commits - 1
 
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(store.write_sync, "hold", hold)
-            assert inside.wait(10)
-            commits = store.commits
-            assert asyncio.run(run()) == [1, 2]
-            held.result(10)
-        assert store.commits - commits == 3  # hold's batch, then [audited], then [locking]
+        def audited(tx: WriteTx) -> Callable[[], int]:
+            return tx.append_audit("t", 1, lambda seq: b"a%d" % seq)
 
-        # the same key twice in one batch: the second job waits for the first one's COMMIT
-        def same_key(tx: WriteTx) -> bool:
-            return tx.serialize("k2")
+        def locking(key: str) -> Callable[[WriteTx], Callable[[], int]]:
+            def job(tx: WriteTx) -> Callable[[], int]:
+                seq = tx.append_audit("t", 2, lambda seq: b"b%d" % seq)
+                assert tx.serialize(key)  # after its own entry: fine, the head is not locked yet
+                return seq
+            return job
 
-        inside.clear()
-        release.clear()
+        results, commits = batch([("a", audited), ("b", locking("k")), ("c", audited)])
+        assert [seq() for seq in results] == [1, 2, 3] and commits == 1  # type: ignore[operator]
+        # two jobs wanting advisory locks (the same key or not): the second one waits for the first's COMMIT
+        results, commits = batch([("a", locking("k")), ("b", locking("k2")), ("c", locking("k"))])
+        assert [seq() for seq in results] == [4, 5, 6] and commits == 3  # type: ignore[operator]
+        assert [r.blob for r in store.audit_rows()] == [b"a1", b"b2", b"a3", b"b4", b"b5", b"b6"]
 
-        async def twice() -> list[bool]:
-            jobs = [store.write("a", same_key), store.write("b", same_key)]
-            await asyncio.sleep(0.1)
-            release.set()
-            return list(await asyncio.gather(*jobs))
+        def fails_after_locking(tx: WriteTx) -> None:
+            locking("k")(tx)
+            raise ValueError("refused")
 
-        with ThreadPoolExecutor(1) as pool:
-            held = pool.submit(store.write_sync, "hold", hold)
-            assert inside.wait(10)
-            commits = store.commits
-            assert asyncio.run(twice()) == [True, True]
-            held.result(10)
-        assert store.commits - commits == 3
-
-        def locks_after_own_audit(tx: WriteTx) -> None:
-            tx.append_audit("t", 3, lambda _s: b"c")
-            tx.serialize("k")
-
-        with pytest.raises(RuntimeError, match="before the job's first audit entry"):
-            store.write_sync("bad", locks_after_own_audit)
-        assert store.audit_size() == 2
+        # a failed job's lock and entry went with its savepoint: the next job of the batch may lock
+        results, commits = batch([("bad", fails_after_locking), ("b", locking("k"))])
+        assert isinstance(results[0], ValueError) and commits == 1
+        assert results[1]() == 7  # type: ignore[operator]
+        assert store.audit_size() == 7
     finally:
         store.close()
 
@@ -162,13 +212,13 @@ def test_the_application_role_cannot_rewrite_the_audit_log(pg_url: str) -> None:
     app_url = pg_url.replace("postgres@", "fv_web@")
     store = PostgresStore(app_url, read_pool_size=2)  # the schema exists: the app role starts without DDL
     try:
-        def job(tx: WriteTx) -> int:
+        def job(tx: WriteTx) -> Callable[[], int]:
             tx.insert_version("t", _v("a"))
             tx.set_search_tags("t", "Patient", "a", [b"T" * 8])
             tx.revoke_jti("j", 10, 1)
             return tx.append_audit("t", 1, lambda _s: b"sealed", b"T" * 8)
 
-        assert store.write_sync("w", job) == 1
+        assert store.write_sync("w", job)() == 1
         assert store.read_current("t", "Patient", "a") is not None
     finally:
         store.close()
@@ -214,7 +264,7 @@ def test_a_leader_that_lost_its_connection_knows_it(pg_url: str) -> None:
 
 
 def test_writer_reconnects_after_losing_its_connection(pg_url: str) -> None:
-    store = PostgresStore(pg_url, read_pool_size=2)
+    store = PostgresStore(pg_url, read_pool_size=2, writers=1)  # (each writer's next batch would fail once)
     try:
         store.write_sync("m", lambda tx: tx.set_meta("a", b"1"))
         pg_server.server().admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
@@ -241,7 +291,7 @@ def test_acknowledged_writes_survive_a_database_crash(tmp_path_factory: pytest.T
         acked: list[int] = []
 
         def job(i: int) -> object:
-            def run(tx: WriteTx) -> int:
+            def run(tx: WriteTx) -> Callable[[], int]:
                 tx.insert_version("t", _v(f"p{i}"))
                 return tx.append_audit("t", i, lambda seq: b"%d" % seq)
             return run

@@ -259,11 +259,13 @@ def test_write_after_close_raises(store: ResourceStore) -> None:
 
 
 def test_write_does_not_block_the_event_loop_while_another_thread_writes(store: ResourceStore) -> None:
-    inside, release = threading.Event(), threading.Event()
+    writers = getattr(store, "writers", 1)  # PostgreSQL runs several transactions at once: occupy them all
+    entered, release = threading.Semaphore(0), threading.Event()
+    names = iter(range(writers))
 
     def slow(tx: WriteTx) -> str:
-        tx.set_meta("slow", b"1")
-        inside.set()
+        tx.set_meta(f"slow{next(names)}", b"1")  # a row each (they would wait on one another's row lock)
+        entered.release()
         release.wait(10)
         return "slow"
 
@@ -279,15 +281,18 @@ def test_write_does_not_block_the_event_loop_while_another_thread_writes(store: 
         release.set()
         return await asyncio.wait_for(fast, 10)
 
-    with ThreadPoolExecutor(1) as pool:
-        slow_done = pool.submit(store.write_sync, "slow", slow)
-        assert inside.wait(10)
+    with ThreadPoolExecutor(writers) as pool:
+        slow_done = []
+        for _ in range(writers):  # one at a time, so that each goes to an idle writer
+            slow_done.append(pool.submit(store.write_sync, "slow", slow))
+            assert entered.acquire(timeout=10)
         try:
             assert asyncio.run(run()) == "fast"
         finally:
             release.set()
-        assert slow_done.result(10) == "slow"
-    assert store.get_meta("slow") == store.get_meta("fast") == b"1"
+        assert [f.result(10) for f in slow_done] == ["slow"] * writers
+    assert [store.get_meta(f"slow{n}") for n in range(writers)] == [b"1"] * writers
+    assert store.get_meta("fast") == b"1"
 
 
 def test_readers_never_see_a_job_half_done(store: ResourceStore) -> None:
@@ -453,10 +458,11 @@ def test_jti_replay_and_expiry(store: ResourceStore) -> None:
 
 def test_audit_append_and_entries(store: ResourceStore) -> None:
     assert store.audit_entries("t") == []
-    seqs = store.write_sync("a", lambda tx: [tx.append_audit(tn, ts, lambda _s: b"e%d" % ts)
-                                             for tn, ts in [("t", 1), ("u", 2), ("t", 3), ("t", 4)]])
+    # seal may run at the end of the transaction (PostgreSQL), so each binds its own ts
+    seqs = [seq() for seq in store.write_sync("a", lambda tx: [tx.append_audit(tn, ts, lambda _s, ts=ts: b"e%d" % ts)
+                                             for tn, ts in [("t", 1), ("u", 2), ("t", 3), ("t", 4)]])]
     assert seqs == sorted(seqs) and len(set(seqs)) == 4
-    more = store.write_sync("a", lambda tx: tx.append_audit("t", 5, lambda _s: b"e5"))
+    more = store.write_sync("a", lambda tx: tx.append_audit("t", 5, lambda _s: b"e5"))()
     assert more > seqs[-1]
     entries = store.audit_entries("t")
     assert entries == [(seqs[0], 1, b"e1"), (seqs[2], 3, b"e3"), (seqs[3], 4, b"e4"), (more, 5, b"e5")]
