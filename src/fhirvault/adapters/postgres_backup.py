@@ -22,12 +22,16 @@ feed needs from writers (keys committed in key order).
 from __future__ import annotations
 
 import contextlib
+import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 
 from fhirvault.adapters.sqlite_backup import copy_database
 from fhirvault.backup.changefeed import (
@@ -54,6 +58,7 @@ from fhirvault.backup.ports import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("fhirvault.backup")
 
 SCHEMAS = {CLINICAL_DB: "public", AUDIT_DB: "audit"}
 HIDDEN = frozenset({"audit_head"})
@@ -360,8 +365,8 @@ class PostgresSnapshotSource:
         watermarks = {db: {t: cap.after.get(db, {}).get(t, 0)} for db, t in WATERMARK_TABLES.items()}
         return DatabaseDump(files, snapshot_ms, watermarks)
 
-    def copy_for_reading(self, into: Path) -> None:
-        raise SnapshotError("the disaster-recovery drill does not run on PostgreSQL yet (docs/postgresql-backup.md)")
+    def copy_for_reading(self, into: Path) -> bool:
+        return False  # the drill reads the live database, bounded by seq: MVCC readers never block the writers
 
     def catalog(self, tenant: str, until_seq: int | None = None) -> VersionCatalog:
         with _connect(self._url, read_only=True) as conn, _snapshot(conn):
@@ -373,6 +378,38 @@ class PostgresSnapshotSource:
                 "SELECT type, id, max(version) FROM resource_versions WHERE tenant=%s AND seq <= %s"
                 ' GROUP BY type, id ORDER BY type COLLATE "C", id COLLATE "C"', (tenant, top)).fetchall()
             return VersionCatalog(top, int(newest[0] if newest else 0), [(str(t), str(i), int(v)) for t, i, v in rows])
+
+
+# -- scratch database (the drill) -----------------------------------------------------------------
+@contextlib.contextmanager
+def scratch_database(server_url: str, *, keep: bool = False) -> Iterator[str]:
+    """A new, empty database on the server of ``server_url`` (its role needs CREATEDB), dropped afterwards
+    unless ``keep``; yields its URL. The name is random: the drill never touches a database it did not create."""
+    name = "fhirvault_drill_" + secrets.token_hex(6)
+    try:
+        with _connect(server_url) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.errors.InsufficientPrivilege:
+        raise SnapshotError("the drill restores into a scratch database it creates: the database role needs"
+                            " CREATEDB, or give --scratch-url (a role on a server where it may create one)") from None
+    except psycopg.Error as exc:
+        raise SnapshotError(f"cannot create the drill's scratch database: {type(exc).__name__}") from None
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    finally:
+        if keep:
+            log.warning("the drill's scratch database is kept: drop it yourself", extra={"database": name})
+        else:
+            _drop(server_url, name)
+
+
+def _drop(server_url: str, name: str) -> None:
+    try:
+        with _connect(server_url) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.warning("could not drop the drill's scratch database: drop it yourself",
+                    extra={"database": name, "error": type(exc).__name__})
 
 
 # -- restore --------------------------------------------------------------------------------------

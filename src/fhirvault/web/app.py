@@ -163,8 +163,8 @@ def create_app(container: Container) -> ASGIApp:
         if _leads(container, "config-audit"):
             changed_settings(container)  # a config-change audit record when the settings differ from the last start
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
-        backups = BackupScheduler(container, detection, settings.backup) \
-            if settings.backup and _leads(container, "backups") else None
+        # Every worker has one: each round runs in the worker holding the "backups" role (handed over if it dies).
+        backups = BackupScheduler(container, detection, settings.backup) if settings.backup else None
         if backups is not None:
             backups.start()  # scheduled backups and continuous replication, when configured
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
