@@ -39,10 +39,10 @@ def _deployment(tmp_path: Path) -> tuple[Path, str]:
 @pytest.mark.slow
 @pytest.mark.server
 def test_drill_on_postgresql_restores_into_a_scratch_database_and_drops_it(tmp_path: Path) -> None:
-    data, _url = _deployment(tmp_path)
+    data, url = _deployment(tmp_path)
     target, reports = (tmp_path / "target").as_uri(), tmp_path / "reports"
     before = set(_drill_databases())
-    srv = start_server(data, tmp_path / "server.log")
+    srv = start_server(data, tmp_path / "server.log", env={"FHIRVAULT_DATABASE_URL": url})
     try:
         seed(srv, 20, 2)
         r = fv("backup", "create", "--data-dir", str(data), "--target", target, "--location", "FR")
