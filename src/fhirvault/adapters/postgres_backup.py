@@ -5,9 +5,11 @@ database: ``fhirvault.sqlite3`` is ``public``, ``audit.sqlite3`` is ``audit``.
 Rows cross the ports as SQLite would give them (booleans as 0/1), so segments
 and exports stay engine-neutral: a feed taken here applies to SQLite and back.
 
-* Snapshot: a logical export, no ``pg_dump``: the change feed's full capture of
-  every table in one REPEATABLE READ snapshot of both schemas, one file per
-  logical database, encoded as a segment (kind ``feed``).
+* Snapshot: a logical export, no ``pg_dump``: the change feed's capture of
+  every table in one REPEATABLE READ snapshot of both schemas, written part by
+  part as it is read (at most ``EXPORT_PART_ROWS`` rows per table in memory),
+  each part of each logical database a file encoded as a segment (kind
+  ``feed``): ``fhirvault.sqlite3``, ``audit.sqlite3``, then ``….partNNNNN``.
 * Change feed: one REPEATABLE READ READ ONLY transaction per cycle (both schemas
   in one snapshot); the WAL insert position tells an idle database apart.
 * Restore: into an empty database, migrated first; the export is applied as
@@ -22,6 +24,7 @@ feed needs from writers (keys committed in key order).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 import time
@@ -64,7 +67,7 @@ SCHEMAS = {CLINICAL_DB: "public", AUDIT_DB: "audit"}
 HIDDEN = frozenset({"audit_head"})
 WATERMARK_TABLES = {CLINICAL_DB: "resource_versions", AUDIT_DB: "audit_log"}
 EXPORT_KIND = "feed"
-_ALL = 1 << 62  # no row cap: an export holds everything
+EXPORT_PART_ROWS = 20_000  # rows per table in one part of an export (memory bound)
 
 
 def _q(name: str) -> str:
@@ -347,22 +350,32 @@ class PostgresSnapshotSource:
             dbs = _feed_tables(conn)
             # Every write committed before this instant is in the snapshot (taken by the first statement).
             snapshot_ms = time.time_ns() // 1_000_000
+            files: list[SnapshotFile] = []
+            state = FeedState()
             with _snapshot(conn):
                 try:
-                    cap = capture(dbs, FeedState(), _ALL)
+                    # In parts of at most EXPORT_PART_ROWS rows per table, written as they are read, so the
+                    # export's memory stays bounded whatever the database size (the feed's own row cap).
+                    for part in itertools.count(1):
+                        cap = capture(dbs, state, EXPORT_PART_ROWS)
+                        state = cap.state
+                        for db in SCHEMAS:
+                            name = db if part == 1 else f"{db}.part{part:05d}"
+                            blocks = [b for b in cap.blocks if b.db == db]
+                            header = {"format": 1, "export": db, "part": part, "after": {db: cap.after.get(db, {})}}
+                            (into / name).write_bytes(Segment(header, blocks).encode())
+                            files.append(SnapshotFile(name, into / name, EXPORT_KIND))
+                        if not cap.more:
+                            break
+                        if not cap.rows:
+                            raise SnapshotError("the export made no progress")
                 except psycopg.Error as exc:
                     raise SnapshotError(f"cannot export the database: {type(exc).__name__}") from None
-        files = []
-        for db in SCHEMAS:
-            blocks = [b for b in cap.blocks if b.db == db]
-            header = {"format": 1, "export": db, "after": {db: cap.after.get(db, {})}}
-            (into / db).write_bytes(Segment(header, blocks).encode())
-            files.append(SnapshotFile(db, into / db, EXPORT_KIND))
         for path in sorted(self._dir.glob("*.sqlite3")) if self._dir is not None else []:
             if path.is_file() and path.name not in SCHEMAS:
                 copy_database(path, into / path.name)
                 files.append(SnapshotFile(path.name, into / path.name, "sqlite"))
-        watermarks = {db: {t: cap.after.get(db, {}).get(t, 0)} for db, t in WATERMARK_TABLES.items()}
+        watermarks = {db: {t: state.watermarks.get(db, {}).get(t, 0)} for db, t in WATERMARK_TABLES.items()}
         return DatabaseDump(files, snapshot_ms, watermarks)
 
     def copy_for_reading(self, into: Path) -> bool:
@@ -431,6 +444,7 @@ class PostgresRestoreSink:
         migrate(self._url)
         with self.feed() as dbs:
             applied = Applied()
+            marks: dict[str, dict[str, int]] = {db: {} for db in dbs}  # an export's parts apply in order
             for name in names:
                 raw = (self._dir / name).read_bytes()
                 if not raw.startswith(SEGMENT_MAGIC):
@@ -440,7 +454,7 @@ class PostgresRestoreSink:
                 if db not in dbs:
                     raise DatabaseCheckError(f"{name} is not a database export this engine can load")
                 with dbs[db].transaction():
-                    apply_db(dbs[db], db, seg, {}, None, applied)
+                    apply_db(dbs[db], db, seg, marks[db], None, applied)
                 (self._dir / name).unlink()  # the data directory of a PostgreSQL deployment holds no database
 
     def check(self, names: list[str]) -> None:
