@@ -1,13 +1,15 @@
 """Backup export and restore on PostgreSQL: time and peak memory (issue #12, "Backup export on PG").
 
 Takes a populated SQLite data directory (``bench/backup.py --phases populate --resources N --dir DIR``),
-backs it up to a file:// target, then, each in a fresh child process (so ``ru_maxrss`` is the phase's own peak):
+copies it and moves the copy into PostgreSQL (``fhirvault move``), then, each in a fresh child process (so
+``ru_maxrss`` is the phase's own peak):
 
-* ``restore``: the backup restored into a new, empty PostgreSQL database (``PostgresRestoreSink``: migrate,
-  apply the exports as replay applies segments, settle the sequences);
-* ``export``: ``PostgresSnapshotSource.dump`` of that database (the logical export a PostgreSQL backup takes).
+* ``backup``: ``create_backup`` from PostgreSQL (the logical export, chunking, encryption) to a file:// target;
+* ``restore``: that backup restored into a new, empty PostgreSQL database (``PostgresRestoreSink``: migrate,
+  apply the exports as replay applies segments, settle the sequences).
 
-PostgreSQL is started by scripts/pg-test-server.sh under ``--work``.
+PostgreSQL is started by scripts/pg-test-server.sh under ``--work``. ``--src OLD/src`` runs both phases on
+another source tree (e.g. ``git archive COMMIT src | tar -x -C OLD``) to compare before/after a change.
 
 Run: .venv/bin/python bench/pg_backup.py --dir /tmp/fv-50k [--work /tmp/fv-pg-backup] [--src OLD/src]
 """
@@ -22,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,18 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def child_backup(data: Path, url: str, target_dir: Path) -> dict[str, float]:
+    from fhirvault.adapters.keyfile import KeyFileProvider
+    from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
+    from fhirvault.backup.engine import create_backup
+    from fhirvault.backup.file_target import FileTarget
+
+    t0 = time.monotonic()
+    res = create_backup(data, FileTarget(target_dir, "FR"), KeyFileProvider.load(data / "root.key"),
+                        source=PostgresSnapshotSource(url, data))
+    return {"seconds": time.monotonic() - t0, "peak_mb": _peak_mb(), "size_mb": res.size / 1e6}
+
+
 def child_restore(target_dir: Path, root_key: Path, url: str, to: Path) -> dict[str, float]:
     from fhirvault.backup.engine import restore_backup
     from fhirvault.backup.file_target import FileTarget
@@ -42,17 +55,6 @@ def child_restore(target_dir: Path, root_key: Path, url: str, to: Path) -> dict[
     t0 = time.monotonic()
     restore_backup(FileTarget(target_dir, "FR"), to, root_key.read_bytes(), sink=lambda d: restore_sink(d, url))
     return {"seconds": time.monotonic() - t0, "peak_mb": _peak_mb()}
-
-
-def child_export(url: str) -> dict[str, float]:
-    from fhirvault.adapters.postgres_backup import PostgresSnapshotSource
-
-    with tempfile.TemporaryDirectory() as into:
-        t0 = time.monotonic()
-        dump = PostgresSnapshotSource(url).dump(Path(into))
-        seconds = time.monotonic() - t0
-        size = sum(f.path.stat().st_size for f in dump.files)
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "export_mb": size / 1e6}
 
 
 SRC: Path | None = None  # --src: run the measured phases on another source tree (e.g. before a change)
@@ -79,44 +81,40 @@ def main() -> None:
     if args.child:
         kind, *rest = args.child
         res = child_restore(Path(rest[0]), Path(rest[1]), rest[2], Path(rest[3])) if kind == "restore" \
-            else child_export(rest[0])
+            else child_backup(Path(rest[0]), rest[1], Path(rest[2]))
         print(json.dumps(res))
         return
 
-    from fhirvault.backup.engine import create_backup
-    from fhirvault.backup.file_target import FileTarget
-    from fhirvault.config import load_settings
-    from fhirvault.container import build, snapshot_source
+    import psycopg
 
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     args.work.chmod(0o711)
-    target = args.work / "target"
+    target, data = args.work / "target", args.work / "data"
     target.mkdir()
-    settings = load_settings({"data_dir": args.dir}, environ={})
-    c = build(settings)
-    try:
-        created = create_backup(args.dir, FileTarget(target, "FR"), c.root, source=snapshot_source(settings))
-        current = c.store.max_rk()
-    finally:
-        c.close()
-    print(f"source: {args.dir} (about {current:,} resources), backup {created.size / 1e6:.0f} MB", flush=True)
+    shutil.copytree(args.dir, data)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     admin = subprocess.run([str(SCRIPT), "start", str(args.work / "pg"), str(port)], capture_output=True, text=True,
                            check=True).stdout.strip().splitlines()[-1]
     try:
-        import psycopg
-
         with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("CREATE DATABASE bench")
-        url = admin.rsplit("/", 1)[0] + "/bench"
-        restored = _child("restore", str(target), str(args.dir / "root.key"), url, str(args.work / "restored"))
-        print(f"restore into PostgreSQL: {restored['seconds']:.1f} s, peak RSS {restored['peak_mb']:.0f} MB", flush=True)
-        exported = _child("export", url)
-        print(f"export (PostgresSnapshotSource.dump): {exported['seconds']:.1f} s, peak RSS "
-              f"{exported['peak_mb']:.0f} MB, {exported['export_mb']:.0f} MB written", flush=True)
+            conn.execute("CREATE DATABASE source")
+            conn.execute("CREATE DATABASE restored")
+        source, restored = admin.rsplit("/", 1)[0] + "/source", admin.rsplit("/", 1)[0] + "/restored"
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "fhirvault.cli.main", "move", "--data-dir", str(data), "--to", source],
+                       check=True, capture_output=True)
+        with psycopg.connect(source) as conn:
+            row = conn.execute("SELECT count(*) FROM resources_current").fetchone()
+        print(f"source: {row[0] if row else 0:,} resources moved into PostgreSQL in {time.monotonic() - t0:.0f} s",
+              flush=True)
+        backed = _child("backup", str(data), source, str(target))
+        print(f"backup from PostgreSQL (export + chunks + encryption): {backed['seconds']:.1f} s, peak RSS "
+              f"{backed['peak_mb']:.0f} MB, {backed['size_mb']:.0f} MB", flush=True)
+        got = _child("restore", str(target), str(data / "root.key"), restored, str(args.work / "restored"))
+        print(f"restore into PostgreSQL: {got['seconds']:.1f} s, peak RSS {got['peak_mb']:.0f} MB", flush=True)
     finally:
         subprocess.run([str(SCRIPT), "stop", str(args.work / "pg")], capture_output=True, check=False)
 
