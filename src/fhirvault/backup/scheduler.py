@@ -113,7 +113,8 @@ class BackupScheduler:
         try:
             name = self._target_name()
             report, _files = run_drill(c.settings, open_target("", self._settings), replay=default_replay(),
-                                       report_dir=c.settings.data_dir / "dr-drills")
+                                       report_dir=c.settings.data_dir / "dr-drills",
+                                       scratch_url=self._settings.drill_scratch_url)
             problem = "; ".join(report.problems[:2])
         except Exception as exc:
             problem = f"{type(exc).__name__}: {str(exc)[:200]}"
