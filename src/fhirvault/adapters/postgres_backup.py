@@ -95,6 +95,8 @@ class PostgresFeedTables:
         self.schema = schema
         self._types: dict[str, dict[str, str]] = {}
         self._keys: dict[str, list[str]] = {}
+        # Loading into an empty database: resources_current as this connection wrote it (saves a read per row)
+        self.known_current: dict[int, tuple[int, bytes]] | None = None
 
     def _t(self, table: str) -> str:
         return f"{_q(self.schema)}.{_q(table)}"
@@ -241,21 +243,25 @@ class PostgresFeedTables:
             cur.executemany(self._insert(table, cols) + tail, rows)
 
     def current_state(self, rk: int) -> tuple[int, bytes] | None:
+        if self.known_current is not None:
+            return self.known_current.get(rk)
         row = self.conn.execute(f"SELECT seq, tags FROM {self._t('resources_current')} WHERE rk=%s", (rk,)).fetchone()  # noqa: S608
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def put_current(self, row: tuple[int, str, str, str, int, int, bytes], gone: list[bytes],
                     added: list[bytes]) -> None:
         rk = row[0]
-        self.conn.execute(
-            f"INSERT INTO {self._t('resources_current')} (rk, tenant, type, id, seq, deleted, tags)"  # noqa: S608
-            " OVERRIDING SYSTEM VALUE VALUES (%s,%s,%s,%s,%s,%s::int::boolean,%s)"
-            " ON CONFLICT (rk) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted, tags=excluded.tags", row)
         if gone:
             self.conn.execute(f"DELETE FROM {self._t('search_tags')} WHERE rk=%s AND tag = ANY(%s)", (rk, gone))  # noqa: S608
-        if added:
-            self.conn.execute(f"INSERT INTO {self._t('search_tags')} (tag, rk)"
-                              " SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING", (added, rk))
+        # One round trip for the row and its new tags (a data-modifying CTE always runs).
+        self.conn.execute(
+            f"WITH c AS (INSERT INTO {self._t('resources_current')} (rk, tenant, type, id, seq, deleted, tags)"  # noqa: S608
+            " OVERRIDING SYSTEM VALUE VALUES (%s,%s,%s,%s,%s,%s::int::boolean,%s)"
+            " ON CONFLICT (rk) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted, tags=excluded.tags)"
+            f" INSERT INTO {self._t('search_tags')} (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
+            (*row, added, rk))
+        if self.known_current is not None:
+            self.known_current[rk] = (row[4], row[6])
 
 
 def _feed_tables(conn: psycopg.Connection[Any]) -> dict[str, PostgresFeedTables]:
@@ -454,7 +460,7 @@ class PostgresRestoreSink:
                 if row and int(row[0]):
                     raise DatabaseCheckError("refusing to restore into a database that already holds resources")
         migrate(self._url)
-        with self.feed() as dbs:
+        with self._tables(empty=True) as dbs:
             applied = Applied()
             marks: dict[str, dict[str, int]] = {db: {} for db in dbs}  # an export's parts apply in order
             for name in names:
@@ -479,9 +485,18 @@ class PostgresRestoreSink:
 
     @contextlib.contextmanager
     def feed(self) -> Iterator[Mapping[str, FeedWriter]]:
+        with self._tables() as dbs:
+            yield dbs
+
+    @contextlib.contextmanager
+    def _tables(self, *, empty: bool = False) -> Iterator[dict[str, PostgresFeedTables]]:
         conn = _connect(self._url)
         try:
-            yield _feed_tables(conn)
+            dbs = _feed_tables(conn)
+            if empty:  # load() checked it: resources_current rows are only those this connection puts
+                for tables in dbs.values():
+                    tables.known_current = {}
+            yield dbs
             _settle(conn)
         finally:
             conn.close()
