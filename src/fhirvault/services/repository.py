@@ -768,24 +768,30 @@ class Repository:
                 raise errors.precondition_failed("The conditional delete matches more than one resource.")
             if not matches:
                 return None
-            job = await self.prepare_delete(ctx, rtype, matches[0][0], None, missing_ok=True)
-            guarded = self._still_matching(rtype, key, find, matches, job)
+            # If-Match on the matched version: the job compares it with the current version it reads itself,
+            # and a writer committing after that read makes its insert conflict (VersionConflict).
+            job = await self.prepare_delete(ctx, rtype, matches[0][0], matches[0][1], missing_ok=True)
+            guarded = self._still_matching(key, find, matches, job)
             try:
                 return await self._store.write("resource.delete", guarded)
             except (ConcurrentChange, VersionConflict):
                 continue
         raise ConcurrentChange()
 
-    def _still_matching(self, rtype: str, key: str, find: Callable[[], list[Any]], matches: list[tuple[str, int]],
+    def _still_matching(self, key: str, find: Callable[[], list[Any]], matches: list[tuple[str, int]],
                         job: Callable[[WriteTx], T]) -> Callable[[WriteTx], T]:
-        """``job``, if the one match is still the current version (and, with other processes, still the match)."""
-        rid, version = matches[0]
+        """``job`` (an If-Match delete of the one match), searching again if the match changed meanwhile
+        (with other processes: also after locking the criteria)."""
 
         def guarded(tx: WriteTx) -> T:
-            current = tx.current(self.tenant, rtype, rid)
-            if current is None or current.version != version or (tx.serialize(key) and find() != matches):
-                raise ConcurrentChange()  # changed since the search: search again
-            return job(tx)
+            if tx.serialize(key) and find() != matches:
+                raise ConcurrentChange()
+            try:
+                return job(tx)
+            except OperationOutcomeError as exc:
+                if exc.status == 412:  # the If-Match: another writer changed the resource since the search
+                    raise ConcurrentChange() from None
+                raise
 
         return guarded
 
