@@ -12,6 +12,10 @@ PostgreSQL is started by scripts/pg-test-server.sh under ``--work``. ``--src OLD
 another source tree (e.g. ``git archive COMMIT src | tar -x -C OLD``) to compare before/after a change.
 
 Run: .venv/bin/python bench/pg_backup.py --dir /tmp/fv-50k [--work /tmp/fv-pg-backup] [--src OLD/src]
+
+Measured (shared 2-core machine, load ~5, 50,000 resources from ``bench/backup.py --phases populate``, run back
+to back): before the streamed export and COPY restore (commit 367579e) backup 3.5 s at 531 MB peak RSS, restore
+81.6 s at 312 MB; after, backup 4.5 s at 281 MB, restore 50.2 s at 202 MB (120 MB stored either way).
 """
 
 from __future__ import annotations
