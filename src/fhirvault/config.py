@@ -353,11 +353,14 @@ def load_settings(
         merged[name] = _parse_section(name, sections.get(name, {}), f"config file {file_path}",
                                       merged["data_dir"], environ)
     settings = Settings(**merged, config_path=file_path)
-    if settings.database_url is not None and settings.backup is not None:
-        # The engine-neutral backup ports have a PostgreSQL adapter (fhirvault backup create/restore),
-        # but scheduled backups and drills inside the server are not yet proven on it.
-        raise SettingsError("[backup] (scheduled backups and drills inside the server) is not supported with"
-                            " database_url (PostgreSQL) yet: run 'fhirvault backup create --target URL' from a timer"
+    if settings.database_url is not None and settings.workers != 1 and settings.backup is not None \
+            and settings.backup.replicate_to:
+        # The change feed reads resource_versions above a watermark: it needs seqs committed in seq order,
+        # which one writer per database guarantees and several processes do not (docs/postgresql-backup.md).
+        raise SettingsError("backup.replicate_to (continuous replication) on PostgreSQL needs workers = 1 (the"
+                            " default is one per core): with several workers a version can commit after a later"
+                            " one and be skipped; use"
+                            " scheduled backups, or PostgreSQL WAL archiving for point-in-time recovery"
                             " (see docs/postgresql-backup.md)")
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("default_page_size must not exceed max_page_size")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -264,6 +265,13 @@ def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
     from fhirvault.adapters.sqlite_backup import SqliteChangeFeed
 
     return SqliteChangeFeed(_data_dir(where))
+
+
+def scratch_database(server_url: str, *, keep: bool = False) -> AbstractContextManager[str]:
+    """A new, empty PostgreSQL database on the server of ``server_url`` for the drill, dropped afterwards."""
+    from fhirvault.adapters.postgres_backup import scratch_database as scratch
+
+    return scratch(server_url, keep=keep)
 
 
 def restore_sink(data_dir: Path, database_url: str | None = None) -> RestoreSink:

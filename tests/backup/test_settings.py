@@ -58,6 +58,7 @@ def test_a_full_section_parses() -> None:
     ('[backup]\ninterval = "soon"\n', "expected a duration"),
     ('[backup]\nfrequency = 1\n', "unknown key 'frequency'"),
     ('[backup]\ndefault_target = "nope"\n', "no target named"),
+    ('[backup]\ndrill_scratch_url = "mysql://x"\n', "drill_scratch_url: expected a postgresql://"),
 ])
 def test_bad_input_is_refused_with_the_key_and_origin(text: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message) as info:
@@ -69,3 +70,9 @@ def test_outside_eea_needs_an_explicit_override() -> None:
     s = _parse('[backup.targets.x]\nurl = "file:///a"\nlocation = "CH"\nallow_outside_eea = true\n')
     assert s.targets["x"].location == "CH"  # type: ignore[attr-defined]
     assert s.default_target == "x"  # type: ignore[attr-defined]
+
+
+def test_the_drill_scratch_url_is_kept_out_of_reprs() -> None:
+    s = _parse('[backup]\ndrill_scratch_url = "postgresql://drill:S3cret@db2/postgres"\n')
+    assert s.drill_scratch_url == "postgresql://drill:S3cret@db2/postgres"  # type: ignore[attr-defined]
+    assert "S3cret" not in repr(s)

@@ -10,14 +10,18 @@ from prometheus_client import generate_latest
 
 from fhirvault.backup.scheduler import BACKUP_FAILED, BackupScheduler
 from fhirvault.backup.settings import parse_backup_settings
-from tests.conftest import PATIENT, App, start_server
-
-pytestmark = pytest.mark.sqlite_only  # [backup] inside the server is SQLite-only for now
+from tests import pg_server
+from tests.conftest import PATIENT, App, engine_settings, start_server
 
 
 def _backup_settings(url: str) -> object:
     return parse_backup_settings({"targets": {"local": {"url": url, "location": "FR"}}, "interval": "1h"},
                                  "test")
+
+
+def _engine_lines(data: Path) -> str:
+    """The engine under test in the data directory's config file, so that CLI commands reach it too."""
+    return "".join(f'{k} = "{v}"\n' for k, v in engine_settings(data).items())
 
 
 def _audit(app: App) -> list[dict[str, object]]:
@@ -57,7 +61,7 @@ def test_the_server_replicates_changes_within_seconds(tmp_path: Path) -> None:
     target = tmp_path / "replica"
     target.mkdir()  # a missing target directory (an unmounted volume) is refused, not created
     (data / "fhirvault.toml").write_text(
-        f'[backup]\nreplicate_to = "offsite"\n[backup.targets.offsite]\nurl = "file://{target}"\nlocation = "FR"\n')
+        _engine_lines(data) + f'workers = 1\n[backup]\nreplicate_to = "offsite"\n[backup.targets.offsite]\nurl = "file://{target}"\nlocation = "FR"\n')
     srv = start_server(data, tmp_path / "server.log")
     try:
         with srv.client() as c:
@@ -104,7 +108,7 @@ def test_point_in_time_restore_from_a_replicating_server(tmp_path: Path) -> None
     target = tmp_path / "offsite"
     target.mkdir()
     (data / "fhirvault.toml").write_text(
-        f'[backup]\nreplicate_to = "offsite"\n[backup.targets.offsite]\nurl = "file://{target}"\nlocation = "FR"\n')
+        _engine_lines(data) + f'workers = 1\n[backup]\nreplicate_to = "offsite"\n[backup.targets.offsite]\nurl = "file://{target}"\nlocation = "FR"\n')
     srv = start_server(data, tmp_path / "server.log")
     try:
         with srv.client() as c:
@@ -121,10 +125,15 @@ def test_point_in_time_restore_from_a_replicating_server(tmp_path: Path) -> None
 
     def restored(args: list[str], name: str) -> set[str]:
         dest = tmp_path / name
+        # On PostgreSQL the tables go into a new, empty database.
+        engine = {"database_url": pg_server.server().create_database(empty=True)} if pg_server.engine() == "postgresql" \
+            else {}
+        if engine:
+            args = [*args, "--database-url", str(engine["database_url"])]
         # A new machine has no data directory: the target comes from the same config file.
         assert main(["backup", "restore", "--target", "offsite", "--backup-config", str(data / "fhirvault.toml"),
                      "--to", str(dest), "--root-key-file", str(data / "root.key"), *args]) == 0
-        c = build(load_settings({"data_dir": dest}, environ={}))
+        c = build(load_settings({"data_dir": dest, **engine}, environ={}))
         try:
             return {pid for pid in (first, second, third) if c.store.read_current("default", "Patient", pid)}
         finally:

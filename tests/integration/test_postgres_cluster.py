@@ -68,3 +68,32 @@ def test_one_checkpointer_for_the_cluster_and_every_write_audited_in_order(
                                " AND classid::bigint = %s AND objid::bigint = %s",
                                ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
         assert leaders == (1,)  # both processes run the checkpointer thread; one holds the role
+
+
+def test_conditional_delete_racing_an_update_in_another_process_deletes_only_a_match(
+        cluster: tuple[Server, Server, str]) -> None:
+    """The delete must apply to the version its search matched: an update from another process that moves the
+    resource out of the criteria first leaves it alive (today's fixed bug: it deleted the updated resource)."""
+    first, second, _ = cluster
+    token = first.token()
+    wrong: list[int] = []
+
+    async def race(n: int) -> None:
+        async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {token}"}) as c:
+            body = dict(PATIENT, identifier=[{"system": "urn:example:mrn", "value": f"DEL-{n}"}])
+            rid = (await c.post(f"{first.fhir}/Patient", json=body, headers=FHIR_JSON)).json()["id"]
+            moved = dict(body, id=rid, identifier=[{"system": "urn:example:mrn", "value": f"MOVED-{n}"}])
+            deleted, updated = await asyncio.gather(
+                c.delete(f"{first.fhir}/Patient", params={"identifier": f"DEL-{n}"}),
+                c.put(f"{second.fhir}/Patient/{rid}", json=moved, headers=FHIR_JSON))
+            assert deleted.status_code == 204 and updated.status_code in (200, 201), (deleted.text, updated.text)
+            history = (await c.get(f"{first.fhir}/Patient/{rid}/_history")).json()["entry"]  # newest first
+            methods = [e["request"]["method"] for e in history]
+            if methods[0] == "DELETE":
+                before = next(e["resource"] for e in history[1:] if "resource" in e)
+                if before["identifier"][0]["value"] != f"DEL-{n}":
+                    wrong.append(n)  # deleted a version the criteria did not match
+
+    for n in range(40):
+        asyncio.run(race(n))
+    assert wrong == []

@@ -49,8 +49,18 @@ def test_open_store_selects_postgresql(tmp_path: Path, pg_url: str) -> None:
         store.close()
 
 
-def test_backup_settings_are_refused_with_postgresql(tmp_path: Path) -> None:
+def test_backup_settings_are_accepted_with_postgresql(tmp_path: Path) -> None:
     (tmp_path / "fhirvault.toml").write_text('[backup.targets.local]\nurl = "file:///backups"\nlocation = "FR"\n')
-    assert load_settings({"data_dir": tmp_path}, environ={}).backup is not None  # valid with SQLite
-    with pytest.raises(SettingsError, match="not supported with database_url"):
-        load_settings({"data_dir": tmp_path}, environ={"FHIRVAULT_DATABASE_URL": SECRET_URL})
+    settings = load_settings({"data_dir": tmp_path}, environ={"FHIRVAULT_DATABASE_URL": SECRET_URL})
+    assert settings.backup is not None and settings.database_url == SECRET_URL
+
+
+def test_replication_is_refused_with_several_postgresql_workers(tmp_path: Path) -> None:
+    (tmp_path / "fhirvault.toml").write_text('[backup]\nreplicate_to = "local"\n'
+                                             '[backup.targets.local]\nurl = "file:///backups"\nlocation = "FR"\n')
+    env = {"FHIRVAULT_DATABASE_URL": SECRET_URL}
+    assert load_settings({"data_dir": tmp_path, "workers": 1}, environ=env).backup is not None  # one writer: works
+    for workers in (2, None):  # None: one per core on PostgreSQL
+        with pytest.raises(SettingsError, match=r"replicate_to.*workers = 1") as err:
+            load_settings({"data_dir": tmp_path, "workers": workers}, environ=env)
+        assert SECRET_URL not in str(err.value)

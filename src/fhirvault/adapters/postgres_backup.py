@@ -5,9 +5,11 @@ database: ``fhirvault.sqlite3`` is ``public``, ``audit.sqlite3`` is ``audit``.
 Rows cross the ports as SQLite would give them (booleans as 0/1), so segments
 and exports stay engine-neutral: a feed taken here applies to SQLite and back.
 
-* Snapshot: a logical export, no ``pg_dump``: the change feed's full capture of
-  every table in one REPEATABLE READ snapshot of both schemas, one file per
-  logical database, encoded as a segment (kind ``feed``).
+* Snapshot: a logical export, no ``pg_dump``: the change feed's capture of
+  every table in one REPEATABLE READ snapshot of both schemas, written part by
+  part as it is read (at most ``EXPORT_PART_ROWS`` rows per table in memory),
+  each part of each logical database a file encoded as a segment (kind
+  ``feed``): ``fhirvault.sqlite3``, ``audit.sqlite3``, then ``….partNNNNN``.
 * Change feed: one REPEATABLE READ READ ONLY transaction per cycle (both schemas
   in one snapshot); the WAL insert position tells an idle database apart.
 * Restore: into an empty database, migrated first; the export is applied as
@@ -22,12 +24,17 @@ feed needs from writers (keys committed in key order).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
+import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 
 from fhirvault.adapters.sqlite_backup import copy_database
 from fhirvault.backup.changefeed import (
@@ -54,12 +61,13 @@ from fhirvault.backup.ports import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger("fhirvault.backup")
 
 SCHEMAS = {CLINICAL_DB: "public", AUDIT_DB: "audit"}
 HIDDEN = frozenset({"audit_head"})
 WATERMARK_TABLES = {CLINICAL_DB: "resource_versions", AUDIT_DB: "audit_log"}
 EXPORT_KIND = "feed"
-_ALL = 1 << 62  # no row cap: an export holds everything
+EXPORT_PART_ROWS = 20_000  # rows per table in one part of an export (memory bound)
 
 
 def _q(name: str) -> str:
@@ -87,6 +95,8 @@ class PostgresFeedTables:
         self.schema = schema
         self._types: dict[str, dict[str, str]] = {}
         self._keys: dict[str, list[str]] = {}
+        # Loading into an empty database: resources_current as this connection wrote it (saves a read per row)
+        self.known_current: dict[int, tuple[int, bytes]] | None = None
 
     def _t(self, table: str) -> str:
         return f"{_q(self.schema)}.{_q(table)}"
@@ -199,9 +209,21 @@ class PostgresFeedTables:
                 f" VALUES ({self._marks(table, cols)})")
 
     def insert_new(self, table: str, cols: list[str], rows: list[Row]) -> None:
-        if rows:
-            with self.conn.cursor() as cur:
-                cur.executemany(self._insert(table, cols) + " ON CONFLICT DO NOTHING", rows)
+        """COPY into a temporary table, then one INSERT … SELECT (a restore loads millions of rows this way:
+        one round trip per block, where a statement per row costs one each)."""
+        if not rows:
+            return
+        staging = _q(f"fv_load_{self.schema}_{table}")
+        names = ",".join(map(_q, cols))
+        self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {staging} (LIKE {self._t(table)})"
+                          " ON COMMIT DELETE ROWS")
+        with self.conn.cursor() as cur:
+            with cur.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)  # booleans arrive as 0/1: COPY's boolean input takes them
+            cur.execute(f"INSERT INTO {self._t(table)} ({names}) OVERRIDING SYSTEM VALUE"  # noqa: S608
+                        f" SELECT {names} FROM {staging} ON CONFLICT DO NOTHING")
+            cur.execute(f"TRUNCATE {staging}")
 
     def upsert(self, table: str, cols: list[str], rows: list[Row], *, replace_all: bool = False) -> None:
         if replace_all:
@@ -221,21 +243,25 @@ class PostgresFeedTables:
             cur.executemany(self._insert(table, cols) + tail, rows)
 
     def current_state(self, rk: int) -> tuple[int, bytes] | None:
+        if self.known_current is not None:
+            return self.known_current.get(rk)
         row = self.conn.execute(f"SELECT seq, tags FROM {self._t('resources_current')} WHERE rk=%s", (rk,)).fetchone()  # noqa: S608
         return None if row is None else (int(row[0]), bytes(row[1]))
 
     def put_current(self, row: tuple[int, str, str, str, int, int, bytes], gone: list[bytes],
                     added: list[bytes]) -> None:
         rk = row[0]
-        self.conn.execute(
-            f"INSERT INTO {self._t('resources_current')} (rk, tenant, type, id, seq, deleted, tags)"  # noqa: S608
-            " OVERRIDING SYSTEM VALUE VALUES (%s,%s,%s,%s,%s,%s::int::boolean,%s)"
-            " ON CONFLICT (rk) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted, tags=excluded.tags", row)
         if gone:
             self.conn.execute(f"DELETE FROM {self._t('search_tags')} WHERE rk=%s AND tag = ANY(%s)", (rk, gone))  # noqa: S608
-        if added:
-            self.conn.execute(f"INSERT INTO {self._t('search_tags')} (tag, rk)"
-                              " SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING", (added, rk))
+        # One round trip for the row and its new tags (a data-modifying CTE always runs).
+        self.conn.execute(
+            f"WITH c AS (INSERT INTO {self._t('resources_current')} (rk, tenant, type, id, seq, deleted, tags)"  # noqa: S608
+            " OVERRIDING SYSTEM VALUE VALUES (%s,%s,%s,%s,%s,%s::int::boolean,%s)"
+            " ON CONFLICT (rk) DO UPDATE SET seq=excluded.seq, deleted=excluded.deleted, tags=excluded.tags)"
+            f" INSERT INTO {self._t('search_tags')} (tag, rk) SELECT unnest(%s::bytea[]), %s ON CONFLICT DO NOTHING",
+            (*row, added, rk))
+        if self.known_current is not None:
+            self.known_current[rk] = (row[4], row[6])
 
 
 def _feed_tables(conn: psycopg.Connection[Any]) -> dict[str, PostgresFeedTables]:
@@ -342,26 +368,36 @@ class PostgresSnapshotSource:
             dbs = _feed_tables(conn)
             # Every write committed before this instant is in the snapshot (taken by the first statement).
             snapshot_ms = time.time_ns() // 1_000_000
+            files: list[SnapshotFile] = []
+            state = FeedState()
             with _snapshot(conn):
                 try:
-                    cap = capture(dbs, FeedState(), _ALL)
+                    # In parts of at most EXPORT_PART_ROWS rows per table, written as they are read, so the
+                    # export's memory stays bounded whatever the database size (the feed's own row cap).
+                    for part in itertools.count(1):
+                        cap = capture(dbs, state, EXPORT_PART_ROWS)
+                        state = cap.state
+                        for db in SCHEMAS:
+                            name = db if part == 1 else f"{db}.part{part:05d}"
+                            blocks = [b for b in cap.blocks if b.db == db]
+                            header = {"format": 1, "export": db, "part": part, "after": {db: cap.after.get(db, {})}}
+                            (into / name).write_bytes(Segment(header, blocks).encode())
+                            files.append(SnapshotFile(name, into / name, EXPORT_KIND))
+                        if not cap.more:
+                            break
+                        if not cap.rows:
+                            raise SnapshotError("the export made no progress")
                 except psycopg.Error as exc:
                     raise SnapshotError(f"cannot export the database: {type(exc).__name__}") from None
-        files = []
-        for db in SCHEMAS:
-            blocks = [b for b in cap.blocks if b.db == db]
-            header = {"format": 1, "export": db, "after": {db: cap.after.get(db, {})}}
-            (into / db).write_bytes(Segment(header, blocks).encode())
-            files.append(SnapshotFile(db, into / db, EXPORT_KIND))
         for path in sorted(self._dir.glob("*.sqlite3")) if self._dir is not None else []:
             if path.is_file() and path.name not in SCHEMAS:
                 copy_database(path, into / path.name)
                 files.append(SnapshotFile(path.name, into / path.name, "sqlite"))
-        watermarks = {db: {t: cap.after.get(db, {}).get(t, 0)} for db, t in WATERMARK_TABLES.items()}
+        watermarks = {db: {t: state.watermarks.get(db, {}).get(t, 0)} for db, t in WATERMARK_TABLES.items()}
         return DatabaseDump(files, snapshot_ms, watermarks)
 
-    def copy_for_reading(self, into: Path) -> None:
-        raise SnapshotError("the disaster-recovery drill does not run on PostgreSQL yet (docs/postgresql-backup.md)")
+    def copy_for_reading(self, into: Path) -> bool:
+        return False  # the drill reads the live database, bounded by seq: MVCC readers never block the writers
 
     def catalog(self, tenant: str, until_seq: int | None = None) -> VersionCatalog:
         with _connect(self._url, read_only=True) as conn, _snapshot(conn):
@@ -373,6 +409,38 @@ class PostgresSnapshotSource:
                 "SELECT type, id, max(version) FROM resource_versions WHERE tenant=%s AND seq <= %s"
                 ' GROUP BY type, id ORDER BY type COLLATE "C", id COLLATE "C"', (tenant, top)).fetchall()
             return VersionCatalog(top, int(newest[0] if newest else 0), [(str(t), str(i), int(v)) for t, i, v in rows])
+
+
+# -- scratch database (the drill) -----------------------------------------------------------------
+@contextlib.contextmanager
+def scratch_database(server_url: str, *, keep: bool = False) -> Iterator[str]:
+    """A new, empty database on the server of ``server_url`` (its role needs CREATEDB), dropped afterwards
+    unless ``keep``; yields its URL. The name is random: the drill never touches a database it did not create."""
+    name = "fhirvault_drill_" + secrets.token_hex(6)
+    try:
+        with _connect(server_url) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    except psycopg.errors.InsufficientPrivilege:
+        raise SnapshotError("the drill restores into a scratch database it creates: the database role needs"
+                            " CREATEDB, or give --scratch-url (a role on a server where it may create one)") from None
+    except psycopg.Error as exc:
+        raise SnapshotError(f"cannot create the drill's scratch database: {type(exc).__name__}") from None
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path="/" + name))
+    finally:
+        if keep:
+            log.warning("the drill's scratch database is kept: drop it yourself", extra={"database": name})
+        else:
+            _drop(server_url, name)
+
+
+def _drop(server_url: str, name: str) -> None:
+    try:
+        with _connect(server_url) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.warning("could not drop the drill's scratch database: drop it yourself",
+                    extra={"database": name, "error": type(exc).__name__})
 
 
 # -- restore --------------------------------------------------------------------------------------
@@ -392,8 +460,9 @@ class PostgresRestoreSink:
                 if row and int(row[0]):
                     raise DatabaseCheckError("refusing to restore into a database that already holds resources")
         migrate(self._url)
-        with self.feed() as dbs:
+        with self._tables(empty=True) as dbs:
             applied = Applied()
+            marks: dict[str, dict[str, int]] = {db: {} for db in dbs}  # an export's parts apply in order
             for name in names:
                 raw = (self._dir / name).read_bytes()
                 if not raw.startswith(SEGMENT_MAGIC):
@@ -403,7 +472,7 @@ class PostgresRestoreSink:
                 if db not in dbs:
                     raise DatabaseCheckError(f"{name} is not a database export this engine can load")
                 with dbs[db].transaction():
-                    apply_db(dbs[db], db, seg, {}, None, applied)
+                    apply_db(dbs[db], db, seg, marks[db], None, applied)
                 (self._dir / name).unlink()  # the data directory of a PostgreSQL deployment holds no database
 
     def check(self, names: list[str]) -> None:
@@ -416,9 +485,18 @@ class PostgresRestoreSink:
 
     @contextlib.contextmanager
     def feed(self) -> Iterator[Mapping[str, FeedWriter]]:
+        with self._tables() as dbs:
+            yield dbs
+
+    @contextlib.contextmanager
+    def _tables(self, *, empty: bool = False) -> Iterator[dict[str, PostgresFeedTables]]:
         conn = _connect(self._url)
         try:
-            yield _feed_tables(conn)
+            dbs = _feed_tables(conn)
+            if empty:  # load() checked it: resources_current rows are only those this connection puts
+                for tables in dbs.values():
+                    tables.known_current = {}
+            yield dbs
             _settle(conn)
         finally:
             conn.close()

@@ -174,8 +174,9 @@ class SqliteSnapshotSource:
             raise SnapshotError(f"{self._dir} has no {CLINICAL_DB}")
         return DatabaseDump(files, snapshot_ms, watermarks)
 
-    def copy_for_reading(self, into: Path) -> None:
+    def copy_for_reading(self, into: Path) -> bool:
         copy_database(self._dir / CLINICAL_DB, into / CLINICAL_DB)
+        return True
 
     def catalog(self, tenant: str, until_seq: int | None = None) -> VersionCatalog:
         conn = _open_ro(self._dir / CLINICAL_DB)

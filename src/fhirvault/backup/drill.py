@@ -5,8 +5,11 @@ would, starts a real ``fhirvault serve`` on it, and checks that what the
 restored server holds is what the source held at the same point: per resource
 type, the number of current resources and a hash of their decrypted content
 (both read through the store and key ring, never from the restored files
-alone). The source is read from a consistent copy, so the live server is not
-disturbed. It also runs the audit verification on the restored directory.
+alone). The source is read from a consistent copy (SQLite) or from the live
+database bounded by the restored write sequence number (PostgreSQL: versions
+never change and readers do not block writers), so the live server is not
+disturbed. On PostgreSQL the restore goes into a scratch database the drill
+creates and drops. It also runs the audit verification on the restored data.
 
 RPO achieved: how much newer the source's newest write is than the newest
 write in the restored data. RTO achieved: time to restore plus time for the
@@ -15,6 +18,7 @@ restored server to answer ``/readyz``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -23,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +37,7 @@ from typing import Any
 import orjson
 
 from fhirvault.backup.engine import DEFAULT_RETRY, Replay, RestoreResult, Retry, restore_backup
+from fhirvault.backup.ports import RestoreSink
 from fhirvault.backup.target import BackupTarget
 from fhirvault.config import Settings, load_settings
 
@@ -152,30 +159,95 @@ class DrillReport:
         return "\n".join(lines) + "\n"
 
 
+def _without_backup_section(config: Path) -> None:
+    """The restored server must never write to the deployment's backup targets (scheduled backups, replication,
+    drills of its own): drop the [backup] tables from the scratch copy of fhirvault.toml."""
+    if not config.is_file():
+        return
+    kept: list[str] = []
+    skipping = False
+    for line in config.read_text().splitlines(keepends=True):
+        header = line.strip()
+        if header.startswith("["):
+            name = header.strip("[] \t").split("]")[0].strip()
+            skipping = name == "backup" or name.startswith("backup.")
+        if not skipping:
+            kept.append(line)
+    config.write_text("".join(kept))
+    if "backup" in tomllib.loads(config.read_text()):
+        raise RuntimeError("the restored fhirvault.toml sets backup outside a [backup] table: the drill will not "
+                           "serve it (the restored server would write to the deployment's targets)")
+
+
 def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = None, backup_id: str | None = None,
               report_dir: Path | None = None, scratch: Path | None = None, replay: Replay | None = None,
-              retry: Retry = DEFAULT_RETRY, keep_scratch: bool = False) -> tuple[DrillReport, list[Path]]:
-    """Run the drill; returns the report and the files it was written to."""
-    from fhirvault.container import build, snapshot_source
+              retry: Retry = DEFAULT_RETRY, keep_scratch: bool = False,
+              scratch_url: str | None = None) -> tuple[DrillReport, list[Path]]:
+    """Run the drill; returns the report and the files it was written to.
+
+    On PostgreSQL the restore goes into a scratch database the drill creates (on the deployment's server, or on
+    the server of ``scratch_url``) and drops afterwards; the source is the live database, read up to the
+    restored write sequence number."""
+    from fhirvault.container import scratch_database
+
+    with contextlib.ExitStack() as stack:
+        database_url = None
+        if source.database_url is not None:
+            database_url = stack.enter_context(scratch_database(scratch_url or source.database_url, keep=keep_scratch))
+        report = _drill(source, target, at_ms=at_ms, backup_id=backup_id, scratch=scratch, replay=replay,
+                        retry=retry, keep_scratch=keep_scratch, database_url=database_url)
+    started = datetime.fromisoformat(report.started)
+    written: list[Path] = []
+    if report_dir is not None:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        stem = report_dir / f"dr-drill-{started.strftime('%Y%m%dT%H%M%SZ')}"
+        stem.with_suffix(".json").write_bytes(orjson.dumps(asdict(report), option=orjson.OPT_INDENT_2))
+        stem.with_suffix(".txt").write_text(report.text())
+        written = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
+    return report, written
+
+
+def _drill(source: Settings, target: BackupTarget, *, at_ms: int | None, backup_id: str | None,
+           scratch: Path | None, replay: Replay | None, retry: Retry, keep_scratch: bool,
+           database_url: str | None) -> DrillReport:
+    from fhirvault.container import build, restore_sink, snapshot_source
     from fhirvault.services.audit_verify import verify_data_dir
 
     started = datetime.now(UTC)
     work = Path(tempfile.mkdtemp(prefix="fhirvault-drill-", dir=scratch))
     proc: subprocess.Popen[bytes] | None = None
     problems: list[str] = []
+    engine = {"database_url": database_url} if database_url is not None else {}
     try:
-        # 1. Restore as an operator would.
+        # 1. Restore as an operator would (on PostgreSQL: the tables into the scratch database).
         restored_dir = work / "restored"
+        sink: Callable[[Path], RestoreSink] | None = None
+        if database_url is not None:
+            from fhirvault.backup.replication import replay as replay_feed
+
+            def sink(d: Path) -> RestoreSink:
+                return restore_sink(d, database_url)
+
+            if replay is not None:
+                def replay_into(target: BackupTarget, backup_key: bytes, data_dir: Path,
+                                watermarks: dict[str, dict[str, int]], until_ms: int | None) -> object:
+                    return replay_feed(target, backup_key, data_dir, watermarks, until_ms,
+                                       sink=restore_sink(data_dir, database_url))
+
+                replay = replay_into
         res: RestoreResult = restore_backup(target, restored_dir, source.root_key_path.read_bytes(),
-                                            backup_id=backup_id, at_ms=at_ms, replay=replay, retry=retry)
-        restored = load_settings({"data_dir": restored_dir, "tenant": source.tenant}, environ={})
-        # 2. A consistent copy of the source, taken after the restore so that it holds at least
-        # everything the restore could have (replicated changes included); the live server keeps going.
+                                            backup_id=backup_id, at_ms=at_ms, replay=replay, retry=retry, sink=sink)
+        _without_backup_section(restored_dir / "fhirvault.toml")
+        restored = load_settings({"data_dir": restored_dir, "tenant": source.tenant, **engine}, environ={})
+        # 2. The source as of now, read after the restore so that it holds at least everything the restore
+        # could have (replicated changes included); the live server keeps going. SQLite: a consistent copy;
+        # PostgreSQL: the live database itself.
         src_dir = work / "source"
         src_dir.mkdir(mode=0o700)
-        snapshot_source(source).copy_for_reading(src_dir)
-        src_settings = load_settings({"data_dir": src_dir, "root_key_file": source.root_key_path,
-                                      "tenant": source.tenant}, environ={})
+        src_settings = source
+        if snapshot_source(source).copy_for_reading(src_dir):
+            src_settings = load_settings({"data_dir": src_dir, "root_key_file": source.root_key_path,
+                                          "tenant": source.tenant}, environ={})
         # 3. Compare content at the restored point.
         got = data_state(restored)
         want = data_state(src_settings, got.max_seq)
@@ -193,14 +265,16 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
             client = container.auth.register_client("dr-drill", "system/*.rs")
         finally:
             container.close()
-        # 4. Serve it, as the new production server would.
+        # 4. Serve it, as the new production server would (one worker: a drill measures, it does not scale).
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
+        if database_url is not None:
+            env["FHIRVAULT_DATABASE_URL"] = database_url  # never the source's database of the restored toml
         t0 = time.monotonic()
         with (work / "server.log").open("ab") as log:  # the child keeps its own descriptor
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 [sys.executable, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(restored_dir),
-                 "--port", str(port)], stdout=log, stderr=log, env=env, start_new_session=True)
+                 "--port", str(port), "--workers", "1"], stdout=log, stderr=log, env=env, start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base, proc, 120)
         startup = time.monotonic() - t0
@@ -211,7 +285,7 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
         if not served_ok:
             problems.append("the restored server does not report the restored resource counts")
         now_ms = time.time_ns() // 1_000_000
-        report = DrillReport(
+        return DrillReport(
             ok=not problems, started=started.isoformat(timespec="seconds"), target=target.url,
             backup_id=res.backup_id,
             at=None if at_ms is None else datetime.fromtimestamp(at_ms / 1000, UTC).isoformat(),
@@ -229,11 +303,3 @@ def run_drill(source: Settings, target: BackupTarget, *, at_ms: int | None = Non
                 proc.kill()
         if not keep_scratch:
             shutil.rmtree(work, ignore_errors=True)
-    written: list[Path] = []
-    if report_dir is not None:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        stem = report_dir / f"dr-drill-{started.strftime('%Y%m%dT%H%M%SZ')}"
-        stem.with_suffix(".json").write_bytes(orjson.dumps(asdict(report), option=orjson.OPT_INDENT_2))
-        stem.with_suffix(".txt").write_text(report.text())
-        written = [stem.with_suffix(".json"), stem.with_suffix(".txt")]
-    return report, written

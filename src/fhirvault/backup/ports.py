@@ -100,8 +100,10 @@ class SnapshotSource(Protocol):
         so the audit copy is never behind the data). Raises SnapshotError."""
         ...
 
-    def copy_for_reading(self, into: Path) -> None:
-        """A consistent copy of the clinical database that a store opened on ``into`` reads."""
+    def copy_for_reading(self, into: Path) -> bool:
+        """A consistent copy of the clinical database that a store opened on ``into`` reads; True if one was
+        written. False: the engine's live database can be read as it is (a server engine whose readers do not
+        disturb the writers; the drill bounds what it reads by ``seq``, and versions never change)."""
         ...
 
 

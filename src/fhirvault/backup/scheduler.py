@@ -4,6 +4,11 @@ Each run is recorded in the audit trail (``backup`` system events), feeds the
 Prometheus gauges, and a failure — or a last success older than the bound —
 raises an alert. Replication ships committed changes to ``replicate_to`` about
 once a second; its lag is a gauge too.
+
+Several server processes may share one database (PostgreSQL, ``serve --workers
+N``): the backups, drills and replication are cluster singletons, run by the
+process that holds the ``backups`` role of the Leadership port (an advisory
+lock), which each round checks again.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from fhirvault.backup.engine import create_backup, prune, verify_backup
@@ -30,6 +36,7 @@ log = logging.getLogger("fhirvault.backup")
 BACKUP_FAILED = "backup_failed"
 BACKUP_STALE = "backup_stale"
 DR_DRILL_FAILED = "dr_drill_failed"
+ROLE = "backups"  # the Leadership role of the process that runs them
 
 
 class BackupScheduler:
@@ -42,6 +49,20 @@ class BackupScheduler:
         self.replicator: Replicator | None = None
         self.last_success: float | None = None  # wall clock
         self._started = time.time()
+        self._leading = False
+
+    def leads(self) -> bool:
+        """Whether this process runs the cluster's backups (always, when it is the only process)."""
+        leadership = self._c.leadership
+        leading = leadership is None or leadership.lead(ROLE)
+        if leading and not self._leading:
+            self._started = time.time()  # a new leader's age bound counts from the takeover
+        self._leading = leading
+        return leading
+
+    def scheduled_round(self, work: Callable[[], bool]) -> bool | None:
+        """One round of the schedule: ``work`` (a backup or a drill) if this process leads, else None."""
+        return work() if self.leads() else None
 
     @property
     def interval(self) -> int:
@@ -92,7 +113,8 @@ class BackupScheduler:
         try:
             name = self._target_name()
             report, _files = run_drill(c.settings, open_target("", self._settings), replay=default_replay(),
-                                       report_dir=c.settings.data_dir / "dr-drills")
+                                       report_dir=c.settings.data_dir / "dr-drills",
+                                       scratch_url=self._settings.drill_scratch_url)
             problem = "; ".join(report.problems[:2])
         except Exception as exc:
             problem = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -114,7 +136,7 @@ class BackupScheduler:
 
     def check_age(self) -> None:
         """Alert when the last successful backup is older than its bound (default: twice the interval)."""
-        if not self.interval:
+        if not self.interval or not self.leads():
             return
         bound = self._settings.schedule.max_age_seconds or 2 * self.interval
         since = self.last_success or self._started
@@ -124,7 +146,9 @@ class BackupScheduler:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if self._settings.replicate_to:
+        # Replication runs in the leader from the start (on PostgreSQL config.py allows it with one worker only:
+        # the feed needs seqs committed in order).
+        if self._settings.replicate_to and self.leads():
             keys = BackupKeys(self._c.secrets.get("backup"), self._c.secrets.get("backup-signing"))
             target = open_target(self._settings.replicate_to, self._settings)
             self.replicator = Replicator(change_feed_source(self._c.settings), target, keys.seal_key)
@@ -132,7 +156,7 @@ class BackupScheduler:
         if self._settings.drill_interval_seconds:
             def drills() -> None:
                 while not self._stop.wait(self._settings.drill_interval_seconds):
-                    self.drill_once()
+                    self.scheduled_round(self.drill_once)
 
             threading.Thread(target=drills, name="fhirvault-dr-drills", daemon=True).start()
         if not self.interval:
@@ -143,7 +167,7 @@ class BackupScheduler:
                 delay = self.interval + random.uniform(0, self._settings.schedule.jitter_seconds)  # noqa: S311
                 if self._stop.wait(delay):
                     return
-                self.run_once()
+                self.scheduled_round(self.run_once)
 
         self._thread = threading.Thread(target=run, name="fhirvault-backups", daemon=True)
         self._thread.start()

@@ -6,6 +6,9 @@ Example::
     default_target = "offsite"
     interval = "1h"          # scheduled backups (inside the server)
     jitter = "5m"
+    drill_interval = "7d"    # the drill, inside the server
+    # drill_scratch_url = "postgresql://drill@db2:5432/postgres"  # PostgreSQL: where the drill's scratch
+    #                          database is created (default: the deployment's server; the role needs CREATEDB)
 
     [backup.retention]
     keep_all_days = 7         # every backup (and every replicated change) for 7 days
@@ -86,6 +89,9 @@ class BackupSettings:
     retention: RetentionSettings = RetentionSettings()
     replicate_to: str | None = None  # a target name: ship committed changes there continuously
     drill_interval_seconds: int = 0  # run `dr drill` against the default target this often (0: never)
+    # PostgreSQL: the server on which the drill creates its scratch database (default: the deployment's own);
+    # may hold a password, so never printed.
+    drill_scratch_url: str | None = field(default=None, repr=False)
 
 
 def check_location(name: str, location: Any, allow_outside_eea: bool) -> str:
@@ -190,7 +196,7 @@ def parse_backup_settings(raw: Mapping[str, Any], origin: str) -> BackupSettings
 def _parse(raw: Mapping[str, Any]) -> BackupSettings:
     top = _table("backup", raw)
     _unknown("backup", top, {"targets", "default_target", "interval", "jitter", "max_age", "retention",
-                             "replicate_to", "drill_interval"})
+                             "replicate_to", "drill_interval", "drill_scratch_url"})
     targets = {n: _target(n, t, "backup") for n, t in _table("backup.targets", top.get("targets", {})).items()}
     default = top.get("default_target")
     if default is not None and default not in targets:
@@ -220,4 +226,7 @@ def _parse(raw: Mapping[str, Any]) -> BackupSettings:
     drill = duration_seconds("backup.drill_interval", top.get("drill_interval", 0))
     if drill and drill < 3600:
         raise SettingsError("backup.drill_interval: at least 1h (a drill restores and starts a whole server)")
-    return BackupSettings(targets, default, schedule, retention, replicate_to, drill)
+    scratch = top.get("drill_scratch_url")
+    if scratch is not None and (not isinstance(scratch, str) or not scratch.startswith(("postgresql://", "postgres://"))):
+        raise SettingsError("backup.drill_scratch_url: expected a postgresql://user@host:port/database URL")
+    return BackupSettings(targets, default, schedule, retention, replicate_to, drill, scratch)

@@ -98,7 +98,9 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     p.add_argument("--report-dir", type=Path, default=Path("."), help="where to write the JSON and text report")
     p.add_argument("--scratch-dir", type=Path, help="where to create the scratch directory (default: $TMPDIR)")
     p.add_argument("--keep-scratch", action="store_true",
-                   help="keep the scratch data directory afterwards (to inspect it; delete it yourself)")
+                   help="keep the scratch data directory (and database) afterwards (to inspect it; delete it yourself)")
+    p.add_argument("--scratch-url", help="PostgreSQL: a server (any database on it, a role with CREATEDB) where the "
+                   "drill creates and drops its scratch database (default: the deployment's own server)")
 
     p_esc = sub.add_parser("escrow", help="export or recover the root key (key escrow)")
     esub = p_esc.add_subparsers(dest="escrow_command", required=True)
@@ -384,7 +386,7 @@ def _drill(args: argparse.Namespace, settings: Settings) -> int:
     target = _target(args, settings)
     report, files = run_drill(settings, target, at_ms=_parse_at(args.at), backup_id=args.backup_id,
                               report_dir=args.report_dir, scratch=args.scratch_dir, replay=default_replay(),
-                              keep_scratch=args.keep_scratch)
+                              keep_scratch=args.keep_scratch, scratch_url=args.scratch_url)
     sys.stdout.write(report.text())
     for f in files:
         print(f"report written to {f}")

@@ -417,11 +417,8 @@ class FhirRouter:
         return self._resource_response(req, result, 201 if result.created else 200)
 
     async def _conditional_delete(self, req: FhirRequest, rtype: str) -> FhirResponse:
-        ids = await self._repo.find_ids(req.ctx, rtype, list(req.query))
-        if len(ids) > 1:
-            raise errors.precondition_failed("The conditional delete matches more than one resource.")
-        if ids:
-            await self._repo.delete(req.ctx, rtype, ids[0], None)
+        # Search and delete as one step (see Repository.delete_matching): the deleted version is the one matched.
+        await self._repo.delete_matching(req.ctx, rtype, list(req.query))
         return FhirResponse(204, b"", {})
 
     async def _update(self, req: FhirRequest, rtype: str, rid: str) -> FhirResponse:

@@ -95,6 +95,11 @@ from fhirvault.services.search import (
 from fhirvault.services.search_index import SearchIndex
 
 _MAX_PATCH_RETRIES = 5
+
+
+def _conditional_key(rtype: str, params: list[tuple[str, str]]) -> str:
+    """What conditional creates and deletes on the same criteria lock (``WriteTx.serialize``)."""
+    return "conditional-create:" + rtype + "?" + urlencode(sorted(params))
 _STAMPED = frozenset({"_lastUpdated"})  # search parameters on the meta the write transaction stamps
 _RELATIONSHIP_LIMIT = 5_000  # resources one relationship source may return
 _BREAK_GLASS_ROLES = frozenset({"practitioner", "nurse"})
@@ -785,7 +790,7 @@ class Repository:
         write too (PostgreSQL) also lock the criteria in the database and re-check inside the write."""
         find = await self.matcher(ctx, rtype, params)
         job = await self.prepare_create(ctx, rtype, body)
-        key = "conditional-create:" + rtype + "?" + urlencode(sorted(params))
+        key = _conditional_key(rtype, params)
 
         def guarded(tx: WriteTx) -> ResourceResult | list[str]:
             if tx.serialize(key) and (ids := find()):
@@ -794,20 +799,63 @@ class Repository:
 
         return await self._store.write("resource.create", guarded)
 
+    async def delete_matching(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]]) -> int | None:
+        """Conditional delete: delete the one resource matching ``params`` (412 if several); returns the
+        deletion's version, or None if nothing matched.
+
+        The delete applies to the version the search matched: if another writer (in any process) changed the
+        resource since, the search runs again. Conditional creates and deletes on the same criteria also lock
+        them in the database (other processes) and re-check inside the write, as ``create_unless`` does."""
+        find = await self.matcher(ctx, rtype, params, versions=True)
+        key = _conditional_key(rtype, params)
+        for _ in range(_MAX_PATCH_RETRIES):
+            matches = await asyncio.to_thread(find)
+            if len(matches) > 1:
+                raise errors.precondition_failed("The conditional delete matches more than one resource.")
+            if not matches:
+                return None
+            # If-Match on the matched version: the job compares it with the current version it reads itself,
+            # and a writer committing after that read makes its insert conflict (VersionConflict).
+            job = await self.prepare_delete(ctx, rtype, matches[0][0], matches[0][1], missing_ok=True)
+            guarded = self._still_matching(key, find, matches, job)
+            try:
+                return await self._store.write("resource.delete", guarded)
+            except (ConcurrentChange, VersionConflict):
+                continue
+        raise ConcurrentChange()
+
+    def _still_matching(self, key: str, find: Callable[[], list[Any]], matches: list[tuple[str, int]],
+                        job: Callable[[WriteTx], T]) -> Callable[[WriteTx], T]:
+        """``job`` (an If-Match delete of the one match), searching again if the match changed meanwhile
+        (with other processes: also after locking the criteria)."""
+
+        def guarded(tx: WriteTx) -> T:
+            if tx.serialize(key) and find() != matches:
+                raise ConcurrentChange()
+            try:
+                return job(tx)
+            except OperationOutcomeError as exc:
+                if exc.status == 412:  # the If-Match: another writer changed the resource since the search
+                    raise ConcurrentChange() from None
+                raise
+
+        return guarded
+
     async def matcher(self, ctx: RequestContext, rtype: str, params: list[tuple[str, str]],
-                      limit: int = 2) -> Callable[[], list[str]]:
-        """The search behind ``find_ids``, to run (blocking) later."""
+                      limit: int = 2, *, versions: bool = False) -> Callable[[], list[Any]]:
+        """The search behind ``find_ids``, to run (blocking) later: ids, or (id, version) pairs."""
         parsed = await self.parse(ctx, rtype, params, strict=True, base_url=None)
         if not parsed.criteria:
             raise errors.bad_request("A conditional request needs at least one search criterion.")
         access = self.guard.for_principal(ctx.principal, "search")
         visible = None if access.simple else access  # a match the caller may not see is no match
 
-        def run() -> list[str]:
+        def run() -> list[Any]:
             criteria = self.engine().resolve(rtype, parsed.criteria, visible)
             if criteria is None:
                 return []
-            return [m.version.id for m in self.engine().find(rtype, criteria, limit=limit, visible=visible).matches]
+            found = self.engine().find(rtype, criteria, limit=limit, visible=visible).matches
+            return [(m.version.id, m.version.version) if versions else m.version.id for m in found]
 
         return run
 
