@@ -647,7 +647,10 @@ class PostgresStore:
         of the writers finds out with its next batch) committed nothing, so the batch runs once more on
         a new session, as a job restarted by _Restart does; a second loss answers 503."""
         left = self._attempt_batch(batch, slot, last=False)
-        return self._attempt_batch(batch, slot, last=True) if left is _AGAIN else left
+        if left is _AGAIN:
+            left = self._attempt_batch(batch, slot, last=True)
+        assert isinstance(left, list)
+        return left
 
     def _attempt_batch(self, batch: list[_Job], slot: int, *, last: bool) -> Any:
         try:
