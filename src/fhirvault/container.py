@@ -128,7 +128,10 @@ def open_store(settings: Settings) -> ResourceStore:
     if settings.database_url is not None:
         from fhirvault.adapters.postgres_store import PostgresStore  # psycopg only when it is used
 
-        return PostgresStore(settings.database_url)
+        # Continuous replication reads versions above a watermark, so they must commit in seq order:
+        # one writer session (config.py refuses it with several worker processes).
+        replicating = settings.backup is not None and bool(settings.backup.replicate_to)
+        return PostgresStore(settings.database_url, writers=1) if replicating else PostgresStore(settings.database_url)
     return SqliteStore(settings.database_path, settings.audit_database_path)
 
 
