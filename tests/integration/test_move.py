@@ -69,7 +69,7 @@ def test_move_a_clinic_from_sqlite_to_postgresql(tmp_path: Path) -> None:
                     if p.exists()]
     untouched = _digest(sqlite_files)
     r = fv("move", "--data-dir", str(data), "--to", "postgresql://u:s3cret@db:notaport/x")
-    assert r.returncode == 2 and "s3cret" not in r.stdout + r.stderr and "URL (from --to)" in r.stderr, r.stderr
+    assert r.returncode == 2 and "s3cret" not in r.stdout + r.stderr and "not a valid postgresql:// URL" in r.stderr and "(from --to)" in r.stderr, r.stderr
 
     r = fv("move", "--data-dir", str(data), "--to", "-", stdin=url + "\n")  # out of ps
     assert r.returncode == 0, r.stdout + r.stderr

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fhirvault.adapters.files import create_private
+from fhirvault.ports import LostLeadership, WriteTx
 
 
 def _open(path: Path) -> int:
@@ -69,6 +70,13 @@ class FileLeadership:
                 return False
             self._held[role] = fd
             return True
+
+    def fence(self, tx: WriteTx, role: str) -> None:
+        """A lock file's flock lasts as long as this process keeps its descriptor: it cannot be lost
+        behind our back as a database session can, so holding the descriptor is the proof."""
+        with self._lock:
+            if role not in self._held:
+                raise LostLeadership(role)
 
     def close(self) -> None:
         with self._lock:

@@ -327,7 +327,9 @@ def _write_result(e: _Entry, result: Any, base_url: str) -> dict[str, Any]:
 
 def _entry_from_response(response: FhirResponse) -> dict[str, Any]:
     entry: dict[str, Any] = {}
-    if response.body and response.headers.get("Content-Type", "").startswith("application/fhir+json"):
+    # Entries are dispatched below content negotiation: a body without a Content-Type is FHIR JSON.
+    if response.body and response.headers.get("Content-Type", "application/fhir+json").startswith(
+            "application/fhir+json"):
         entry["resource"] = orjson.Fragment(response.body)
     status: dict[str, Any] = {"status": _status(response.status)}
     for header, key in (("Location", "location"), ("Content-Location", "location"), ("ETag", "etag")):
