@@ -460,6 +460,11 @@ class PostgresRestoreSink:
                 if row and int(row[0]):
                     raise DatabaseCheckError("refusing to restore into a database that already holds resources")
         migrate(self._url)
+        with _connect(self._url) as conn:
+            row = conn.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        # The rows are loaded into the schema migrate() just created; the export's own schema_version
+        # (SQLite's numbering, for a move, or an older release's) must not replace this one's.
+        version = bytes(row[0]) if row else None
         with self._tables(empty=True) as dbs:
             applied = Applied()
             marks: dict[str, dict[str, int]] = {db: {} for db in dbs}  # an export's parts apply in order
@@ -474,6 +479,10 @@ class PostgresRestoreSink:
                 with dbs[db].transaction():
                     apply_db(dbs[db], db, seg, marks[db], None, applied)
                 (self._dir / name).unlink()  # the data directory of a PostgreSQL deployment holds no database
+        if version is not None:
+            with _connect(self._url) as conn:
+                conn.execute("INSERT INTO meta (name, value) VALUES ('schema_version', %s)"
+                             " ON CONFLICT (name) DO UPDATE SET value=excluded.value", (version,))
 
     def check(self, names: list[str]) -> None:
         with _connect(self._url, read_only=True) as conn:

@@ -227,7 +227,12 @@ class AuditCheckpointer:
                 cb(len(rows), lag)
 
     def step(self, *, force: bool = False, witness: bool | None = None) -> AuditCheckpoint | None:
-        """Catch up, and write (and maybe witness) a signed checkpoint when one is due."""
+        """Catch up, and write (and maybe witness) a signed checkpoint when one is due.
+
+        A forced step (shutdown, tools, tests) first takes the checkpointer's role, which the
+        write's fence then checks: it fails with LostLeadership where another process holds it."""
+        if force and not self._leads():
+            raise LostLeadership("audit-checkpoints")
         with self._lock:
             finished = self.catch_up()
             tree = self._load()

@@ -264,16 +264,29 @@ def test_a_leader_that_lost_its_connection_knows_it(pg_url: str) -> None:
 
 
 def test_writer_reconnects_after_losing_its_connection(pg_url: str) -> None:
-    store = PostgresStore(pg_url, read_pool_size=2, writers=1)  # (each writer's next batch would fail once)
+    store = PostgresStore(pg_url, read_pool_size=2, writers=1)
     try:
         store.write_sync("m", lambda tx: tx.set_meta("a", b"1"))
-        pg_server.server().admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                 " WHERE application_name = 'fhirvault-writer'")
+        kill = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'fhirvault-writer'")
+        pg_server.server().admin(kill)
+        # The session died before this batch's COMMIT: nothing of it can be stored, so the writer runs it
+        # again on a new session and the caller never sees the outage.
+        store.write_sync("m", lambda tx: tx.set_meta("b", b"1"))
+        assert store.get_meta("b") == b"1"
+        # A session lost again on the second attempt: the batch fails, known not stored (503, not 500).
+        calls = 0
+
+        def dies_twice(tx: WriteTx) -> None:
+            nonlocal calls
+            calls += 1
+            pg_server.server().admin(kill)
+            tx.set_meta("c", b"1")
+
         with pytest.raises(StoreUnavailable) as failed:
-            store.write_sync("m", lambda tx: tx.set_meta("b", b"1"))  # the batch in flight fails
-        assert not failed.value.outcome_unknown  # it failed before its COMMIT: known not stored
-        store.write_sync("m", lambda tx: tx.set_meta("c", b"1"))  # the next one reconnects
-        assert (store.get_meta("b"), store.get_meta("c")) == (None, b"1")
+            store.write_sync("m", dies_twice)
+        assert not failed.value.outcome_unknown and calls == 2
+        store.write_sync("m", lambda tx: tx.set_meta("d", b"1"))  # the next one reconnects
+        assert (store.get_meta("c"), store.get_meta("d")) == (None, b"1")
     finally:
         store.close()
 
