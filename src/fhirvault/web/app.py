@@ -26,6 +26,7 @@ from fhirvault.services.audit_verify import VerifyReport
 from fhirvault.services.config_audit import changed_settings
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.federation import OidcProvider
+from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.singletons import LeaderOnly
 from fhirvault.web import admin as admin_web
@@ -139,11 +140,11 @@ def create_app(container: Container) -> ASGIApp:
         try:
             started = time.monotonic()
             try:
-                await container.store.write("health.ready", lambda tx: None)
+                await container.store.write("health.ready", database_probe)
             except StoreUnavailable:
                 if time.monotonic() - started > 1:  # it already waited for the database: down
                     raise
-                await container.store.write("health.ready", lambda tx: None)  # only the session had died
+                await container.store.write("health.ready", database_probe)  # only the session had died
             checks["database"] = "ok"
         except StoreUnavailable:  # restarting, failing over, or only a standby reachable: not ready
             log.warning("readiness check: database unavailable")

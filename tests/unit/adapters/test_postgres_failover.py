@@ -15,6 +15,7 @@ from fhirvault.adapters.database_errors import describe
 from fhirvault.adapters.postgres_store import PostgresLeadership, PostgresStore
 from fhirvault.config import load_settings
 from fhirvault.ports import LostLeadership, StoreUnavailable, WriteTx
+from fhirvault.services.health import database_probe
 from tests import pg_server
 from tests.pg_restartable import RestartablePg, restartable_pg
 
@@ -200,3 +201,19 @@ def test_a_leader_whose_session_died_cannot_write_as_leader_even_before_it_notic
         old.close()
         new.close()
         store.close()
+
+
+def test_the_readiness_probe_fails_while_the_database_refuses_connections(pg_url: str) -> None:
+    """/readyz's write job must reach the database: with every session gone and none allowed, it fails."""
+    database = pg_url.rsplit("/", 1)[1]
+    store = PostgresStore(pg_url, read_pool_size=1, writers=1)
+    try:
+        store.write_sync("health.ready", database_probe)
+        pg_server.server().admin(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS false')
+        pg_server.server().admin("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                                 database)
+        with pytest.raises(StoreUnavailable):
+            store.write_sync("health.ready", database_probe)
+    finally:
+        store.close()
+        pg_server.server().admin(f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS true')
