@@ -23,6 +23,7 @@ from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
 from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
+from fhirvault.fhir.bulk import BulkRoutes
 from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
 from fhirvault.fhir.negotiation import (
@@ -84,10 +85,11 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
-                 max_bundle_entries: int = 10_000, audit_reader: AuditReader) -> None:
+                 max_bundle_entries: int = 10_000, audit_reader: AuditReader, bulk: BulkRoutes | None = None) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._trail = audit_reader
+        self._bulk = bulk  # Bulk Data $export and its status/output URLs (fhir/bulk.py)
         self._types = resource_types
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
@@ -112,6 +114,9 @@ class FhirRouter:
     async def _dispatch(self, req: FhirRequest) -> FhirResponse:
         seg, method = req.segments, req.method
         n = len(seg)
+        if self._bulk is not None and seg and (seg[-1] == "$export" or seg[0].startswith("$bulk-")) \
+                and (bulk := await self._bulk.route(req)) is not None:
+            return bulk
         if n == 1 and seg[0] == "metadata":
             self._allow(method, "GET")
             return FhirResponse(200, self._documents(req.base_url)[0])
