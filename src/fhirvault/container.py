@@ -42,8 +42,8 @@ from fhirvault.services.search_index import SearchIndex
 from fhirvault.services.secrets import ServiceSecrets
 
 if TYPE_CHECKING:
-    from fhirvault.services.bulk_export import BulkExportService
     from fhirvault.backup.ports import CatalogReader, ChangeFeedSource, RestoreSink, SnapshotSource
+    from fhirvault.services.bulk_export import BulkExportService
 
 INSTANCE_META = "instance-id"
 
