@@ -99,7 +99,12 @@ class FhirRouter:
         self._max_count = max_count
 
     async def handle(self, req: FhirRequest) -> FhirResponse:
-        fmt, media = negotiate(req.header("accept"), req.param("_format"))
+        if req.segments[:1] == ["$bulk-output"]:
+            # NDJSON files (clients ask for application/fhir+ndjson): no JSON/XML negotiation
+            accept = None if _NDJSON in (req.header("accept") or "") else req.header("accept")
+            fmt, media = negotiate(accept, None)
+        else:
+            fmt, media = negotiate(req.header("accept"), req.param("_format"))
         if req.method in ("POST", "PUT") and is_xml(req.header("content-type")):
             # XML in: converted once here; everything below (bundle entries too) works in JSON.
             headers = {**req.headers, "content-type": FHIR_JSON}
@@ -516,6 +521,7 @@ def _as_xml(body: bytes) -> bytes:
         raise errors.not_acceptable("This content has no FHIR XML form; ask for JSON (_format=json).") from None
 
 
+_NDJSON = "ndjson"  # application/fhir+ndjson, application/ndjson
 _OPERATIONS = frozenset({"$validate", "$meta", "$meta-add", "$meta-delete"})
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
 
