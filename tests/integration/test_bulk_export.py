@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from fhirvault.bootstrap import initialise
 from fhirvault.config import load_settings
 from fhirvault.container import SystemClock, build
+from fhirvault.services.bulk_jobs import new_job
 from fhirvault.services.detection import AFTER_HOURS
 from fhirvault.web.app import create_app
 from tests.conftest import App, engine_settings, get_token
@@ -236,3 +237,41 @@ def test_after_hours_export_raises_the_alert(tmp_path: Path) -> None:
         assert not any(rule == AFTER_HOURS for rule, _ in container.alerts.open_counts())
         _export(client, h, _type="Patient")
         assert any(rule == AFTER_HOURS for rule, _ in container.alerts.open_counts())
+
+
+def test_capability_statement_lists_the_export_operations(app: App) -> None:
+    cap = app.client.get("/fhir/metadata").json()
+    rest = cap["rest"][0]
+    assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in cap["instantiates"]
+    assert [o["definition"] for o in rest["operation"]] == [
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"]
+    by_type = {r["type"]: [o["definition"].rsplit("/", 1)[1] for o in r.get("operation", [])]
+               for r in rest["resource"]}
+    assert "patient-export" in by_type["Patient"] and "group-export" in by_type["Group"]
+    assert not any("export" in d for t, ops in by_type.items() if t not in ("Patient", "Group") for d in ops)
+
+
+def test_xml_parameters_kick_off(data: App) -> None:
+    c, h = data.client, data.auth
+    xml = ('<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="_type"/>'
+           '<valueString value="Patient"/></parameter></Parameters>')
+    r = c.post("/fhir/Group/g1/$export", content=xml,
+               headers={**h, **ASYNC, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
+    assert r.status_code == 202, r.text
+    m = _poll(c, r.headers["Content-Location"], h).json()
+    assert _all(c, h, m) == {"Patient": ["p1"]}
+
+
+def test_a_job_whose_process_died_is_reported_failed(data: App) -> None:
+    c, h = data.client, data.auth
+    service = data.container.bulk_export
+    assert service is not None
+    client_id = data.creds["client_id"]
+    job = new_job("export", "default", client_id, None, "http://testserver/fhir/$export", 0, {})
+    job.status = "running"
+    service.jobs.save(job)  # as a crashed server left it: running, no heartbeat for long
+    r = c.get(f"/fhir/$bulk-status/{job.job_id}", headers=h)
+    assert r.status_code == 500
+    assert r.json()["resourceType"] == "OperationOutcome" and "stopped" in r.json()["issue"][0]["diagnostics"]
+    found = service.jobs.get(job.job_id)
+    assert found is not None and found.status == "failed"
