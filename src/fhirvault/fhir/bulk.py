@@ -53,8 +53,11 @@ def _parameters(req: FhirRequest) -> list[tuple[str, str]]:
         raise errors.bad_request("The request body is not valid JSON.", code="structure") from None
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise errors.bad_request("A POST $export takes a Parameters resource.", code="structure")
+    params = body.get("parameter") or []
+    if not isinstance(params, list):
+        raise errors.bad_request("Parameters.parameter must be a list.", code="structure")
     out: list[tuple[str, str]] = []
-    for param in body.get("parameter") or ():
+    for param in params:
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):
             raise errors.bad_request("Each parameter needs a name.", code="structure")
         value: Any = None

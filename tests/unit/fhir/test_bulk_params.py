@@ -70,7 +70,9 @@ def test_post_parameters() -> None:
         {"name": "_since", "valueInstant": "2026-01-01T00:00:00Z"}]}
     r = parse_kick_off(_req(method="POST", body=body), "group", "g1")
     assert r.types == ("Observation",) and r.patients == ("p1", "p2") and r.group == "g1"
-    for bad in ({"resourceType": "Bundle"}, {"resourceType": "Parameters", "parameter": [{"name": "_type"}]}):
+    for bad in ({"resourceType": "Bundle"}, {"resourceType": "Parameters", "parameter": [{"name": "_type"}]},
+                {"resourceType": "Parameters", "parameter": 5}, {"resourceType": "Parameters", "parameter": [7]},
+                {"resourceType": "Parameters", "parameter": [{"name": "_type", "valueInteger": 1}]}):
         with pytest.raises(OperationOutcomeError) as exc:
             parse_kick_off(_req(method="POST", body=bad), "group", "g1")
         assert exc.value.status == 400
