@@ -21,7 +21,7 @@ from fhirvault.services.bulk_jobs import new_job
 from fhirvault.services.detection import AFTER_HOURS
 from fhirvault.web.app import create_app
 from tests.conftest import App, engine_settings, get_token
-from tests.integration.authz_support import bearer, mint, observation, patient, put
+from tests.integration.authz_support import bearer, care_team, mint, observation, patient, put
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -275,3 +275,16 @@ def test_a_job_whose_process_died_is_reported_failed(data: App) -> None:
     assert r.json()["resourceType"] == "OperationOutcome" and "stopped" in r.json()["issue"][0]["diagnostics"]
     found = service.jobs.get(job.job_id)
     assert found is not None and found.status == "failed"
+
+
+def test_a_practitioner_exports_only_their_patients(data: App) -> None:
+    c = data.client
+    doctor = "Practitioner/dr-bulk"
+    put(c, data.auth, {"resourceType": "Practitioner", "id": "dr-bulk", "name": [{"family": "House"}]})
+    put(c, data.auth, care_team("p2", "team-p2", doctor))
+    h = bearer(mint(data.container, role="practitioner", user="u-dr-bulk", fhir_user=doctor))
+    m = _export(c, h, "/fhir/Patient/$export", _type="Patient,Observation")
+    assert _all(c, h, m) == {"Observation": ["p2-o0", "p2-o1", "p2-o2"], "Patient": ["p2"]}
+    # the Group listing p1 is filed in p1's compartment: outside their care, it does not exist for them
+    assert c.get("/fhir/Group/g1/$export", headers={**h, **ASYNC}).status_code == 404
+    assert c.get("/fhir/$export", headers={**h, **ASYNC}).status_code == 403  # system level: backend services only
