@@ -46,6 +46,7 @@ def _export(client: TestClient, headers: dict[str, str], path: str = "/fhir/$exp
     assert "/fhir/$bulk-status/" in location
     done = _poll(client, location, headers)
     assert done.status_code == 200, done.text
+    assert done.headers["Expires"].endswith("GMT")  # when the retention sweep deletes the outputs
     manifest: dict[str, Any] = done.json()
     manifest["_status_url"] = location
     return manifest

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from fhirvault.domain import errors
-from fhirvault.domain.instants import parse_fhir_datetime
+from fhirvault.domain.instants import http_date, parse_fhir_datetime
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import parse_search
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
@@ -187,7 +187,8 @@ class BulkRoutes:
         job = await self._s.owned(req.ctx, job_id, "export-status")
         if job.status == COMPLETED:
             body = orjson.dumps(self._s.manifest(job, req.base_url))
-            return FhirResponse(200, body, {"Content-Type": "application/json", "Cache-Control": "no-store"})
+            return FhirResponse(200, body, {"Content-Type": "application/json", "Cache-Control": "no-store",
+                                            "Expires": http_date(self._s.expires_ms(job))})
         if job.status == FAILED:
             outcome = errors.operation_outcome([errors.Issue("error", "exception",
                                                              f"The export failed: {job.failure or 'error'}.")])

@@ -384,8 +384,11 @@ class BulkExportService:
             return {"type": f.type, "url": url, "count": f.count}
         return {"transactionTime": instant(job.transaction_time_ms), "request": job.request,
                 "requiresAccessToken": True, "output": [entry(f) for f in job.outputs],
-                "error": [entry(f) for f in job.errors],
-                "extension": {"https://fhirvault.example/expires": instant(job.finished_ms + self.retention_ms)}}
+                "error": [entry(f) for f in job.errors]}
+
+    def expires_ms(self, job: BulkJob) -> int:
+        """When the retention sweep deletes a finished job's outputs."""
+        return job.finished_ms + self.retention_ms
 
     # -- retention --------------------------------------------------------------------------
     def sweep(self) -> int:
