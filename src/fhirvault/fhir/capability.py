@@ -89,6 +89,28 @@ RESOURCE_OPERATIONS = [
      "documentation": "Removes profiles, tags and security labels; creates a new version."},
 ]
 
+TERMINOLOGY_DOC = ("GET or POST Parameters, at type level (url=...) or on one resource ([type]/[id]/...), over the R4 "
+                    "code systems and value sets and the packages loaded with 'fhirvault terminology load'. Code "
+                    "systems not held (SNOMED CT, LOINC, UCUM...) are refused with an OperationOutcome unless the "
+                    "value set lists their codes (docs/terminology.md).")
+TERMINOLOGY_OPERATIONS = {
+    "ValueSet": [
+        {"name": "expand", "definition": "http://hl7.org/fhir/OperationDefinition/ValueSet-expand",
+         "documentation": "url, valueSet, valueSetVersion, filter (text), offset, count (at most 1000), activeOnly. "
+                          "Filters: concept is-a, descendent-of, is-not-a, generalizes; '=' and 'in' on properties. "
+                          + TERMINOLOGY_DOC},
+        {"name": "validate-code", "definition": "http://hl7.org/fhir/OperationDefinition/ValueSet-validate-code",
+         "documentation": "url or valueSet, with code+system(+display), coding or codeableConcept; a wrong display "
+                          "gives result=false. " + TERMINOLOGY_DOC},
+    ],
+    "CodeSystem": [
+        {"name": "lookup", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-lookup",
+         "documentation": "system+code or coding, version, property. " + TERMINOLOGY_DOC},
+        {"name": "validate-code", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-validate-code",
+         "documentation": "url, code (or coding, codeableConcept), display, version. " + TERMINOLOGY_DOC},
+    ],
+}
+
 SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SECURITY_DOC = (
     "OAuth 2.0 (SMART App Launch 2.x and SMART Backend Services), the same endpoints as "
@@ -136,7 +158,8 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             "operation": [*RESOURCE_OPERATIONS, *(
                 [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                 ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else [])],
+                 ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else []),
+                *TERMINOLOGY_OPERATIONS.get(rtype, [])],
         }
         if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types

@@ -37,6 +37,7 @@ from fhirvault.fhir.xml import NotRepresentable, json_to_xml, xml_to_json
 from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
 from fhirvault.services.search import SearchOutcome
+from fhirvault.services.terminology import TerminologyService
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION = re.compile(r"^[0-9]{1,9}$")
@@ -84,7 +85,8 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
-                 max_bundle_entries: int = 10_000, audit_reader: AuditReader) -> None:
+                 max_bundle_entries: int = 10_000, audit_reader: AuditReader,
+                 terminology: TerminologyService | None = None) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._trail = audit_reader
@@ -92,6 +94,7 @@ class FhirRouter:
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
         self._ops = Operations(repo)
+        self._terminology = terminology
         self._bundles = BundleProcessor(repo, self._dispatch, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
@@ -143,6 +146,8 @@ class FhirRouter:
             if method == "DELETE" and req.query:
                 return await self._conditional_delete(req, rtype)
             raise errors.method_not_allowed(f"{method} is not allowed on a resource type.")
+        if rtype in ("CodeSystem", "ValueSet") and n in (2, 3) and seg[-1] in TERMINOLOGY_OPERATIONS:
+            return await self._terminology_operation(req, rtype, seg[1] if n == 3 else None, seg[-1])
         if n == 2 and seg[1] == "_history":
             self._allow(method, "GET")
             return await self._history(req, rtype, None)
@@ -204,6 +209,23 @@ class FhirRouter:
         if name == "$meta":
             return await self._ops.meta(req, rtype, rid, None)
         return await self._ops.meta_change(req, rtype, rid, body, add=name == "$meta-add")
+
+    async def _terminology_operation(self, req: FhirRequest, rtype: str, rid: str | None, name: str) -> FhirResponse:
+        """$lookup, $expand, $validate-code (GET, or POST Parameters): published reference data, no PHI, so
+        any authenticated caller may use them and they are not audited (docs/terminology.md)."""
+        if self._terminology is None:
+            raise errors.not_implemented("Terminology operations are not enabled on this server.")
+        if req.method not in ("GET", "POST"):
+            raise errors.method_not_allowed(f"{name} takes GET or POST.")
+        if rid is not None:
+            _check_id(rid)
+        body: Any = None
+        if req.method == "POST" and req.body:
+            require_json_body(req.header("content-type"))
+            body = _parse_body(req.body)
+        service = self._terminology
+        out = await asyncio.to_thread(service.run, rtype, rid, name, list(req.query), body)
+        return FhirResponse(200, orjson.dumps(out))
 
     async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:
         return await self._repo.find_ids(req.ctx, rtype, query)
@@ -512,6 +534,7 @@ def _as_xml(body: bytes) -> bytes:
 
 
 _OPERATIONS = frozenset({"$validate", "$meta", "$meta-add", "$meta-delete"})
+TERMINOLOGY_OPERATIONS = frozenset({"$lookup", "$expand", "$validate-code"})
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
 
 
