@@ -48,6 +48,15 @@ ACCESS_HISTORY = {
                      "_count, _sort, _cursor.",
 }
 
+SUMMARY = {
+    "name": "summary",
+    "definition": "http://hl7.org/fhir/uv/ips/OperationDefinition/summary",
+    "documentation": "GET Patient/[id]/$summary or Patient/$summary?identifier=system|value: an International "
+                     "Patient Summary document Bundle built from the stored record (problems, allergies, medications "
+                     "always; immunizations, results, vital signs, procedures, devices, past illness, plan of care, "
+                     "social history when recorded). Authorised and audited like $everything (docs/ips.md).",
+}
+
 BREAK_GLASS = {
     "name": "break-glass",
     "definition": "urn:fhirvault:OperationDefinition/Patient-break-glass",
@@ -158,7 +167,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             "operation": [*RESOURCE_OPERATIONS, *(
                 [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                 ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else []),
+                 SUMMARY, ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else []),
                 *TERMINOLOGY_OPERATIONS.get(rtype, [])],
         }
         if rtype != "AuditEvent" else _audit_event_resource()

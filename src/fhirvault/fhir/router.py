@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 
 from fhirvault.domain import errors
 from fhirvault.domain.instants import http_date, instant, parse_fhir_datetime, parse_http_date
+from fhirvault.domain.ips import IPS_BUNDLE_PROFILE
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
@@ -35,6 +37,7 @@ from fhirvault.fhir.negotiation import (
 from fhirvault.fhir.operations import Operations
 from fhirvault.fhir.xml import NotRepresentable, json_to_xml, xml_to_json
 from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
+from fhirvault.services.ips import patient_summary
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
 from fhirvault.services.search import SearchOutcome
 from fhirvault.services.terminology import TerminologyService
@@ -156,6 +159,9 @@ class FhirRouter:
             return await self._search(req, rtype, [*req.query, *_form_params(req)])
         if n == 2 and seg[1] in _OPERATIONS:
             return await self._operation(req, rtype, None, seg[1])
+        if rtype == "Patient" and seg[-1] == "$summary" and n in (2, 3):
+            self._allow(method, "GET")
+            return await self._summary(req, seg[1] if n == 3 else None)
         rid = seg[1]
         _check_id(rid)
         if n == 3 and seg[2] in _OPERATIONS:
@@ -268,6 +274,33 @@ class FhirRouter:
         keep = [(k, v) for k, v in req.query if k in ("_type", "_since")]
         return FhirResponse(200, _searchset(req, f"Patient/{pid}/$everything", ParsedSearch("Patient"),
                                             outcome, count, keep))
+
+    async def _summary(self, req: FhirRequest, pid: str | None) -> FhirResponse:
+        """Patient/[id]/$summary or Patient/$summary?identifier=system|value: the IPS document Bundle."""
+        identifier = None
+        for name, value in req.query:
+            if name == "identifier" and identifier is None:
+                identifier = value
+            elif name not in ("_format", "_pretty", "profile"):
+                raise errors.bad_request(f"Unsupported $summary parameter: {safe_name(name)}", safe_name(name))
+        profile = req.param("profile")
+        if profile not in (None, IPS_BUNDLE_PROFILE):
+            raise errors.bad_request("Only the IPS Bundle profile is supported.", "profile", code="not-supported")
+        if pid is None:
+            if identifier is None:
+                raise errors.bad_request("Patient/$summary needs identifier=system|value (or use Patient/[id]/$summary).",
+                                         "identifier")
+            ids = await self._repo.find_ids(req.ctx, "Patient", [("identifier", identifier)])
+            if len(ids) > 1:
+                raise errors.precondition_failed("The identifier matches more than one patient.")
+            if not ids:
+                raise errors.not_found("No patient has this identifier.")
+            pid = ids[0]
+        else:
+            _check_id(pid)
+        bundle = await patient_summary(self._repo, req.ctx, pid, base_url=req.base_url,
+                                       now_ms=int(time.time() * 1000))
+        return FhirResponse(200, orjson.dumps(bundle))
 
     async def _break_glass(self, req: FhirRequest, pid: str) -> FhirResponse:
         """Patient/{id}/$break-glass: Parameters(reason, purposeOfUse=ETREAT) -> a time-limited grant."""
