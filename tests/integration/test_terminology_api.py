@@ -122,6 +122,10 @@ def test_loaded_package_is_used(app: App, tmp_path: Path) -> None:
     pkg = tmp_path / "example.fr.terminology-1.0.0.tgz"
     pkg.write_bytes(package())
     data_dir = ["--data-dir", str(app.settings.data_dir)]
+    if app.settings.database_url is not None:  # TEST_DB_ENGINE=postgresql: the CLI needs the same database
+        config = tmp_path / "fhirvault.toml"
+        config.write_text(f'database_url = "{app.settings.database_url}"\n')
+        data_dir += ["--config", str(config)]
     assert main(["terminology", "load", str(pkg), *data_dir]) == 0
     r = c.get("/fhir/ValueSet/$expand", params={"url": NATIONAL_VS}, headers=auth)  # the running server sees it
     assert r.status_code == 200, r.text

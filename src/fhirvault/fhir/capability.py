@@ -13,7 +13,8 @@ SEARCH_DOC = (
     "Search runs on blind indexes (keyed HMAC tags, no plaintext in the database); every candidate is decrypted "
     "and verified. Modifiers: :missing (all), :exact (string), :not and :of-type (token), :identifier and "
     ":[type] (reference), :above/:below (uri). Refused: :contains and :text (would need n-gram indexes that "
-    "leak too much), :in/:not-in and token :above/:below (no terminology service). Chaining and _has are "
+    "leak too much), :in/:not-in and token :above/:below (value set membership is not searched over the blind "
+    "indexes). Chaining and _has are "
     "supported. Limits: 10,000 resources scanned when no criterion can use the index, 20,000 candidates "
     "verified per request, _sort on at most 1,000 matches, 1,000 included resources."
 )
