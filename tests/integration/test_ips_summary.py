@@ -146,3 +146,37 @@ def test_checker_finds_broken_documents(app: App) -> None:
     assert any("subject must resolve" in e for e in found)
     assert any("does not resolve" in e for e in found)
     assert any("cmp-2" in e for e in found)
+
+
+def test_optional_sections_and_referenced_resources(app: App) -> None:
+    c, h = app.client, {**app.auth, **FHIR_JSON}
+    pid = c.post("/fhir/Patient", json=PATIENT, headers=h).json()["id"]
+    subject = {"reference": f"Patient/{pid}"}
+    med = c.post("/fhir/Medication", json={"resourceType": "Medication", "code": {"text": "Paracétamol 1 g"}},
+                 headers=h).json()["id"]
+    vital = {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}
+    for body in (
+        {"resourceType": "MedicationStatement", "status": "active", "subject": subject,
+         "medicationReference": {"reference": f"Medication/{med}"}},
+        {"resourceType": "Immunization", "status": "completed", "patient": subject, "occurrenceDateTime": "2025-10-01",
+         "vaccineCode": {"text": "Grippe <saison 2025>"}},
+        {"resourceType": "Observation", "status": "final", "subject": subject, "category": [{"coding": [vital]}],
+         "code": {"coding": [{"system": LOINC, "code": "8867-4", "display": "Heart rate"}]},
+         "valueQuantity": {"value": 72, "unit": "/min"}},
+        {"resourceType": "Procedure", "status": "completed", "subject": subject, "code": {"text": "Appendicectomie"}},
+        {"resourceType": "Condition", "subject": subject, "code": {"text": "Rougeole"}, "clinicalStatus": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "resolved"}]}},
+    ):
+        assert c.post(f"/fhir/{body['resourceType']}", json=body, headers=h).status_code == 201
+    doc = c.get(f"/fhir/Patient/{pid}/$summary", headers=app.auth).json()
+    assert check_ips(doc) == []  # no error, and every reference resolves inside the document
+    by_code = sections(doc)
+    assert {k: len(v.get("entry", [])) for k, v in by_code.items()} == {
+        "11450-4": 0, "48765-2": 0, "10160-0": 1, "11369-6": 1, "8716-3": 1, "47519-4": 1, "11348-0": 1}
+    assert "Grippe &lt;saison 2025&gt;" in by_code["11369-6"]["text"]["div"]  # narrative escaped
+    assert "Paracétamol 1 g" in by_code["10160-0"]["text"]["div"]  # from the referenced Medication
+    assert f"http://testserver/fhir/Medication/{med}" in {e["fullUrl"] for e in doc["entry"]}
+    # the document is valid R4 (the server's own structural validator)
+    from fhirvault.domain.validation import Validator
+
+    assert Validator.default().validate(doc) == []

@@ -101,8 +101,9 @@ def references(value: Any) -> list[str]:
     return out
 
 
-def _label(r: Json) -> str:
-    """A short human label for the narrative: the code's text or display, else the resource type."""
+def _label(r: Json, known: dict[str, Json] | None = None) -> str:
+    """A short human label for the narrative: the code's text or display (a referenced Medication's for
+    a medicationReference), else the resource type."""
     for key in ("code", "medicationCodeableConcept", "vaccineCode", "type"):
         value = r.get(key)
         if isinstance(value, dict):
@@ -111,8 +112,11 @@ def _label(r: Json) -> str:
             for c in value.get("coding") or []:
                 if isinstance(c, dict) and isinstance(c.get("display"), str):
                     return str(c["display"])
-    if isinstance((r.get("medicationReference") or {}).get("display"), str):
-        return str(r["medicationReference"]["display"])
+    med = r.get("medicationReference") or {}
+    if isinstance(med.get("display"), str):
+        return str(med["display"])
+    if known and isinstance(med.get("reference"), str) and med["reference"] in known:
+        return _label(known[med["reference"]])
     return str(r.get("resourceType", "entry"))
 
 
@@ -141,6 +145,7 @@ def build_document(patient: Json, resources: list[Json], *, base_url: str, times
         if s is not None:
             grouped[s.key].append(r)
     author_url = f"urn:uuid:{author_id}"
+    known = {f"{r['resourceType']}/{r['id']}": r for r in extra or []}
     sections: list[Json] = []
     for s in SECTIONS:
         entries = grouped[s.key]
@@ -148,7 +153,7 @@ def build_document(patient: Json, resources: list[Json], *, base_url: str, times
             continue
         section: Json = {"title": s.title, "code": {"coding": [{"system": LOINC, "code": s.code}]}}
         if entries:
-            section["text"] = _narrative([_label(r) for r in entries])
+            section["text"] = _narrative([_label(r, known) for r in entries])
             # absolute: the Composition's fullUrl is a urn:uuid, against which relative references do not resolve
             section["entry"] = [{"reference": f"{base_url}/{r['resourceType']}/{r['id']}"} for r in entries]
         else:
