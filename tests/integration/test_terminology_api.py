@@ -97,10 +97,31 @@ def test_expand_lookup_validate_over_http(app: App) -> None:
     r = c.get("/fhir/CodeSystem/$validate-code", params={"url": "http://hl7.org/fhir/administrative-gender",
                                                          "code": "unknown"}, headers=auth)
     assert params(r.json())["result"] == [True]
+    # instance level on code systems (by id)
+    r = c.get("/fhir/CodeSystem/administrative-gender/$lookup", params={"code": "male"}, headers=auth)
+    assert params(r.json())["display"] == ["Male"]
+    r = c.get("/fhir/CodeSystem/administrative-gender/$validate-code", params={"code": "mâle"}, headers=auth)
+    assert params(r.json())["result"] == [False]
+    assert c.get("/fhir/CodeSystem/no-such-id/$lookup", params={"code": "x"}, headers=auth).status_code == 404
+    # hierarchy: is-a filter in a bundled value set (condition-clinical includes inactive and its children)
+    r = c.post("/fhir/ValueSet/$expand", json={"resourceType": "Parameters", "parameter": [{"name": "valueSet",
+        "resource": {"resourceType": "ValueSet", "status": "active", "compose": {"include": [{
+            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+            "filter": [{"property": "concept", "op": "is-a", "value": "inactive"}]}]}}}]},
+        headers={**auth, **FHIR_JSON})
+    assert [x["code"] for x in r.json()["expansion"]["contains"]] == ["inactive", "remission", "resolved"]
     # malformed input: 400 with an OperationOutcome
     r = c.get("/fhir/ValueSet/$expand", params={"url": vs, "count": "-1"}, headers=auth)
     assert r.status_code == 400 and r.json()["resourceType"] == "OperationOutcome"
     assert c.get("/fhir/ValueSet/$expand", params={"url": vs}).status_code == 401
+    broken = {"resourceType": "ValueSet", "status": "active", "compose": {"include": [{"system": 42}]}}
+    r = c.post("/fhir/ValueSet/$expand", json={"resourceType": "Parameters", "parameter": [
+        {"name": "valueSet", "resource": broken}]}, headers={**auth, **FHIR_JSON})
+    assert r.status_code == 422 and r.json()["issue"][0]["expression"] == ["ValueSet.compose.include[0].system"]
+    r = c.post("/fhir/ValueSet/$validate-code", json={"resourceType": "Parameters", "parameter": [
+        {"name": "url", "valueUri": vs}, {"name": "coding", "valueCoding": {"system": 7, "code": "x"}}]},
+        headers={**auth, **FHIR_JSON})
+    assert r.status_code == 200 and params(r.json())["result"] == [False]
 
 
 def test_xml(app: App) -> None:

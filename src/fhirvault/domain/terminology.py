@@ -356,8 +356,8 @@ def _value_key(value: Any) -> str:
     return "valueCode"
 
 
-def _short(text: str | None) -> str:
-    text = text or ""
+def _short(text: Any) -> str:
+    text = str(text or "")
     return text if len(text) <= 200 else text[:200] + "…"
 
 

@@ -25,6 +25,7 @@ import orjson
 from fhirvault.domain import errors
 from fhirvault.domain.instants import instant
 from fhirvault.domain.terminology import Terminology, TerminologyError
+from fhirvault.domain.validation import Validator
 from fhirvault.ports import Clock, ResourceStore
 
 DATA_FILE = "valuesets.json.gz"
@@ -186,6 +187,10 @@ class TerminologyService:
         if given is not None and rid is None:
             if given.get("resourceType") != "ValueSet":
                 raise errors.bad_request("The 'valueSet' parameter must hold a ValueSet.", "valueSet")
+            issues = Validator.default().validate(given)  # a client's value set: R4-valid before use
+            if issues:
+                raise errors.unprocessable([errors.Issue("error", i.code, i.message, (i.path,) if i.path else ())
+                                            for i in issues])
             return given
         return terms.value_set(self._url(terms, "ValueSet", rid, params), params.text("valueSetVersion"))
 
