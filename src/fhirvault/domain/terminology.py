@@ -356,8 +356,8 @@ def _value_key(value: Any) -> str:
     return "valueCode"
 
 
-def _short(text: Any) -> str:
-    text = str(text or "")
+def _short(value: Any) -> str:
+    text = str(value or "")
     return text if len(text) <= 200 else text[:200] + "…"
 
 
