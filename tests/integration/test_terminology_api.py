@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fhirvault.cli.main import main
 from tests.conftest import App
 
@@ -136,7 +138,7 @@ def test_xml(app: App) -> None:
     assert "<Parameters" in r.text and '<valueString value="Other"/>' in r.text
 
 
-def test_loaded_package_is_used(app: App, tmp_path: Path) -> None:
+def test_loaded_package_is_used(app: App, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     c, auth = app.client, app.auth
     r = c.get("/fhir/ValueSet/$expand", params={"url": NATIONAL_VS}, headers=auth)
     assert r.status_code == 404
@@ -161,6 +163,10 @@ def test_loaded_package_is_used(app: App, tmp_path: Path) -> None:
     assert main(["terminology", "load", str(pkg), *data_dir]) == 0
     r = c.get("/fhir/ValueSet/$expand", params={"url": NATIONAL_VS}, headers=auth)
     assert [x["code"] for x in r.json()["expansion"]["contains"]] == ["60"]
+    capsys.readouterr()
+    assert main(["terminology", "list", *data_dir]) == 0
+    listed = capsys.readouterr().out
+    assert "example.fr.terminology@2.0.0" in listed and "1.0.0" not in listed
     bad = tmp_path / "bad.tgz"
     bad.write_bytes(b"not a package")
     assert main(["terminology", "load", str(bad), *data_dir]) == 2
