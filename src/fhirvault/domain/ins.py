@@ -1,7 +1,7 @@
 """French national health identity (INS, Identité Nationale de Santé) on Patient resources.
 
 The INS number ("matricule INS") is the NIR (OID 1.2.250.1.213.1.4.8) or, for people not yet
-registered, the NIA (1.2.250.1.213.1.4.9), carried as ``identifier.system = urn:oid:...`` with the
+registered, the NIA (1.2.250.1.213.1.4.9) — or the ANS test (.10) and demonstration (.11) NIRs —, carried as ``identifier.system = urn:oid:...`` with the
 15-character value: 13 characters (digits; the department, characters 6-7, may be 2A or 2B for
 Corsica) and a 2-digit key = 97 - (number mod 97), where 2A counts as 19 and 2B as 18.
 
@@ -25,7 +25,11 @@ __all__ = ["NIA_SYSTEM", "NIR_SYSTEM", "RELIABILITY_URL", "ins_issues", "valid_i
 
 NIR_SYSTEM = "urn:oid:1.2.250.1.213.1.4.8"
 NIA_SYSTEM = "urn:oid:1.2.250.1.213.1.4.9"
-INS_SYSTEMS = {NIR_SYSTEM: "INS-NIR", NIA_SYSTEM: "INS-NIA"}
+# The ANS test and demonstration numbers (fictitious patients) have the same format and key.
+NIR_TEST_SYSTEM = "urn:oid:1.2.250.1.213.1.4.10"
+NIR_DEMO_SYSTEM = "urn:oid:1.2.250.1.213.1.4.11"
+INS_SYSTEMS = {NIR_SYSTEM: "INS-NIR", NIA_SYSTEM: "INS-NIA", NIR_TEST_SYSTEM: "INS-NIR-TEST",
+               NIR_DEMO_SYSTEM: "INS-NIR-DEMO"}
 IDENTIFIER_TYPES = "https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0203"
 RELIABILITY_URL = "https://hl7.fr/ig/fhir/core/StructureDefinition/fr-core-identity-reliability"
 STATUS_SYSTEMS = frozenset({"https://hl7.fr/ig/fhir/core/CodeSystem/fr-core-cs-v2-0445",
@@ -64,7 +68,7 @@ def ins_issues(patient: dict[str, Any]) -> list[Issue]:
         if not isinstance(ident, dict) or ident.get("system") not in INS_SYSTEMS:
             continue
         path = f"Patient.identifier[{i}]"
-        kind = "NIR" if ident["system"] == NIR_SYSTEM else "NIA"
+        kind = INS_SYSTEMS[ident["system"]].removeprefix("INS-")
         if not valid_ins(ident.get("value")):
             issues.append((f"{path}.value", "value",
                            f"Not a valid INS ({kind}): 13 characters (digits, 2A/2B for Corsica) and a 2-digit key "
@@ -72,7 +76,7 @@ def ins_issues(patient: dict[str, Any]) -> list[Issue]:
         else:
             has_ins = True
         types = _coding_codes(ident.get("type"), IDENTIFIER_TYPES)
-        if any(t in ("INS-NIR", "INS-NIA") and t != INS_SYSTEMS[ident["system"]] for t in types):
+        if any(t in INS_SYSTEMS.values() and t != INS_SYSTEMS[ident["system"]] for t in types):
             issues.append((f"{path}.type", "invalid", f"The identifier type does not match the {kind} system."))
     reliability = [(i, e) for i, e in enumerate(patient.get("extension") or [])
                    if isinstance(e, dict) and e.get("url") == RELIABILITY_URL]

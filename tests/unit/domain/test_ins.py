@@ -44,6 +44,9 @@ def test_bad_numbers_are_refused_without_echoing_them() -> None:
     assert [(p, c) for p, c, _ in issues] == [("Patient.identifier[0].value", "value")]
     assert "180017505600199" not in issues[0][2]
     assert ins_issues(patient(with_key("7000000000001"), NIA_SYSTEM)) == []
+    # the ANS test NIRs (OID .10) follow the same rules
+    assert ins_issues(patient("279035121518989", "urn:oid:1.2.250.1.213.1.4.10")) == []
+    assert ins_issues(patient("279035121518988", "urn:oid:1.2.250.1.213.1.4.10"))[0][1] == "value"
     # other identifier systems are not INS
     assert ins_issues(patient("anything", "urn:oid:1.2.250.1.71.4.2.1")) == []
     # the FR Core identifier type must match the system
