@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fhirvault.cli.main import main
-from tests.conftest import App
+from tests.conftest import App, get_token
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
 NATIONAL_CS = "https://example.fr/CodeSystem/professions"
@@ -124,6 +124,24 @@ def test_expand_lookup_validate_over_http(app: App) -> None:
         {"name": "url", "valueUri": vs}, {"name": "coding", "valueCoding": {"system": 7, "code": "x"}}]},
         headers={**auth, **FHIR_JSON})
     assert r.status_code == 200 and params(r.json())["result"] == [False]
+
+
+def test_value_sets_stored_through_the_api(app: App) -> None:
+    c, auth = app.client, app.auth
+    mine = {"resourceType": "ValueSet", "url": "https://example.org/vs/genders-short", "status": "active",
+            "compose": {"include": [{"system": "http://hl7.org/fhir/administrative-gender",
+                                     "filter": [{"property": "concept", "op": "in", "value": "male,female"}]}]}}
+    vid = c.post("/fhir/ValueSet", json=mine, headers={**auth, **FHIR_JSON}).json()["id"]
+    r = c.get(f"/fhir/ValueSet/{vid}/$expand", headers=auth)
+    assert r.status_code == 200, r.text
+    assert [x["code"] for x in r.json()["expansion"]["contains"]] == ["male", "female"]
+    r = c.get(f"/fhir/ValueSet/{vid}/$validate-code", params={"system": "http://hl7.org/fhir/administrative-gender",
+                                                              "code": "other"}, headers=auth)
+    assert params(r.json())["result"] == [False]
+    assert c.get("/fhir/ValueSet/not-stored/$expand", headers=auth).status_code == 404
+    # read with the caller's rights: a token without ValueSet access gets nothing
+    token = get_token(c, app.creds, "system/Patient.r")
+    assert c.get(f"/fhir/ValueSet/{vid}/$expand", headers={"Authorization": f"Bearer {token}"}).status_code == 403
 
 
 def test_xml(app: App) -> None:

@@ -230,7 +230,11 @@ class FhirRouter:
             require_json_body(req.header("content-type"))
             body = _parse_body(req.body)
         service = self._terminology
-        out = await asyncio.to_thread(service.run, rtype, rid, name, list(req.query), body)
+        stored = None
+        if rtype == "ValueSet" and rid is not None and not await asyncio.to_thread(service.holds, rtype, rid):
+            # a ValueSet stored through this API (read with the caller's rights, audited like any read)
+            stored = orjson.loads((await self._repo.read(req.ctx, rtype, rid)).body)
+        out = await asyncio.to_thread(service.run, rtype, rid, name, list(req.query), body, stored)
         return FhirResponse(200, orjson.dumps(out))
 
     async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:

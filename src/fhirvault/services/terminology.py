@@ -150,18 +150,25 @@ class TerminologyService:
             return self._terms
 
     # -- operations ----------------------------------------------------------------------
+    def holds(self, kind: str, rid: str) -> bool:
+        """Whether a bundled or loaded resource has this id."""
+        return self.terminology().url_of(kind, rid) is not None
+
     def run(self, rtype: str, rid: str | None, name: str, query: list[tuple[str, str]],
-            body: Any) -> dict[str, Any]:
-        """One terminology operation; a Parameters (or ValueSet) resource, or an OperationOutcomeError."""
+            body: Any, stored: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One terminology operation; a Parameters (or ValueSet) resource, or an OperationOutcomeError.
+
+        ``stored`` is the ValueSet [id] names when it is not a bundled or loaded one but stored in the
+        repository (the caller read it)."""
         params = _Params(query, body)
         try:
             terms = self.terminology()
             if name == "$lookup" and rtype == "CodeSystem":
                 return self._lookup(terms, rid, params)
             if name == "$expand" and rtype == "ValueSet":
-                return self._expand(terms, rid, params)
+                return self._expand(terms, rid, params, stored)
             if name == "$validate-code" and rtype == "ValueSet":
-                vs = self._value_set(terms, rid, params)
+                vs = stored or self._value_set(terms, rid, params)
                 return terms.validate_in_value_set(vs, params.codings())
             if name == "$validate-code" and rtype == "CodeSystem":
                 url = self._url(terms, "CodeSystem", rid, params)
@@ -204,8 +211,9 @@ class TerminologyService:
             raise errors.bad_request("$lookup needs system and code (or coding).", "code")
         return terms.lookup(system, code, params.text("version"), params.texts("property") or None)
 
-    def _expand(self, terms: Terminology, rid: str | None, params: _Params) -> dict[str, Any]:
-        vs = self._value_set(terms, rid, params)
+    def _expand(self, terms: Terminology, rid: str | None, params: _Params,
+                stored: dict[str, Any] | None) -> dict[str, Any]:
+        vs = stored or self._value_set(terms, rid, params)
         offset = params.integer("offset") or 0
         count = params.integer("count")
         count = MAX_COUNT if count is None else min(count, MAX_COUNT)
