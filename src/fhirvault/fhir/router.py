@@ -283,7 +283,9 @@ class FhirRouter:
         """Patient/[id]/$summary or Patient/$summary?identifier=system|value: the IPS document Bundle."""
         identifier = None
         for name, value in req.query:
-            if name == "identifier" and identifier is None:
+            if name == "identifier":
+                if identifier is not None:
+                    raise errors.bad_request("identifier is given more than once.", "identifier")
                 identifier = value
             elif name not in ("_format", "_pretty", "profile"):
                 raise errors.bad_request(f"Unsupported $summary parameter: {safe_name(name)}", safe_name(name))
