@@ -185,7 +185,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 PATIENT = {
     "resourceType": "Patient",
-    "identifier": [{"system": "urn:oid:1.2.250.1.213.1.4.8", "value": "1840575123456"}],
+    "identifier": [{"system": "urn:oid:1.2.250.1.213.1.4.8", "value": "184057512345625"}],
     "name": [{"use": "official", "family": "Martin", "given": ["Claire", "Anne"]}],
     "gender": "female",
     "birthDate": "1984-05-12",

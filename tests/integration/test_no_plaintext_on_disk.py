@@ -58,7 +58,7 @@ def test_marker_absent_from_data_dir_wal_and_logs(server: Server) -> None:
 
 def test_indexed_values_are_not_in_the_database(server: Server) -> None:
     """Every searchable value (names, codes, identifiers, dates, references) stays out of the files."""
-    family, given, ident = "Qvxbrandt", "Ulvhilde", "NIR-88291-XQ"
+    family, given, ident = "Qvxbrandt", "Ulvhilde", "279082918829116"  # a valid NIR (checked on write)
     with server.client() as c:
         patient = dict(PATIENT, name=[{"family": family, "given": [given]}], birthDate="1937-03-29",
                        identifier=[{"system": "urn:oid:1.2.250.1.213.1.4.8", "value": ident}],

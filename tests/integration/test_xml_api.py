@@ -22,7 +22,7 @@ PATIENT_XML = b"""<?xml version="1.0" encoding="UTF-8"?>
     <status value="generated"/>
     <div xmlns="http://www.w3.org/1999/xhtml"><p>Claire <b>MARTIN</b> &amp; co</p></div>
   </text>
-  <identifier><system value="urn:oid:1.2.250.1.213.1.4.8"/><value value="1840575123456"/></identifier>
+  <identifier><system value="urn:oid:1.2.250.1.213.1.4.8"/><value value="184057512345625"/></identifier>
   <name><use value="official"/><family value="Martin"/><given value="Claire"/><given value="Anne"/></name>
   <gender value="female"/>
   <birthDate value="1984-05-12">

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     move_cli.register(sub, _settings_options)
     migrate_cli.register(sub, _settings_options)
+    from fhirvault.cli import terminology as terminology_cli
+
+    terminology_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     return parser
@@ -159,6 +162,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fhirvault.cli import audit as audit_cli
 
         return audit_cli.run(args, settings)
+    if args.command == "terminology":
+        from fhirvault.cli import terminology as terminology_cli
+
+        return terminology_cli.run(args, settings)
     if args.command == "move":
         from fhirvault.cli import move as move_cli
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from fhirvault.domain import xhtml
+from fhirvault.domain.ins import ins_issues
 from fhirvault.domain.r4 import FLAG_ARRAY, FLAG_REQUIRED, R4Tables, load_tables
 
 __all__ = ["ValidationIssue", "Validator"]
@@ -436,6 +437,9 @@ class Validator:
         run = _Run(self._resource_tables, self._max_issues, self._max_depth, allow_unknown_elements)
         try:
             run.resource(resource, "", 0, contained=False)
+            if not run.issues and resource.get("resourceType") == "Patient":
+                for path, code, message in ins_issues(resource):  # French INS rules (domain/ins.py)
+                    run.add(path, code, message)
         except _TooManyIssues:
             del run.issues[self._max_issues - 1 :]
             message = f"too many issues; validation stopped after {self._max_issues - 1}"

@@ -13,7 +13,8 @@ SEARCH_DOC = (
     "Search runs on blind indexes (keyed HMAC tags, no plaintext in the database); every candidate is decrypted "
     "and verified. Modifiers: :missing (all), :exact (string), :not and :of-type (token), :identifier and "
     ":[type] (reference), :above/:below (uri). Refused: :contains and :text (would need n-gram indexes that "
-    "leak too much), :in/:not-in and token :above/:below (no terminology service). Chaining and _has are "
+    "leak too much), :in/:not-in and token :above/:below (value set membership is not searched over the blind "
+    "indexes). Chaining and _has are "
     "supported. Limits: 10,000 resources scanned when no criterion can use the index, 20,000 candidates "
     "verified per request, _sort on at most 1,000 matches, 1,000 included resources."
 )
@@ -46,6 +47,15 @@ ACCESS_HISTORY = {
     "documentation": "GET Patient/[id]/$access-history: a searchset of the accesses to this patient's record "
                      "(who by role and organisation, what, when, why). Parameters: date, action, outcome, "
                      "_count, _sort, _cursor.",
+}
+
+SUMMARY = {
+    "name": "summary",
+    "definition": "http://hl7.org/fhir/uv/ips/OperationDefinition/summary",
+    "documentation": "GET Patient/[id]/$summary or Patient/$summary?identifier=system|value: an International "
+                     "Patient Summary document Bundle built from the stored record (problems, allergies, medications "
+                     "always; immunizations, results, vital signs, procedures, devices, past illness, plan of care, "
+                     "social history when recorded). Authorised and audited like $everything (docs/ips.md).",
 }
 
 BREAK_GLASS = {
@@ -88,6 +98,28 @@ RESOURCE_OPERATIONS = [
     {"name": "meta-delete", "definition": "http://hl7.org/fhir/OperationDefinition/Resource-meta-delete",
      "documentation": "Removes profiles, tags and security labels; creates a new version."},
 ]
+
+TERMINOLOGY_DOC = ("GET or POST Parameters, at type level (url=...) or on one resource ([type]/[id]/...), over the R4 "
+                    "code systems and value sets and the packages loaded with 'fhirvault terminology load'. Code "
+                    "systems not held (SNOMED CT, LOINC, UCUM...) are refused with an OperationOutcome unless the "
+                    "value set lists their codes (docs/terminology.md).")
+TERMINOLOGY_OPERATIONS = {
+    "ValueSet": [
+        {"name": "expand", "definition": "http://hl7.org/fhir/OperationDefinition/ValueSet-expand",
+         "documentation": "url, valueSet, valueSetVersion, filter (text), offset, count (at most 1000), activeOnly. "
+                          "Filters: concept is-a, descendent-of, is-not-a, generalizes; '=' and 'in' on properties. "
+                          + TERMINOLOGY_DOC},
+        {"name": "validate-code", "definition": "http://hl7.org/fhir/OperationDefinition/ValueSet-validate-code",
+         "documentation": "url or valueSet, with code+system(+display), coding or codeableConcept; a wrong display "
+                          "gives result=false. " + TERMINOLOGY_DOC},
+    ],
+    "CodeSystem": [
+        {"name": "lookup", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-lookup",
+         "documentation": "system+code or coding, version, property. " + TERMINOLOGY_DOC},
+        {"name": "validate-code", "definition": "http://hl7.org/fhir/OperationDefinition/CodeSystem-validate-code",
+         "documentation": "url, code (or coding, codeableConcept), display, version. " + TERMINOLOGY_DOC},
+    ],
+}
 
 SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SECURITY_DOC = (
@@ -144,8 +176,9 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             "operation": [*RESOURCE_OPERATIONS, *(
                 [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                 ACCESS_HISTORY, BREAK_GLASS, PATIENT_EXPORT] if rtype == "Patient" else
-                [GROUP_EXPORT] if rtype == "Group" else [])],
+                 SUMMARY, ACCESS_HISTORY, BREAK_GLASS, PATIENT_EXPORT] if rtype == "Patient" else
+                [GROUP_EXPORT] if rtype == "Group" else []),
+                *TERMINOLOGY_OPERATIONS.get(rtype, [])],
         }
         if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types

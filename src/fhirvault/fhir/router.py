@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -19,6 +20,7 @@ import orjson
 
 from fhirvault.domain import errors
 from fhirvault.domain.instants import http_date, instant, parse_fhir_datetime, parse_http_date
+from fhirvault.domain.ips import IPS_BUNDLE_PROFILE
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
@@ -36,8 +38,10 @@ from fhirvault.fhir.negotiation import (
 from fhirvault.fhir.operations import Operations
 from fhirvault.fhir.xml import NotRepresentable, json_to_xml, xml_to_json
 from fhirvault.services.audit_query import AuditPage, AuditQuery, AuditReader
+from fhirvault.services.ips import patient_summary
 from fhirvault.services.repository import HistoryPage, Repository, ResourceResult
 from fhirvault.services.search import SearchOutcome
+from fhirvault.services.terminology import TerminologyService
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _VERSION = re.compile(r"^[0-9]{1,9}$")
@@ -85,7 +89,8 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
-                 max_bundle_entries: int = 10_000, audit_reader: AuditReader, bulk: BulkRoutes | None = None) -> None:
+                 max_bundle_entries: int = 10_000, audit_reader: AuditReader, bulk: BulkRoutes | None = None,
+                 terminology: TerminologyService | None = None) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._trail = audit_reader
@@ -94,6 +99,7 @@ class FhirRouter:
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
         self._ops = Operations(repo)
+        self._terminology = terminology
         self._bundles = BundleProcessor(repo, self._dispatch, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
@@ -153,6 +159,8 @@ class FhirRouter:
             if method == "DELETE" and req.query:
                 return await self._conditional_delete(req, rtype)
             raise errors.method_not_allowed(f"{method} is not allowed on a resource type.")
+        if rtype in ("CodeSystem", "ValueSet") and n in (2, 3) and seg[-1] in TERMINOLOGY_OPERATIONS:
+            return await self._terminology_operation(req, rtype, seg[1] if n == 3 else None, seg[-1])
         if n == 2 and seg[1] == "_history":
             self._allow(method, "GET")
             return await self._history(req, rtype, None)
@@ -161,6 +169,9 @@ class FhirRouter:
             return await self._search(req, rtype, [*req.query, *_form_params(req)])
         if n == 2 and seg[1] in _OPERATIONS:
             return await self._operation(req, rtype, None, seg[1])
+        if rtype == "Patient" and seg[-1] == "$summary" and n in (2, 3):
+            self._allow(method, "GET")
+            return await self._summary(req, seg[1] if n == 3 else None)
         rid = seg[1]
         _check_id(rid)
         if n == 3 and seg[2] in _OPERATIONS:
@@ -215,6 +226,27 @@ class FhirRouter:
             return await self._ops.meta(req, rtype, rid, None)
         return await self._ops.meta_change(req, rtype, rid, body, add=name == "$meta-add")
 
+    async def _terminology_operation(self, req: FhirRequest, rtype: str, rid: str | None, name: str) -> FhirResponse:
+        """$lookup, $expand, $validate-code (GET, or POST Parameters): published reference data, no PHI, so
+        any authenticated caller may use them and they are not audited (docs/terminology.md)."""
+        if self._terminology is None:
+            raise errors.not_implemented("Terminology operations are not enabled on this server.")
+        if req.method not in ("GET", "POST"):
+            raise errors.method_not_allowed(f"{name} takes GET or POST.")
+        if rid is not None:
+            _check_id(rid)
+        body: Any = None
+        if req.method == "POST" and req.body:
+            require_json_body(req.header("content-type"))
+            body = _parse_body(req.body)
+        service = self._terminology
+        stored = None
+        if rtype == "ValueSet" and rid is not None and not await asyncio.to_thread(service.holds, rtype, rid):
+            # a ValueSet stored through this API (read with the caller's rights, audited like any read)
+            stored = orjson.loads((await self._repo.read(req.ctx, rtype, rid)).body)
+        out = await asyncio.to_thread(service.run, rtype, rid, name, list(req.query), body, stored)
+        return FhirResponse(200, orjson.dumps(out))
+
     async def _resolve(self, req: FhirRequest, rtype: str, query: list[tuple[str, str]]) -> list[str]:
         return await self._repo.find_ids(req.ctx, rtype, query)
 
@@ -256,6 +288,35 @@ class FhirRouter:
         keep = [(k, v) for k, v in req.query if k in ("_type", "_since")]
         return FhirResponse(200, _searchset(req, f"Patient/{pid}/$everything", ParsedSearch("Patient"),
                                             outcome, count, keep))
+
+    async def _summary(self, req: FhirRequest, pid: str | None) -> FhirResponse:
+        """Patient/[id]/$summary or Patient/$summary?identifier=system|value: the IPS document Bundle."""
+        identifier = None
+        for name, value in req.query:
+            if name == "identifier":
+                if identifier is not None:
+                    raise errors.bad_request("identifier is given more than once.", "identifier")
+                identifier = value
+            elif name not in ("_format", "_pretty", "profile"):
+                raise errors.bad_request(f"Unsupported $summary parameter: {safe_name(name)}", safe_name(name))
+        profile = req.param("profile")
+        if profile not in (None, IPS_BUNDLE_PROFILE):
+            raise errors.bad_request("Only the IPS Bundle profile is supported.", "profile", code="not-supported")
+        if pid is None:
+            if identifier is None:
+                raise errors.bad_request("Patient/$summary needs identifier=system|value (or use Patient/[id]/$summary).",
+                                         "identifier")
+            ids = await self._repo.find_ids(req.ctx, "Patient", [("identifier", identifier)])
+            if len(ids) > 1:
+                raise errors.precondition_failed("The identifier matches more than one patient.")
+            if not ids:
+                raise errors.not_found("No patient has this identifier.")
+            pid = ids[0]
+        else:
+            _check_id(pid)
+        bundle = await patient_summary(self._repo, req.ctx, pid, base_url=req.base_url,
+                                       now_ms=int(time.time() * 1000))
+        return FhirResponse(200, orjson.dumps(bundle))
 
     async def _break_glass(self, req: FhirRequest, pid: str) -> FhirResponse:
         """Patient/{id}/$break-glass: Parameters(reason, purposeOfUse=ETREAT) -> a time-limited grant."""
@@ -523,6 +584,7 @@ def _as_xml(body: bytes) -> bytes:
 
 _NDJSON = "ndjson"  # application/fhir+ndjson, application/ndjson
 _OPERATIONS = frozenset({"$validate", "$meta", "$meta-add", "$meta-delete"})
+TERMINOLOGY_OPERATIONS = frozenset({"$lookup", "$expand", "$validate-code"})
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
 
 

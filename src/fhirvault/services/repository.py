@@ -911,8 +911,11 @@ class Repository:
         return out
 
     async def everything(self, ctx: RequestContext, pid: str, *, types: frozenset[str] | None, since_ms: int | None,
-                         count: int, offset: int, snapshot: int | None) -> SearchOutcome:
-        """Patient/$everything: the patient and every resource of its compartment, paged by offset."""
+                         count: int, offset: int, snapshot: int | None,
+                         operation: str = "$everything") -> SearchOutcome:
+        """Patient/$everything: the patient and every resource of its compartment, paged by offset.
+
+        ``operation`` names the request in the audit trail ($summary reads the record through here)."""
         access = await self.authorize(ctx, "Patient", "r", "operation", f"Patient/{pid}")
         patient = self._store.read_current(self.tenant, "Patient", pid)
         if patient is None:
@@ -924,7 +927,7 @@ class Repository:
         patient_doc = orjson.loads(self._open(patient))
         if not access.simple:
             # The patient first: without access to the patient, nothing of the compartment (404).
-            await self._check(ctx, access, patient, patient_doc, "operation", "r", f"Patient/{pid}/$everything")
+            await self._check(ctx, access, patient, patient_doc, "operation", "r", f"Patient/{pid}/{operation}")
         visible = None if access.simple else access
         wanted = sorted(t for t in compartment_types() if (types is None or t in types) and self._may_read(access, t))
         skipped = [t for t in compartment_types() if (types is None or t in types) and not self._may_read(access, t)]
@@ -962,7 +965,7 @@ class Repository:
 
         outcome = await asyncio.to_thread(run)
         patients = f"Patient/{pid}"
-        record = self._record(ctx, "operation", 200, entity=f"Patient/{pid}/$everything", patient=patients,
+        record = self._record(ctx, "operation", 200, entity=f"Patient/{pid}/{operation}", patient=patients,
                               query=f"_type={sorted(types) if types else '*'} _since={since_ms} offset={offset}",
                               purpose=access.purpose(), restricted=access.restricted or any(
                                   labels_of(m.resource) for m in outcome.matches),

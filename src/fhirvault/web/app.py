@@ -31,6 +31,7 @@ from fhirvault.services.federation import OidcProvider
 from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.singletons import LeaderOnly
+from fhirvault.services.terminology import TerminologyService
 from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
@@ -139,7 +140,8 @@ def create_app(container: Container) -> ASGIApp:
     container.bulk_export = bulk
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
                         max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries,
-                        audit_reader=container.audit_reader, bulk=BulkRoutes(bulk))
+                        audit_reader=container.audit_reader, bulk=BulkRoutes(bulk),
+                        terminology=TerminologyService(container.store, container.clock))
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url, metrics=metrics)
 

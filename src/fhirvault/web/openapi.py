@@ -49,7 +49,10 @@ _CRITERIA = {"name": "criteria", "in": "query", "required": True, "style": "form
 _PUBLIC: list[dict[str, list[str]]] = []  # an empty security requirement list: no token needed
 # Method of the FHIR operations this server declares (the CapabilityStatement does not carry it).
 _OPERATION_METHODS = {"everything": "get", "access-history": "get", "break-glass": "post", "validate": "post",
-                      "meta": "get", "meta-add": "post", "meta-delete": "post"}
+                      "meta": "get", "meta-add": "post", "meta-delete": "post", "summary": "get",
+                      "lookup": "get", "expand": "get", "validate-code": "get"}
+_TYPE_LEVEL = {"summary": ["get"], "lookup": ["get", "post"], "expand": ["get", "post"],
+               "validate-code": ["get", "post"]}
 
 
 _PREFER_ASYNC = {"name": "Prefer", "in": "header", "required": True, "schema": {"type": "string",
@@ -133,6 +136,11 @@ def _type_paths(resource: dict[str, Any], prefix: str) -> dict[str, dict[str, An
         if method == "post":
             extra["requestBody"] = _resource_body("Parameters")
         op(f"{inst}/${name}", method, f"${name}", parameters=[_ID], **extra)
+        for also in _TYPE_LEVEL.get(name, []):  # at type level (url=, identifier=), terminology also by POST
+            body = {"requestBody": _resource_body("Parameters")} if also == "post" else {}
+            op(f"{base}/${name}", also, f"${name}-type", description=extra["description"], **body)
+            if also == "post":
+                op(f"{inst}/${name}", "post", f"${name}", parameters=[_ID], description=extra["description"], **body)
         if name == "validate":  # also at type level (mode=create)
             op(f"{base}/$validate", "post", "$validate-type", **extra)
         if name == "meta":  # also POST, and on one version
