@@ -270,6 +270,14 @@ def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
     return SqliteChangeFeed(_data_dir(where))
 
 
+def delta_feed_source(where: Settings | Path) -> ChangeFeedSource | None:
+    """The feed incremental backups are taken from (backup/chain.py), or None: deltas need commits ordered
+    like their keys, which SQLite's single writer gives; PostgreSQL with several workers does not."""
+    if _database_url(where) is not None:
+        return None
+    return change_feed_source(where)
+
+
 def scratch_database(server_url: str, *, keep: bool = False) -> AbstractContextManager[str]:
     """A new, empty PostgreSQL database on the server of ``server_url`` for the drill, dropped afterwards."""
     from fhirvault.adapters.postgres_backup import scratch_database as scratch

@@ -132,13 +132,16 @@ def test_incremental_backup_uploads_only_what_changed(tmp_path: Path) -> None:
     print(f"\nfull: {first.size / 1e6:.1f} MB, {first.uploaded_chunks} chunks, {first.uploaded_bytes / 1e6:.2f} MB "
           f"stored, {first.seconds:.2f} s; after one create: {small.uploaded_chunks} chunks, "
           f"{small.uploaded_bytes / 1e6:.2f} MB, {small.seconds:.2f} s")
+    assert first.uploaded_chunks == first.chunks >= 20 and not first.incremental
+    # Nothing changed: a delta (backup/chain.py) of the small tables and data keys, one chunk.
+    assert unchanged.incremental and unchanged.uploaded_chunks == 1 and unchanged.chunks == first.chunks + 1
+    assert small.incremental and small.uploaded_bytes < first.uploaded_bytes * 0.1
     assert first.uploaded_chunks == first.chunks >= 20
-    assert unchanged.uploaded_chunks == 0 and unchanged.chunks == first.chunks
-    assert small.uploaded_chunks < first.uploaded_chunks * 0.8
-    assert small.uploaded_bytes < first.uploaded_bytes * 0.8
+    full = create_backup(data, target, root, full=True)
+    assert not full.incremental and full.uploaded_chunks < first.chunks * 0.8
     stored = {p.name for p in (tmp_path / "target" / "chunks").rglob("*") if p.is_file()}
-    assert len(stored) == first.chunks + small.uploaded_chunks
-    for backup in (first, small):
+    assert len(stored) == first.chunks + unchanged.uploaded_chunks + small.uploaded_chunks + full.uploaded_chunks
+    for backup in (first, unchanged, small, full):
         assert verify_backup(target, root, backup.backup_id).ok
 
 
@@ -328,7 +331,7 @@ def test_prune_with_grace_marks_first_and_deletes_later(tmp_path: Path) -> None:
     con.execute("INSERT INTO meta (name, value) VALUES ('filler', ?)", (os.urandom(200_000),))
     con.commit()
     con.close()
-    create_backup(data, target, root, clock=lambda: now)
+    create_backup(data, target, root, clock=lambda: now, full=True)  # a delta would keep the first one's chunks
     instance = sqlite3.connect(data / "fhirvault.sqlite3").execute(
         "SELECT value FROM meta WHERE name='instance-id'").fetchone()[0].decode()
     policy = RetentionSettings(keep_all_days=1, daily_days=0, monthly_months=0, grace_seconds=3600)

@@ -45,6 +45,7 @@ from fhirvault.backup.changefeed import (
     append_spec,
     apply_db,
     capture,
+    restored_marks,
     row_hash,
 )
 from fhirvault.backup.objects import open_sealed, seal
@@ -404,12 +405,7 @@ def replay(target: BackupTarget, backup_key: bytes, data_dir: Path, watermarks: 
         sink = restore_sink(data_dir)
     report = ReplayReport()
     with sink.feed() as conns:
-        current: Watermarks = {}
-        for db, conn in conns.items():
-            given = watermarks.get(db, {})
-            present = conn.tables()
-            current[db] = {s.name: int(given[s.name]) if s.name in given else conn.max_key(s)
-                           for s in APPEND_TABLES.get(db, ()) if s.name in present}
+        current = restored_marks(conns, watermarks)
         gens = list_generations(target)
         order = [generation] if generation is not None else list(reversed(gens))
         for gen in order:
