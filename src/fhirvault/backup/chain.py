@@ -38,6 +38,7 @@ import orjson
 
 from fhirvault.backup.changefeed import (
     APPEND_TABLES,
+    MAIN_DB,
     Applied,
     FeedState,
     Segment,
@@ -132,6 +133,17 @@ def position(feed: ChangeFeedSource) -> FeedPosition | None:
         return FeedPosition(marks, anchors, _schema(conns), small)
 
 
+def _holds(conns: Mapping[str, FeedReader], marks: Watermarks) -> bool:
+    """Whether the database reaches ``marks`` in every append table they name."""
+    for db, tables in marks.items():
+        conn = conns.get(db)
+        for table, mark in tables.items():
+            spec = next((s for s in APPEND_TABLES.get(db, ()) if s.name == table), None)
+            if spec is None or conn is None or table not in conn.tables() or conn.max_key(spec) < mark:
+                return False
+    return True
+
+
 @dataclass(frozen=True)
 class Delta:
     segment: bytes  # the encoded change-feed segment
@@ -149,12 +161,8 @@ def capture_delta(feed: ChangeFeedSource, since: FeedPosition, header: dict[str,
         schema = _schema(conns)
         if schema != since.schema:
             return None  # a migration ran since: the restored base tables would not take the rows
-        for db, marks in since.marks.items():
-            conn = conns.get(db)
-            for table, mark in marks.items():
-                spec = next((s for s in APPEND_TABLES.get(db, ()) if s.name == table), None)
-                if spec is None or conn is None or table not in conn.tables() or conn.max_key(spec) < mark:
-                    return None  # behind the previous backup: restored from older state
+        if not _holds(conns, since.marks):
+            return None  # behind the previous backup: restored from older state
         state = FeedState(watermarks={d: dict(m) for d, m in since.marks.items()}, small_hashes=dict(since.small))
         cap = capture(conns, state, MAX_DELTA_ROWS)
     if cap.more:
@@ -185,3 +193,34 @@ def apply_deltas(sink: RestoreSink, deltas: list[bytes], watermarks: Watermarks)
                 for t, mark in marks.items():
                     current.setdefault(db, {})[t] = max(current.get(db, {}).get(t, 0), int(mark))
         return current
+
+
+# -- the feed position of a restored database (for replication) -------------------------------------
+POSITION_META = "replication-position"
+
+
+def record_position(sink: RestoreSink) -> Watermarks:
+    """Write into the restored database where it stands in the change feed (each append table's highest key:
+    it holds every row up to it), so a replicator started on it ships only what is newer."""
+    with sink.feed() as conns:
+        marks = restored_marks(conns, {})
+        main = conns.get(MAIN_DB)
+        if main is not None and "meta" in main.tables():
+            with main.transaction():
+                main.upsert("meta", ["name", "value"], [(POSITION_META, orjson.dumps(marks))])
+        return marks
+
+
+def recorded_position(conns: Mapping[str, FeedReader]) -> Watermarks:
+    """The position ``record_position`` wrote, if the database still holds every row up to it; else {}."""
+    main = conns.get(MAIN_DB)
+    if main is None or "meta" not in main.tables():
+        return {}
+    found = [v for n, v in main.all_rows("meta", ["name", "value"]) if n == POSITION_META]
+    if not found:
+        return {}
+    try:
+        marks = {str(d): {str(t): int(k) for t, k in m.items()} for d, m in orjson.loads(bytes(found[0])).items()}
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return {}
+    return marks if _holds(conns, marks) else {}

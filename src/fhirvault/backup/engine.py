@@ -46,6 +46,7 @@ from fhirvault.backup.chain import (
     apply_deltas,
     capture_delta,
     position,
+    record_position,
 )
 from fhirvault.backup.manifest import (
     CHUNK_PREFIX,
@@ -591,6 +592,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
         _check_databases(restored, databases)
+        record_position(restored)
         fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()

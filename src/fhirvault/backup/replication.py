@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from fhirvault.backup.chain import recorded_position
 from fhirvault.backup.changefeed import (
     APPEND_TABLES,
     MAIN_DB,
@@ -220,7 +221,9 @@ class Replicator:
             log.warning("database does not continue the latest replicated generation; starting a new one")
         self._generation = new_generation(time.time())
         self._index = 0
-        self._state = FeedState(watermarks={d: dict(w) for d, w in self._initial.items()})
+        # A restored database knows where it stands in the feed: ship what is newer, not the whole store again.
+        initial = self._initial or recorded_position(conns)
+        self._state = FeedState(watermarks={d: dict(w) for d, w in initial.items()})
         log.info("replication generation started", extra={"generation": self._generation})
 
     @staticmethod
