@@ -105,3 +105,26 @@ def test_a_database_restored_from_older_state_gets_a_full_backup(tmp_path: Path)
     con.commit()
     con.close()
     assert not create_backup(data, target, root).incremental
+
+
+def test_a_long_chain_is_closed_by_a_full_backup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fhirvault.backup import chain
+    from fhirvault.bootstrap import initialise
+    from fhirvault.config import load_settings
+
+    monkeypatch.setattr(chain, "MAX_CHAIN", 2)
+    settings = load_settings({"data_dir": tmp_path / "data"}, environ={})
+    initialise(settings)
+    data, target, root = settings.data_dir, file_target(tmp_path / "target"), root_of(settings.data_dir)
+    kinds = []
+    for n in range(5):
+        con = sqlite3.connect(data / "fhirvault.sqlite3")
+        con.execute("INSERT INTO meta (name, value) VALUES (?, x'01')", (f"m{n}",))
+        con.commit()
+        con.close()
+        kinds.append(create_backup(data, target, root).incremental)
+    assert kinds == [False, True, True, False, True]
+    restore_backup(target, tmp_path / "r", (data / "root.key").read_bytes())
+    con = sqlite3.connect(tmp_path / "r" / "fhirvault.sqlite3")
+    assert con.execute("SELECT count(*) FROM meta WHERE name LIKE 'm_'").fetchone() == (5,)
+    con.close()

@@ -53,7 +53,7 @@ from fhirvault.backup.ports import ChangeFeedSource, FeedReader, RestoreSink
 DELTA_KIND = "delta"
 MAX_CHAIN = 30  # deltas after one full backup
 MAX_DELTA_SHARE = 0.25  # of the full backup's file size: beyond it, a full backup restores faster
-MAX_DELTA_ROWS = 500_000  # rows per append table in one delta (held in memory while it is encoded)
+MAX_DELTA_ROWS = 100_000  # rows per append table in one delta (held in memory while it is encoded: ~200 MB)
 FORMAT = 1
 
 
