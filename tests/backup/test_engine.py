@@ -136,7 +136,6 @@ def test_incremental_backup_uploads_only_what_changed(tmp_path: Path) -> None:
     # Nothing changed: a delta (backup/chain.py) of the small tables and data keys, one chunk.
     assert unchanged.incremental and unchanged.uploaded_chunks == 1 and unchanged.chunks == first.chunks + 1
     assert small.incremental and small.uploaded_bytes < first.uploaded_bytes * 0.1
-    assert first.uploaded_chunks == first.chunks >= 20
     full = create_backup(data, target, root, full=True)
     assert not full.incremental and full.uploaded_chunks < first.chunks * 0.8
     stored = {p.name for p in (tmp_path / "target" / "chunks").rglob("*") if p.is_file()}
