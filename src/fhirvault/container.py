@@ -137,6 +137,29 @@ def open_store(settings: Settings) -> ResourceStore:
     return SqliteStore(settings.database_path, settings.audit_database_path)
 
 
+def _serving_lock_path(settings: Settings) -> Path:
+    return settings.database_path.with_name(settings.database_path.name + ".serving.lock")
+
+
+def hold_serving(settings: Settings) -> object | None:
+    """Mark this process as serving the data directory until it exits (SQLite; see cli/live.py). Returns
+    the hold (keep a reference), or None on PostgreSQL, whose server arbitrates concurrent sessions itself."""
+    if settings.database_url is not None:
+        return None
+    from fhirvault.adapters.sqlite_locks import ServingLock
+
+    return ServingLock(_serving_lock_path(settings))
+
+
+def server_running(settings: Settings) -> bool:
+    """Whether a ``fhirvault serve`` process serves this SQLite data directory now (False on PostgreSQL)."""
+    if settings.database_url is not None:
+        return False
+    from fhirvault.adapters.sqlite_locks import ServingLock
+
+    return ServingLock.serving(_serving_lock_path(settings))
+
+
 def schema_migrator(settings: Settings) -> SchemaMigrator:
     """The numbered schema migrations of the configured engine (opening a store also applies them)."""
     if settings.database_url is not None:
@@ -270,6 +293,14 @@ def change_feed_source(where: Settings | Path) -> ChangeFeedSource:
     from fhirvault.adapters.sqlite_backup import SqliteChangeFeed
 
     return SqliteChangeFeed(_data_dir(where))
+
+
+def delta_feed_source(where: Settings | Path) -> ChangeFeedSource | None:
+    """The feed incremental backups are taken from (backup/chain.py), or None: deltas need commits ordered
+    like their keys, which SQLite's single writer gives; PostgreSQL with several workers does not."""
+    if _database_url(where) is not None:
+        return None
+    return change_feed_source(where)
 
 
 def scratch_database(server_url: str, *, keep: bool = False) -> AbstractContextManager[str]:

@@ -132,13 +132,15 @@ def test_incremental_backup_uploads_only_what_changed(tmp_path: Path) -> None:
     print(f"\nfull: {first.size / 1e6:.1f} MB, {first.uploaded_chunks} chunks, {first.uploaded_bytes / 1e6:.2f} MB "
           f"stored, {first.seconds:.2f} s; after one create: {small.uploaded_chunks} chunks, "
           f"{small.uploaded_bytes / 1e6:.2f} MB, {small.seconds:.2f} s")
-    assert first.uploaded_chunks == first.chunks >= 20
-    assert unchanged.uploaded_chunks == 0 and unchanged.chunks == first.chunks
-    assert small.uploaded_chunks < first.uploaded_chunks * 0.8
-    assert small.uploaded_bytes < first.uploaded_bytes * 0.8
+    assert first.uploaded_chunks == first.chunks >= 20 and not first.incremental
+    # Nothing changed: a delta (backup/chain.py) of the small tables and data keys, one chunk.
+    assert unchanged.incremental and unchanged.uploaded_chunks == 1 and unchanged.chunks == first.chunks + 1
+    assert small.incremental and small.uploaded_bytes < first.uploaded_bytes * 0.1
+    full = create_backup(data, target, root, full=True)
+    assert not full.incremental and full.uploaded_chunks < first.chunks * 0.8
     stored = {p.name for p in (tmp_path / "target" / "chunks").rglob("*") if p.is_file()}
-    assert len(stored) == first.chunks + small.uploaded_chunks
-    for backup in (first, small):
+    assert len(stored) == first.chunks + unchanged.uploaded_chunks + small.uploaded_chunks + full.uploaded_chunks
+    for backup in (first, unchanged, small, full):
         assert verify_backup(target, root, backup.backup_id).ok
 
 
@@ -328,7 +330,7 @@ def test_prune_with_grace_marks_first_and_deletes_later(tmp_path: Path) -> None:
     con.execute("INSERT INTO meta (name, value) VALUES ('filler', ?)", (os.urandom(200_000),))
     con.commit()
     con.close()
-    create_backup(data, target, root, clock=lambda: now)
+    create_backup(data, target, root, clock=lambda: now, full=True)  # a delta would keep the first one's chunks
     instance = sqlite3.connect(data / "fhirvault.sqlite3").execute(
         "SELECT value FROM meta WHERE name='instance-id'").fetchone()[0].decode()
     policy = RetentionSettings(keep_all_days=1, daily_days=0, monthly_months=0, grace_seconds=3600)
@@ -483,3 +485,57 @@ def test_object_lock_is_asked_for_and_renewed_on_reused_chunks(tmp_path: Path) -
     assert later.uploaded_chunks == later.chunks  # locks end within 5 days: stored again, locked anew
     assert {v for k, v in target.locks.items() if k.startswith("chunks/")} == {t0 + 16 * day}
     assert verify_backup(target, root, later.backup_id).ok
+
+
+def test_a_crashed_backups_lease_does_not_block_the_sweep(tmp_path: Path) -> None:
+    # A backup killed mid-upload leaves its lease and orphan chunks; the next prune sweeps them at once
+    # (the lease's process is gone), not 24 hours later.
+    settings = load_settings({"data_dir": tmp_path / "data"}, environ={})
+    initialise(settings)
+    target = file_target(tmp_path / "target")
+    kept = set(target.list("chunks/")) if create_backup(settings.data_dir, target, root_of(settings.data_dir)) else set()
+    con = sqlite3.connect(settings.database_path)
+    con.execute("INSERT INTO meta (name, value) VALUES ('filler', ?)", (os.urandom(1_500_000),))
+    con.commit()
+    con.close()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_BACKUP, str(settings.data_dir), str(tmp_path / "target")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().startswith("uploading")
+    time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=30)
+    orphans = set(target.list("chunks/")) - kept
+    assert orphans and list(target.list("leases/"))
+    instance = sqlite3.connect(settings.database_path).execute(
+        "SELECT value FROM meta WHERE name='instance-id'").fetchone()[0].decode()
+    res = prune(target, root_of(settings.data_dir), instance, RetentionSettings(0, 0, 0, grace_seconds=0))
+    assert res.deleted_chunks == len(orphans) and set(target.list("chunks/")) == kept
+
+
+def test_lease_liveness() -> None:
+    import socket
+
+    from fhirvault.backup.engine import LEASE_TTL_MS, lease_live
+
+    now = time.time_ns() // 1_000_000
+    elsewhere = {"started_ms": now - 3_600_000, "renewed_ms": now - 60_000, "ttl_ms": LEASE_TTL_MS,
+                 "host": "another-host", "pid": 1}
+    assert lease_live(elsewhere, now)  # renewed a minute ago on another host: running
+    assert not lease_live(elsewhere, now + LEASE_TTL_MS)  # no renewal for the TTL: that backup died
+    assert lease_live({**elsewhere, "host": socket.gethostname(), "pid": os.getpid()}, now)
+    assert lease_live({"started_ms": now - 3_600_000}, now)  # an older release's lease: 24 h as before
+    assert not lease_live({"started_ms": now - 25 * 3_600_000}, now)
+    assert not lease_live({"started": "x"}, now)
+
+
+def test_a_long_backup_renews_its_lease(tmp_path: Path) -> None:
+    from fhirvault.backup.engine import DEFAULT_RETRY, Lease
+
+    target = file_target(tmp_path / "target")
+    lease = Lease(target, "leases/b1", time.time_ns() // 1_000_000, DEFAULT_RETRY, renew_s=0.05)
+    lease.start()
+    first = json.loads(target.get("leases/b1"))["renewed_ms"]
+    time.sleep(0.3)
+    assert json.loads(target.get("leases/b1"))["renewed_ms"] > first
+    lease.end()
+    assert list(target.list("leases/")) == []

@@ -457,3 +457,55 @@ def test_key_rotation_after_the_base_is_replayed(tmp_path: Path, key: bytes) -> 
         check_state(restored, expected)
     finally:
         restored.stop()
+
+
+def _shipped_versions(target: FileTarget, key: bytes) -> int:
+    from fhirvault.backup.replication import list_generations, load_segment
+
+    rows = 0
+    for keys in list_generations(target).values():
+        for name in keys:
+            block = load_segment(target, name, key).block(MAIN_DB, "resource_versions")
+            rows += len(block.rows) if block is not None else 0
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_replication_after_a_restore_ships_only_newer_changes(tmp_path: Path) -> None:
+    from fhirvault.adapters.keyfile import KeyFileProvider
+    from fhirvault.backup.engine import create_backup, restore_backup
+    from fhirvault.backup.manifest import BackupKeys
+    from fhirvault.services.secrets import ServiceSecrets
+
+    srv = start_server(tmp_path / "data", tmp_path / "server.log")
+    with srv.client() as c:
+        for _ in range(40):
+            write(c, "POST", "Patient", PATIENT)
+    srv.stop()
+    backups = FileTarget(tmp_path / "backups", "FR")
+    create_backup(srv.data_dir, backups, KeyFileProvider.load(srv.data_dir / "root.key"))
+    restored = tmp_path / "restored"
+    restore_backup(backups, restored, (srv.data_dir / "root.key").read_bytes())
+    shutil.copy(srv.data_dir / "admin-client.json", restored)
+
+    srv = start_server(restored, tmp_path / "restored.log")
+    container = build(load_settings({"data_dir": restored}, environ={}))
+    try:
+        secrets = ServiceSecrets(container.store, container.root)
+        seal_key = BackupKeys(secrets.get("backup"), secrets.get("backup-signing")).seal_key
+    finally:
+        container.close()
+    (tmp_path / "wal").mkdir()
+    wal = FileTarget(tmp_path / "wal", "FR")
+    rep = Replicator(restored, wal, seal_key, interval_s=0.1)
+    while rep.run_once():
+        pass
+    assert _shipped_versions(wal, seal_key) == 0  # the 40 restored versions are in the backup already
+    with srv.client() as c:
+        write(c, "POST", "Patient", PATIENT)
+    while rep.run_once():
+        pass
+    assert _shipped_versions(wal, seal_key) == 1
+    rep.stop()
+    srv.stop()

@@ -84,3 +84,32 @@ class FileLeadership:
                 with contextlib.suppress(OSError):
                     os.close(fd)  # closing the only descriptor releases the lock
             self._held.clear()
+
+
+class ServingLock:
+    """Held, shared, by every server process of a data directory for its whole life.
+
+    The CLI probes it (``serving``) before commands that must not run under a live server: the
+    kernel drops a killed server's hold, so a crash never leaves the directory looking served."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = _open(path)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    @staticmethod
+    def serving(path: Path) -> bool:
+        """Whether some process holds the lock now (never blocks)."""
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # releases our probe, if we got it
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)

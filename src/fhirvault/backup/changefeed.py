@@ -64,6 +64,7 @@ __all__ = [
     "capture",
     "decode_rows",
     "encode_rows",
+    "restored_marks",
     "row_hash",
 ]
 
@@ -381,6 +382,17 @@ class Applied:
     cut: bool = False  # a row after the point in time was reached
     # resources whose exact tag list was not shipped: (tenant, type, id), for retag()
     approximate_tags: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def restored_marks(conns: Mapping[str, FeedReader], given: Watermarks) -> Watermarks:
+    """Where a restored database stands: the ``given`` watermarks, else each append table's highest key."""
+    current: Watermarks = {}
+    for db, conn in conns.items():
+        mine = given.get(db, {})
+        present = conn.tables()
+        current[db] = {s.name: int(mine[s.name]) if s.name in mine else conn.max_key(s)
+                       for s in APPEND_TABLES.get(db, ()) if s.name in present}
+    return current
 
 
 def _split_tags(blob: bytes) -> set[bytes]:

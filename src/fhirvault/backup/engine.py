@@ -24,6 +24,9 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +39,15 @@ from typing import Protocol, TypeVar
 import orjson
 
 from fhirvault.adapters.files import fsync_dir, write_new
+from fhirvault.backup.chain import (
+    DELTA_KIND,
+    ChainInfo,
+    Delta,
+    apply_deltas,
+    capture_delta,
+    position,
+    record_position,
+)
 from fhirvault.backup.manifest import (
     CHUNK_PREFIX,
     MANIFEST_PREFIX,
@@ -52,7 +64,13 @@ from fhirvault.backup.manifest import (
     parse_manifest,
 )
 from fhirvault.backup.objects import ObjectError, open_sealed, seal
-from fhirvault.backup.ports import CLINICAL_DB, DatabaseCheckError, RestoreSink, SnapshotSource
+from fhirvault.backup.ports import (
+    CLINICAL_DB,
+    ChangeFeedSource,
+    DatabaseCheckError,
+    RestoreSink,
+    SnapshotSource,
+)
 from fhirvault.backup.retention import keep
 from fhirvault.backup.settings import RetentionSettings
 from fhirvault.backup.snapshot import SnapshotFile, deployment_secrets, snapshot
@@ -76,7 +94,11 @@ CHUNK_SIZE = 256 << 10
 LEASE_PREFIX = "leases/"
 VERIFIED_PREFIX = "verified/"
 GC_PENDING = "gc/pending"
-LEASE_TTL_MS = 24 * 3_600_000  # a lease older than this is from a crashed backup
+# A backup renews its lease every LEASE_RENEW_S; one not renewed for LEASE_TTL_MS is from a backup that died
+# (killed, host down). Leases of releases that did not renew them expire LEGACY_LEASE_TTL_MS after their start.
+LEASE_RENEW_S = 60.0
+LEASE_TTL_MS = 10 * 60_000
+LEGACY_LEASE_TTL_MS = 24 * 3_600_000
 _PIPELINE = 8  # chunks sealed/uploaded concurrently
 
 
@@ -169,6 +191,62 @@ def verified_ids(target: BackupTarget, keys: BackupKeys, retry: Retry = DEFAULT_
     return found
 
 
+# -- leases -------------------------------------------------------------------------------------
+class Lease:
+    """A backup in progress on the target: prune sweeps no chunk while one is live.
+
+    A thread renews it every ``renew_s``, so the lease of a backup that died goes stale within
+    ``LEASE_TTL_MS``; one from a dead process of this very host is stale at once."""
+
+    def __init__(self, target: BackupTarget, key: str, started_ms: int, retry: Retry,
+                 renew_s: float = LEASE_RENEW_S) -> None:
+        self._target, self._key, self._started, self._retry, self._renew_s = target, key, started_ms, retry, renew_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _doc(self) -> bytes:
+        return orjson.dumps({"started_ms": self._started, "renewed_ms": _now_ms(), "ttl_ms": LEASE_TTL_MS,
+                             "host": socket.gethostname(), "pid": os.getpid()})
+
+    def start(self) -> None:
+        self._retry.run("writing the lease", lambda: self._target.put(self._key, self._doc()))
+        self._thread = threading.Thread(target=self._run, name="fhirvault-backup-lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._renew_s):
+            try:
+                self._target.put(self._key, self._doc())
+            except TargetError as exc:  # the backup itself will fail or retry; keep trying
+                log.warning("could not renew the backup lease", extra={"error": type(exc).__name__})
+
+    def end(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(TargetError):
+            self._target.delete(self._key)
+
+
+def lease_live(doc: object, now_ms: int) -> bool:
+    """Whether a lease document (``Lease``'s, or an older release's) stands for a backup still running."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("started_ms"), int):
+        return False
+    renewed = doc.get("renewed_ms")
+    if not isinstance(renewed, int):
+        return bool(now_ms - doc["started_ms"] < LEGACY_LEASE_TTL_MS)
+    if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int):
+        try:
+            os.kill(doc["pid"], 0)
+        except ProcessLookupError:
+            return False  # its process is gone
+        except PermissionError:
+            pass  # alive, another user's
+    ttl = doc.get("ttl_ms")
+    ttl = min(ttl, LEGACY_LEASE_TTL_MS) if isinstance(ttl, int) and ttl > 0 else LEASE_TTL_MS
+    return bool(now_ms - renewed < ttl)
+
+
 # -- create -------------------------------------------------------------------------------------
 @dataclass
 class CreateResult:
@@ -180,60 +258,127 @@ class CreateResult:
     uploaded_bytes: int
     seconds: float
     watermarks: dict[str, dict[str, int]]
+    incremental: bool = False  # a delta on top of the previous backup (backup/chain.py)
 
 
-def _known_chunks(target: BackupTarget, root: RootKeyProvider, instance_id: str,
-                  retry: Retry) -> dict[str, tuple[str, int | None]]:
-    """Chunk id -> (stored object hash, locked until), from this deployment's newest readable manifest."""
+def _previous(target: BackupTarget, root: RootKeyProvider, instance_id: str,
+              retry: Retry) -> tuple[Manifest, ManifestBody] | None:
+    """This deployment's newest readable backup."""
     for m in reversed(list_backups(target, retry).manifests):
         if m.instance_id != instance_id:
             continue
         with contextlib.suppress(ManifestError):
-            body = open_manifest(m, root)[1]
-            return {cid: (h, body.chunk_retain.get(cid)) for cid, h in body.chunk_sha256.items()}
-    return {}
+            return m, open_manifest(m, root)[1]
+    return None
 
 
 def create_backup(data_dir: Path, target: BackupTarget, root: RootKeyProvider, *, retain_days: int = 0,
                   retry: Retry = DEFAULT_RETRY, clock: Callable[[], int] = _now_ms,
-                  chunk_size: int = CHUNK_SIZE, source: SnapshotSource | None = None) -> CreateResult:
+                  chunk_size: int = CHUNK_SIZE, source: SnapshotSource | None = None,
+                  feed: ChangeFeedSource | None = None, full: bool = False) -> CreateResult:
     """Take an online, consistent backup of ``data_dir`` (a server may be writing to it).
 
-    ``source`` is the database behind it (``container.snapshot_source``; by default found from ``data_dir``)."""
+    ``source`` is the database behind it (``container.snapshot_source``; by default found from ``data_dir``).
+    ``feed`` (``container.delta_feed_source``; by default found from ``data_dir`` when ``source`` is) lets the
+    backup be a delta on top of the previous one (backup/chain.py) unless ``full``."""
     started = time.monotonic()
     if source is None:
-        from fhirvault.container import snapshot_source
+        from fhirvault.container import delta_feed_source, snapshot_source
 
         source = snapshot_source(data_dir)
+        feed = feed or delta_feed_source(data_dir)
     secrets_ = deployment_secrets(data_dir, root, source)
     keys = BackupKeys(secrets_.backup_key, secrets_.signing_seed)
     created_ms = clock()
     backup_id = new_backup_id(created_ms)
     retain = created_ms + retain_days * 86_400_000 if retain_days else None
-    lease = LEASE_PREFIX + backup_id
-    retry.run("writing the lease", lambda: target.put(lease, orjson.dumps({"started_ms": created_ms})))
+    lease = Lease(target, LEASE_PREFIX + backup_id, created_ms, retry)
+    lease.start()
     try:
-        known = _known_chunks(target, root, secrets_.instance_id, retry)
+        found = _previous(target, root, secrets_.instance_id, retry)
+        previous = None if found is None else found[1]
+        known = {} if previous is None else {cid: (h, previous.chunk_retain.get(cid))
+                                             for cid, h in previous.chunk_sha256.items()}
         present = set(retry.run("listing chunks", lambda: list(target.list(CHUNK_PREFIX))))
         # With object lock, a chunk whose lock ends within half the lock period is stored again
         # (a fresh, locked version), so every chunk a new backup names stays undeletable long enough.
         lock_floor = created_ms + retain_days * 43_200_000 if retain_days else None
         reusable = {cid: (h, until) for cid, (h, until) in known.items() if chunk_key(cid) in present
                     and (lock_floor is None or (until is not None and until >= lock_floor))}
-        with snapshot(data_dir, source) as snap:
-            body, uploaded = _upload(snap.files, target, keys, reusable, retain, retry, chunk_size)
-            body.watermarks = snap.watermarks
-            # A prune running meanwhile may have removed a chunk we reused: never name a missing one.
-            for cid in set(body.chunk_sha256) - uploaded:
-                if not retry.run("checking chunks", partial(target.exists, chunk_key(cid))):
-                    raise BackupError(f"chunk {cid[:12]}… vanished from the target during the backup; run it again")
-            raw = build_manifest(backup_id, secrets_.instance_id, created_ms, snap.snapshot_ms, body, keys, root)
+        delta = None
+        if feed is not None and previous is not None and not full and set(known) <= set(reusable):
+            delta = _delta(feed, previous, backup_id)
+        if delta is not None and previous is not None:
+            body, uploaded, snapshot_ms = _upload_delta(delta, previous, target, keys, reusable, retain, retry,
+                                                        chunk_size)
+        else:
+            with snapshot(data_dir, source) as snap:
+                body, uploaded = _upload(snap.files, target, keys, reusable, retain, retry, chunk_size)
+                body.watermarks = snap.watermarks
+                snapshot_ms = snap.snapshot_ms
+                if feed is not None:
+                    body.chain = _chain_start(snap.files, body)
+        # A prune running meanwhile may have removed a chunk we reused: never name a missing one.
+        for cid in set(body.chunk_sha256) - uploaded:
+            if not retry.run("checking chunks", partial(target.exists, chunk_key(cid))):
+                raise BackupError(f"chunk {cid[:12]}… vanished from the target during the backup; run it again")
+        raw = build_manifest(backup_id, secrets_.instance_id, created_ms, snapshot_ms, body, keys, root)
         retry.run("writing the manifest", lambda: target.put(manifest_key(backup_id), raw, retain_until_ms=retain))
     finally:
-        with contextlib.suppress(TargetError):
-            target.delete(lease)
+        lease.end()
     return CreateResult(backup_id, sum(f.size for f in body.files), len(body.files), len(body.chunk_sha256),
-                        body.uploaded_chunks, body.uploaded_bytes, time.monotonic() - started, body.watermarks)
+                        body.uploaded_chunks, body.uploaded_bytes, time.monotonic() - started, body.watermarks,
+                        incremental=delta is not None)
+
+
+# -- deltas (backup/chain.py) -----------------------------------------------------------------------
+def _chain_start(files: list[SnapshotFile], body: ManifestBody) -> dict[str, object] | None:
+    """The feed position of a full backup, read from its consistent copies (None: no database there)."""
+    from fhirvault.container import change_feed_source
+
+    copies = files[0].path.parent
+    feed = change_feed_source(copies)
+    try:
+        pos = position(feed)
+    finally:
+        feed.close()
+    if pos is None:
+        return None
+    return ChainInfo(pos, 0, sum(f.size for f in body.files), 0).to_json()
+
+
+def _delta(feed: ChangeFeedSource, previous: ManifestBody, backup_id: str) -> tuple[Delta, ChainInfo] | None:
+    chain = ChainInfo.from_json(previous.chain)
+    if chain is None or not chain.room_for_delta():
+        return None
+    header = {"backup_id": backup_id, "index": chain.length + 1}
+    try:
+        delta = capture_delta(feed, chain.position, header)
+    finally:
+        feed.close()
+    if delta is None:
+        return None
+    return delta, ChainInfo(delta.position, chain.length + 1, chain.base_size,
+                            chain.delta_bytes + len(delta.segment))
+
+
+def _upload_delta(found: tuple[Delta, ChainInfo], previous: ManifestBody, target: BackupTarget, keys: BackupKeys,
+                  reusable: dict[str, tuple[str, int | None]], retain: int | None, retry: Retry,
+                  chunk_size: int) -> tuple[ManifestBody, set[str], int]:
+    delta, chain = found
+    with tempfile.TemporaryDirectory(prefix="fhirvault-delta-") as tmp:
+        path = Path(tmp) / f"delta-{chain.length:04d}.seg"
+        write_new(path, delta.segment)
+        body, uploaded = _upload([SnapshotFile(path.name, path, DELTA_KIND)], target, keys, reusable, retain, retry,
+                                 chunk_size)
+    body.files = [*previous.files, *body.files]
+    for cid in {c for f in previous.files for c in f.chunks}:
+        body.chunk_sha256[cid], until = reusable[cid]
+        if until is not None:
+            body.chunk_retain[cid] = until
+    body.watermarks = delta.position.marks
+    body.chain = chain.to_json()
+    return body, uploaded, delta.snapshot_ms
 
 
 def _upload(files: list[SnapshotFile], target: BackupTarget, keys: BackupKeys,
@@ -434,17 +579,20 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
             raise RestoreError(f"not enough disk space in {to_dir.parent}: backup {m.backup_id} needs "
                                f"{m.size / 1e6:.0f} MB plus headroom, {free / 1e6:.0f} MB free")
         for f in body.files:
-            _restore_file(target, keys, body, f, staging / f.name, retry)
-        databases = [f.name for f in body.files if f.kind != "file"]
+            if f.kind != DELTA_KIND:
+                _restore_file(target, keys, body, f, staging / f.name, retry)
+        databases = [f.name for f in body.files if f.kind not in ("file", DELTA_KIND)]
         restored = (sink or restore_sink)(staging)
         try:
             restored.load(databases)
         except DatabaseCheckError as exc:
             raise RestoreError(str(exc)) from None
+        _restore_deltas(target, keys, body, restored, retry)
         replayed = None
         if replay is not None:
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
         _check_databases(restored, databases)
+        record_position(restored)
         fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()
@@ -484,6 +632,27 @@ def _restore_file(target: BackupTarget, keys: BackupKeys, body: ManifestBody, f:
         raise RestoreError(f"backup is damaged: {f.name} does not match its SHA-256")
 
 
+def _restore_deltas(target: BackupTarget, keys: BackupKeys, body: ManifestBody, restored: RestoreSink,
+                    retry: Retry) -> None:
+    """Apply the deltas of an incremental backup (backup/chain.py) on top of its restored full backup."""
+    deltas: list[bytes] = []
+    for f in body.files:
+        if f.kind != DELTA_KIND:
+            continue
+        try:
+            data = b"".join(_read_chunk(target, keys, body, cid, retry) for cid in f.chunks)
+        except ObjectError as exc:
+            raise RestoreError(f"backup is damaged ({f.name}): {exc}; try an older backup (--backup ID)") from None
+        if hashlib.sha256(data).hexdigest() != f.sha256:
+            raise RestoreError(f"backup is damaged: {f.name} does not match its SHA-256")
+        deltas.append(data)
+    if deltas:
+        try:
+            apply_deltas(restored, deltas, {})  # the full backup's files end at their highest keys
+        except ValueError as exc:
+            raise RestoreError(f"backup is damaged: a delta does not decode ({exc})") from None
+
+
 def _check_databases(sink: RestoreSink, names: list[str]) -> None:
     if CLINICAL_DB not in names:
         raise RestoreError(f"the backup holds no {CLINICAL_DB}")
@@ -508,10 +677,10 @@ def _active_leases(target: BackupTarget, now_ms: int) -> list[str]:
     active = []
     for key in target.list(LEASE_PREFIX):
         try:
-            started = int(orjson.loads(target.get(key))["started_ms"])
-        except (TargetNotFound, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            doc = orjson.loads(target.get(key))
+        except (TargetNotFound, orjson.JSONDecodeError):
             continue
-        if now_ms - started < LEASE_TTL_MS:
+        if lease_live(doc, now_ms):
             active.append(key)
     return active
 

@@ -34,6 +34,7 @@ from fhirvault.services.crypto import DecryptionError, associated_data, derive_k
 
 FORMAT = "fhirvault-backup-manifest"
 VERSION = 1
+CHAINED_VERSION = 2  # a backup with change-feed deltas (backup/chain.py): releases before it refuse it cleanly
 MANIFEST_PREFIX = "manifests/"
 CHUNK_PREFIX = "chunks/"
 
@@ -85,7 +86,7 @@ class BackupKeys:
 @dataclass
 class FileEntry:
     name: str
-    kind: str  # "sqlite" or "file"
+    kind: str  # "sqlite" or "file"; "delta": a change-feed segment applied on restore (backup/chain.py)
     size: int
     sha256: str
     chunks: list[str]
@@ -101,9 +102,10 @@ class ManifestBody:
     uploaded_bytes: int = 0
     # chunk id -> until when its stored object is under object lock (absent: no lock asked)
     chunk_retain: dict[str, int] = field(default_factory=dict)
+    chain: dict[str, Any] | None = None  # backup/chain.py: the feed position for the next delta
 
     def to_json(self) -> bytes:
-        return orjson.dumps({
+        return orjson.dumps({"chain": self.chain,
             "files": [f.__dict__ for f in self.files], "chunk_sha256": self.chunk_sha256,
             "watermarks": self.watermarks, "chunk_size": self.chunk_size,
             "uploaded_chunks": self.uploaded_chunks, "uploaded_bytes": self.uploaded_bytes,
@@ -115,7 +117,7 @@ class ManifestBody:
         doc = orjson.loads(raw)
         return cls([FileEntry(**f) for f in doc["files"]], dict(doc["chunk_sha256"]), doc["watermarks"],
                    int(doc["chunk_size"]), int(doc["uploaded_chunks"]), int(doc["uploaded_bytes"]),
-                   {k: int(v) for k, v in doc.get("chunk_retain", {}).items()})
+                   {k: int(v) for k, v in doc.get("chunk_retain", {}).items()}, doc.get("chain"))
 
 
 @dataclass
@@ -144,8 +146,9 @@ def build_manifest(backup_id: str, instance_id: str, created_ms: int, snapshot_m
     root_id, wrapped_key = root.wrap(keys.backup_key, _key_aad("backup", instance_id))
     root_id2, wrapped_seed = root.wrap(keys.signing_seed, _key_aad("signing", instance_id))
     assert root_id == root_id2
+    version = CHAINED_VERSION if any(f.kind == "delta" for f in body.files) else VERSION
     doc: dict[str, Any] = {
-        "format": FORMAT, "version": VERSION, "backup_id": backup_id, "instance_id": instance_id,
+        "format": FORMAT, "version": version, "backup_id": backup_id, "instance_id": instance_id,
         "created_ms": created_ms, "snapshot_ms": snapshot_ms,
         "size": sum(f.size for f in body.files), "files_count": len(body.files),
         "root_key_id": root_id, "wrapped_backup_key": wrapped_key.hex(), "wrapped_signing_seed": wrapped_seed.hex(),
@@ -162,7 +165,7 @@ def parse_manifest(raw: bytes, key: str) -> Manifest:
         doc = orjson.loads(raw)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError("not a fhirvault backup manifest")
-        if doc.get("version") != VERSION:
+        if doc.get("version") not in (VERSION, CHAINED_VERSION):
             raise ValueError(f"manifest version {doc.get('version')} is not supported by this release")
         m = Manifest(str(doc["backup_id"]), str(doc["instance_id"]), int(doc["created_ms"]),
                      int(doc["snapshot_ms"]), int(doc["size"]), int(doc["files_count"]), doc)

@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from fhirvault.backup.chain import recorded_position
 from fhirvault.backup.changefeed import (
     APPEND_TABLES,
     MAIN_DB,
@@ -45,6 +46,7 @@ from fhirvault.backup.changefeed import (
     append_spec,
     apply_db,
     capture,
+    restored_marks,
     row_hash,
 )
 from fhirvault.backup.objects import open_sealed, seal
@@ -219,7 +221,9 @@ class Replicator:
             log.warning("database does not continue the latest replicated generation; starting a new one")
         self._generation = new_generation(time.time())
         self._index = 0
-        self._state = FeedState(watermarks={d: dict(w) for d, w in self._initial.items()})
+        # A restored database knows where it stands in the feed: ship what is newer, not the whole store again.
+        initial = self._initial or recorded_position(conns)
+        self._state = FeedState(watermarks={d: dict(w) for d, w in initial.items()})
         log.info("replication generation started", extra={"generation": self._generation})
 
     @staticmethod
@@ -404,12 +408,7 @@ def replay(target: BackupTarget, backup_key: bytes, data_dir: Path, watermarks: 
         sink = restore_sink(data_dir)
     report = ReplayReport()
     with sink.feed() as conns:
-        current: Watermarks = {}
-        for db, conn in conns.items():
-            given = watermarks.get(db, {})
-            present = conn.tables()
-            current[db] = {s.name: int(given[s.name]) if s.name in given else conn.max_key(s)
-                           for s in APPEND_TABLES.get(db, ()) if s.name in present}
+        current = restored_marks(conns, watermarks)
         gens = list_generations(target)
         order = [generation] if generation is not None else list(reversed(gens))
         for gen in order:

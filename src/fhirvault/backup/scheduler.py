@@ -25,7 +25,7 @@ from fhirvault.backup.manifest import BackupKeys
 from fhirvault.backup.replication import Replicator
 from fhirvault.backup.settings import BackupSettings
 from fhirvault.backup.targets import open_target, resolve
-from fhirvault.container import change_feed_source, snapshot_source
+from fhirvault.container import change_feed_source, delta_feed_source, snapshot_source
 
 if TYPE_CHECKING:
     from fhirvault.container import Container
@@ -81,7 +81,7 @@ class BackupScheduler:
             name = t.name
             target = open_target("", self._settings)
             result = create_backup(c.settings.data_dir, target, c.root, retain_days=t.object_lock_days,
-                                   source=snapshot_source(c.settings))
+                                   source=snapshot_source(c.settings), feed=delta_feed_source(c.settings))
             instance = c.store.get_meta("instance-id")
             verified = verify_backup(target, c.root, result.backup_id,
                                      instance_id=instance.decode() if instance else None)

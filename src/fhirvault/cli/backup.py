@@ -60,6 +60,8 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     settings_options(p)
     _target_options(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--full", action="store_true",
+                   help="copy the whole database even when a small incremental (delta) backup would do")
 
     p = bsub.add_parser("list", help="list the complete backups on a target")
     _target_options(p)
@@ -221,17 +223,18 @@ def _create(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
     from fhirvault.backup.engine import create_backup
-    from fhirvault.container import snapshot_source
+    from fhirvault.container import delta_feed_source, snapshot_source
 
     target = _target(args, settings)
     result = create_backup(settings.data_dir, target, _live_root(settings), retain_days=_retain_days(args, settings),
-                           source=snapshot_source(settings))
+                           source=snapshot_source(settings), feed=delta_feed_source(settings), full=args.full)
     _audit(settings, "backup", f"backup {result.backup_id} to {target.url}: {result.uploaded_chunks}/"
                                f"{result.chunks} chunks uploaded")
     if args.json:
         print(json.dumps(result.__dict__))
     else:
-        print(f"backup {result.backup_id} complete on {target.url}: {result.size / 1e6:.1f} MB in {result.files} "
+        kind = "incremental backup" if result.incremental else "backup"
+        print(f"{kind} {result.backup_id} complete on {target.url}: {result.size / 1e6:.1f} MB in {result.files} "
               f"files, {result.uploaded_chunks} of {result.chunks} chunks uploaded "
               f"({result.uploaded_bytes / 1e6:.1f} MB) in {result.seconds:.1f} s")
     return 0

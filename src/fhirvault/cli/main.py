@@ -93,6 +93,9 @@ def _load_existing(args: argparse.Namespace) -> Settings:
     if not marker.is_file():
         raise SettingsError(f"data directory missing or not initialised: {settings.data_dir} (no "
                             f"{marker.name}); check --data-dir, or run 'fhirvault init'")
+    from fhirvault.cli import live
+
+    live.check(settings, args)  # refuses what must not run under a live server
     return settings
 
 

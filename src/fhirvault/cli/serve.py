@@ -40,6 +40,7 @@ log = logging.getLogger("fhirvault.serve")
 WORKER_SETTINGS_ENV = "_FHIRVAULT_WORKER_SETTINGS"  # not FHIRVAULT_*: internal, parent → worker
 # The worker tells the supervisor that it could not start (Granian would otherwise respawn it).
 STARTUP_FAILED = signal.SIGUSR1
+_SERVING: object | None = None  # the worker's hold on the serving lock (container.hold_serving)
 
 
 class ServeError(Exception):
@@ -82,7 +83,7 @@ def app_factory() -> Any:
     The parent built the same app a moment ago, so a failure here is unexpected (a file changed in
     between): one line on stderr, the supervisor is told, and it stops instead of respawning.
     """
-    from fhirvault.container import build
+    from fhirvault.container import build, hold_serving
     from fhirvault.web.app import create_app
 
     _exit_with_parent()
@@ -92,6 +93,8 @@ def app_factory() -> Any:
     try:
         settings = _decode(os.environ[WORKER_SETTINGS_ENV])
         configure(settings.log_level)
+        global _SERVING
+        _SERVING = hold_serving(settings)  # for the CLI's live-server check (cli/live.py), until exit
         return create_app(build(settings))
     except Exception as exc:
         print(f"fhirvault: error: the server worker could not start: {exc}", file=sys.stderr, flush=True)
