@@ -104,12 +104,15 @@ class RegisterEndpoints:
 
     # -- generated registers --
     async def actors(self, request: Request) -> Response:
+        """Processors and subcontractors (GDPR art. 28) with what they can reach."""
         return await self._run(request, "register-actors", lambda _p: {"actors": actors_register(self._c)})
 
     async def processing(self, request: Request) -> Response:
+        """The record of processing (GDPR art. 30), generated from the configuration."""
         return await self._run(request, "register-processing", lambda _p: record_of_processing(self._c))
 
     async def residency(self, request: Request) -> Response:
+        """Every destination of the data with its country; the outbound allow-list."""
         from fhirvault.services.residency import allowed_hosts, destinations
 
         s = self._c.settings
@@ -119,24 +122,28 @@ class RegisterEndpoints:
 
     # -- incidents --
     async def incidents(self, request: Request) -> Response:
+        """The incident register (72-hour notification clock), newest first."""
         now = self._c.clock.now_ms()
         status = request.query_params.get("status") or None
         return await self._run(request, "register-incidents", lambda _p: {
             "incidents": [i.to_json(now) for i in self._svc.incidents(status)]})
 
     async def open_incident(self, request: Request) -> Response:
+        """Open an incident, from an alert id or by hand (needs a reason)."""
         now = self._c.clock.now_ms()
         return await self._write(request, "register-incident-open", lambda p, b: self._svc.open_incident(
             actor=self._actor(p), reason=b.get("reason"), alert_id=_opt_str(b, "alert"), title=_opt_str(b, "title"),
             detected=b.get("detected")).to_json(now))
 
     async def incident(self, request: Request) -> Response:
+        """One incident."""
         now = self._c.clock.now_ms()
         iid = str(request.path_params["id"])
         return await self._run(request, "register-incident", lambda _p: self._svc.incident(iid).to_json(now),
                                entity=f"register/incident/{iid[:40]}")
 
     async def update_incident(self, request: Request) -> Response:
+        """Add a note to an incident; mark it notified or closed (needs a reason)."""
         now = self._c.clock.now_ms()
         iid = str(request.path_params["id"])
 
@@ -153,24 +160,28 @@ class RegisterEndpoints:
 
     # -- data-subject requests --
     async def requests(self, request: Request) -> Response:
+        """Data-subject requests (one-month deadline), newest first."""
         now = self._c.clock.now_ms()
         status = request.query_params.get("status") or None
         return await self._run(request, "register-requests", lambda _p: {
             "requests": [r.to_json(now) for r in self._svc.requests(status)]})
 
     async def open_request(self, request: Request) -> Response:
+        """Record a data-subject request received (needs a reason)."""
         now = self._c.clock.now_ms()
         return await self._write(request, "register-request-open", lambda p, b: self._svc.open_request(
             actor=self._actor(p), type=str(b.get("type")), subject=b.get("subject"), reason=b.get("reason"),
             received=b.get("received"), patient=_opt_str(b, "patient")).to_json(now))
 
     async def request(self, request: Request) -> Response:
+        """One data-subject request."""
         now = self._c.clock.now_ms()
         rid = str(request.path_params["id"])
         return await self._run(request, "register-request", lambda _p: self._svc.request(rid).to_json(now),
                                entity=f"register/request/{rid[:40]}")
 
     async def update_request(self, request: Request) -> Response:
+        """Add a note to a request; extend it (once) or close it (needs a reason)."""
         now = self._c.clock.now_ms()
         rid = str(request.path_params["id"])
         return await self._write(request, "register-request-update", lambda p, b: self._svc.update_request(
@@ -187,6 +198,7 @@ class RegisterEndpoints:
         )
 
         async def handler(request: Request) -> Response:
+            """The live compliance report (HDS, ISO 27001 Annex A, GDPR art. 32); ?lang=en|fr."""
             lang = request.query_params.get("lang", "en")
             if lang not in ("en", "fr"):
                 return _error(errors.bad_request("lang: en or fr", "lang"))
