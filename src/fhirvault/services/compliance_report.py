@@ -16,10 +16,10 @@ retention settings (``settings.retention``).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -309,18 +309,26 @@ def _residency(c: Container) -> Control:
 
 
 def _retention(c: Container) -> Control:
-    retention = getattr(c.settings, "retention", None)
+    retention = getattr(c.settings, "retention", None)  # [retention], when this build has it
     b = c.settings.backup
-    ev = [Evidence(f"clinical records: {retention!r}" if retention is not None else "clinical records retention:"
-                   " not available in this version", "fhirvault.toml")]
+    ev: list[Evidence] = []
+    if retention is None:
+        ev.append(Evidence("clinical records retention: not available in this version or not configured",
+                           "fhirvault.toml [retention]"))
+    else:
+        fields = dataclasses.asdict(retention) if dataclasses.is_dataclass(retention) \
+            and not isinstance(retention, type) else {"rules": repr(retention)}
+        ev.append(Evidence("clinical records: " + ", ".join(f"{k} {v}" for k, v in fields.items()),
+                           "fhirvault.toml [retention]"))
     if b is not None:
         r = b.retention
         ev.append(Evidence(f"backups: all {r.keep_all_days} d, daily {r.daily_days} d, monthly {r.monthly_months}"
                            " months", "fhirvault.toml [backup.retention]"))
+    applied = getattr(retention, "auto_erase", True)
+    status = NOT_AVAILABLE if retention is None else MET if applied and b is not None else PARTIAL
     return Control("retention", ("GDPR 5(1)(e)", "ISO 27001 A.5.33", "HDS 2.0"),
                    {"en": "Retention periods configured and applied",
-                    "fr": "Durées de conservation configurées et appliquées"},
-                   (MET if b is not None else PARTIAL) if retention is not None else NOT_AVAILABLE, tuple(ev))
+                    "fr": "Durées de conservation configurées et appliquées"}, status, tuple(ev))
 
 
 def _separation(c: Container) -> Control:
@@ -342,25 +350,33 @@ def _separation(c: Container) -> Control:
 
 
 def _access_reviews(c: Container) -> Control:
-    latest: Callable[[Container], dict[str, Any] | None] | None
-    try:
-        from fhirvault.services.access_reviews import latest_review  # type: ignore[import-not-found,unused-ignore]
-
-        latest = latest_review
-    except ImportError:
-        latest = None
-    req = {"en": "User access rights reviewed periodically", "fr": "Revue périodique des droits d'accès"}
+    req = {"en": "User access rights reviewed periodically (at least every six months)",
+           "fr": "Revue périodique des droits d'accès (au moins semestrielle)"}
     refs = ("ISO 27001 A.5.18", "HDS 2.0", "GDPR 32(1)(b)")
-    if latest is None:
+    try:  # the console's access review campaigns, when this build has them
+        from fhirvault.services.access_reviews import (  # type: ignore[import-not-found,unused-ignore]
+            AccessReviews,
+        )
+    except ImportError:
         return Control("access-review", refs, req, NOT_AVAILABLE,
                        (Evidence("access reviews are not available in this version", "-"),))
-    review = latest(c)
-    if not review:
-        return Control("access-review", refs, req, NOT_MET, (Evidence("no access review recorded", "/console"),))
-    done = review.get("completed_ms")
-    recent = isinstance(done, int) and c.clock.now_ms() - done <= 190 * 86_400_000
-    return Control("access-review", refs, req, MET if recent else PARTIAL,
-                   (Evidence(f"last review completed {_iso(done)} by {review.get('by', '-')}", "/console"),))
+    now = c.clock.now_ms()
+    campaigns = list(AccessReviews(c.store, c.clock, tenant=c.settings.tenant).campaigns())
+    closed = [x for x in campaigns if x.status == "closed"]
+    overdue = [x for x in campaigns if x.overdue(now)]
+    ev = [Evidence(f"{len(campaigns)} campaign(s), {len(campaigns) - len(closed)} open, {len(overdue)} overdue",
+                   "/console (access reviews)")]
+    done_ms = None
+    if closed:
+        last = closed[0]  # newest first
+        decided = [i.decided_ms for i in last.items if i.decided_ms]
+        done_ms = max(decided) if decided else last.created_ms
+        revoked = sum(1 for i in last.items if i.decision == "revoke")
+        ev.append(Evidence(f"last completed campaign \"{last.name}\": {len(last.items)} accounts and clients"
+                           f" reviewed, {revoked} revoked, completed {_iso(done_ms)}", "/console (access reviews)"))
+    recent = done_ms is not None and now - done_ms <= 190 * 86_400_000
+    status = MET if recent and not overdue else PARTIAL if closed else NOT_MET
+    return Control("access-review", refs, req, status, tuple(ev))
 
 
 def _break_glass(c: Container) -> Control:

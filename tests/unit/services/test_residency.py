@@ -136,3 +136,64 @@ def test_check_outbound_applies_the_installed_guard_only() -> None:
             residency.check_outbound("https://jwks.elsewhere.example.com/keys", "identity provider")
     finally:
         residency.install_guard(None)
+
+
+def test_alert_sinks_and_federation_are_held_to_the_allow_list() -> None:
+    import asyncio
+
+    import httpx
+
+    from fhirvault.adapters.alert_sinks import SmtpSink, WebhookSink
+    from fhirvault.services.alert_settings import SmtpSinkSettings, WebhookSinkSettings
+    from fhirvault.services.federation import _fetch
+    from tests.unit.adapters.test_alert_sinks import make_alert
+
+    refused: list[str] = []
+    calls: list[str] = []
+    residency.install_guard(OutboundGuard({"hooks.example.fr"}, lambda host, what: refused.append(f"{host} {what}")))
+    try:
+        with pytest.raises(OutboundRefused):  # refused before any connection is attempted
+            WebhookSink(WebhookSinkSettings(url="https://hooks.example.com/x", secret=b"k")).send(make_alert(), "firing")
+        with pytest.raises(OutboundRefused):
+            SmtpSink(SmtpSinkSettings(host="mail.example.com", sender="a@b.fr", recipients=("c@d.fr",))).send(
+                make_alert(), "firing")
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            calls.append(str(request.url))
+            return httpx.Response(200, json={})
+
+        async def fetch(url: str) -> tuple[int, str, bytes]:
+            async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+                return await _fetch(client, "GET", url)
+
+        assert asyncio.run(fetch("https://hooks.example.fr/.well-known/openid-configuration"))[0] == 200
+        with pytest.raises(OutboundRefused):  # e.g. a jwks_uri on a host nobody declared
+            asyncio.run(fetch("https://keys.elsewhere.example.net/jwks"))
+    finally:
+        residency.install_guard(None)
+    assert calls == ["https://hooks.example.fr/.well-known/openid-configuration"]
+    assert refused == ["hooks.example.com alert webhook", "mail.example.com alert e-mail",
+                       "keys.elsewhere.example.net identity provider"]
+
+
+def test_accepted_transfers_are_audited_once_per_change(tmp_path: Path) -> None:
+    from fhirvault.bootstrap import initialise
+    from fhirvault.container import build
+    from fhirvault.ports import AuditQuery
+    from fhirvault.services.config_audit import record_residency_overrides
+
+    settings = _with_secret(tmp_path, WEBHOOK + '[[residency.destinations]]\nhost = "hooks.example.com"\n'
+                            'country = "US"\nallow_non_eea = "SOC contract C-42, SCCs signed 2026-01"\n')
+    initialise(settings)  # type: ignore[arg-type]
+    container = build(settings)  # type: ignore[arg-type]
+    try:
+        assert record_residency_overrides(container) == [
+            "alerts.sinks[0]: hooks.example.com in US, accepted: SOC contract C-42, SCCs signed 2026-01"]
+        assert record_residency_overrides(container) == []  # unchanged: not recorded again
+        rows = container.store.audit_find(AuditQuery(container.settings.tenant, descending=True, limit=50))
+        docs = [container.audit.decrypt(r.seq, r.ts_ms, r.blob) for r in rows]
+        details = [d["detail"] for d in docs if d.get("interaction") == "config-change"]
+        assert details == ["destinations outside the EEA accepted: alerts.sinks[0]: hooks.example.com in US,"
+                           " accepted: SOC contract C-42, SCCs signed 2026-01"]
+    finally:
+        container.close()
