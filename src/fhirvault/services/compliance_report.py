@@ -168,7 +168,8 @@ def _backups(c: Container, now: int, events: dict[str, dict[str, Any]]) -> list[
                            "audit trail (AuditEvent, interaction backup); metric"
                            " fhirvault_backup_last_success_timestamp_seconds"))
     else:
-        ev.append(Evidence("no successful backup recorded", "audit trail (AuditEvent)"))
+        ev.append(Evidence(f"no successful backup among the newest {_AUDIT_SCAN} audit entries",
+                           "audit trail (AuditEvent, interaction backup)"))
     limit = max(2 * interval, 3600) if interval else BACKUP_MAX_AGE_S
     fresh = last is not None and (now - last["ts_ms"]) / 1000 <= limit
     status = MET if fresh and b is not None and b.targets else PARTIAL if last is not None or b else NOT_MET
