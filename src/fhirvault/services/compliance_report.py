@@ -521,6 +521,14 @@ def _labels(lang: str) -> dict[str, str]:
     return _LABELS[lang]
 
 
+def _source_html(source: str) -> str:
+    """An admin endpoint becomes a link (relative: the report is served by the same server)."""
+    if source.startswith("/"):
+        path = source.split(" ", 1)[0]
+        return f"<a href=\"{html.escape(path)}\">{html.escape(source)}</a>"
+    return html.escape(source)
+
+
 def render_html(report: Report, lang: str = "en") -> str:
     """A self-contained HTML page (inline style, no script)."""
     t = _labels(lang)
@@ -528,7 +536,7 @@ def render_html(report: Report, lang: str = "en") -> str:
     counts = report.counts()
     rows = []
     for c in report.controls:
-        evidence = "".join(f"<li>{e(evidence_text(ev, lang))} <span class=src>[{e(ev.source)}]</span></li>"
+        evidence = "".join(f"<li>{e(evidence_text(ev, lang))} <span class=src>[{_source_html(ev.source)}]</span></li>"
                            for ev in c.evidence)
         rows.append(f"<tr id=\"{e(c.key)}\"><td><b>{e(c.key)}</b><br><small>{e(' · '.join(c.refs))}</small></td>"
                     f"<td>{e(c.requirement[lang])}</td><td class=st style=\"color:{_COLOURS[c.status]}\">"

@@ -63,6 +63,7 @@ def test_the_report_is_served_as_json_html_and_pdf(app: App) -> None:
                                                    "residency", "separation-of-duties", "incidents"}
     html = app.client.get("/admin/compliance/report.html?lang=fr", headers=h)
     assert html.headers["content-type"].startswith("text/html") and "Rapport de conformité" in html.text
+    assert '<a href="/admin/registers/incidents">/admin/registers/incidents</a>' in html.text
     pdf = app.client.get("/admin/compliance/report.pdf", headers=h)
     assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF-")
     assert app.client.get("/admin/compliance/report.html?lang=de", headers=h).status_code == 400
