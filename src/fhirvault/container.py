@@ -160,6 +160,11 @@ def server_running(settings: Settings) -> bool:
     return ServingLock.serving(_serving_lock_path(settings))
 
 
+def alert_store(settings: Settings) -> SqliteAlertStore:
+    """The alerts of a data directory, for one-shot tools (the server's AlertService owns it while serving)."""
+    return SqliteAlertStore(settings.data_dir / "alerts.sqlite3")
+
+
 def schema_migrator(settings: Settings) -> SchemaMigrator:
     """The numbered schema migrations of the configured engine (opening a store also applies them)."""
     if settings.database_url is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
@@ -25,14 +25,16 @@ from fhirvault.ports import StoreUnavailable
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
 from fhirvault.services.bulk_export import URL_SECRET, BulkExportService
-from fhirvault.services.config_audit import changed_settings
+from fhirvault.services.config_audit import changed_settings, record_residency_overrides
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.federation import OidcProvider
 from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
+from fhirvault.services.residency import OutboundGuard, allowed_hosts, install_guard
 from fhirvault.services.singletons import LeaderOnly
 from fhirvault.services.terminology import TerminologyService
 from fhirvault.web import admin as admin_web
+from fhirvault.web import registers as registers_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
 from fhirvault.web.firewall import Firewall
@@ -115,6 +117,29 @@ async def _bulk_housekeeping(container: Container, bulk: BulkExportService) -> N
         await asyncio.sleep(60)
 
 
+OUTBOUND_REFUSED = "outbound_refused"
+
+
+def _compliance_wiring(container: Container,
+                       detection: DetectionEngine) -> tuple[OutboundGuard, Callable[[], None] | None]:
+    """The outbound allow-list (refusals alerted; installed while the app runs) and the patients'
+    break-the-glass notifications."""
+
+    def refused(host: str, what: str) -> None:
+        detection.system_alert(OUTBOUND_REFUSED, "high", f"outbound connection to {host} refused: not a configured"
+                               f" destination ({what})", f"outbound:{host}")
+
+    guard = OutboundGuard(allowed_hosts(container.settings), refused)
+    notify = container.settings.patient_notifications
+    if notify is not None:
+        from fhirvault.services.patient_notify import PatientNotifier
+
+        notifier = PatientNotifier(container, notify)
+        container.repository.break_glass.on_started.append(notifier.grant_started)
+        return guard, notifier.close
+    return guard, None
+
+
 def create_app(container: Container) -> ASGIApp:
     settings = container.settings
     repo = container.repository
@@ -122,6 +147,7 @@ def create_app(container: Container) -> ASGIApp:
     metrics.watch_health(container.health)
     metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
     detection = container.enable_alerting()
+    outbound, stop_notifier = _compliance_wiring(container, detection)
     providers = [OidcProvider(p) for p in settings.identity_providers]  # discovery/JWKS caches live on these
     identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
     oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
@@ -197,6 +223,8 @@ def create_app(container: Container) -> ASGIApp:
         # With several workers (PostgreSQL) the cluster singletons run in the worker holding their role.
         if _leads(container, "config-audit"):
             changed_settings(container)  # a config-change audit record when the settings differ from the last start
+            record_residency_overrides(container)  # non-EEA destinations accepted, with their justification
+        install_guard(outbound)  # outbound connections: the configured destinations only (services/residency.py)
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
         backup_settings = settings.backup
         # Scheduled backups, drills and continuous replication when configured, in one worker of the
@@ -215,7 +243,10 @@ def create_app(container: Container) -> ASGIApp:
         if backups is not None:
             backups.stop()
         monitor.stop()
+        if stop_notifier is not None:
+            stop_notifier()  # the notices already queued go out first (bounded wait)
         container.close()
+        install_guard(None)
 
     other = Starlette(
         routes=[
@@ -226,6 +257,7 @@ def create_app(container: Container) -> ASGIApp:
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *admin_web.routes(container),
+            *registers_web.routes(container),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
             openapi_route("/openapi.json", lambda: other.routes, FHIR_PREFIX, lambda url: documents_for(url)[0],
                           fhir.base_url),
