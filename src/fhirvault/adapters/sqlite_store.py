@@ -243,6 +243,30 @@ class _Tx:
         ).fetchall()
         return [WrappedKey(*r) for r in rows]
 
+    def erase_key(self, tenant: str, key_id: str) -> tuple[int, int]:
+        c = self._c
+        rows = c.execute("SELECT c.rk, c.tags, d.flushed FROM resources_current c LEFT JOIN index_dirty d"
+                         " ON d.rk = c.rk WHERE c.seq IN (SELECT seq FROM resource_versions WHERE tenant=? AND"
+                         " key_id=?)", (tenant, key_id)).fetchall()
+        rks = [(r[0],) for r in rows]
+        # The tags in search_tags (flushed) and those pending (tags) go now, not at the next index flush.
+        gone = sorted({(bytes(b)[i:i + SEARCH_TAG_BYTES], rk) for rk, tags, flushed in rows
+                       for b in (tags or b"", flushed or b"") for i in range(0, len(bytes(b)), SEARCH_TAG_BYTES)})
+        _delete_tags(c, gone)
+        _chunked(c, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", rks)
+        _chunked(c, "DELETE FROM resources_current WHERE rk IN (VALUES {})", rks)
+        versions = c.execute("DELETE FROM resource_versions WHERE tenant=? AND key_id=?", (tenant, key_id)).rowcount
+        c.execute("DELETE FROM data_keys WHERE tenant=? AND key_id=?", (tenant, key_id))
+        return len(rks), versions
+
+    def destroy_tenant_keys(self, tenant: str) -> tuple[int, int]:
+        keks = self._c.execute("DELETE FROM tenant_keys WHERE tenant=?", (tenant,)).rowcount
+        dks = self._c.execute("DELETE FROM data_keys WHERE tenant=?", (tenant,)).rowcount
+        return keks, dks
+
+    def delete_meta(self, name: str) -> None:
+        self._c.execute("DELETE FROM meta WHERE name=?", (name,))
+
     def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
         self._c.execute(
             "INSERT INTO tenant_keys (tenant, version, wrapped, root_key_id, created_ms) VALUES (?,?,?,?,?)",
@@ -974,6 +998,28 @@ class SqliteStore:
         ).fetchone()
         return WrappedKey(*row) if row else None
 
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        row = self._reader().execute(
+            "SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=? AND lookup=?",
+            (tenant, lookup)).fetchone()
+        return WrappedKey(*row) if row else None
+
+    def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
+        rows = self._reader().execute("SELECT type, id, count(*), max(last_updated) FROM resource_versions"
+                                      " WHERE tenant=? AND key_id=? GROUP BY type, id", (tenant, key_id)).fetchall()
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+
+    def key_activity(self, tenant: str) -> dict[str, tuple[int, int]]:
+        rows = self._reader().execute("SELECT key_id, count(*), max(last_updated) FROM resource_versions"
+                                      " WHERE tenant=? GROUP BY key_id", (tenant,)).fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        conn = self._reader()
+        resources = conn.execute("SELECT count(*) FROM resources_current WHERE tenant=?", (tenant,)).fetchone()[0]
+        versions = conn.execute("SELECT count(*) FROM resource_versions WHERE tenant=?", (tenant,)).fetchone()[0]
+        return int(resources), int(versions)
+
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         return _tenant_keys(self._reader(), tenant)
 
@@ -1125,6 +1171,20 @@ class SqliteStore:
     def leadership(self) -> FileLeadership:
         """Cluster singletons among the server processes of this data directory (container.leadership_for)."""
         return FileLeadership(self.path.parent)
+
+    def scrub(self) -> bool:
+        """Checkpoint the WAL into the database file and truncate it, so rows just deleted (destroyed keys)
+        leave the WAL's old page images; secure_delete zeroes them in the file. True when complete (False:
+        readers kept the WAL busy; the next checkpoint overwrites it)."""
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA secure_delete=ON")
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+        if busy:
+            log.warning("WAL checkpoint after an erasure was blocked by readers; the WAL is overwritten later")
+        return not busy
 
     def close(self) -> None:
         with self._lifecycle:

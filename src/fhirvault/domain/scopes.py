@@ -23,7 +23,10 @@ PERMISSIONS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Z][A-Za-z]{1,63})\.([a-z*]+)(\?.*)?$")
 METRICS_SCOPE = "fhirvault/metrics.read"  # scrape /metrics; no FHIR access
-OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE})
+# Patient erasure, restriction, legal hold, retention ($erase, $restrict…): the data protection officer's
+# tools; also lets its holder read records whose processing is restricted (GDPR art. 17/18).
+LIFECYCLE_SCOPE = "fhirvault/lifecycle.write"
+OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE, LIFECYCLE_SCOPE})
 
 
 class ScopeError(ValueError):

@@ -1,0 +1,143 @@
+"""GDPR lifecycle over HTTP ($erase, $restrict, $unrestrict, $legal-hold), on the engine under test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fhirvault.backup import erasure_ledger
+from fhirvault.ports import AuditQuery
+from fhirvault.services.keys import patient_compartment
+from tests.conftest import PATIENT, App, get_token, observation
+
+FHIR_JSON = {"Content-Type": "application/fhir+json"}
+DPO_SCOPE = "system/*.rs fhirvault/lifecycle.write"
+
+
+def _params(**values: Any) -> dict[str, Any]:
+    out = []
+    for name, value in values.items():
+        key = "valueBoolean" if isinstance(value, bool) else "valueString"
+        out.append({"name": name, key: value})
+    return {"resourceType": "Parameters", "parameter": out}
+
+
+def _dpo(app: App) -> dict[str, str]:
+    client = app.container.auth.register_client("dpo", DPO_SCOPE)
+    token = get_token(app.client, {"client_id": client.client_id, "client_secret": str(client.client_secret)})
+    return {"Authorization": f"Bearer {token}", **FHIR_JSON}
+
+
+def _seed(app: App) -> tuple[str, list[str]]:
+    h = {**app.auth, **FHIR_JSON}
+    pid = app.client.post("/fhir/Patient", json=PATIENT, headers=h).json()["id"]
+    obs = [app.client.post("/fhir/Observation", json=observation(pid), headers=h).json()["id"] for _ in range(2)]
+    updated = dict(observation(pid), id=obs[0], status="amended")
+    assert app.client.put(f"/fhir/Observation/{obs[0]}", json=updated, headers=h).status_code == 200
+    return pid, obs
+
+
+def _op(app: App, pid: str, name: str, headers: dict[str, str], **values: Any) -> Any:
+    return app.client.post(f"/fhir/Patient/{pid}/${name}", json=_params(**values), headers=headers)
+
+
+def _audit_details(app: App, interaction: str) -> list[dict[str, Any]]:
+    rows = app.container.store.audit_find(AuditQuery(app.settings.tenant, descending=True, limit=200))
+    docs = [app.container.audit.decrypt(r.seq, r.ts_ms, r.blob) for r in rows]
+    return [d for d in docs if d.get("interaction") == interaction]
+
+
+def test_erasure_is_refused_under_retention_then_shreds_every_version(app: App) -> None:
+    pid, obs = _seed(app)
+    dpo = _dpo(app)
+    key_id = app.container.keys.existing(patient_compartment(pid))
+    assert key_id is not None
+    refused = _op(app, pid, "erase", dpo, reason="patient request under GDPR art. 17")
+    assert refused.status_code == 409, refused.text
+    issue = refused.json()["issue"][0]
+    assert issue["code"] == "business-rule"
+    assert "fr-csp-r1112-7" in issue["diagnostics"] and " until 20" in issue["diagnostics"]
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200  # nothing erased
+
+    done = _op(app, pid, "erase", dpo, reason="unlawful processing, DPO decision 2026-12", overrideRetention=True)
+    assert done.status_code == 200, done.text
+    out = {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in done.json()["parameter"]}
+    assert out["erased"] is True and out["resources"] == 3 and out["versions"] == 4
+
+    for path in (f"Patient/{pid}", f"Observation/{obs[0]}", f"Observation/{obs[1]}",
+                 f"Observation/{obs[0]}/_history/1"):
+        assert app.client.get(f"/fhir/{path}", headers=app.auth).status_code == 404, path
+    found = app.client.get(f"/fhir/Observation?subject=Patient/{pid}", headers=app.auth).json()
+    assert found.get("total", 0) == 0 and not found.get("entry")
+    by_name = app.client.get("/fhir/Patient?family=Martin", headers=app.auth).json()
+    assert not by_name.get("entry")
+    assert app.container.store.data_key(app.settings.tenant, key_id) is None
+    assert app.container.store.key_usage(app.settings.tenant, key_id) == []
+    listed = erasure_ledger.read_file(app.settings.data_dir)
+    assert {(e.kind, e.key_id) for e in listed} == {("patient", key_id)}
+    trail = _audit_details(app, "gdpr-erase")
+    assert [d["status"] for d in trail[:2]] == [200, 409]
+    assert trail[0]["patient"] == f"Patient/{pid}" and "Martin" not in str(trail)
+    # A second erasure finds nothing left; a new record for the same id gets a new key.
+    again = _op(app, pid, "erase", dpo, reason="patient request under GDPR art. 17")
+    assert again.status_code == 200 and again.json()["parameter"][1]["valueBoolean"] is False
+
+
+def test_lifecycle_operations_need_the_lifecycle_scope(app: App) -> None:
+    pid, _ = _seed(app)
+    denied = _op(app, pid, "erase", {**app.auth, **FHIR_JSON}, reason="an admin without the scope",
+                 overrideRetention=True)
+    assert denied.status_code == 403 and "fhirvault/lifecycle.write" in denied.text
+    assert _op(app, pid, "restrict", {**app.auth, **FHIR_JSON}, reason="an admin without the scope").status_code == 403
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200
+    assert [d["status"] for d in _audit_details(app, "gdpr-erase")] == [403]
+    dpo = _dpo(app)
+    short = _op(app, pid, "restrict", dpo, reason="short")
+    assert short.status_code == 400 and "reason" in short.text
+    assert app.client.get(f"/fhir/Patient/{pid}/$erase", headers=dpo).status_code == 405
+
+
+def test_legal_hold_blocks_erasure_until_released(app: App) -> None:
+    pid, _ = _seed(app)
+    dpo = _dpo(app)
+    held = _op(app, pid, "legal-hold", dpo, reason="litigation 2026/123 at the tribunal", active=True)
+    assert held.status_code == 200 and held.json()["parameter"][2]["valueBoolean"] is True
+    refused = _op(app, pid, "erase", dpo, reason="patient request under GDPR art. 17", overrideRetention=True)
+    assert refused.status_code == 409
+    assert "'legal-hold' until released" in refused.json()["issue"][0]["diagnostics"]
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200
+    assert _op(app, pid, "legal-hold", dpo, reason="litigation 2026/123 closed", active=False).status_code == 200
+    assert _op(app, pid, "erase", dpo, reason="patient request under GDPR art. 17",
+               overrideRetention=True).status_code == 200
+
+
+def test_restriction_hides_the_record_from_ordinary_clients(app: App) -> None:
+    pid, obs = _seed(app)
+    other = app.client.post("/fhir/Patient", json=dict(PATIENT, name=[{"family": "Durand"}]),
+                            headers={**app.auth, **FHIR_JSON}).json()["id"]
+    dpo = _dpo(app)
+    assert _op(app, pid, "restrict", dpo, reason="accuracy contested by the patient").status_code == 200
+    read = app.client.get(f"/fhir/Patient/{pid}", headers=app.auth)
+    assert read.status_code == 403 and "restricted (GDPR art. 18)" in read.json()["issue"][0]["diagnostics"]
+    assert app.client.get(f"/fhir/Observation/{obs[1]}", headers=app.auth).status_code == 403
+    assert app.client.get(f"/fhir/Patient/{pid}/$everything", headers=app.auth).status_code == 403
+    page = app.client.get("/fhir/Patient", headers=app.auth).json()
+    found = [e["resource"] for e in page.get("entry", [])]
+    assert [r["id"] for r in found if r["resourceType"] == "Patient"] == [other]
+    assert any(r["resourceType"] == "OperationOutcome" and "GDPR art. 18" in str(r) for r in found)
+    history = app.client.get("/fhir/Observation/_history", headers=app.auth).json()
+    assert not history.get("entry")
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=dpo).status_code == 200  # the DPO's tool still reads it
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 403
+    assert _op(app, pid, "unrestrict", dpo, reason="accuracy checked and confirmed").status_code == 200
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200
+    assert len([e for e in app.client.get("/fhir/Patient", headers=app.auth).json()["entry"]
+                if e["resource"]["resourceType"] == "Patient"]) == 2
+
+
+@pytest.mark.parametrize("name", ["erase", "restrict", "unrestrict", "legal-hold"])
+def test_capability_statement_lists_the_operations(app: App, name: str) -> None:
+    cap = app.client.get("/fhir/metadata").json()
+    patient = next(r for r in cap["rest"][0]["resource"] if r["type"] == "Patient")
+    assert name in {o["name"] for o in patient["operation"]}
