@@ -139,17 +139,17 @@ def test_a_restored_old_backup_does_not_bring_an_erased_patient_back(clinic: Cli
 def test_restore_fails_closed_without_a_ledger(clinic: Clinic, tmp_path: Path) -> None:
     _create(clinic, "x")
     create_backup(clinic.data_dir, clinic.target, root_of(clinic.data_dir))
-    clinic.target.delete(erasure_ledger.LEDGER_OBJECT)
+    clinic.target.delete(erasure_ledger.object_key(_public(clinic)))
     key = (clinic.data_dir / "root.key").read_bytes()
     with pytest.raises(RestoreError, match="no erasure ledger"):
         restore_backup(clinic.target, tmp_path / "r1", key)
     assert not (tmp_path / "r1").exists()
-    clinic.target.put(erasure_ledger.LEDGER_OBJECT, b'{"ledger": "{}", "public_key": "00", "signature": "00"}')
+    clinic.target.put(erasure_ledger.object_key(_public(clinic)), b'{"ledger": "{}", "public_key": "00", "signature": "00"}')
     with pytest.raises(RestoreError, match=r"malformed|signature"):
         restore_backup(clinic.target, tmp_path / "r2", key)
     with pytest.raises(RestoreError, match=r"malformed|signature"):  # a forged ledger is never "missing"
         restore_backup(clinic.target, tmp_path / "r3", key, allow_missing_ledger=True)
-    clinic.target.delete(erasure_ledger.LEDGER_OBJECT)
+    clinic.target.delete(erasure_ledger.object_key(_public(clinic)))
     restore_backup(clinic.target, tmp_path / "r3", key, allow_missing_ledger=True)  # the operator's explicit choice
     assert (tmp_path / "r3" / "fhirvault.sqlite3").is_file()
 

@@ -6,7 +6,7 @@ bring the patient back. So every destroyed key id is listed here, in three place
 * the database (meta ``erasure-ledger``, written in the erasure's own transaction);
 * a file in the data directory (``erasure-ledger.json``), the copy a restore writes and every
   start of a server or CLI re-applies (``services/erasure.py: apply_ledger``) before anything serves;
-* every backup target (object ``erasure-ledger.json``), signed with the deployment's backup
+* every backup target (object ``erasure-ledger/<signing key>.json``), signed with the deployment's backup
   signing key (Ed25519), written by each erasure and by each backup.
 
 A restore takes the target's ledger, checks its signature against the key the backup's manifest
@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from fhirvault.backup.target import BackupTarget, TargetNotFound
 
 LEDGER_FILE = "erasure-ledger.json"
-LEDGER_OBJECT = "erasure-ledger.json"
+LEDGER_PREFIX = "erasure-ledger/"
 LEDGER_META = "erasure-ledger"
 PATIENT, TENANT = "patient", "tenant"
 
@@ -120,21 +120,26 @@ def write_file(data_dir: Path, entries: Iterable[Entry]) -> None:
     os.replace(tmp, path)
 
 
+def object_key(public_key_hex: str) -> str:
+    """One object per deployment (named by its backup signing key): deployments sharing a target keep theirs."""
+    return f"{LEDGER_PREFIX}{public_key_hex}.json"
+
+
 def publish(target: BackupTarget, entries: Iterable[Entry], signer: Ed25519PrivateKey, public_key_hex: str) -> set[Entry]:
     """Merge ``entries`` with the target's ledger and put the union back, signed. Returns the union.
 
     A target ledger signed by another key is not merged (a foreign or forged object): it is replaced."""
     merged = set(entries)
     with contextlib.suppress(TargetNotFound, LedgerError):
-        merged |= verify(target.get(LEDGER_OBJECT), public_key_hex)
-    target.put(LEDGER_OBJECT, sign(merged, signer))
+        merged |= verify(target.get(object_key(public_key_hex)), public_key_hex)
+    target.put(object_key(public_key_hex), sign(merged, signer))
     return merged
 
 
 def fetch(target: BackupTarget, public_key_hex: str) -> set[Entry] | None:
     """The target's ledger (None when it has none); raises LedgerError when it does not verify."""
     try:
-        raw = target.get(LEDGER_OBJECT)
+        raw = target.get(object_key(public_key_hex))
     except TargetNotFound:
         return None
     return verify(raw, public_key_hex)
@@ -158,7 +163,7 @@ def for_restore(target: BackupTarget, public_key_hex: str, snapshot_ms: int, *, 
         raise LedgerError(f"{exc}: refusing to restore (erased patients could come back)") from None
     if entries is None:
         if not allow_missing:
-            raise LedgerError(f"no erasure ledger ({LEDGER_OBJECT}) on {target.url}: refusing to restore, erased"
+            raise LedgerError(f"no erasure ledger ({object_key(public_key_hex)}) on {target.url}: refusing to restore, erased"
                               " patients could come back. Copy the ledger from the data directory or escrow to the"
                               " target, or pass --allow-missing-erasure-ledger if no patient was ever erased")
         return set()

@@ -34,7 +34,7 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
                        help="also overwrite and delete the root key file (single-tenant deployments): backups then "
                             "open only with an escrow copy of the root key")
     verify = tsub.add_parser("verify-certificate", help="check a deletion certificate's signature")
-    verify.add_argument("file", type=Path)
+    verify.add_argument("file", type=Path, help="the certificate's JSON file")
 
 
 def verify(args: argparse.Namespace) -> int:
