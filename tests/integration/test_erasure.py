@@ -141,3 +141,27 @@ def test_capability_statement_lists_the_operations(app: App, name: str) -> None:
     cap = app.client.get("/fhir/metadata").json()
     patient = next(r for r in cap["rest"][0]["resource"] if r["type"] == "Patient")
     assert name in {o["name"] for o in patient["operation"]}
+
+
+def test_another_process_drops_the_erased_key_and_never_writes_with_it(app: App) -> None:
+    """Two processes share the database (serve --workers N): the other one's cached key must go, or its next
+    write for the patient would be sealed under a key that no longer exists (unreadable at once)."""
+    from fhirvault.container import build
+
+    pid, _ = _seed(app)
+    other = build(app.settings)
+    try:
+        compartment = patient_compartment(pid)
+        assert other.coherence is not None
+        other.coherence.sync()  # its first sync drops everything; from here on only what changed
+        old = other.keys.for_compartment_sync(compartment)  # cached there
+        dpo = _dpo(app)
+        assert _op(app, pid, "erase", dpo, reason="patient request under GDPR art. 17",
+                   overrideRetention=True).status_code == 200
+        other.coherence.sync()  # what each request of that process does first
+        assert other.keys.cached_for(compartment) is None
+        fresh = other.keys.for_compartment_sync(compartment)
+        assert fresh.key_id != old.key_id
+        assert other.store.data_key(app.settings.tenant, fresh.key_id) is not None
+    finally:
+        other.close()

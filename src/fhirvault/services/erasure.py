@@ -37,12 +37,14 @@ from fhirvault.domain.retention import (
 )
 from fhirvault.ports import Clock, ResourceStore, StoredVersion, WriteTx
 from fhirvault.services.audit import AuditRecord, AuditTrail
+from fhirvault.services.coherence import publish
 from fhirvault.services.crypto import DecryptionError, associated_data
 from fhirvault.services.keys import TENANT_COMPARTMENT, KeyRing, patient_compartment
 
 log = logging.getLogger("fhirvault.erasure")
 
 HOLD, RESTRICTED = 1, 2
+DATA_KEYS = "data-keys"  # coherence kind: keys are destroyed data key ids
 LIFECYCLE_PREFIX = "lifecycle/"
 MIN_REASON = 10
 MAX_REASON = 2000
@@ -216,7 +218,8 @@ class Lifecycle:
                 tx.set_meta(ledger.LEDGER_META, ledger.encode(entries))
                 result = ErasureResult(pid, row.key_id, resources, versions, now)
                 key_id = row.key_id
-                tx.on_commit(lambda: self._keys.forget(key_id, lookup))
+                # Every process drops the key from its caches (services/coherence.py), this one at COMMIT.
+                publish(tx, DATA_KEYS, {key_id}, lambda: self._keys.forget(key_id, lookup))
             tx.delete_meta(name)
             self._audit.record(tx, record(result))
             return result

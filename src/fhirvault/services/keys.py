@@ -183,6 +183,16 @@ class KeyRing:
         rows = self._store.write_sync("keys.census", lambda tx: tx.all_data_keys(self.tenant))
         return {row.key_id: self._open_row(row)[1] for row in rows}
 
+    def forget_keys(self, key_ids: frozenset[str] | None) -> None:
+        """Another process destroyed these keys (None: any may have been): drop them from the caches."""
+        if key_ids is None:
+            with self._lock:
+                self._by_id.clear()
+                self._by_lookup.clear()
+            return
+        for key_id in key_ids:
+            self.forget(key_id)
+
     def forget(self, key_id: str, lookup: bytes | None = None) -> None:
         """Drop a destroyed key from the caches (erasure)."""
         with self._lock:

@@ -76,7 +76,7 @@ def test_settings_parse_and_refuse_bad_values() -> None:
     assert rules.health_record_years == 25 and rules.auto_erase and rules.years_by_type == {"Observation": 10}
     with pytest.raises(SettingsError, match="floor"):
         parse_retention_settings({"audit_years": 2}, "test")
-    with pytest.raises(SettingsError, match="unknown setting retention.typo"):
+    with pytest.raises(SettingsError, match=r"unknown setting retention\.typo"):
         parse_retention_settings({"typo": 1}, "test")
     with pytest.raises(SettingsError, match="true or false"):
         parse_retention_settings({"auto_erase": "yes"}, "test")
