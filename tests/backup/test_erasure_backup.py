@@ -219,3 +219,23 @@ def _admin(container: Container) -> RequestContext:
     p = Principal("test", container.settings.tenant, "system/*.cruds", Grants(tuple(parse_scopes("system/*.cruds"))),
                   2**40, "t")
     return RequestContext(p, "test")
+
+
+def test_cli_patient_commands_and_retention_run(clinic: Clinic, capsys: pytest.CaptureFixture[str]) -> None:
+    pid = _create(clinic, "cli")
+    clinic.container.close()
+    d = str(clinic.data_dir)
+    assert main(["patient", "erase", "--data-dir", d, "--id", pid, "--reason", "patient request art. 17"]) == 3
+    assert "fr-csp-r1112-7" in capsys.readouterr().err
+    assert main(["patient", "restrict", "--data-dir", d, "--id", pid, "--reason", "accuracy contested"]) == 0
+    assert main(["patient", "status", "--data-dir", d, "--id", pid]) == 0
+    status = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert status["restricted"] is True and status["retention_rule"] == "fr-csp-r1112-7"
+    assert status["details"]["restricted"]["reason"] == "accuracy contested"
+    assert main(["retention", "run", "--data-dir", d, "--dry-run", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["patients"] == 1 and report["due"] == 0 and report["dry_run"] is True
+    assert main(["patient", "erase", "--data-dir", d, "--id", pid, "--reason", "unlawful processing found",
+                 "--override-retention", "--operator", "dpo@clinic"]) == 0
+    assert "erased" in capsys.readouterr().out
+    assert not _readable(clinic.data_dir, pid)

@@ -165,3 +165,16 @@ def test_another_process_drops_the_erased_key_and_never_writes_with_it(app: App)
         assert other.store.data_key(app.settings.tenant, fresh.key_id) is not None
     finally:
         other.close()
+
+
+def test_operations_take_and_answer_xml(app: App) -> None:
+    pid, _ = _seed(app)
+    headers = {**_dpo(app), "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"}
+    body = ('<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="reason"/>'
+            '<valueString value="accuracy contested by the patient"/></parameter></Parameters>')
+    r = app.client.post(f"/fhir/Patient/{pid}/$restrict", content=body, headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("application/fhir+xml")
+    assert '<name value="restricted"/><valueBoolean value="true"/>' in r.text
+    refused = app.client.post(f"/fhir/Patient/{pid}/$erase", content=body, headers=headers)
+    assert refused.status_code == 409 and "<OperationOutcome" in refused.text and "fr-csp-r1112-7" in refused.text
