@@ -239,3 +239,20 @@ def test_cli_patient_commands_and_retention_run(clinic: Clinic, capsys: pytest.C
                  "--override-retention", "--operator", "dpo@clinic"]) == 0
     assert "erased" in capsys.readouterr().out
     assert not _readable(clinic.data_dir, pid)
+
+
+def test_versions_written_after_the_read_are_erased_too(clinic: Clinic) -> None:
+    """The erasure reads the key's versions before its transaction; one written in between must not survive."""
+    pid = _create(clinic, "late")
+    store, tenant = clinic.container.store, clinic.container.settings.tenant
+    key = clinic.container.keys.existing(patient_compartment(pid))
+    assert key is not None
+    known = (store.max_seq(), store.key_versions(tenant, key))
+    assert len(known[1]) == 2
+
+    async def late() -> None:
+        await clinic.container.repository.create(_admin(clinic.container), "Observation", observation(pid))
+
+    asyncio.run(late())
+    assert store.write_sync("t", lambda tx: tx.erase_key(tenant, key, known)) == (3, 3)
+    assert store.key_versions(tenant, key) == [] and store.data_key(tenant, key) is None

@@ -187,7 +187,8 @@ class _Tx:
     def all_data_keys(self, tenant: str) -> list[WrappedKey]:
         return [k for tn, k in self._t.data_keys.values() if tn == tenant]
 
-    def erase_key(self, tenant: str, key_id: str) -> tuple[int, int]:
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
         t = self._t
         seqs = [seq for seq, (tn, v) in t.versions.items() if tn == tenant and v.key_id == key_id]
         resources = 0
@@ -518,6 +519,11 @@ class MemoryStore:
         with self._lock:
             key_id = self._t.data_key_ids.get((tenant, lookup))
             return None if key_id is None else self._t.data_keys[key_id][1]
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        with self._lock:
+            return [(seq, v.type, v.id) for seq, (tn, v) in self._t.versions.items()
+                    if tn == tenant and v.key_id == key_id]
 
     def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
         out: dict[tuple[str, str], tuple[int, int]] = {}

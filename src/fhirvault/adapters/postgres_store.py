@@ -368,7 +368,10 @@ class _Tx:
                        (tenant,)).fetchall()
         return [_wrapped(r) for r in rows]
 
-    def erase_key(self, tenant: str, key_id: str) -> tuple[int, int]:
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
+        # ``known`` is not used: with several writers seqs do not commit in order, so everything is searched
+        # again here (PostgreSQL's other writers do not wait for this transaction).
         row = self._x(
             "WITH c AS (DELETE FROM resources_current WHERE seq IN (SELECT seq FROM resource_versions"
             " WHERE tenant=%s AND key_id=%s) RETURNING rk, tags),"
@@ -931,6 +934,10 @@ class PostgresStore:
         row = self._one("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
                         (tenant, lookup))
         return _wrapped(row) if row else None
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        rows = self._all("SELECT seq, type, id FROM resource_versions WHERE tenant=%s AND key_id=%s", (tenant, key_id))
+        return [(int(r[0]), r[1], r[2]) for r in rows]
 
     def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
         rows = self._all("SELECT type, id, count(*), max(last_updated) FROM resource_versions"

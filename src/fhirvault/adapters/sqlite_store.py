@@ -243,11 +243,22 @@ class _Tx:
         ).fetchall()
         return [WrappedKey(*r) for r in rows]
 
-    def erase_key(self, tenant: str, key_id: str) -> tuple[int, int]:
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
         c = self._c
-        rows = c.execute("SELECT c.rk, c.tags, d.flushed FROM resources_current c LEFT JOIN index_dirty d"
-                         " ON d.rk = c.rk WHERE c.seq IN (SELECT seq FROM resource_versions WHERE tenant=? AND"
-                         " key_id=?)", (tenant, key_id)).fetchall()
+        if known is None:  # a full scan (no index on key_id): callers on the live path pass ``known``
+            known = (0, [])
+        since, listed = known
+        # The versions sealed under the key: those read before, and those written since (a seq range).
+        found = listed + c.execute("SELECT seq, type, id FROM resource_versions WHERE seq > ? AND tenant=? AND"
+                                   " key_id=?", (since, tenant, key_id)).fetchall()
+        seqs = {seq for seq, _t, _i in found}
+        rows = []
+        for rtype, rid in sorted({(t, i) for _s, t, i in found}):
+            row = c.execute("SELECT c.rk, c.seq, c.tags, d.flushed FROM resources_current c LEFT JOIN index_dirty d"
+                            " ON d.rk = c.rk WHERE c.tenant=? AND c.type=? AND c.id=?", (tenant, rtype, rid)).fetchone()
+            if row is not None and row[1] in seqs:  # its current version is sealed under the key
+                rows.append((row[0], row[2], row[3]))
         rks = [(r[0],) for r in rows]
         # The tags in search_tags (flushed) and those pending (tags) go now, not at the next index flush.
         gone = sorted({(bytes(b)[i:i + SEARCH_TAG_BYTES], rk) for rk, tags, flushed in rows
@@ -255,7 +266,9 @@ class _Tx:
         _delete_tags(c, gone)
         _chunked(c, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", rks)
         _chunked(c, "DELETE FROM resources_current WHERE rk IN (VALUES {})", rks)
-        versions = c.execute("DELETE FROM resource_versions WHERE tenant=? AND key_id=?", (tenant, key_id)).rowcount
+        before = c.total_changes
+        _chunked(c, "DELETE FROM resource_versions WHERE seq IN (VALUES {})", [(seq,) for seq in sorted(seqs)])
+        versions = c.total_changes - before
         c.execute("DELETE FROM data_keys WHERE tenant=? AND key_id=?", (tenant, key_id))
         return len(rks), versions
 
@@ -1003,6 +1016,11 @@ class SqliteStore:
             "SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=? AND lookup=?",
             (tenant, lookup)).fetchone()
         return WrappedKey(*row) if row else None
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        rows = self._reader().execute("SELECT seq, type, id FROM resource_versions WHERE tenant=? AND key_id=?",
+                                      (tenant, key_id)).fetchall()
+        return [(int(r[0]), r[1], r[2]) for r in rows]
 
     def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
         rows = self._reader().execute("SELECT type, id, count(*), max(last_updated) FROM resource_versions"

@@ -202,6 +202,10 @@ class Lifecycle:
         if not decision_now.allowed:
             raise ErasureRefused(decision_now)
         now = self._clock.now_ms()
+        # The versions to delete, read here off the write path (a long scan would hold the writer).
+        key = self._keys.existing(compartment)
+        since = self._store.max_seq()
+        known = (since, self._store.key_versions(self.tenant, key)) if key is not None else None
 
         def job(tx: WriteTx) -> ErasureResult:
             tx.serialize(name)
@@ -212,7 +216,8 @@ class Lifecycle:
             if row is None:
                 result = ErasureResult(pid, None, 0, 0, now)
             else:
-                resources, versions = tx.erase_key(self.tenant, row.key_id)
+                resources, versions = tx.erase_key(self.tenant, row.key_id,
+                                                   known if key == row.key_id else None)
                 entries = ledger.decode(tx.get_meta(ledger.LEDGER_META))
                 entries.add(ledger.Entry(self.tenant, ledger.PATIENT, row.key_id, now))
                 tx.set_meta(ledger.LEDGER_META, ledger.encode(entries))
