@@ -121,6 +121,8 @@ def test_restriction_hides_the_record_from_ordinary_clients(app: App) -> None:
     read = app.client.get(f"/fhir/Patient/{pid}", headers=app.auth)
     assert read.status_code == 403 and "restricted (GDPR art. 18)" in read.json()["issue"][0]["diagnostics"]
     assert app.client.get(f"/fhir/Observation/{obs[1]}", headers=app.auth).status_code == 403
+    etag = {"If-None-Match": 'W/"1"', **app.auth}  # a 304 would confirm the version
+    assert app.client.get(f"/fhir/Observation/{obs[1]}", headers=etag).status_code == 403
     assert app.client.get(f"/fhir/Patient/{pid}/$everything", headers=app.auth).status_code == 403
     page = app.client.get("/fhir/Patient", headers=app.auth).json()
     found = [e["resource"] for e in page.get("entry", [])]

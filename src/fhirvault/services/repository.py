@@ -683,6 +683,8 @@ class Repository:
         known to be allowed to read it, so that a 304 never confirms a forbidden resource."""
         access = await self.authorize(ctx, rtype, "r", "read", f"{rtype}/{rid}")
         current = self._store.read_current(self.tenant, rtype, rid)
+        if current is not None and not current.deleted:
+            await self._refuse_restricted(ctx, "read", current)  # a 304 would confirm it too
         if current is None or current.deleted or access.simple:
             return current
         await self._check(ctx, access, current, orjson.loads(self._open(current)), "read", "r", f"{rtype}/{rid}")
