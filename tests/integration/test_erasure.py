@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -38,6 +40,23 @@ def _seed(app: App) -> tuple[str, list[str]]:
     return pid, obs
 
 
+def _orphan_tags(app: App) -> int:
+    """Search tags whose resource row is gone (the blind index must not keep an erased patient's tags)."""
+    sql = "SELECT count(*) FROM search_tags s WHERE NOT EXISTS (SELECT 1 FROM resources_current c WHERE c.rk = s.rk)"
+    if app.settings.database_url is not None:
+        import psycopg
+
+        with psycopg.connect(app.settings.database_url) as conn:
+            row = conn.execute(sql).fetchone()
+    else:
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(app.settings.database_path)) as conn:
+            row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _op(app: App, pid: str, name: str, headers: dict[str, str], **values: Any) -> Any:
     return app.client.post(f"/fhir/Patient/{pid}/${name}", json=_params(**values), headers=headers)
 
@@ -60,6 +79,7 @@ def test_erasure_is_refused_under_retention_then_shreds_every_version(app: App) 
     assert "fr-csp-r1112-7" in issue["diagnostics"] and " until 20" in issue["diagnostics"]
     assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200  # nothing erased
 
+    time.sleep(1.5)  # SQLite: let the deferred index write the tags to search_tags first
     done = _op(app, pid, "erase", dpo, reason="unlawful processing, DPO decision 2026-12", overrideRetention=True)
     assert done.status_code == 200, done.text
     out = {p["name"]: next(v for k, v in p.items() if k.startswith("value")) for p in done.json()["parameter"]}
@@ -72,6 +92,7 @@ def test_erasure_is_refused_under_retention_then_shreds_every_version(app: App) 
     assert found.get("total", 0) == 0 and not found.get("entry")
     by_name = app.client.get("/fhir/Patient?family=Martin", headers=app.auth).json()
     assert not by_name.get("entry")
+    assert _orphan_tags(app) == 0
     assert app.container.store.data_key(app.settings.tenant, key_id) is None
     assert app.container.store.key_usage(app.settings.tenant, key_id) == []
     listed = erasure_ledger.read_file(app.settings.data_dir)
