@@ -256,3 +256,17 @@ def test_versions_written_after_the_read_are_erased_too(clinic: Clinic) -> None:
     asyncio.run(late())
     assert store.write_sync("t", lambda tx: tx.erase_key(tenant, key, known)) == (3, 3)
     assert store.key_versions(tenant, key) == [] and store.data_key(tenant, key) is None
+
+
+def test_a_ledger_copy_given_by_the_operator_replaces_a_lost_target_ledger(clinic: Clinic, tmp_path: Path) -> None:
+    erased = _create(clinic, "erased")
+    create_backup(clinic.data_dir, clinic.target, root_of(clinic.data_dir))
+    key_id = _erase(clinic, erased)
+    clinic.target.delete(erasure_ledger.object_key(_public(clinic)))  # the target lost it
+    key = (clinic.data_dir / "root.key").read_bytes()
+    with pytest.raises(RestoreError, match="--erasure-ledger FILE"):
+        restore_backup(clinic.target, tmp_path / "r1", key)
+    copy = erasure_ledger.read_file(clinic.data_dir)  # the data directory's copy (or one kept with the escrow)
+    restore_backup(clinic.target, tmp_path / "r2", key, erasure_entries=copy)
+    assert {e.key_id for e in erasure_ledger.read_file(tmp_path / "r2")} == {key_id}
+    assert not _readable(tmp_path / "r2", erased)

@@ -411,11 +411,12 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, backup_id: str | None = None,
                    at_ms: int | None = None, replay: Replay | None = None, retry: Retry = DEFAULT_RETRY,
                    sink: Callable[[Path], RestoreSink] | None = None,
-                   allow_missing_ledger: bool = False) -> RestoreResult:
+                   allow_missing_ledger: bool = False,
+                   erasure_entries: set[erasure_ledger.Entry] | None = None) -> RestoreResult:
     """Rebuild a data directory from a backup; ``to_dir`` must be absent or empty.
 
-    The target's erasure ledger goes into the restored directory (backup/erasure_ledger.py); without
-    one the restore fails unless ``allow_missing_ledger``.
+    The target's erasure ledger (with ``erasure_entries``, a copy the operator gives) goes into the
+    restored directory (backup/erasure_ledger.py); without one the restore fails unless ``allow_missing_ledger``.
 
     Everything is written to a hidden staging directory next to ``to_dir`` and renamed
     into place only when complete and checked, so a failure never leaves a directory
@@ -438,7 +439,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
         except (OSError, ValueError) as exc:
             raise RestoreError(f"the root key material is unusable: {exc}") from None
         m, keys, body, notes = choose(target, root, backup_id=backup_id, at_ms=at_ms, retry=retry)
-        erased = _erasure_ledger(target, keys, m.snapshot_ms, allow_missing_ledger, retry)
+        erased = _erasure_ledger(target, keys, m.snapshot_ms, allow_missing_ledger, retry, erasure_entries)
         free = shutil.disk_usage(staging).free
         if free < m.size + (64 << 20):
             raise RestoreError(f"not enough disk space in {to_dir.parent}: backup {m.backup_id} needs "
@@ -475,10 +476,11 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
 
 
 def _erasure_ledger(target: BackupTarget, keys: BackupKeys, snapshot_ms: int, allow_missing: bool,
-                    retry: Retry) -> set[erasure_ledger.Entry]:
+                    retry: Retry, extra: set[erasure_ledger.Entry] | None) -> set[erasure_ledger.Entry]:
     try:
         return retry.run("reading the erasure ledger", partial(
-            erasure_ledger.for_restore, target, keys.public_key_hex, snapshot_ms, allow_missing=allow_missing))
+            erasure_ledger.for_restore, target, keys.public_key_hex, snapshot_ms, allow_missing=allow_missing,
+            extra=extra))
     except erasure_ledger.LedgerError as exc:
         raise RestoreError(str(exc)) from None
 

@@ -154,18 +154,23 @@ def local_entries(data_dir: Path, meta_value: bytes | None) -> set[Entry]:
     return read_file(data_dir) | decode(meta_value)
 
 
-def for_restore(target: BackupTarget, public_key_hex: str, snapshot_ms: int, *, allow_missing: bool) -> set[Entry]:
-    """The ledger a restore must re-apply. Fails closed: no ledger on the target (unless ``allow_missing``),
-    a ledger that does not verify, or a tenant purged after this backup was taken."""
+def for_restore(target: BackupTarget, public_key_hex: str, snapshot_ms: int, *, allow_missing: bool,
+                extra: set[Entry] | None = None) -> set[Entry]:
+    """The ledger a restore must re-apply. Fails closed: no ledger on the target (unless ``allow_missing``,
+    or the operator gives a copy: ``extra``), a ledger that does not verify, or a tenant purged after this
+    backup was taken."""
     try:
         entries = fetch(target, public_key_hex)
     except LedgerError as exc:
         raise LedgerError(f"{exc}: refusing to restore (erased patients could come back)") from None
+    if extra is not None:
+        entries = (entries or set()) | extra
     if entries is None:
         if not allow_missing:
             raise LedgerError(f"no erasure ledger ({object_key(public_key_hex)}) on {target.url}: refusing to restore, erased"
                               " patients could come back. Copy the ledger from the data directory or escrow to the"
-                              " target, or pass --allow-missing-erasure-ledger if no patient was ever erased")
+                              " target or pass it with --erasure-ledger FILE, or pass --allow-missing-erasure-ledger if no patient was"
+                              " ever erased")
         return set()
     for e in entries:
         if e.kind == TENANT and e.erased_ms >= snapshot_ms:
