@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any
@@ -9,8 +10,12 @@ from typing import Any
 import pytest
 
 from fhirvault.backup import erasure_ledger
+from fhirvault.domain.errors import OperationOutcomeError
+from fhirvault.domain.scopes import Grants, parse_scopes
 from fhirvault.ports import AuditQuery
+from fhirvault.services.auth import Principal
 from fhirvault.services.keys import patient_compartment
+from fhirvault.services.repository import RequestContext
 from tests.conftest import PATIENT, App, get_token, observation
 
 FHIR_JSON = {"Content-Type": "application/fhir+json"}
@@ -55,6 +60,11 @@ def _orphan_tags(app: App) -> int:
             row = conn.execute(sql).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _system(c: Any) -> RequestContext:
+    p = Principal("t", c.settings.tenant, "system/*.cruds", Grants(tuple(parse_scopes("system/*.cruds"))), 2**40, "t")
+    return RequestContext(p, "t")
 
 
 def _op(app: App, pid: str, name: str, headers: dict[str, str], **values: Any) -> Any:
@@ -186,6 +196,7 @@ def test_another_process_drops_the_erased_key_and_never_writes_with_it(app: App)
         fresh = other.keys.for_compartment_sync(compartment)
         assert fresh.key_id != old.key_id
         assert other.store.data_key(app.settings.tenant, fresh.key_id) is not None
+        assert other.store.key_versions(app.settings.tenant, old.key_id) == []
     finally:
         other.close()
 
@@ -201,3 +212,25 @@ def test_operations_take_and_answer_xml(app: App) -> None:
     assert '<name value="restricted"/><valueBoolean value="true"/>' in r.text
     refused = app.client.post(f"/fhir/Patient/{pid}/$erase", content=body, headers=headers)
     assert refused.status_code == 409 and "<OperationOutcome" in refused.text and "fr-csp-r1112-7" in refused.text
+
+
+def test_a_write_prepared_with_the_erased_key_is_refused(app: App) -> None:
+    """A request of another process that synced just before the erasure committed still holds the old key:
+    its write is refused (409, the client retries) instead of sealing a version under a destroyed key."""
+    from fhirvault.container import build
+
+    pid, _ = _seed(app)
+    other = build(app.settings)
+    try:
+        compartment = patient_compartment(pid)
+        old = other.keys.for_compartment_sync(compartment)
+        stale = asyncio.run(other.repository.prepare_create(_system(other), "Observation", observation(pid)))
+        assert _op(app, pid, "erase", _dpo(app), reason="patient request under GDPR art. 17",
+                   overrideRetention=True).status_code == 200
+        with pytest.raises(OperationOutcomeError) as conflict:
+            other.store.write_sync("t", stale)
+        assert conflict.value.status == 409
+        assert other.store.key_versions(app.settings.tenant, old.key_id) == []
+        assert other.keys.cached_for(compartment) is None  # the retry makes a new key
+    finally:
+        other.close()

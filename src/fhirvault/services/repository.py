@@ -387,8 +387,14 @@ class Repository:
         """A write job: checks versions, stamps meta, encrypts, stores the version and its audit record."""
         tenant = self.tenant
         tags = self._index.resource_tags(rtype, body, skip=_STAMPED)
+        # A patient's key may have been erased by another process since it was cached here: never seal under
+        # a destroyed key (the version would be unreadable at once); the retry finds or makes the current one.
+        lookup = self._keys.compartment_lookup(key.compartment) if key.compartment.startswith("patient/") else None
 
         def job(tx: WriteTx) -> ResourceResult:
+            if lookup is not None and getattr(tx.data_key_by_lookup(tenant, lookup), "key_id", None) != key.key_id:
+                self._keys.forget(key.key_id, lookup)
+                raise ConcurrentChange()
             current = tx.current(tenant, rtype, rid)
             _etag_version(if_match, current)
             if expect_version is not None and (current is None or current.version != expect_version):
