@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fhirvault.backup.settings import BackupSettings
+    from fhirvault.domain.retention import RetentionRules
     from fhirvault.services.alert_settings import AlertSettings
     from fhirvault.services.federation_settings import IdentityProviderSettings
     from fhirvault.services.firewall_settings import FirewallSettings
@@ -98,6 +99,7 @@ class Settings:
     actors: tuple[ActorSettings, ...] = ()  # [[actors]]: processors and subcontractors (GDPR art. 28)
     processing: ProcessingSettings | None = None  # [processing]: controller, purposes (record of processing)
     patient_notifications: PatientNotifySettings | None = None  # [patient_notifications]: break-glass notices
+    retention: RetentionRules | None = None  # [retention]: record and audit retention, the retention job
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -277,7 +279,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
 SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall", "residency", "actors", "processing",
-            "patient_notifications")
+            "patient_notifications", "retention")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -303,6 +305,10 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.firewall_settings import parse_firewall_settings
 
         return parse_firewall_settings(raw, origin) if raw else None
+    if name == "retention":
+        from fhirvault.services.retention import parse_retention_settings
+
+        return parse_retention_settings(raw, origin) if raw else None
     return _parse_compliance_section(name, raw, origin, environ)
 
 

@@ -16,6 +16,7 @@ from fhirvault.adapters.keyfile import KeyFileProvider
 from fhirvault.adapters.sqlite_alerts import SqliteAlertStore
 from fhirvault.adapters.sqlite_store import SqliteMigrator, SqliteStore
 from fhirvault.adapters.witness import open_witness
+from fhirvault.backup import erasure_ledger
 from fhirvault.config import Settings
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import resource_types
@@ -34,8 +35,9 @@ from fhirvault.services.audit_query import AuditReader
 from fhirvault.services.auth import AuthService
 from fhirvault.services.coherence import BREAK_GLASS, RELATIONSHIPS, REVOCATIONS, Coherence
 from fhirvault.services.detection import DetectionEngine
+from fhirvault.services.erasure import DATA_KEYS, Lifecycle, apply_ledger
 from fhirvault.services.health import HealthState
-from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
+from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyError_, KeyRing
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
@@ -88,6 +90,7 @@ class Container:
     leadership: Leadership | None = None
     coherence: Coherence | None = None
     bulk_export: BulkExportService | None = None  # set by the server (web/app.py)
+    lifecycle: Lifecycle | None = None
     _checkpointing: bool = False
 
     def enable_alerting(self) -> DetectionEngine:
@@ -225,6 +228,7 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
     store = open_store(settings)
     try:
         keys = KeyRing(store, root, settings.tenant, clock)
+        reapply_erasures(settings, store, clock)
         keys.load()
         audit = AuditTrail(settings.tenant, keys.for_compartment_sync(AUDIT_COMPARTMENT),
                            keys.index_subkey("audit-index"), hash_source_ips=settings.audit_hash_source_ips)
@@ -244,11 +248,78 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
                                          checkpoint_interval_s=settings.audit_checkpoint_seconds,
                                          witness_interval_s=settings.audit_witness_seconds, leadership=leadership)
+        lifecycle = Lifecycle(store, keys, audit, clock, tenant=settings.tenant, rules=settings.retention,
+                              open_version=repository.open_version,
+                              after_erasure=after_erasure(settings, store, secrets))
+        repository.lifecycle = lifecycle
+        coherence.on(DATA_KEYS, keys.forget_keys)  # a key another process erased leaves this one's caches
     except BaseException:
         store.close()
         raise
     return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
-                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership, coherence=coherence)
+                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership, coherence=coherence,
+                     lifecycle=lifecycle)
+
+
+class TenantPurged(KeyError_):
+    """The erasure ledger says this tenant was purged: its data directory never serves again."""
+
+
+def reapply_erasures(settings: Settings, store: ResourceStore, clock: Clock) -> None:
+    """Before anything reads the database: destroy again every key the erasure ledger lists (a restored
+    backup still holds them; backup/erasure_ledger.py)."""
+    entries = erasure_ledger.read_file(settings.data_dir) | erasure_ledger.decode(
+        store.get_meta(erasure_ledger.LEDGER_META))
+    if not entries:
+        return
+    destroyed, purged = apply_ledger(store, settings.tenant, entries, clock.now_ms())
+    if destroyed or purged:
+        scrub_store(store)
+        erasure_ledger.write_file(settings.data_dir, entries)
+    if purged:
+        when = erasure_ledger.purged(entries, settings.tenant)
+        at = instant(when.erased_ms) if when else "?"
+        raise TenantPurged(f"tenant '{settings.tenant}' was purged on {at} (erasure ledger): this data can no"
+                           " longer be read; see its deletion certificate")
+
+
+def scrub_store(store: ResourceStore) -> None:
+    """After keys were destroyed: push freed pages out of the engine's logs where it can (SQLite: checkpoint
+    and truncate the WAL; secure_delete already zeroes freed cells)."""
+    scrub: Callable[[], None] | None = getattr(store, "scrub", None)
+    if scrub is not None:
+        scrub()
+
+
+def after_erasure(settings: Settings, store: ResourceStore,
+                  secrets: ServiceSecrets) -> Callable[[set[erasure_ledger.Entry]], None]:
+    """What follows a committed erasure: the ledger's file and target copies, the scrub of the files."""
+
+    def run(entries: set[erasure_ledger.Entry]) -> None:
+        everything = entries | erasure_ledger.read_file(settings.data_dir)
+        erasure_ledger.write_file(settings.data_dir, everything)
+        scrub_store(store)
+        publish_ledger(settings, secrets, everything)
+
+    return run
+
+
+def publish_ledger(settings: Settings, secrets: ServiceSecrets, entries: set[erasure_ledger.Entry]) -> list[str]:
+    """Put the signed ledger on every configured backup target; returns the targets that failed."""
+    backup = settings.backup
+    if backup is None or not backup.targets:
+        return []
+    from fhirvault.backup.manifest import BackupKeys
+    from fhirvault.backup.targets import open_target
+
+    keys = BackupKeys(secrets.get("backup"), secrets.get("backup-signing"))
+    failed: list[str] = []
+    for name in backup.targets:
+        try:
+            erasure_ledger.publish(open_target(name, backup), entries, keys.signer, keys.public_key_hex)
+        except Exception:
+            failed.append(name)
+    return failed
 
 
 def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:

@@ -189,6 +189,47 @@ class _Tx:
     def all_data_keys(self, tenant: str) -> list[WrappedKey]:
         return [k for tn, k in self._t.data_keys.values() if tn == tenant]
 
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
+        t = self._t
+        seqs = [seq for seq, (tn, v) in t.versions.items() if tn == tenant and v.key_id == key_id]
+        resources = 0
+        for where, seq in list(t.current.items()):
+            if seq in seqs:
+                resources += 1
+                self._delete(t.current, where)
+                rk = t.rks.get(where)
+                if rk is not None:
+                    for tag in t.tags.get(rk, frozenset()):
+                        self._set(t.tagged, tag, t.tagged[tag] - {rk})
+                    self._set(t.tags, rk, frozenset())
+        for seq in seqs:
+            _tn, v = t.versions[seq]
+            self._delete(t.version_seq, (tenant, v.type, v.id, v.version))
+            self._delete(t.versions, seq)
+        if key_id in t.data_keys and t.data_keys[key_id][0] == tenant:
+            self._delete(t.data_keys, key_id)
+            for ref, kid in list(t.data_key_ids.items()):
+                if kid == key_id:
+                    self._delete(t.data_key_ids, ref)
+        return resources, len(seqs)
+
+    def destroy_tenant_keys(self, tenant: str) -> tuple[int, int]:
+        t = self._t
+        keks = [k for k in t.tenant_keys if k[0] == tenant]
+        for k in keks:
+            self._delete(t.tenant_keys, k)
+        dks = [kid for kid, (tn, _) in t.data_keys.items() if tn == tenant]
+        for kid in dks:
+            self._delete(t.data_keys, kid)
+        for ref in [r for r in t.data_key_ids if r[0] == tenant]:
+            self._delete(t.data_key_ids, ref)
+        return len(keks), len(dks)
+
+    def delete_meta(self, name: str) -> None:
+        if name in self._t.meta:
+            self._delete(self._t.meta, name)
+
     def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
         if (row.tenant, row.version) in self._t.tenant_keys:
             raise ConstraintError(f"tenant key {row.tenant} v{row.version} already exists")
@@ -209,10 +250,6 @@ class _Tx:
 
     def set_meta(self, name: str, value: bytes) -> None:
         self._set(self._t.meta, name, value)
-
-    def delete_meta(self, name: str) -> None:
-        if name in self._t.meta:
-            self._delete(self._t.meta, name)
 
     def insert_client(self, row: ClientRow) -> None:
         if row.client_id in self._t.clients:
@@ -486,6 +523,39 @@ class MemoryStore:
         with self._lock:
             row = self._t.data_keys.get(key_id)
             return row[1] if row is not None and row[0] == tenant else None
+
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        with self._lock:
+            key_id = self._t.data_key_ids.get((tenant, lookup))
+            return None if key_id is None else self._t.data_keys[key_id][1]
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        with self._lock:
+            return [(seq, v.type, v.id) for seq, (tn, v) in self._t.versions.items()
+                    if tn == tenant and v.key_id == key_id]
+
+    def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        with self._lock:
+            for tn, v in self._t.versions.values():
+                if tn == tenant and v.key_id == key_id:
+                    n, newest = out.get((v.type, v.id), (0, 0))
+                    out[(v.type, v.id)] = (n + 1, max(newest, v.last_updated_ms))
+        return [(tp, id, n, newest) for (tp, id), (n, newest) in out.items()]
+
+    def key_activity(self, tenant: str) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            for tn, v in self._t.versions.values():
+                if tn == tenant:
+                    n, newest = out.get(v.key_id, (0, 0))
+                    out[v.key_id] = (n + 1, max(newest, v.last_updated_ms))
+        return out
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        with self._lock:
+            return (sum(1 for k in self._t.current if k[0] == tenant),
+                    sum(1 for tn, _v in self._t.versions.values() if tn == tenant))
 
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         with self._lock:

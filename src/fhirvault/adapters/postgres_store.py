@@ -371,6 +371,30 @@ class _Tx:
                        (tenant,)).fetchall()
         return [_wrapped(r) for r in rows]
 
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
+        # ``known`` is not used: with several writers seqs do not commit in order, so everything is searched
+        # again here (PostgreSQL's other writers do not wait for this transaction).
+        row = self._x(
+            "WITH c AS (DELETE FROM resources_current WHERE seq IN (SELECT seq FROM resource_versions"
+            " WHERE tenant=%s AND key_id=%s) RETURNING rk, tags),"
+            " t AS (DELETE FROM search_tags s USING c, LATERAL (SELECT substring(c.tags FROM i FOR 8) AS tag"
+            " FROM generate_series(1, length(c.tags), 8) i) x WHERE s.tag = x.tag AND s.rk = c.rk),"
+            " v AS (DELETE FROM resource_versions WHERE tenant=%s AND key_id=%s RETURNING 1),"
+            " k AS (DELETE FROM data_keys WHERE tenant=%s AND key_id=%s)"
+            " SELECT (SELECT count(*) FROM c), (SELECT count(*) FROM v)",
+            (tenant, key_id, tenant, key_id, tenant, key_id)).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    def destroy_tenant_keys(self, tenant: str) -> tuple[int, int]:
+        keks = self._x("DELETE FROM tenant_keys WHERE tenant=%s", (tenant,)).rowcount
+        dks = self._x("DELETE FROM data_keys WHERE tenant=%s", (tenant,)).rowcount
+        return keks, dks
+
+    def delete_meta(self, name: str) -> None:
+        self._x("DELETE FROM meta WHERE name=%s", (name,))
+
     def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
         cur = self._x("INSERT INTO tenant_keys (tenant, version, wrapped, root_key_id, created_ms)"
                       " VALUES (%s,%s,%s,%s,%s) ON CONFLICT DO NOTHING",
@@ -392,9 +416,6 @@ class _Tx:
 
     def meta_names(self) -> list[str]:
         return [r[0] for r in self._x("SELECT name FROM meta ORDER BY name").fetchall()]
-
-    def delete_meta(self, name: str) -> None:
-        self._x("DELETE FROM meta WHERE name=%s", (name,))
 
     def set_meta(self, name: str, value: bytes) -> None:
         self._x("INSERT INTO meta (name, value) VALUES (%s,%s) ON CONFLICT (name) DO UPDATE SET value=excluded.value",
@@ -925,6 +946,29 @@ class PostgresStore:
         row = self._one("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND key_id=%s",
                         (tenant, key_id))
         return _wrapped(row) if row else None
+
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        row = self._one("SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=%s AND lookup=%s",
+                        (tenant, lookup))
+        return _wrapped(row) if row else None
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        rows = self._all("SELECT seq, type, id FROM resource_versions WHERE tenant=%s AND key_id=%s", (tenant, key_id))
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
+        rows = self._all("SELECT type, id, count(*), max(last_updated) FROM resource_versions"
+                         " WHERE tenant=%s AND key_id=%s GROUP BY type, id", (tenant, key_id))
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+
+    def key_activity(self, tenant: str) -> dict[str, tuple[int, int]]:
+        rows = self._all("SELECT key_id, count(*), max(last_updated) FROM resource_versions"
+                         " WHERE tenant=%s GROUP BY key_id", (tenant,))
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        return (self._int("SELECT count(*) FROM resources_current WHERE tenant=%s", (tenant,)),
+                self._int("SELECT count(*) FROM resource_versions WHERE tenant=%s", (tenant,)))
 
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         return [_tenant_key(r) for r in self._all(_TENANT_KEYS, (tenant,))]

@@ -252,6 +252,43 @@ class _Tx:
         ).fetchall()
         return [WrappedKey(*r) for r in rows]
 
+    def erase_key(self, tenant: str, key_id: str,
+                  known: tuple[int, list[tuple[int, str, str]]] | None = None) -> tuple[int, int]:
+        c = self._c
+        if known is None:  # a full scan (no index on key_id): callers on the live path pass ``known``
+            known = (0, [])
+        since, listed = known
+        # The versions sealed under the key: those read before, and those written since (a seq range).
+        found = listed + c.execute("SELECT seq, type, id FROM resource_versions WHERE seq > ? AND tenant=? AND"
+                                   " key_id=?", (since, tenant, key_id)).fetchall()
+        seqs = {seq for seq, _t, _i in found}
+        rows = []
+        for rtype, rid in sorted({(t, i) for _s, t, i in found}):
+            row = c.execute("SELECT c.rk, c.seq, c.tags, d.flushed FROM resources_current c LEFT JOIN index_dirty d"
+                            " ON d.rk = c.rk WHERE c.tenant=? AND c.type=? AND c.id=?", (tenant, rtype, rid)).fetchone()
+            if row is not None and row[1] in seqs:  # its current version is sealed under the key
+                rows.append((row[0], row[2], row[3]))
+        rks = [(r[0],) for r in rows]
+        # The tags in search_tags (flushed) and those pending (tags) go now, not at the next index flush.
+        gone = sorted({(bytes(b)[i:i + SEARCH_TAG_BYTES], rk) for rk, tags, flushed in rows
+                       for b in (tags or b"", flushed or b"") for i in range(0, len(bytes(b)), SEARCH_TAG_BYTES)})
+        _delete_tags(c, gone)
+        _chunked(c, "DELETE FROM index_dirty WHERE rk IN (VALUES {})", rks)
+        _chunked(c, "DELETE FROM resources_current WHERE rk IN (VALUES {})", rks)
+        before = c.total_changes
+        _chunked(c, "DELETE FROM resource_versions WHERE seq IN (VALUES {})", [(seq,) for seq in sorted(seqs)])
+        versions = c.total_changes - before
+        c.execute("DELETE FROM data_keys WHERE tenant=? AND key_id=?", (tenant, key_id))
+        return len(rks), versions
+
+    def destroy_tenant_keys(self, tenant: str) -> tuple[int, int]:
+        keks = self._c.execute("DELETE FROM tenant_keys WHERE tenant=?", (tenant,)).rowcount
+        dks = self._c.execute("DELETE FROM data_keys WHERE tenant=?", (tenant,)).rowcount
+        return keks, dks
+
+    def delete_meta(self, name: str) -> None:
+        self._c.execute("DELETE FROM meta WHERE name=?", (name,))
+
     def insert_tenant_key(self, row: TenantKeyRow, created_ms: int) -> None:
         self._c.execute(
             "INSERT INTO tenant_keys (tenant, version, wrapped, root_key_id, created_ms) VALUES (?,?,?,?,?)",
@@ -273,9 +310,6 @@ class _Tx:
 
     def meta_names(self) -> list[str]:
         return [r[0] for r in self._c.execute("SELECT name FROM meta ORDER BY name")]
-
-    def delete_meta(self, name: str) -> None:
-        self._c.execute("DELETE FROM meta WHERE name=?", (name,))
 
     def set_meta(self, name: str, value: bytes) -> None:
         self._c.execute(
@@ -997,6 +1031,33 @@ class SqliteStore:
         ).fetchone()
         return WrappedKey(*row) if row else None
 
+    def data_key_by_lookup(self, tenant: str, lookup: bytes) -> WrappedKey | None:
+        row = self._reader().execute(
+            "SELECT key_id, wrapped, kek_version, compartment FROM data_keys WHERE tenant=? AND lookup=?",
+            (tenant, lookup)).fetchone()
+        return WrappedKey(*row) if row else None
+
+    def key_versions(self, tenant: str, key_id: str) -> list[tuple[int, str, str]]:
+        rows = self._reader().execute("SELECT seq, type, id FROM resource_versions WHERE tenant=? AND key_id=?",
+                                      (tenant, key_id)).fetchall()
+        return [(int(r[0]), r[1], r[2]) for r in rows]
+
+    def key_usage(self, tenant: str, key_id: str) -> list[tuple[str, str, int, int]]:
+        rows = self._reader().execute("SELECT type, id, count(*), max(last_updated) FROM resource_versions"
+                                      " WHERE tenant=? AND key_id=? GROUP BY type, id", (tenant, key_id)).fetchall()
+        return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+
+    def key_activity(self, tenant: str) -> dict[str, tuple[int, int]]:
+        rows = self._reader().execute("SELECT key_id, count(*), max(last_updated) FROM resource_versions"
+                                      " WHERE tenant=? GROUP BY key_id", (tenant,)).fetchall()
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
+
+    def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        conn = self._reader()
+        resources = conn.execute("SELECT count(*) FROM resources_current WHERE tenant=?", (tenant,)).fetchone()[0]
+        versions = conn.execute("SELECT count(*) FROM resource_versions WHERE tenant=?", (tenant,)).fetchone()[0]
+        return int(resources), int(versions)
+
     def tenant_keys(self, tenant: str) -> list[TenantKeyRow]:
         return _tenant_keys(self._reader(), tenant)
 
@@ -1162,6 +1223,20 @@ class SqliteStore:
     def leadership(self) -> FileLeadership:
         """Cluster singletons among the server processes of this data directory (container.leadership_for)."""
         return FileLeadership(self.path.parent)
+
+    def scrub(self) -> bool:
+        """Checkpoint the WAL into the database file and truncate it, so rows just deleted (destroyed keys)
+        leave the WAL's old page images; secure_delete zeroes them in the file. True when complete (False:
+        readers kept the WAL busy; the next checkpoint overwrites it)."""
+        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            conn.execute("PRAGMA secure_delete=ON")
+            busy, _log, _done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            conn.close()
+        if busy:
+            log.warning("WAL checkpoint after an erasure was blocked by readers; the WAL is overwritten later")
+        return not busy
 
     def close(self) -> None:
         with self._lifecycle:

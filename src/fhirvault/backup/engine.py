@@ -39,6 +39,7 @@ from typing import Protocol, TypeVar
 import orjson
 
 from fhirvault.adapters.files import fsync_dir, write_new
+from fhirvault.backup import erasure_ledger
 from fhirvault.backup.chain import (
     DELTA_KIND,
     ChainInfo,
@@ -324,6 +325,10 @@ def create_backup(data_dir: Path, target: BackupTarget, root: RootKeyProvider, *
                 raise BackupError(f"chunk {cid[:12]}… vanished from the target during the backup; run it again")
         raw = build_manifest(backup_id, secrets_.instance_id, created_ms, snapshot_ms, body, keys, root)
         retry.run("writing the manifest", lambda: target.put(manifest_key(backup_id), raw, retain_until_ms=retain))
+        with source.meta(read_only=True) as meta:
+            erased = erasure_ledger.local_entries(data_dir, meta.get_meta(erasure_ledger.LEDGER_META))
+        retry.run("writing the erasure ledger", partial(erasure_ledger.publish, target, erased, keys.signer,
+                                                        keys.public_key_hex))
     finally:
         lease.end()
     return CreateResult(backup_id, sum(f.size for f in body.files), len(body.files), len(body.chunk_sha256),
@@ -550,8 +555,13 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, backup_id: str | None = None,
                    at_ms: int | None = None, replay: Replay | None = None, retry: Retry = DEFAULT_RETRY,
-                   sink: Callable[[Path], RestoreSink] | None = None) -> RestoreResult:
+                   sink: Callable[[Path], RestoreSink] | None = None,
+                   allow_missing_ledger: bool = False,
+                   erasure_entries: set[erasure_ledger.Entry] | None = None) -> RestoreResult:
     """Rebuild a data directory from a backup; ``to_dir`` must be absent or empty.
+
+    The target's erasure ledger (with ``erasure_entries``, a copy the operator gives) goes into the
+    restored directory (backup/erasure_ledger.py); without one the restore fails unless ``allow_missing_ledger``.
 
     Everything is written to a hidden staging directory next to ``to_dir`` and renamed
     into place only when complete and checked, so a failure never leaves a directory
@@ -574,6 +584,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
         except (OSError, ValueError) as exc:
             raise RestoreError(f"the root key material is unusable: {exc}") from None
         m, keys, body, notes = choose(target, root, backup_id=backup_id, at_ms=at_ms, retry=retry)
+        erased = _erasure_ledger(target, keys, m.snapshot_ms, allow_missing_ledger, retry, erasure_entries)
         free = shutil.disk_usage(staging).free
         if free < m.size + (64 << 20):
             raise RestoreError(f"not enough disk space in {to_dir.parent}: backup {m.backup_id} needs "
@@ -593,6 +604,7 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
             replayed = replay(target, keys.seal_key, staging, body.watermarks, at_ms)  # as the replicator seals
         _check_databases(restored, databases)
         record_position(restored)
+        erasure_ledger.write_file(staging, erased)  # re-applied by the first start, before anything serves
         fsync_dir(staging)
         if to_dir.exists():
             to_dir.rmdir()
@@ -609,6 +621,16 @@ def restore_backup(target: BackupTarget, to_dir: Path, root_key_file: bytes, *, 
         raise
     return RestoreResult(m.backup_id, to_dir, m.size, time.monotonic() - started, m.snapshot_ms, body.watermarks,
                          replayed, notes)
+
+
+def _erasure_ledger(target: BackupTarget, keys: BackupKeys, snapshot_ms: int, allow_missing: bool,
+                    retry: Retry, extra: set[erasure_ledger.Entry] | None) -> set[erasure_ledger.Entry]:
+    try:
+        return retry.run("reading the erasure ledger", partial(
+            erasure_ledger.for_restore, target, keys.public_key_hex, snapshot_ms, allow_missing=allow_missing,
+            extra=extra))
+    except erasure_ledger.LedgerError as exc:
+        raise RestoreError(str(exc)) from None
 
 
 def _restore_file(target: BackupTarget, keys: BackupKeys, body: ManifestBody, f: FileEntry, path: Path,

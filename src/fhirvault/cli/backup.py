@@ -79,6 +79,11 @@ def register(sub: Any, settings_options: SettingsOptions) -> None:
     _recovery_options(p)
     p.add_argument("--to", required=True, type=Path, help="new data directory (must not exist or be empty)")
     p.add_argument("--root-key-file", dest="restore_root_key", type=Path, help="the deployment's root key file")
+    p.add_argument("--allow-missing-erasure-ledger", action="store_true",
+                   help="restore although the target holds no erasure ledger (erased patients could come back)")
+    p.add_argument("--erasure-ledger", type=Path, metavar="FILE",
+                   help="a copy of the erasure ledger (the data directory's erasure-ledger.json, or from escrow), "
+                        "merged with the target's; needed when the target has none")
     p.add_argument("--backup", dest="backup_id", help="backup id (default: the newest)")
     p.add_argument("--at", help="point in time, ISO 8601 with a time zone, e.g. 2026-11-29T03:00:00Z")
     p.add_argument("--database-url", help="a deployment on PostgreSQL: restore its tables into this new, empty "
@@ -326,7 +331,20 @@ def _restore(args: argparse.Namespace) -> int:
             return replay_feed(target, backup_key, data_dir, watermarks, until_ms, sink=restore_sink(data_dir, url))
 
         replay = replay_into
-    res = restore_backup(target, args.to, key_file, backup_id=args.backup_id, at_ms=at_ms, replay=replay, sink=sink)
+    extra = None
+    if args.erasure_ledger is not None:
+        from fhirvault.backup.erasure_ledger import LedgerError, decode
+
+        try:
+            extra = decode(args.erasure_ledger.read_bytes())
+        except LedgerError as exc:
+            raise CliError(f"{args.erasure_ledger}: {exc}") from None
+    res = restore_backup(target, args.to, key_file, backup_id=args.backup_id, at_ms=at_ms, replay=replay, sink=sink,
+                         allow_missing_ledger=args.allow_missing_erasure_ledger, erasure_entries=extra)
+    if args.allow_missing_erasure_ledger:
+        print("WARNING: restored without checking the erasure ledger: patients erased after this backup may be"
+              " readable again; copy the ledger (erasure-ledger.json) into the data directory before serving",
+              file=sys.stderr)
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"restored backup {res.backup_id} (snapshot {_iso(res.snapshot_ms)}) into {res.data_dir}: "

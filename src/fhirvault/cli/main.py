@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     compliance_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
+    from fhirvault.cli import retention as retention_cli
+    from fhirvault.cli import tenant as tenant_cli
+
+    retention_cli.register(sub, _settings_options)  # retention run, patient erase|restrict|hold…
+    tenant_cli.register(sub, _settings_options)  # tenant purge, tenant verify-certificate
     return parser
 
 
@@ -151,6 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in backup_cli.COMMANDS:
         return backup_cli.run(args, _load_existing)
+    if args.command == "tenant" and args.tenant_command == "verify-certificate":
+        from fhirvault.cli import tenant as tenant_cli
+
+        return tenant_cli.verify(args)
     new_dir_ok = args.command in ("init", "serve")
     settings = _load(args) if new_dir_ok else _load_existing(args)
     if args.command == "init":
@@ -189,6 +198,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fhirvault.cli import move as move_cli
 
         return move_cli.run(args, settings)
+    if args.command in ("retention", "patient"):
+        from fhirvault.cli import retention as retention_cli
+
+        return retention_cli.run(args, settings)
+    if args.command == "tenant":
+        from fhirvault.cli import tenant as tenant_cli
+
+        return tenant_cli.run(args, settings)
     return _fail("unknown command")
 
 

@@ -26,7 +26,10 @@ METRICS_SCOPE = "fhirvault/metrics.read"  # scrape /metrics; no FHIR access
 # Compliance registers and report (/admin/registers, /admin/compliance): read, and record changes.
 REGISTERS_READ_SCOPE = "fhirvault/registers.read"
 REGISTERS_WRITE_SCOPE = "fhirvault/registers.write"
-OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE, REGISTERS_READ_SCOPE, REGISTERS_WRITE_SCOPE})
+# Patient erasure, restriction, legal hold, retention ($erase, $restrict…): the data protection officer's
+# tools; also lets its holder read records whose processing is restricted (GDPR art. 17/18).
+LIFECYCLE_SCOPE = "fhirvault/lifecycle.write"
+OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE, REGISTERS_READ_SCOPE, REGISTERS_WRITE_SCOPE, LIFECYCLE_SCOPE})
 
 
 class ScopeError(ValueError):

@@ -67,6 +67,25 @@ BREAK_GLASS = {
                      "officer is alerted and reviews the case (docs/access-control.md).",
 }
 
+_LIFECYCLE_DOC = ("Parameters reason (string, 10 to 2000 characters); only for tokens with the "
+                  "fhirvault/lifecycle.write scope (backend service, security officer or platform admin); audited "
+                  "(docs/data-lifecycle.md).")
+LIFECYCLE = [
+    {"name": "erase", "definition": "urn:fhirvault:OperationDefinition/Patient-erase",
+     "documentation": "POST Patient/[id]/$erase: GDPR art. 17 erasure by crypto-shredding of the patient's data key "
+                      "(every version, every backup). Refused (409, naming the rule and its end date) under a "
+                      "retention rule or a legal hold; overrideRetention (boolean) lifts the retention rule. "
+                      + _LIFECYCLE_DOC},
+    {"name": "restrict", "definition": "urn:fhirvault:OperationDefinition/Patient-restrict",
+     "documentation": "POST Patient/[id]/$restrict: GDPR art. 18 restriction of processing (stored, not read or "
+                      "searched by ordinary clients). " + _LIFECYCLE_DOC},
+    {"name": "unrestrict", "definition": "urn:fhirvault:OperationDefinition/Patient-unrestrict",
+     "documentation": "POST Patient/[id]/$unrestrict: lifts the restriction. " + _LIFECYCLE_DOC},
+    {"name": "legal-hold", "definition": "urn:fhirvault:OperationDefinition/Patient-legal-hold",
+     "documentation": "POST Patient/[id]/$legal-hold with active (boolean): a legal hold blocks erasure and purge. "
+                      + _LIFECYCLE_DOC},
+]
+
 
 def _rev_includes(rtype: str, resource_types: list[str]) -> dict[str, Any]:
     """searchRevInclude, without AuditEvent (not in the resource store) and omitted when empty."""
@@ -176,7 +195,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             "operation": [*RESOURCE_OPERATIONS, *(
                 [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                 SUMMARY, ACCESS_HISTORY, BREAK_GLASS, PATIENT_EXPORT] if rtype == "Patient" else
+                 SUMMARY, ACCESS_HISTORY, BREAK_GLASS, PATIENT_EXPORT, *LIFECYCLE] if rtype == "Patient" else
                 [GROUP_EXPORT] if rtype == "Group" else []),
                 *TERMINOLOGY_OPERATIONS.get(rtype, [])],
         }

@@ -27,6 +27,8 @@ from fhirvault.domain.summary import elements, summary
 from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
 from fhirvault.fhir.bulk import BulkRoutes
 from fhirvault.fhir.bundles import BundleProcessor
+from fhirvault.fhir.lifecycle import OPERATIONS as LIFECYCLE_OPERATIONS
+from fhirvault.fhir.lifecycle import lifecycle_operation
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
 from fhirvault.fhir.negotiation import (
     FHIR_JSON,
@@ -195,6 +197,11 @@ class FhirRouter:
         if n == 3 and seg[2] == "$break-glass" and rtype == "Patient":
             self._allow(method, "POST")
             return await self._break_glass(req, rid)
+        if n == 3 and seg[2] in LIFECYCLE_OPERATIONS and rtype == "Patient":
+            self._allow(method, "POST")
+            require_json_body(req.header("content-type"))
+            out = await lifecycle_operation(self._repo, req.ctx, rid, seg[2], _parse_body(req.body))
+            return FhirResponse(200, out)
         if n == 3 and seg[2] == "$access-history" and rtype == "Patient":
             self._allow(method, "GET")
             return await self._access_history(req, rid)

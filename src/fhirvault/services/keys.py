@@ -166,6 +166,43 @@ class KeyRing:
         raw, compartment = self._open_row(row)
         return DataKey(row.key_id, Aead(raw), compartment)
 
+    def compartment_lookup(self, compartment: str) -> bytes:
+        """The HMAC naming a compartment in the store (data_keys.lookup, lifecycle state)."""
+        return self._lookup(compartment)
+
+    def existing(self, compartment: str) -> str | None:
+        """The compartment's data key id, if it has one (never creates it)."""
+        cached = self.cached_for(compartment)
+        if cached is not None:
+            return cached.key_id
+        row = self._store.data_key_by_lookup(self.tenant, self._lookup(compartment))
+        return row.key_id if row is not None else None
+
+    def compartments(self) -> dict[str, str]:
+        """Every data key of the tenant: key id -> compartment name (the retention job's census)."""
+        rows = self._store.write_sync("keys.census", lambda tx: tx.all_data_keys(self.tenant))
+        return {row.key_id: self._open_row(row)[1] for row in rows}
+
+    def forget_keys(self, key_ids: frozenset[str] | None) -> None:
+        """Another process destroyed these keys (None: any may have been): drop them from the caches."""
+        if key_ids is None:
+            with self._lock:
+                self._by_id.clear()
+                self._by_lookup.clear()
+            return
+        for key_id in key_ids:
+            self.forget(key_id)
+
+    def forget(self, key_id: str, lookup: bytes | None = None) -> None:
+        """Drop a destroyed key from the caches (erasure)."""
+        with self._lock:
+            self._by_id.pop(key_id, None)
+            if lookup is not None:
+                self._by_lookup.pop(lookup, None)
+            for found, key in list(self._by_lookup.items()):
+                if key.key_id == key_id:
+                    del self._by_lookup[found]
+
     def cached_for(self, compartment: str) -> DataKey | None:
         with self._lock:
             return self._by_lookup.get(self._lookup(compartment))

@@ -34,6 +34,7 @@ from fhirvault.domain.policy import (
     labels_of,
 )
 from fhirvault.domain.r4 import is_resource_type, patient_compartment_params, resource_types
+from fhirvault.domain.scopes import LIFECYCLE_SCOPE
 from fhirvault.domain.search.params import search_params
 from fhirvault.domain.search.query import (
     AnyCriterion,
@@ -67,6 +68,7 @@ from fhirvault.services.break_glass import (
 )
 from fhirvault.services.coherence import RELATIONSHIPS, publish
 from fhirvault.services.crypto import DecryptionError, associated_data
+from fhirvault.services.erasure import Lifecycle
 from fhirvault.services.keys import (
     TENANT_COMPARTMENT,
     DataKey,
@@ -95,6 +97,7 @@ from fhirvault.services.search import (
 from fhirvault.services.search_index import SearchIndex
 
 _MAX_PATCH_RETRIES = 5
+RESTRICTED_DETAIL = "processing restricted (GDPR art. 18)"
 
 
 def _conditional_key(rtype: str, params: list[tuple[str, str]]) -> str:
@@ -175,6 +178,8 @@ class Repository:
         self.relationships = Relationships(self._internal_find, clock, relationships)
         self.break_glass = BreakGlass(store, keys, clock, tenant=tenant, hours=break_glass_hours)
         self.guard = AccessGuard(tenant, self.relationships, self.break_glass, self._patient_id)
+        # GDPR art. 18 restriction and art. 17 erasure (services/erasure.py); set by the container.
+        self.lifecycle: Lifecycle | None = None
 
     # -- policy ----------------------------------------------------------------
     # Decisions are made by domain/policy.py; services/access.py gathers their facts. Here they are
@@ -331,6 +336,10 @@ class Repository:
         pid = patient_of(rtype, body)
         return await self._keys.for_compartment(patient_compartment(pid) if pid else TENANT_COMPARTMENT)
 
+    def open_version(self, v: StoredVersion) -> bytes:
+        """The plaintext of a stored version, for server-side processing (retention rules, bulk export)."""
+        return self._open(v)
+
     def _open(self, v: StoredVersion) -> bytes:
         try:
             key = self._keys.by_id(v.key_id)
@@ -338,10 +347,6 @@ class Repository:
         except (DecryptionError, KeyError_) as exc:
             # Tampered row, swapped blob or destroyed key: never serve it, never guess.
             raise IntegrityError(f"{v.type} version failed its integrity check: {type(exc).__name__}") from None
-
-    def open_version(self, v: StoredVersion) -> bytes:
-        """The plaintext JSON of a stored version (bulk export reads the store directly, judging each itself)."""
-        return self._open(v)
 
     def _patient_ref(self, key_id: str) -> str | None:
         pid = self._patient_id(key_id)
@@ -354,6 +359,27 @@ class Repository:
         compartment = self._keys.by_id(key_id).compartment
         return compartment[len("patient/"):] if compartment.startswith("patient/") else None
 
+    # -- restriction of processing (GDPR art. 18) ---------------------------------
+    @staticmethod
+    def may_lift_restriction(ctx: RequestContext) -> bool:
+        """Holders of the lifecycle scope (the DPO's tools) read restricted records; nobody else."""
+        p = ctx.principal
+        return p is not None and LIFECYCLE_SCOPE in p.scope.split()
+
+    def _restricted_keys(self, ctx: RequestContext, key_ids: set[str]) -> set[str]:
+        """The data keys among ``key_ids`` whose patient's processing is restricted for this caller."""
+        lc = self.lifecycle
+        if lc is None or self.may_lift_restriction(ctx):
+            return set()
+        return {k for k in key_ids if k and lc.restricted_compartment(self._keys.by_id(k).compartment)}
+
+    async def _refuse_restricted(self, ctx: RequestContext, interaction: str, v: StoredVersion) -> None:
+        if self._restricted_keys(ctx, {v.key_id}):
+            await self.audit_event(ctx, interaction, 403, RESTRICTED_DETAIL, entity=f"{v.type}/{v.id}",
+                                   patient=self._patient_ref(v.key_id))
+            raise errors.forbidden("Processing of this patient's data is restricted (GDPR art. 18): it is stored"
+                                   " but may not be read until the restriction is lifted.")
+
     def _seal_job(self, ctx: RequestContext, interaction: str, rtype: str, rid: str, body: dict[str, Any],
                   key: DataKey, if_match: int | None, *, must_exist: bool = False,
                   expect_version: int | None = None, status_new: int = 201, status_old: int = 200,
@@ -361,8 +387,14 @@ class Repository:
         """A write job: checks versions, stamps meta, encrypts, stores the version and its audit record."""
         tenant = self.tenant
         tags = self._index.resource_tags(rtype, body, skip=_STAMPED)
+        # A patient's key may have been erased by another process since it was cached here: never seal under
+        # a destroyed key (the version would be unreadable at once); the retry finds or makes the current one.
+        lookup = self._keys.compartment_lookup(key.compartment) if key.compartment.startswith("patient/") else None
 
         def job(tx: WriteTx) -> ResourceResult:
+            if lookup is not None and getattr(tx.data_key_by_lookup(tenant, lookup), "key_id", None) != key.key_id:
+                self._keys.forget(key.key_id, lookup)
+                raise ConcurrentChange()
             current = tx.current(tenant, rtype, rid)
             _etag_version(if_match, current)
             if expect_version is not None and (current is None or current.version != expect_version):
@@ -615,6 +647,7 @@ class Repository:
 
     async def _audited_read(self, ctx: RequestContext, interaction: str, v: StoredVersion,
                             access: Access) -> ResourceResult:
+        await self._refuse_restricted(ctx, interaction, v)
         body = self._open(v)
         entity = f"{v.type}/{v.id}/_history/{v.version}"
         purpose, restricted = None, False
@@ -656,6 +689,8 @@ class Repository:
         known to be allowed to read it, so that a 304 never confirms a forbidden resource."""
         access = await self.authorize(ctx, rtype, "r", "read", f"{rtype}/{rid}")
         current = self._store.read_current(self.tenant, rtype, rid)
+        if current is not None and not current.deleted:
+            await self._refuse_restricted(ctx, "read", current)  # a 304 would confirm it too
         if current is None or current.deleted or access.simple:
             return current
         await self._check(ctx, access, current, orjson.loads(self._open(current)), "read", "r", f"{rtype}/{rid}")
@@ -709,6 +744,8 @@ class Repository:
         has_more = len(rows) > count
         rows = rows[:count]
         next_seq = rows[-1].seq if has_more and rows else None
+        withheld = self._restricted_keys(ctx, {v.key_id for v in rows})
+        rows = [v for v in rows if v.key_id not in withheld]
         entries = [HistoryEntry(v, None if v.deleted else self._open(v)) for v in rows]
         if not access.simple:
             # Each version on its own content; deletions only inside an instance the caller may read.
@@ -773,6 +810,12 @@ class Repository:
                 outcome.warnings.append(Issue("warning", "suppressed",
                                               "Some included resources were left out: the caller may not read them."))
         outcome.includes = allowed
+        withheld = self._restricted_keys(ctx, {m.version.key_id for m in outcome.matches + allowed})
+        if withheld:
+            outcome.matches = [m for m in outcome.matches if m.version.key_id not in withheld]
+            outcome.includes = allowed = [m for m in allowed if m.version.key_id not in withheld]
+            outcome.warnings.append(Issue("warning", "suppressed", "Some resources were left out: processing of"
+                                          " their patient's data is restricted (GDPR art. 18)."))
         patients = {p for p in (self._patient_ref(m.version.key_id) for m in outcome.matches + allowed) if p}
         restricted = access.restricted or any(labels_of(m.resource) for m in outcome.matches + allowed)
         record = self._record(ctx, "search", 200, entity=parsed.resource_type, patient=",".join(sorted(patients)) or None,
@@ -924,6 +967,7 @@ class Repository:
             if not access.simple:
                 await self._check_deleted(ctx, access, patient, "operation", f"Patient/{pid}")
             raise errors.gone("Resource was deleted.")
+        await self._refuse_restricted(ctx, "operation", patient)
         patient_doc = orjson.loads(self._open(patient))
         if not access.simple:
             # The patient first: without access to the patient, nothing of the compartment (404).

@@ -31,6 +31,7 @@ from fhirvault.services.federation import OidcProvider
 from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.residency import OutboundGuard, allowed_hosts, install_guard
+from fhirvault.services.retention import RetentionScheduler, retention_singleton
 from fhirvault.services.singletons import LeaderOnly
 from fhirvault.services.terminology import TerminologyService
 from fhirvault.web import admin as admin_web
@@ -86,13 +87,16 @@ def _leads(container: Container, role: str) -> bool:
 
 
 async def _alert_housekeeping(container: Container, detection: DetectionEngine,
-                              backups: LeaderOnly[BackupScheduler] | None) -> None:
+                              backups: LeaderOnly[BackupScheduler] | None,
+                              retention: LeaderOnly[RetentionScheduler] | None = None) -> None:
     """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges;
     the backup scheduler (with its drills and replication) runs in the worker holding its role."""
     while True:
         try:
             if _leads(container, "clock-check"):  # one alert per clock jump, not one per worker
                 detection.check_clock()
+            if retention is not None:  # the retention job, in the worker holding its role
+                await asyncio.to_thread(retention.follow)
             running = await asyncio.to_thread(backups.follow) if backups is not None else None
             if running is not None:
                 running.update_metrics()
@@ -234,12 +238,14 @@ def create_app(container: Container) -> ASGIApp:
             if backup_settings else None
         if backups is not None:
             backups.follow()
-        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
+        retention = retention_singleton(container)
+        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups, retention))
         bulk_retention = asyncio.create_task(_bulk_housekeeping(container, bulk))
         yield
         housekeeping.cancel()
         bulk_retention.cancel()
         bulk.close()
+        retention.stop()
         if backups is not None:
             backups.stop()
         monitor.stop()

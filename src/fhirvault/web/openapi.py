@@ -49,7 +49,8 @@ _CRITERIA = {"name": "criteria", "in": "query", "required": True, "style": "form
 _PUBLIC: list[dict[str, list[str]]] = []  # an empty security requirement list: no token needed
 # Method of the FHIR operations this server declares (the CapabilityStatement does not carry it).
 _OPERATION_METHODS = {"everything": "get", "access-history": "get", "break-glass": "post", "validate": "post",
-                      "meta": "get", "meta-add": "post", "meta-delete": "post", "summary": "get",
+                      "meta": "get", "meta-add": "post", "meta-delete": "post", "summary": "get", "erase": "post",
+                      "restrict": "post", "unrestrict": "post", "legal-hold": "post",
                       "lookup": "get", "expand": "get", "validate-code": "get"}
 _TYPE_LEVEL = {"summary": ["get"], "lookup": ["get", "post"], "expand": ["get", "post"],
                "validate-code": ["get", "post"]}
