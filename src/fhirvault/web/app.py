@@ -31,6 +31,7 @@ from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.singletons import LeaderOnly
 from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
+from fhirvault.web.console.routes import Console
 from fhirvault.web.fhir_endpoint import FhirEndpoint
 from fhirvault.web.firewall import Firewall
 from fhirvault.web.login import IdentityWeb
@@ -112,6 +113,7 @@ def create_app(container: Container) -> ASGIApp:
     identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
     oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
                            server=identity.server)
+    console = Console(container, identity.server, identity.users, detection, detection.throttled)
     docs = _PerBaseUrl(container)
     types = frozenset(resource_types())
 
@@ -187,7 +189,9 @@ def create_app(container: Container) -> ASGIApp:
         if backups is not None:
             backups.follow()
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
+        console.sampler.start()  # the console's charts: one sample a minute
         yield
+        console.sampler.stop()
         housekeeping.cancel()
         if backups is not None:
             backups.stop()
@@ -203,6 +207,7 @@ def create_app(container: Container) -> ASGIApp:
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *admin_web.routes(container),
+            *console.routes(),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
             openapi_route("/openapi.json", lambda: other.routes, FHIR_PREFIX, lambda url: documents_for(url)[0],
                           fhir.base_url),
