@@ -214,7 +214,7 @@ class Console:
                 await self._repo.audit_event(viewer.ctx, "console", 403, f"role {viewer.user.role} may not open"
                                              f" {section}", entity=f"console/{section}", category="security")
                 return self._render("message.html", viewer, viewer.lang, 403, title=viewer.t("forbidden.title"),
-                                    message=viewer.t("forbidden.text"), detail=None)
+                                    message=viewer.t("forbidden.text"), detail=None, path=request.url.path)
             form: dict[str, str] = {}
             if request.method == "POST":
                 try:
