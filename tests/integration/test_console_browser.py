@@ -16,7 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pyotp
@@ -25,7 +24,14 @@ from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
 from tests.conftest import PATIENT, Server, engine_settings, start_server
-from tests.integration.identity_helpers import APP_SCOPE, PASSWORD, REDIRECT, Person, exchange, login
+from tests.integration.identity_helpers import (
+    APP_SCOPE,
+    PASSWORD,
+    REDIRECT,
+    Person,
+    exchange,
+    login,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
