@@ -231,6 +231,8 @@ class Console:
                 issue = exc.issues[0].diagnostics if exc.issues else None
                 return self._error(viewer, "error.title", exc.status if exc.status < 500 else 400, issue)
 
+        endpoint.__doc__ = (f"Operator console, {section} ({handler.__name__.strip('_')}): a console session of a "
+                            f"{' or '.join(sorted(roles))}; forms need the session's CSRF token")
         return endpoint
 
     @staticmethod
@@ -257,6 +259,10 @@ class Console:
                                 next=nxt if nxt.startswith("/console/") else "")
         self._cookie(response, PRE_COOKIE, token, PENDING_S * 2)
         return response
+
+    async def sign_in(self, request: Request) -> Response:
+        """The console's sign-in form (GET) and its password step (POST)."""
+        return await (self.login(request) if request.method == "POST" else self.login_page(request))
 
     async def login_page(self, request: Request) -> Response:
         if await self._viewer(request) is not None:
@@ -409,6 +415,11 @@ class Console:
         return self._done("/console/break-glass")
 
     # -- security officer: access reviews -------------------------------------------------------------
+    async def reviews_any(self, request: Request, viewer: Viewer, form: dict[str, str]) -> Response:
+        if request.method == "POST":
+            return await self.review_start(request, viewer, form)
+        return await self.reviews_page(request, viewer, form)
+
     async def reviews_page(self, request: Request, viewer: Viewer, form: dict[str, str]) -> Response:
         campaigns = await asyncio.to_thread(self.reviews.campaigns)
         now = self._c.clock.now_ms()
@@ -716,8 +727,7 @@ class Console:
         g = self._guard
         return [
             Route("/console", self.home, methods=["GET"]),
-            Route("/console/login", self.login_page, methods=["GET"]),
-            Route("/console/login", self.login, methods=["POST"]),
+            Route("/console/login", self.sign_in, methods=["GET", "POST"]),
             Route("/console/login/totp", self.login_totp, methods=["POST"]),
             Route("/console/logout", self.logout, methods=["POST"]),
             Route("/console/lang/{code}", self.language, methods=["GET"]),
@@ -727,8 +737,7 @@ class Console:
             Route("/console/break-glass", g("break_glass", self.break_glass), methods=["GET"]),
             Route("/console/break-glass/{grant_id}/review", g("break_glass", self.break_glass_review),
                   methods=["POST"]),
-            Route("/console/reviews", g("reviews", self.reviews_page), methods=["GET"]),
-            Route("/console/reviews", g("reviews", self.review_start), methods=["POST"]),
+            Route("/console/reviews", g("reviews", self.reviews_any), methods=["GET", "POST"]),
             Route("/console/reviews/{campaign_id}", g("reviews", self.review_page), methods=["GET"]),
             Route("/console/reviews/{campaign_id}/decide", g("reviews", self.review_decide), methods=["POST"]),
             Route("/console/access-history", g("history", self.history), methods=["GET"]),
