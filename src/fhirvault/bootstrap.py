@@ -16,6 +16,9 @@ from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyRing
 
 ADMIN_CLIENT_FILE = "admin-client.json"
 ADMIN_SCOPE = "system/*.cruds"
+# Production mode (separation of duties): the bootstrap client gets operational scopes only; clinical
+# clients are created afterwards, each with a named owner and purpose (fhirvault client create --owner).
+PRODUCTION_ADMIN_SCOPE = "fhirvault/registers.read fhirvault/metrics.read"
 LOCK_FILE = "serve.lock"  # held by a running server (fhirvault serve)
 # Files that may be in a directory before it is initialised (the config file is read from DATA_DIR by default).
 _ALLOWED_BEFORE_INIT = frozenset({CONFIG_FILE_NAME, LOCK_FILE})
@@ -63,7 +66,7 @@ def initialise(settings: Settings, clock: Clock | None = None) -> Path:
         keys.for_compartment_sync(AUDIT_COMPARTMENT)
         auth = AuthService(store, root, clock, issuer=issuer_for(store), tenant=settings.tenant,
                            token_ttl_seconds=settings.token_ttl_seconds)
-        admin = auth.register_client("admin", ADMIN_SCOPE)
+        admin = auth.register_client("admin", PRODUCTION_ADMIN_SCOPE if settings.mode == "production" else ADMIN_SCOPE)
     finally:
         store.close()
     path = data_dir / ADMIN_CLIENT_FILE

@@ -10,6 +10,7 @@ never part of the settings: they live in the data directory's key material.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import tomllib
@@ -23,7 +24,10 @@ if TYPE_CHECKING:
     from fhirvault.services.alert_settings import AlertSettings
     from fhirvault.services.federation_settings import IdentityProviderSettings
     from fhirvault.services.firewall_settings import FirewallSettings
+    from fhirvault.services.patient_notify import PatientNotifySettings
+    from fhirvault.services.registers import ActorSettings, ProcessingSettings
     from fhirvault.services.relationships import RelationshipSettings
+    from fhirvault.services.residency import ResidencySettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -75,12 +79,20 @@ class Settings:
     # (None: loopback names and the bind address; ("*",): any, which reflects Host into links).
     trusted_proxies: tuple[str, ...] = ()  # normalised CIDRs
     allowed_hosts: tuple[str, ...] | None = None
+    # default | production: production issues no clinical scopes at bootstrap, requires an owner and a
+    # purpose for every backend client with clinical scopes, and a declared country for every destination.
+    mode: str = "default"
+    country: str | None = None  # ISO 3166-1 alpha-2: where this instance and its data directory are
     # Tables of the config file, parsed by their own modules (see SECTIONS).
     alerts: AlertSettings | None = None
     backup: BackupSettings | None = None
     identity_providers: tuple[IdentityProviderSettings, ...] = ()  # [[identity_providers]]: OIDC federation
     access: RelationshipSettings | None = None  # [access]: which care relationships open a patient's record
     firewall: FirewallSettings | None = None  # [firewall]: rate limits, source allow-lists (None: defaults)
+    residency: ResidencySettings | None = None  # [residency]: destinations' countries, outbound allow-list
+    actors: tuple[ActorSettings, ...] = ()  # [[actors]]: processors and subcontractors (GDPR art. 28)
+    processing: ProcessingSettings | None = None  # [processing]: controller, purposes (record of processing)
+    patient_notifications: PatientNotifySettings | None = None  # [patient_notifications]: break-glass notices
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -209,6 +221,12 @@ def _database_url(name: str, raw: Any) -> str:
     return raw
 
 
+def _country(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not re.fullmatch(r"[A-Za-z]{2}", raw):
+        raise SettingsError(f"{name}: expected an ISO 3166-1 alpha-2 country code, e.g. \"FR\"")
+    return raw.upper()
+
+
 def _tenant(name: str, raw: Any) -> str:
     value = _text(name, raw)
     if not value.replace("-", "").isalnum() or len(value) > 64:
@@ -246,9 +264,12 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "break_glass_hours": _positive_int(1, 72),
     "trusted_proxies": _networks,
     "allowed_hosts": _hosts,
+    "mode": _choice("default", "production"),
+    "country": _country,
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall")
+SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall", "residency", "actors", "processing",
+            "patient_notifications")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -274,6 +295,26 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.firewall_settings import parse_firewall_settings
 
         return parse_firewall_settings(raw, origin) if raw else None
+    return _parse_compliance_section(name, raw, origin, environ)
+
+
+def _parse_compliance_section(name: str, raw: Any, origin: str, environ: Mapping[str, str]) -> Any:
+    if name == "residency":
+        from fhirvault.services.residency import parse_residency_settings
+
+        return parse_residency_settings(raw, origin) if raw else None
+    if name == "actors":
+        from fhirvault.services.registers import parse_actors
+
+        return parse_actors(raw, origin)
+    if name == "processing":
+        from fhirvault.services.registers import parse_processing
+
+        return parse_processing(raw, origin) if raw else None
+    if name == "patient_notifications":
+        from fhirvault.services.patient_notify import parse_patient_notify
+
+        return parse_patient_notify(raw, origin, environ) if raw else None
     raise AssertionError(name)
 
 
@@ -364,4 +405,10 @@ def load_settings(
                             " (see docs/postgresql-backup.md)")
     if settings.default_page_size > settings.max_page_size:
         raise SettingsError("default_page_size must not exceed max_page_size")
+    from fhirvault.services.residency import (
+        check_residency,  # imports SettingsError from this module
+    )
+
+    for warning in check_residency(settings):
+        logging.getLogger("fhirvault.config").warning("residency: %s", warning)
     return settings

@@ -135,6 +135,11 @@ def open_store(settings: Settings) -> ResourceStore:
     return SqliteStore(settings.database_path, settings.audit_database_path)
 
 
+def alert_store(settings: Settings) -> SqliteAlertStore:
+    """The alerts of a data directory, for one-shot tools (the server's AlertService owns it while serving)."""
+    return SqliteAlertStore(settings.data_dir / "alerts.sqlite3")
+
+
 def schema_migrator(settings: Settings) -> SchemaMigrator:
     """The numbered schema migrations of the configured engine (opening a store also applies them)."""
     if settings.database_url is not None:

@@ -234,6 +234,20 @@ class BreakGlassRow:
     blob: bytes  # AEAD of the JSON details: reason, purpose, role, review decision and note
 
 
+# -- compliance registers: incidents, data-subject requests (see services/registers.py) --
+@dataclass(frozen=True, slots=True)
+class RegisterRow:
+    tenant: str
+    kind: str  # incident | request
+    entry_id: str
+    created_ms: int
+    updated_ms: int
+    status: str
+    due_ms: int | None  # the legal deadline (72-hour notification, one-month answer); None once not due
+    key_id: str  # the tenant data key sealing ``blob``
+    blob: bytes  # AEAD of the JSON details (may name a person: never stored in clear)
+
+
 class WriteTx(Protocol):
     """One open write transaction. Used only inside ``ResourceStore.write``."""
 
@@ -326,6 +340,15 @@ class WriteTx(Protocol):
         """Insert or replace a grant (a review replaces its status and details)."""
         ...
 
+    # -- compliance registers --
+    def put_register_entry(self, row: RegisterRow) -> None:
+        """Insert or replace a register entry (an update replaces its status, deadline and details)."""
+        ...
+
+    def register_entry_for_update(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        """The entry, locked until the end of the transaction where the engine locks rows."""
+        ...
+
 
 class ResourceStore(Protocol):
     async def write(self, name: str, fn: Callable[[WriteTx], T]) -> T:
@@ -379,6 +402,13 @@ class ResourceStore(Protocol):
     def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
                          expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
         """Grants, newest first, filtered by review status, user, and/or still running after a time."""
+        ...
+
+    # -- compliance registers --
+    def register_entry(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None: ...
+    def register_entries(self, tenant: str, kind: str, *, status: str | None = None,
+                         limit: int = 1000) -> list[RegisterRow]:
+        """Entries of one register, newest first, optionally of one status."""
         ...
 
     def close(self) -> None: ...

@@ -35,6 +35,7 @@ from fhirvault.services.alert_settings import (
     WebhookSinkSettings,
 )
 from fhirvault.services.alerts import CLOSED, RESOLVED, Alert, AlertSink
+from fhirvault.services.residency import check_outbound
 
 SIGNATURE_HEADER = "X-Fhirvault-Signature"
 TIMESTAMP_HEADER = "X-Fhirvault-Timestamp"
@@ -122,6 +123,7 @@ class WebhookSink:
 
     def send(self, alert: Alert, event: str) -> None:
         s = self._settings
+        check_outbound(s.url, "alert webhook")
         if s.format == "alertmanager":
             body = orjson.dumps([alertmanager_alert(alert, event)])
         else:
@@ -159,6 +161,7 @@ class SmtpSink:
 
     def send(self, alert: Alert, event: str) -> None:
         s = self._settings
+        check_outbound(s.host, "alert e-mail")
         context = tls_client_context(s.ca_file)
         smtp = (smtplib.SMTP_SSL(s.host, s.port, timeout=s.timeout_seconds, context=context) if s.implicit_tls
                 else smtplib.SMTP(s.host, s.port, timeout=s.timeout_seconds))

@@ -30,6 +30,7 @@ from fhirvault.ports import (
     HistoryQuery,
     LoginSessionRow,
     RefreshTokenRow,
+    RegisterRow,
     SearchQuery,
     StoredVersion,
     TenantKeyRow,
@@ -71,6 +72,7 @@ class _Tables:
     tagged: dict[bytes, frozenset[int]] = field(default_factory=dict)  # tag -> rks
     # -- break-the-glass --
     break_glass: dict[str, BreakGlassRow] = field(default_factory=dict)
+    registers: dict[tuple[str, str, str], RegisterRow] = field(default_factory=dict)  # (tenant, kind, id)
     # -- identity --
     users: dict[str, UserRow] = field(default_factory=dict)
     links: dict[tuple[str, str, str], str] = field(default_factory=dict)
@@ -253,6 +255,13 @@ class _Tx:
     # -- break-the-glass --
     def put_break_glass(self, row: BreakGlassRow) -> None:
         self._set(self._t.break_glass, row.grant_id, row)
+
+    # -- compliance registers --
+    def put_register_entry(self, row: RegisterRow) -> None:
+        self._set(self._t.registers, (row.tenant, row.kind, row.entry_id), row)
+
+    def register_entry_for_update(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        return self._t.registers.get((tenant, kind, entry_id))
 
     # -- identity --
     def insert_user(self, row: UserRow) -> None:
@@ -545,6 +554,18 @@ class MemoryStore:
                     and (status is None or r.status == status) and (user_id is None or r.user_id == user_id)
                     and (expires_after_ms is None or r.expires_ms > expires_after_ms)]
         return sorted(rows, key=lambda r: r.created_ms, reverse=True)[:limit]
+
+    # -- compliance registers --
+    def register_entry(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        with self._lock:
+            return self._t.registers.get((tenant, kind, entry_id))
+
+    def register_entries(self, tenant: str, kind: str, *, status: str | None = None,
+                         limit: int = 1000) -> list[RegisterRow]:
+        with self._lock:
+            rows = [r for (t, k, _), r in self._t.registers.items() if t == tenant and k == kind
+                    and (status is None or r.status == status)]
+        return sorted(rows, key=lambda r: (-r.created_ms, r.entry_id))[:limit]
 
     # -- identity --
     def user(self, user_id: str) -> UserRow | None:

@@ -263,6 +263,23 @@ CREATE TABLE IF NOT EXISTS coherence_log (
 CREATE INDEX IF NOT EXISTS coherence_log_seq ON coherence_log (seq);
 """
 
+# Compliance registers (services/registers.py): incidents and data-subject requests; details sealed in blob.
+REGISTERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS register_entries (
+    tenant     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    entry_id   TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    updated_ms BIGINT NOT NULL,
+    status     TEXT NOT NULL,
+    due_ms     BIGINT,
+    key_id     TEXT NOT NULL,
+    blob       BYTEA NOT NULL,
+    PRIMARY KEY (tenant, kind, entry_id)
+);
+CREATE INDEX IF NOT EXISTS register_entries_created ON register_entries (tenant, kind, created_ms);
+"""
+
 # Numbered migrations (``meta.schema_version`` records the last applied): version 1 is what the first
 # PostgreSQL release created, each later change is its own step. Every step is idempotent (IF NOT
 # EXISTS), because databases made by unreleased builds may have a change without its version.
@@ -271,6 +288,7 @@ MIGRATIONS: tuple[tuple[Migration, str], ...] = (
     (Migration(2, "clients.allowed_sources: CIDRs a client may call from"),
      "ALTER TABLE clients ADD COLUMN IF NOT EXISTS allowed_sources TEXT;  -- space-separated; NULL: anywhere"),
     (Migration(3, "coherence_head, coherence_log: cache coherence between processes"), COHERENCE_SCHEMA),
+    (Migration(4, "register_entries: incident and data-subject request registers"), REGISTERS_SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0].version
 assert [m.version for m, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "steps must be numbered 1..N"

@@ -51,6 +51,7 @@ from fhirvault.adapters.sqlite_store import (
     _CLIENT_COLUMNS,
     _CODE_COLUMNS,
     _REFRESH_COLUMNS,
+    _REG_COLUMNS,
     _USER_COLUMNS,
     _break_glass,
     _checkpoint,
@@ -58,6 +59,7 @@ from fhirvault.adapters.sqlite_store import (
     _code,
     _deliver,
     _refresh,
+    _register,
     _run_callbacks,
     _settle,
     _user,
@@ -76,6 +78,7 @@ from fhirvault.ports import (
     LostLeadership,
     Migration,
     RefreshTokenRow,
+    RegisterRow,
     SchemaError,
     SchemaTooNew,
     SearchQuery,
@@ -445,6 +448,20 @@ class _Tx:
                 " status=excluded.status, key_id=excluded.key_id, blob=excluded.blob",
                 (row.grant_id, row.tenant, row.user_id, row.patient_id, row.created_ms, row.expires_ms,
                  row.status, row.key_id, row.blob))
+
+    # -- compliance registers --
+    def put_register_entry(self, row: RegisterRow) -> None:
+        self._x(f"INSERT INTO register_entries ({_REG_COLUMNS}) VALUES ({_marks(9)})"  # noqa: S608
+                " ON CONFLICT (tenant, kind, entry_id) DO UPDATE SET created_ms=excluded.created_ms,"
+                " updated_ms=excluded.updated_ms, status=excluded.status, due_ms=excluded.due_ms,"
+                " key_id=excluded.key_id, blob=excluded.blob",
+                (row.tenant, row.kind, row.entry_id, row.created_ms, row.updated_ms, row.status, row.due_ms,
+                 row.key_id, row.blob))
+
+    def register_entry_for_update(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        row = self._x(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE tenant=%s AND kind=%s"  # noqa: S608
+                      " AND entry_id=%s FOR UPDATE", (tenant, kind, entry_id)).fetchone()
+        return _register(row) if row else None
 
     # -- identity --
     def insert_user(self, row: UserRow) -> None:
@@ -979,6 +996,20 @@ class PostgresStore:
         rows = self._all(f"SELECT {_BG_COLUMNS} FROM break_glass WHERE {' AND '.join(where)}"  # noqa: S608
                          " ORDER BY created_ms DESC LIMIT %s", (*args, limit))
         return [_break_glass(r) for r in rows]
+
+    # -- compliance registers --
+    def register_entry(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        row = self._one(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE tenant=%s AND kind=%s"  # noqa: S608
+                        " AND entry_id=%s", (tenant, kind, entry_id))
+        return _register(row) if row else None
+
+    def register_entries(self, tenant: str, kind: str, *, status: str | None = None,
+                         limit: int = 1000) -> list[RegisterRow]:
+        where, args = ("tenant=%s AND kind=%s AND status=%s", (tenant, kind, status)) if status is not None \
+            else ("tenant=%s AND kind=%s", (tenant, kind))
+        rows = self._all(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE {where}"  # noqa: S608
+                         " ORDER BY created_ms DESC, entry_id LIMIT %s", (*args, limit))
+        return [_register(r) for r in rows]
 
     # -- identity --
     def user(self, user_id: str) -> UserRow | None:

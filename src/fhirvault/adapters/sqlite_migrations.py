@@ -21,6 +21,7 @@ from fhirvault.adapters.sqlite_schema import (
     BREAK_GLASS_SCHEMA,
     IDENTITY_SCHEMA,
     MULTI_PROCESS_SCHEMA,
+    REGISTERS_SCHEMA,
     SCHEMA,
 )
 from fhirvault.ports import Migration, SchemaError, SchemaTooNew
@@ -108,6 +109,7 @@ STEPS: tuple[_Step, ...] = (
           _merge_audit),
     _Step(Migration(4, "index_dirty.flushed, coherence_log: several server processes on one database"),
           _both(_add_column("index_dirty", "flushed", "BLOB"), _script(MULTI_PROCESS_SCHEMA))),
+    _Step(Migration(5, "register_entries: incident and data-subject request registers"), _script(REGISTERS_SCHEMA)),
 )
 LATEST = STEPS[-1].migration.version
 assert [s.migration.version for s in STEPS] == list(range(1, LATEST + 1)), "steps must be numbered 1..N"

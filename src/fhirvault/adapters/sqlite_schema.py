@@ -259,3 +259,23 @@ CREATE TABLE IF NOT EXISTS coherence_log (
 );
 CREATE INDEX IF NOT EXISTS coherence_log_seq ON coherence_log (seq);
 """
+
+
+# Compliance registers (services/registers.py), schema version 5: incidents and data-subject requests.
+# Routing columns in clear (kind, status, deadline) for listing and overdue checks; the details, which may
+# name a person, sealed with the tenant data key in ``blob``.
+REGISTERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS register_entries (
+    tenant     TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    entry_id   TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    status     TEXT NOT NULL,
+    due_ms     INTEGER,
+    key_id     TEXT NOT NULL,
+    blob       BLOB NOT NULL,
+    PRIMARY KEY (tenant, kind, entry_id)
+);
+CREATE INDEX IF NOT EXISTS register_entries_created ON register_entries (tenant, kind, created_ms);
+"""

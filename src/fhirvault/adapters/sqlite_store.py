@@ -47,6 +47,7 @@ from fhirvault.ports import (
     LoginSessionRow,
     Migration,
     RefreshTokenRow,
+    RegisterRow,
     SearchQuery,
     StoredVersion,
     TenantKeyRow,
@@ -95,6 +96,14 @@ _BG_COLUMNS = "grant_id, tenant, user_id, patient_id, created_ms, expires_ms, st
 
 def _break_glass(r: tuple[Any, ...]) -> BreakGlassRow:
     return BreakGlassRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
+
+
+# -- compliance registers --
+_REG_COLUMNS = "tenant, kind, entry_id, created_ms, updated_ms, status, due_ms, key_id, blob"
+
+
+def _register(r: tuple[Any, ...]) -> RegisterRow:
+    return RegisterRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bytes(r[8]))
 
 
 # -- identity --
@@ -339,6 +348,17 @@ class _Tx:
         self._c.execute(f"REPLACE INTO break_glass ({_BG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",  # noqa: S608
                         (row.grant_id, row.tenant, row.user_id, row.patient_id, row.created_ms, row.expires_ms,
                          row.status, row.key_id, row.blob))
+
+    # -- compliance registers --
+    def put_register_entry(self, row: RegisterRow) -> None:
+        self._c.execute(f"REPLACE INTO register_entries ({_REG_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                        (row.tenant, row.kind, row.entry_id, row.created_ms, row.updated_ms, row.status, row.due_ms,
+                         row.key_id, row.blob))
+
+    def register_entry_for_update(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        row = self._c.execute(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE tenant=? AND kind=?"  # noqa: S608
+                              " AND entry_id=?", (tenant, kind, entry_id)).fetchone()
+        return _register(row) if row else None
 
     # -- identity --
     def insert_user(self, row: UserRow) -> None:
@@ -1063,6 +1083,20 @@ class SqliteStore:
             f"SELECT {_BG_COLUMNS} FROM break_glass WHERE {' AND '.join(where)}"  # noqa: S608
             " ORDER BY created_ms DESC LIMIT ?", (*args, limit)).fetchall()
         return [_break_glass(r) for r in rows]
+
+    # -- compliance registers --
+    def register_entry(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
+        row = self._reader().execute(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE tenant=? AND kind=?"  # noqa: S608
+                                     " AND entry_id=?", (tenant, kind, entry_id)).fetchone()
+        return _register(row) if row else None
+
+    def register_entries(self, tenant: str, kind: str, *, status: str | None = None,
+                         limit: int = 1000) -> list[RegisterRow]:
+        where, args = ("tenant=? AND kind=? AND status=?", (tenant, kind, status)) if status is not None \
+            else ("tenant=? AND kind=?", (tenant, kind))
+        rows = self._reader().execute(f"SELECT {_REG_COLUMNS} FROM register_entries WHERE {where}"  # noqa: S608
+                                      " ORDER BY created_ms DESC, entry_id LIMIT ?", (*args, limit)).fetchall()
+        return [_register(r) for r in rows]
 
     # -- identity --
     def user(self, user_id: str) -> UserRow | None:

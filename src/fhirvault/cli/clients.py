@@ -16,7 +16,7 @@ from typing import Any
 
 from fhirvault.config import Settings
 
-COMMANDS = ("list", "disable", "enable", "rotate-secret")
+COMMANDS = ("list", "disable", "enable", "rotate-secret", "set-owner")
 
 
 def register(client_sub: Any, settings_options: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -32,6 +32,12 @@ def register(client_sub: Any, settings_options: Callable[[argparse.ArgumentParse
         settings_options(q)
         q.add_argument("--client-id", dest="client_id", required=True,
                        help="the client's id (fv-…), as shown by 'fhirvault client list'")
+    q = client_sub.add_parser("set-owner", help="name the person or team answering for a client, and its purpose"
+                              " (required for clinical scopes in production mode)")
+    settings_options(q)
+    q.add_argument("--client-id", dest="client_id", required=True, help="the client's id (fv-…)")
+    q.add_argument("--owner", required=True, help="the person or team answering for the client")
+    q.add_argument("--purpose", required=True, help="what the client is for")
 
 
 def handles(args: argparse.Namespace) -> bool:
@@ -57,19 +63,25 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.client_command == "list":
             return _list(container, settings, json_output=args.json)
+        if args.client_command == "set-owner":
+            return _set_owner(container, args.client_id, args.owner, args.purpose)
         return _change(container, settings, args.client_command, args.client_id)
     finally:
         container.close()
 
 
 def _list(container: Any, settings: Settings, *, json_output: bool) -> int:
+    from fhirvault.services.client_owners import owner_of
+
     rows = []
     for c in container.store.clients(settings.tenant):
         app = container.store.app(c.client_id)
         auth = "secret" if c.secret_hash else "private_key_jwt" if c.jwks else "none (public, PKCE)"
+        owner = owner_of(container.store, c.client_id)
         rows.append({"client_id": c.client_id, "name": c.name, "kind": "smart-app" if app else "service",
                      "authentication": auth, "scope": c.scopes, "created": _iso(c.created_ms),
-                     "disabled": c.disabled})
+                     "disabled": c.disabled, "owner": owner.owner if owner else None,
+                     "purpose": owner.purpose if owner else None})
     if json_output:
         for row in rows:
             print(json.dumps(row))
@@ -78,6 +90,28 @@ def _list(container: Any, settings: Settings, *, json_output: bool) -> int:
     for row in rows:
         state = "disabled" if row["disabled"] else "active"
         print(f"{row['client_id']:24} {state:9} {row['kind']:10} {row['created']:21} {row['name']}")
+    return 0
+
+
+def _set_owner(container: Any, client_id: str, owner_text: str, purpose: str) -> int:
+    from fhirvault.services.audit import AuditRecord
+    from fhirvault.services.client_owners import OwnerError, check_owner, set_owner
+
+    try:
+        owner = check_owner(owner_text, purpose)
+    except OwnerError as exc:
+        return _fail(str(exc))
+    if container.store.client(client_id) is None:
+        return _fail(f"no client {client_id} (see 'fhirvault client list')")
+    event = AuditRecord(container.clock.now_ms(), "user-change", "0", 200, "-", client_id=client_id,
+                        detail=f"client {client_id}: owner {owner.owner}, purpose {owner.purpose}", category="system")
+
+    def job(tx: Any) -> None:
+        set_owner(tx, client_id, owner)
+        container.audit.record(tx, event)
+
+    container.store.write_sync("clients.owner", job)
+    print(f"client {client_id}: owner {owner.owner}, purpose {owner.purpose}")
     return 0
 
 

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_create.add_argument("--allowed-source", dest="allowed_sources", action="append", default=[],
                           metavar="CIDR", help="address or CIDR the client may call from (repeatable;"
                           " default: anywhere)")
+    p_create.add_argument("--owner", help="the person or team answering for this client (required for clinical"
+                          " scopes in production mode; recorded in the record of processing)")
+    p_create.add_argument("--purpose", help="what the client is for (required with --owner)")
 
     p_keys = sub.add_parser("keys", help="key management")
     keys_sub = p_keys.add_subparsers(dest="keys_command", required=True)
@@ -70,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     move_cli.register(sub, _settings_options)
     migrate_cli.register(sub, _settings_options)
+    from fhirvault.cli import compliance as compliance_cli
+    from fhirvault.cli import register as register_cli
+
+    register_cli.register(sub, _settings_options)
+    compliance_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     return parser
@@ -159,6 +167,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fhirvault.cli import audit as audit_cli
 
         return audit_cli.run(args, settings)
+    if args.command == "register":
+        from fhirvault.cli import register as register_cli
+
+        return register_cli.run(args, settings)
+    if args.command == "compliance":
+        from fhirvault.cli import compliance as compliance_cli
+
+        return compliance_cli.run(args, settings)
     if args.command == "move":
         from fhirvault.cli import move as move_cli
 
@@ -187,6 +203,17 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
             jwks = json.loads(args.jwks_file.read_text())
         except (OSError, ValueError) as exc:
             return _fail(f"cannot read JWK Set: {exc}")
+    from fhirvault.services.client_owners import ClientOwner, OwnerError, check_owner, set_owner
+    from fhirvault.services.registers import has_clinical_scopes
+
+    owner: ClientOwner | None = None
+    try:
+        if args.owner is not None or args.purpose is not None:
+            owner = check_owner(args.owner, args.purpose)
+        elif settings.mode == "production" and has_clinical_scopes(args.scope):
+            check_owner(None, None)  # separation of duties: refused, with the reason
+    except OwnerError as exc:
+        return _fail(str(exc))
     try:
         container = build(settings)
     except Exception as exc:  # a missing or uninitialised data dir, a wrong key file
@@ -194,8 +221,11 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
     try:
         client = container.auth.register_client(args.name, args.scope, jwks=jwks, with_secret=not args.no_secret,
                                                 allowed_sources=args.allowed_sources)
+        if owner is not None:
+            container.store.write_sync("clients.owner", lambda tx: set_owner(tx, client.client_id, owner))
         container.audit.record_system_event(container.store, container.clock, "user-change",
-                                            f"client {client.client_id} created with scope {client.scope}")
+                                            f"client {client.client_id} created with scope {client.scope}"
+                                            + (f"; owner {owner.owner}, purpose {owner.purpose}" if owner else ""))
     except ScopeError as exc:
         return _fail(str(exc))
     finally:
@@ -203,6 +233,8 @@ def _client_create(settings: Settings, args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"client_id": client.client_id, "name": client.name, "scope": client.scope}
     if client.allowed_sources is not None:
         out["allowed_sources"] = client.allowed_sources.split()
+    if owner is not None:
+        out["owner"], out["purpose"] = owner.owner, owner.purpose
     if client.client_secret is not None:
         out["client_secret"] = client.client_secret
     print(json.dumps(out, indent=2))

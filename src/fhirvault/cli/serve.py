@@ -190,6 +190,12 @@ def _prepare(settings: Settings) -> None:
     # database is one line and a non-zero exit now, not a worker dying at start-up.
     container = build(settings)
     try:
+        if settings.mode == "production":
+            from fhirvault.services.client_owners import production_problems
+
+            problems = production_problems(container.store, settings.tenant)
+            if problems:
+                raise ServeError("; ".join(problems))
         create_app(container)
     finally:
         container.close()

@@ -23,7 +23,10 @@ PERMISSIONS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": "cruds"}
 _SCOPE = re.compile(r"^(system|user|patient)/(\*|[A-Z][A-Za-z]{1,63})\.([a-z*]+)(\?.*)?$")
 METRICS_SCOPE = "fhirvault/metrics.read"  # scrape /metrics; no FHIR access
-OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE})
+# Compliance registers and report (/admin/registers, /admin/compliance): read, and record changes.
+REGISTERS_READ_SCOPE = "fhirvault/registers.read"
+REGISTERS_WRITE_SCOPE = "fhirvault/registers.write"
+OPERATIONAL_SCOPES = frozenset({METRICS_SCOPE, REGISTERS_READ_SCOPE, REGISTERS_WRITE_SCOPE})
 
 
 class ScopeError(ValueError):

@@ -71,6 +71,8 @@ class BreakGlass:
         self.hours = hours
         self._lock = threading.Lock()
         self._active: dict[str, tuple[float, dict[str, int]]] = {}  # user -> (cached until, patient -> expiry)
+        # Called with each new grant once it is committed (services/patient_notify.py tells the patient).
+        self.on_started: list[Callable[[Grant], None]] = []
 
     # -- grants in force ----------------------------------------------------------
     def active_patients(self, user_id: str) -> frozenset[str]:
@@ -116,6 +118,8 @@ class BreakGlass:
 
         await self._store.write("break-glass.start", job)
         self.forget(user_id)
+        for callback in self.on_started:
+            callback(grant)  # must not block: queues work (patient notification)
         return grant
 
     # -- review queue ---------------------------------------------------------------

@@ -47,3 +47,26 @@ def changed_settings(container: Any) -> list[str]:
     container.store.write_sync("config.seen", remember)
     container.audit.record_system_event(container.store, container.clock, "config-change", detail)
     return changed
+
+
+_OVERRIDES_META = "residency-overrides-seen"
+
+
+def record_residency_overrides(container: Any) -> list[str]:
+    """Audit (``config-change``) the destinations outside the EEA accepted by a justification, when they change."""
+    from fhirvault.services.residency import overrides
+
+    lines = sorted(f"{d.setting}: {d.host or 'this machine'} in {d.country}, accepted: {d.override}"
+                   for d in overrides(container.settings))
+    encoded = orjson.dumps(lines)
+    if (container.store.get_meta(_OVERRIDES_META) or b"[]") == encoded:
+        return []
+
+    def remember(tx: WriteTx) -> None:
+        tx.set_meta(_OVERRIDES_META, encoded)
+
+    container.store.write_sync("config.residency", remember)
+    detail = ("destinations outside the EEA accepted: " + "; ".join(lines)) if lines else \
+        "no destination outside the EEA any more"
+    container.audit.record_system_event(container.store, container.clock, "config-change", detail)
+    return lines

@@ -30,6 +30,7 @@ from joserfc.jwk import ECKey, Key, RSAKey, import_key
 
 from fhirvault.services.federation_settings import IdentityProviderSettings
 from fhirvault.services.identity_types import FederatedIdentity, FederatedLogin, FederationError
+from fhirvault.services.residency import check_outbound
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -507,7 +508,8 @@ def _import_public_key(data: Any) -> Key | None:
 
 
 async def _fetch(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> tuple[int, str, bytes]:
-    """One request with a size cap on the response body."""
+    """One request with a size cap on the response body, to an allowed destination only."""
+    check_outbound(url, "identity provider")  # metadata may name endpoints on other hosts (services/residency.py)
     async with client.stream(method, url, **kwargs) as response:
         body = bytearray()
         async for chunk in response.aiter_bytes():

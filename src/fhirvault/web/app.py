@@ -23,13 +23,15 @@ from fhirvault.fhir.router import FhirRouter
 from fhirvault.ports import StoreUnavailable
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
-from fhirvault.services.config_audit import changed_settings
+from fhirvault.services.config_audit import changed_settings, record_residency_overrides
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.federation import OidcProvider
 from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
+from fhirvault.services.residency import OutboundGuard, allowed_hosts, install_guard
 from fhirvault.services.singletons import LeaderOnly
 from fhirvault.web import admin as admin_web
+from fhirvault.web import registers as registers_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.console.routes import Console
 from fhirvault.web.fhir_endpoint import FhirEndpoint
@@ -102,6 +104,27 @@ async def _alert_housekeeping(container: Container, detection: DetectionEngine,
         await asyncio.sleep(5)
 
 
+OUTBOUND_REFUSED = "outbound_refused"
+
+
+def _compliance_wiring(container: Container, detection: DetectionEngine) -> OutboundGuard:
+    """The outbound allow-list (refusals alerted; installed while the app runs) and the patients'
+    break-the-glass notifications."""
+
+    def refused(host: str, what: str) -> None:
+        detection.system_alert(OUTBOUND_REFUSED, "high", f"outbound connection to {host} refused: not a configured"
+                               f" destination ({what})", f"outbound:{host}")
+
+    guard = OutboundGuard(allowed_hosts(container.settings), refused)
+    notify = container.settings.patient_notifications
+    if notify is not None:
+        from fhirvault.services.patient_notify import PatientNotifier
+
+        notifier = PatientNotifier(container, notify)
+        container.repository.break_glass.on_started.append(notifier.grant_started)
+    return guard
+
+
 def create_app(container: Container) -> ASGIApp:
     settings = container.settings
     repo = container.repository
@@ -109,6 +132,7 @@ def create_app(container: Container) -> ASGIApp:
     metrics.watch_health(container.health)
     metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
     detection = container.enable_alerting()
+    outbound = _compliance_wiring(container, detection)
     providers = [OidcProvider(p) for p in settings.identity_providers]  # discovery/JWKS caches live on these
     identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
     oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
@@ -179,6 +203,8 @@ def create_app(container: Container) -> ASGIApp:
         # With several workers (PostgreSQL) the cluster singletons run in the worker holding their role.
         if _leads(container, "config-audit"):
             changed_settings(container)  # a config-change audit record when the settings differ from the last start
+            record_residency_overrides(container)  # non-EEA destinations accepted, with their justification
+        install_guard(outbound)  # outbound connections: the configured destinations only (services/residency.py)
         monitor.start()  # checkpoints + verification at start-up (readiness waits for it) and on schedule
         backup_settings = settings.backup
         # Scheduled backups, drills and continuous replication when configured, in one worker of the
@@ -197,6 +223,7 @@ def create_app(container: Container) -> ASGIApp:
             backups.stop()
         monitor.stop()
         container.close()
+        install_guard(None)
 
     other = Starlette(
         routes=[
@@ -208,6 +235,7 @@ def create_app(container: Container) -> ASGIApp:
             Route("/readyz", readyz, methods=["GET"]),
             *admin_web.routes(container),
             *console.routes(),
+            *registers_web.routes(container),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
             openapi_route("/openapi.json", lambda: other.routes, FHIR_PREFIX, lambda url: documents_for(url)[0],
                           fhir.base_url),
