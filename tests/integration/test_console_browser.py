@@ -294,6 +294,14 @@ def test_the_dpo_page_and_separation_of_roles(env: Env) -> None:
         _check(env, page, "dpo-registers")
         assert page.locator("html").get_attribute("lang") == "fr"
         assert "Registres et conformité" in page.locator("h1").inner_text()
+        # The live compliance report: the access review run by the security officer above counts.
+        review = page.locator("#control-access-review").inner_text()
+        assert "1 campaign(s), 1 open" in review, review
+        assert page.locator("#controls tbody tr").count() >= 10
+        with page.expect_download() as download:
+            page.click("a[href='/console/dpo/report.pdf']")
+        pdf = Path(download.value.path())
+        assert pdf.read_bytes().startswith(b"%PDF")
         for other in ("/console/alerts", "/console/health", "/console/people", "/console/break-glass"):
             response = page.goto(other)
             assert response is not None and response.status == 403, other

@@ -720,7 +720,49 @@ class Console:
 
     # -- DPO / auditor ----------------------------------------------------------------------------------
     async def dpo(self, request: Request, viewer: Viewer, form: dict[str, str]) -> Response:
-        return self._render("dpo.html", viewer, viewer.lang, links=DPO_LINKS, path=request.url.path)
+        """The compliance report (controls, status, evidence), the record of processing, the actors register and
+        the incident and data-subject request registers (services/compliance_report.py, services/registers.py)."""
+        from fhirvault.services.compliance_report import build_report
+        from fhirvault.services.registers import (
+            RegisterService,
+            actors_register,
+            record_of_processing,
+        )
+
+        c = self._c
+
+        def gather() -> dict[str, Any]:
+            registers = RegisterService(c)
+            now = c.clock.now_ms()
+            return {"report": build_report(c), "processing": record_of_processing(c), "actors": actors_register(c),
+                    "incidents": [i.to_json(now) for i in registers.incidents()],
+                    "requests": [r.to_json(now) for r in registers.requests()]}
+
+        found = await asyncio.to_thread(gather)
+        await self._repo.audit_event(viewer.ctx, "console.registers-read", 200, f"compliance report and registers"
+                                     f" read ({len(found['incidents'])} incidents, {len(found['requests'])}"
+                                     " data-subject requests)", entity="registers", category="security")
+        return self._render("dpo.html", viewer, viewer.lang, path=request.url.path, **found)
+
+    async def dpo_report(self, request: Request, viewer: Viewer, form: dict[str, str]) -> Response:
+        """The compliance report as a file: ``fmt`` pdf or html, in the console's language."""
+        from fhirvault.services.compliance_report import (
+            build_report,
+            render_html,
+            render_pdf,
+            report_filename,
+        )
+
+        fmt = request.path_params["fmt"]
+        if fmt not in ("pdf", "html"):
+            return self._error(viewer, "notfound", 404)
+        report = await asyncio.to_thread(build_report, self._c)
+        body: bytes = await asyncio.to_thread(render_pdf, report, viewer.lang) if fmt == "pdf" else \
+            render_html(report, viewer.lang).encode()
+        await self._repo.audit_event(viewer.ctx, "console.compliance-report", 200, f"compliance report ({fmt},"
+                                     f" {viewer.lang}) downloaded", entity="compliance-report", category="security")
+        headers = {**HEADERS, "Content-Disposition": f'attachment; filename="{report_filename(report, fmt)}"'}
+        return Response(body, 200, headers, media_type="application/pdf" if fmt == "pdf" else "text/html")
 
     # -- wiring -----------------------------------------------------------------------------------------
     def routes(self) -> list[Route]:
@@ -751,14 +793,10 @@ class Console:
             Route("/console/backups", g("backups", self.backups), methods=["GET"]),
             Route("/console/backups/{op}", g("backups", self.backup_run), methods=["POST"]),
             Route("/console/dpo", g("dpo", self.dpo), methods=["GET"]),
+            Route("/console/dpo/report.{fmt}", g("dpo", self.dpo_report), methods=["GET"]),
         ]
 
 
-# The compliance registers and report (issue #16, built apart): (catalogue key, URL) shown on the DPO page.
-DPO_LINKS: list[tuple[str, str | None]] = [
-    ("dpo.registers", None),
-    ("dpo.report", None),
-]
 
 
 def _age(seconds: float | None) -> str | None:
