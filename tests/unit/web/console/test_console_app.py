@@ -51,7 +51,7 @@ def test_every_console_route_needs_a_session(app: App) -> None:
     identity = IdentityWeb.build(app.container, None)
     routes = Console(app.container, identity.server, identity.users, None, None).routes()  # what app.py mounts
     guarded = [r for r in routes if r.path not in PUBLIC]
-    assert len(guarded) == 18
+    assert len(guarded) == 19
     for route in guarded:
         path = re.sub(r"\{[a-z_]+\}", "x", route.path)
         for method in route.methods - {"HEAD"}:
