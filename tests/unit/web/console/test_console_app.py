@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -122,3 +123,18 @@ def test_the_operator_cannot_disable_their_own_account(app: App, people: dict[st
                         follow_redirects=False)
     assert r.status_code == 303
     assert app.container.store.user(other).disabled  # type: ignore[union-attr]
+
+
+def test_the_session_cookie_is_secure_when_the_server_is_reached_over_https(app: App) -> None:
+    from starlette.responses import Response
+
+    identity = IdentityWeb.build(app.container, None)
+    for base, secure in (("https://ehr.example.org", True), (None, False)):
+        settings = dataclasses.replace(app.container.settings, public_base_url=base)
+        console = Console(dataclasses.replace(app.container, settings=settings), identity.server, identity.users,
+                          None, None)
+        response = Response()
+        console._cookie(response, "fv_console", "value", None)
+        header = response.headers["set-cookie"]
+        assert "HttpOnly" in header and "SameSite=strict" in header and "Path=/console" in header
+        assert ("Secure" in header) is secure
