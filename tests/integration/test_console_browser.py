@@ -257,6 +257,18 @@ def test_the_operator_sees_health_and_charts_manages_clients_and_users_and_runs_
             assert r.status_code == 200, r.text
         page.goto("/console/people")
         row = page.locator(f"#client-{client_id}")
+        row.locator("input[name=reason]").fill("secret pasted in a ticket")
+        row.locator("button", has_text="Rotate the secret").click()
+        page.wait_for_load_state()
+        rotated = page.locator("dl.secret dd code").nth(1).inner_text()
+        with httpx.Client(base_url=env.server.base_url) as c:  # the old secret stops working, the new one works
+            r = c.post("/oauth2/token", data={"grant_type": "client_credentials"}, auth=(client_id, secret))
+            assert r.status_code in (400, 401), r.text
+            r = c.post("/oauth2/token", data={"grant_type": "client_credentials"}, auth=(client_id, rotated))
+            assert r.status_code == 200, r.text
+        secret = rotated
+        page.goto("/console/people")
+        row = page.locator(f"#client-{client_id}")
         row.locator("input[name=reason]").fill("analyser decommissioned")
         row.locator("button", has_text="Disable").click()
         page.wait_for_load_state()
