@@ -227,21 +227,29 @@ def _opt_str(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _by_method(get: Callable[[Request], Awaitable[Response]],
+               post: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """One route per path (as /openapi.json describes them): GET lists or reads, POST changes."""
+
+    async def endpoint(request: Request) -> Response:
+        return await (post if request.method == "POST" else get)(request)
+
+    endpoint.__doc__ = f"GET: {(get.__doc__ or '').strip()} POST: {(post.__doc__ or '').strip()}"
+    return endpoint
+
+
 def routes(container: Container) -> list[Route]:
     r = RegisterEndpoints(container)
     base = "/admin/registers"
+    both = ["GET", "POST"]
     return [
         Route(f"{base}/actors", r.actors, methods=["GET"]),
         Route(f"{base}/processing", r.processing, methods=["GET"]),
         Route(f"{base}/residency", r.residency, methods=["GET"]),
-        Route(f"{base}/incidents", r.incidents, methods=["GET"]),
-        Route(f"{base}/incidents", r.open_incident, methods=["POST"]),
-        Route(f"{base}/incidents/{{id}}", r.incident, methods=["GET"]),
-        Route(f"{base}/incidents/{{id}}", r.update_incident, methods=["POST"]),
-        Route(f"{base}/requests", r.requests, methods=["GET"]),
-        Route(f"{base}/requests", r.open_request, methods=["POST"]),
-        Route(f"{base}/requests/{{id}}", r.request, methods=["GET"]),
-        Route(f"{base}/requests/{{id}}", r.update_request, methods=["POST"]),
+        Route(f"{base}/incidents", _by_method(r.incidents, r.open_incident), methods=both),
+        Route(f"{base}/incidents/{{id}}", _by_method(r.incident, r.update_incident), methods=both),
+        Route(f"{base}/requests", _by_method(r.requests, r.open_request), methods=both),
+        Route(f"{base}/requests/{{id}}", _by_method(r.request, r.update_request), methods=both),
         Route("/admin/compliance/report", r.report("json"), methods=["GET"]),
         Route("/admin/compliance/report.html", r.report("html"), methods=["GET"]),
         Route("/admin/compliance/report.pdf", r.report("pdf"), methods=["GET"]),

@@ -77,3 +77,16 @@ def test_officer_roles_may_and_clinical_roles_may_not() -> None:
     assert not may(replace(base, scope="system/*.cruds"), write=False)
     assert may(replace(base, scope="fhirvault/registers.read"), write=False)
     assert not may(replace(base, scope="fhirvault/registers.read"), write=True)
+
+
+def test_a_logged_in_security_officer_reads_and_writes_and_a_practitioner_does_not(app: App) -> None:
+    from tests.integration.authz_support import bearer, mint
+
+    so = bearer(mint(app.container, role="security_officer", user="u-so", scope="user/*.rs"))
+    dr = bearer(mint(app.container, role="practitioner", user="u-dr", scope="user/*.cruds"))
+    r = app.client.post("/admin/registers/requests", headers=so,
+                        json={"type": "rectification", "subject": "M. Durand", "reason": "wrong birth date"})
+    assert r.status_code == 201, r.text
+    assert r.json()["notes"][0]["by"] == "u-so"
+    assert app.client.get("/admin/registers/requests", headers=dr).status_code == 403
+    assert app.client.get("/admin/compliance/report.html", headers=dr).status_code == 403
