@@ -16,6 +16,7 @@ from markupsafe import Markup
 from fhirvault.services.metric_samples import Sample
 
 WIDTH, HEIGHT = 640, 180
+MAX_POINTS = 480  # more than the plot's pixels: a week of minutes is averaged down to this
 LEFT, RIGHT, TOP, BOTTOM = 56, 12, 12, 28
 
 
@@ -33,6 +34,7 @@ def line_chart(chart_id: str, title: str, points: Sequence[tuple[int, float]], s
                *, no_data: str, described: str) -> Markup:
     """``described``: the accessible description, with {low}, {high} and {n} filled in here."""
     e = html.escape
+    points = downsample(points, MAX_POINTS)
     if not points:
         return Markup(f'<p class="nodata" id="{e(chart_id)}">{e(title)}: {e(no_data)}</p>')  # noqa: S704 (escaped)
     values = [v for _, v in points]
@@ -65,6 +67,18 @@ def line_chart(chart_id: str, title: str, points: Sequence[tuple[int, float]], s
         f'<figcaption>{e(title)} — {e(desc)}</figcaption></figure>'
     )
     return Markup(svg)  # noqa: S704 (every interpolated value is escaped above)
+
+
+def downsample(points: Sequence[tuple[int, float]], limit: int) -> list[tuple[int, float]]:
+    """At most ``limit`` points: consecutive runs averaged (time and value), so a spike still shows."""
+    if len(points) <= limit:
+        return list(points)
+    size = -(-len(points) // limit)  # ceiling
+    out = []
+    for start in range(0, len(points), size):
+        run = points[start:start + size]
+        out.append((sum(t for t, _ in run) // len(run), sum(v for _, v in run) / len(run)))
+    return out
 
 
 def rates(samples: Sequence[Sample], field: str, per_s: float = 60.0) -> list[tuple[int, float]]:

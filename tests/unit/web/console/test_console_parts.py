@@ -87,3 +87,13 @@ def test_a_chart_is_escaped_accessible_svg() -> None:
     assert svg.count("<circle") == 2 and "<polyline" in svg
     empty = str(charts.line_chart("c2", "T", [], 0, 1, no_data="nothing yet", described=""))
     assert "nothing yet" in empty and "<svg" not in empty
+
+
+def test_a_long_series_is_averaged_down_to_what_a_chart_can_show() -> None:
+    points = [(i * 60_000, float(i % 10)) for i in range(10_080)]
+    small = charts.downsample(points, 480)
+    assert len(small) <= 480 and small[0][0] < small[-1][0]
+    assert abs(sum(v for _, v in small) / len(small) - 4.5) < 0.1
+    assert charts.downsample(points[:5], 480) == points[:5]
+    svg = str(charts.line_chart("c", "T", points, 0, points[-1][0], no_data="-", described="{n}"))
+    assert svg.count(",") <= 2 * 480 + 10  # the polyline's coordinates, not 10,080 of them
