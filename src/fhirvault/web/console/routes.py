@@ -645,6 +645,7 @@ class Console:
                 secret = await asyncio.to_thread(auth.rotate_client_secret, client_id)
             except ValueError as exc:
                 return self._error(viewer, "error.title", 400, str(exc))
+            await asyncio.to_thread(self._follow_admin_file, client_id, secret)
             await self._audit(viewer, "client-rotate-secret", f"client {client_id}: secret rotated", reason,
                               f"client/{client_id}")
             return self._render("secret.html", viewer, viewer.lang, subject=client.name,
@@ -654,6 +655,21 @@ class Console:
         await self._audit(viewer, f"client-{op}", f"client {client_id} ({client.name}) {op}d", reason,
                           f"client/{client_id}")
         return self._done("/console/people")
+
+    def _follow_admin_file(self, client_id: str, secret: str) -> None:
+        """Like `fhirvault client rotate-secret`: the data directory's admin-client.json follows a rotation of the
+        admin client's secret (else it would hold a dead secret)."""
+        from fhirvault.adapters.keyfile import write_private_file
+        from fhirvault.bootstrap import ADMIN_CLIENT_FILE
+
+        path = self._c.settings.data_dir / ADMIN_CLIENT_FILE
+        try:
+            current = orjson.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return
+        if isinstance(current, dict) and current.get("client_id") == client_id:
+            current["client_secret"] = secret
+            write_private_file(path, orjson.dumps(current, option=orjson.OPT_INDENT_2) + b"\n")
 
     # -- operator: backups and drills -----------------------------------------------------------------
     async def backups(self, request: Request, viewer: Viewer, form: dict[str, str]) -> Response:

@@ -138,3 +138,20 @@ def test_the_session_cookie_is_secure_when_the_server_is_reached_over_https(app:
         header = response.headers["set-cookie"]
         assert "HttpOnly" in header and "SameSite=strict" in header and "Path=/console" in header
         assert ("Secure" in header) is secure
+
+
+def test_rotating_the_admin_clients_secret_updates_admin_client_json(app: App, people: dict[str, Person]) -> None:
+    import json
+
+    path = app.settings.data_dir / "admin-client.json"
+    before = json.loads(path.read_text())
+    assert sign_in(app.client, people["operator"]) == 303
+    token = _csrf(app.client.get("/console/people").text)
+    r = app.client.post(f"/console/clients/{before['client_id']}/rotate", data={"csrf": token, "reason": "leaked"})
+    assert r.status_code == 200
+    shown = re.findall(r"<code>([^<]+)</code>", r.text)
+    after = json.loads(path.read_text())
+    assert after["client_secret"] == shown[1] != before["client_secret"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert app.client.post("/oauth2/token", data={"grant_type": "client_credentials"},
+                           auth=(after["client_id"], after["client_secret"])).status_code == 200
