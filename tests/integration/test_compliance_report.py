@@ -83,14 +83,14 @@ def test_the_report_shows_the_live_instance_in_html_and_pdf(tmp_path: Path) -> N
     assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
     text = html.text
     assert '<html lang="fr">' in text and "Rapport de conformité fhirvault" in text
-    assert f"backup {backup_id} to {target.as_uri()}" in text  # the audited backup, with its id
+    assert "dernière sauvegarde" in text and f"backup {backup_id} to {target.as_uri()}" in text  # as audited
     assert f"RPO {drill['rpo_seconds']:.1f} s, RTO {drill['rto_seconds']:.1f} s" in text
     # the brute-force alert (after-hours rules may add medium ones when CI runs at night)
-    assert re.search(r"\d+ open alert\(s\): [^<\[]*\b[1-9] high", text)
-    assert "1 incident(s), 1 open, 0 past the 72-hour deadline" in text
-    assert "1 request(s), 1 pending, 1 overdue" in text  # received in 2020
-    assert "data_dir: this machine in FR" in text and "backup.targets.local: this machine in FR" in text
-    assert "tenant key version 1 of 1" in text
+    assert re.search(r"\d+ alerte\(s\) ouverte\(s\): [^<\[]*\b[1-9] high", text)
+    assert "1 incident(s), 1 ouvert(s), 0 au-delà du délai de 72 heures" in text
+    assert "1 demande(s), 1 en cours, 1 en retard" in text  # received in 2020
+    assert "data_dir : cette machine, en FR" in text and "backup.targets.local : cette machine, en FR" in text
+    assert "clé du tenant version 1 sur 1, créée le" in text
     status = {c["key"]: c["status"] for c in doc["controls"]}
     assert status["backup"] == "met" and status["restore-drill"] == "met" and status["encryption"] == "met"
     assert status["monitoring"] == "partial" and status["subject-rights"] == "not met"
@@ -102,6 +102,7 @@ def test_the_report_shows_the_live_instance_in_html_and_pdf(tmp_path: Path) -> N
     assert pages >= 2
     flat = re.sub(r"\s+", " ", pdf_text)
     assert "fhirvault compliance report" in flat and f"backup {backup_id}" in flat
+    assert "1 incident(s), 1 open, 0 past the 72-hour deadline" in flat and "1 request(s), 1 pending, 1 overdue" in flat
     assert f"RPO {drill['rpo_seconds']:.1f} s" in flat and re.search(r"open alert\(s\): [^\[]*\b[1-9] high", flat)
 
     # the CLI writes the same report from the data directory

@@ -32,4 +32,4 @@ def test_register_commands_keep_entries_and_refuse_bad_input(tmp_path: Path, cap
     assert json.loads(capsys.readouterr().out)["recipients"][0]["name"] == "admin"
     out = tmp_path / "report.html"
     assert main(["compliance", "report", "--data-dir", data, "--format", "html", "--lang", "fr", "--out", str(out)]) == 0
-    assert "1 incident(s), 0 open" in out.read_text()
+    assert "1 incident(s), 0 ouvert(s)" in out.read_text()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fhirvault.cli.main import main
+from tests.backup.test_recovery_e2e import fv
 from tests.conftest import free_port
 
 
@@ -59,11 +60,10 @@ def test_the_server_refuses_production_while_a_clinical_client_has_no_owner(tmp_
     main(["init", "--data-dir", str(data)])
     client_id = json.loads((data / "admin-client.json").read_text())["client_id"]
     (data / "fhirvault.toml").write_text('mode = "production"\ncountry = "FR"\n')
-    capsys.readouterr()
-    port = str(free_port())
-    assert main(["serve", "--data-dir", str(data), "--port", port]) == 2
-    err = capsys.readouterr().err
-    assert f"production mode: client(s) {client_id} hold clinical scopes without a named owner" in err
+    # in a process of its own: serve configures logging for the whole process
+    r = fv("serve", "--data-dir", str(data), "--port", str(free_port()))
+    assert r.returncode == 2
+    assert f"production mode: client(s) {client_id} hold clinical scopes without a named owner" in r.stderr
     assert main(["client", "set-owner", "--data-dir", str(data), "--client-id", client_id, "--owner", "IT ops",
                  "--purpose", "initial data load"]) == 0
     from fhirvault.config import load_settings

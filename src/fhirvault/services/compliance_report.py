@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -438,10 +439,94 @@ _LABELS = {
 _COLOURS = {MET: "#1b7f3b", PARTIAL: "#b26a00", NOT_MET: "#b00020", NOT_AVAILABLE: "#666666"}
 
 
+# Evidence is stated in English where it is gathered (values, ids, dates, quoted audit details kept as
+# recorded); the French report rewrites the fixed wording around the values.
+_FR: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(a), b) for a, b in (
+    (r"^root key id (\S+) \(file (.+)\)$", r"clé racine \1 (fichier \2)"),
+    (r"^tenant key version (\d+) of (\d+), created (.+?)(?:, age ([\d.]+) days)?$",
+     r"clé du tenant version \1 sur \2, créée le \3, âge \4 jours"),
+    (r"^last rotation (.+) \(previous version created (.+)\)$", r"dernière rotation \1 (version précédente créée le \2)"),
+    (r"^AES-256-GCM per-patient data keys; blind-index search tags$",
+     "AES-256-GCM, une clé de données par patient ; index de recherche aveugles"),
+    (r"^(\d+) of (\d+) active professional accounts with a second factor \((\d+) TOTP, (\d+) through an identity"
+     r" provider\)$", r"\1 comptes professionnels actifs sur \2 avec un second facteur (\3 TOTP, \4 par un fournisseur"
+     r" d'identité)"),
+    (r"^(\d+) identity provider\(s\) configured$", r"\1 fournisseur(s) d'identité configuré(s)"),
+    (r"^(\d+) target\(s\): ", r"\1 cible(s) : "),
+    (r"^no backup target configured$", "aucune cible de sauvegarde configurée"),
+    (r"^schedule every (\d+) min$", r"planification toutes les \1 min"),
+    (r"^no schedule in the server$", "pas de planification dans le serveur"),
+    (r"^last backup (\S+ \S+ UTC): ", r"dernière sauvegarde \1 : "),
+    (r"^no successful backup among the newest (\d+) audit entries$",
+     r"aucune sauvegarde réussie parmi les \1 dernières entrées d'audit"),
+    (r"^last passed drill (\S+): backup (\S+) restored, RPO ([\d.]+) s, RTO ([\d.]+) s, (\S+) resources, counts"
+     r" match (\S+)$", r"dernier exercice réussi \1 : sauvegarde \2 restaurée, RPO \3 s, RTO \4 s, \5 ressources,"
+     r" décomptes identiques \6"),
+    (r"^(\d+) failed drill\(s\), last ", r"\1 exercice(s) en échec, dernier "),
+    (r"^no restore drill recorded$", "aucun exercice de restauration enregistré"),
+    (r"^log size (\d+) entries; latest signed checkpoint at size (\d+), (.+), witnessed (\S+)$",
+     r"journal de \1 entrées ; dernier point de contrôle signé à la taille \2, \3, témoigné \4"),
+    (r"^log size (\d+) entries; latest signed checkpoint none$", r"journal de \1 entrées ; aucun point de contrôle"),
+    (r"^fully verified up to checkpoint size (\d+)$", r"entièrement vérifié jusqu'à la taille \1"),
+    (r"^verification in this process: passed", "vérification dans ce processus : réussie"),
+    (r"^verification in this process: FAILED", "vérification dans ce processus : ÉCHEC"),
+    (r"^verification in this process: pending", "vérification dans ce processus : en cours"),
+    (r"^(\d+) witness\(es\): ", r"\1 témoin(s) : "),
+    (r"^(\d+) open alert\(s\)", r"\1 alerte(s) ouverte(s)"),
+    (r"^(\d+) alert sink\(s\) configured$", r"\1 destination(s) d'alerte configurée(s)"),
+    (r"^(\d+) incident\(s\), (\d+) open, (\d+) past the 72-hour deadline",
+     r"\1 incident(s), \2 ouvert(s), \3 au-delà du délai de 72 heures"),
+    (r"^(\d+) request\(s\), (\d+) pending, (\d+) overdue$", r"\1 demande(s), \2 en cours, \3 en retard"),
+    (r"^([^:]+): this machine in ", r"\1 : cette machine, en "),
+    (r"^([^:]+): (\S+) in ", r"\1 : \2, en "),
+    (r" \(outside the EEA, accepted: ", " (hors EEE, accepté : "),
+    (r"^outbound allow-list: (\d+) host\(s\) besides loopback$",
+     r"liste des connexions sortantes : \1 hôte(s) en plus de la boucle locale"),
+    (r"^clinical records retention: not available in this version or not configured$",
+     "conservation des dossiers : non disponible dans cette version ou non configurée"),
+    (r"^clinical records: ", "dossiers : "),
+    (r"^backups: all (\d+) d, daily (\d+) d, monthly (\d+) months$",
+     r"sauvegardes : toutes \1 j, quotidiennes \2 j, mensuelles \3 mois"),
+    (r"^(\d+) backend client\(s\) with clinical scopes, (\d+) without owner/purpose",
+     r"\1 client(s) applicatif(s) avec des droits cliniques, \2 sans responsable ni finalité"),
+    (r"^access reviews are not available in this version$", "revues d'accès non disponibles dans cette version"),
+    (r"^(\d+) campaign\(s\), (\d+) open, (\d+) overdue$", r"\1 campagne(s), \2 ouverte(s), \3 en retard"),
+    (r"^last completed campaign (\".*\"): (\d+) accounts and clients reviewed, (\d+) revoked, completed (.+)$",
+     r"dernière campagne terminée \1 : \2 comptes et clients revus, \3 révoqué(s), terminée le \4"),
+    (r"^(\d+) emergency access\(es\) awaiting review, (\d+) older than 7 days$",
+     r"\1 accès d'urgence à contrôler, \2 depuis plus de 7 jours"),
+    (r"^patients notified by ", "patients informés par "),
+    (r"^patients are not notified \(no \[patient_notifications\]\)$",
+     "patients non informés (pas de [patient_notifications])"),
+    (r"^HTTPS served by fhirvault \(TLS 1.2\+\)$", "HTTPS servi par fhirvault (TLS 1.2+)"),
+    (r"^HTTP on (\S+): TLS expected at a proxy$", r"HTTP sur \1 : TLS attendu sur un mandataire"),
+    (r"^public base URL not set$", "URL publique non définie"),
+    (r"^public base URL ", "URL publique "),
+))
+
+
+def evidence_text(ev: Evidence, lang: str) -> str:
+    """The evidence line in ``lang`` (values unchanged)."""
+    if lang != "fr":
+        return ev.text
+    text = ev.text
+    for pattern, replacement in _FR:
+        text = pattern.sub(replacement, text)
+    return text.replace(", âge  jours", "")
+
+
 def _labels(lang: str) -> dict[str, str]:
     if lang not in _LABELS:
         raise ValueError("lang: fr or en")
     return _LABELS[lang]
+
+
+def _source_html(source: str) -> str:
+    """An admin endpoint becomes a link (relative: the report is served by the same server)."""
+    if source.startswith("/"):
+        path = source.split(" ", 1)[0]
+        return f"<a href=\"{html.escape(path)}\">{html.escape(source)}</a>"
+    return html.escape(source)
 
 
 def render_html(report: Report, lang: str = "en") -> str:
@@ -451,7 +536,8 @@ def render_html(report: Report, lang: str = "en") -> str:
     counts = report.counts()
     rows = []
     for c in report.controls:
-        evidence = "".join(f"<li>{e(ev.text)} <span class=src>[{e(ev.source)}]</span></li>" for ev in c.evidence)
+        evidence = "".join(f"<li>{e(evidence_text(ev, lang))} <span class=src>[{_source_html(ev.source)}]</span></li>"
+                           for ev in c.evidence)
         rows.append(f"<tr id=\"{e(c.key)}\"><td><b>{e(c.key)}</b><br><small>{e(' · '.join(c.refs))}</small></td>"
                     f"<td>{e(c.requirement[lang])}</td><td class=st style=\"color:{_COLOURS[c.status]}\">"
                     f"{e(t[c.status])}</td><td><ul>{evidence}</ul></td></tr>")
@@ -512,7 +598,8 @@ def render_pdf(report: Report, lang: str = "en") -> bytes:
         pdf.multi_cell(width, 5, _latin1(f"{t['requirement']}: {c.requirement[lang]}"), new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("Helvetica", "", 9)
         for ev in c.evidence:
-            pdf.multi_cell(width, 4.5, _latin1(f"- {ev.text} [{ev.source}]"), new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(width, 4.5, _latin1(f"- {evidence_text(ev, lang)} [{ev.source}]"), new_x="LMARGIN",
+                           new_y="NEXT")
     out = pdf.output()
     return bytes(out)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import orjson
@@ -107,7 +107,8 @@ async def _alert_housekeeping(container: Container, detection: DetectionEngine,
 OUTBOUND_REFUSED = "outbound_refused"
 
 
-def _compliance_wiring(container: Container, detection: DetectionEngine) -> OutboundGuard:
+def _compliance_wiring(container: Container,
+                       detection: DetectionEngine) -> tuple[OutboundGuard, Callable[[], None] | None]:
     """The outbound allow-list (refusals alerted; installed while the app runs) and the patients'
     break-the-glass notifications."""
 
@@ -122,7 +123,8 @@ def _compliance_wiring(container: Container, detection: DetectionEngine) -> Outb
 
         notifier = PatientNotifier(container, notify)
         container.repository.break_glass.on_started.append(notifier.grant_started)
-    return guard
+        return guard, notifier.close
+    return guard, None
 
 
 def create_app(container: Container) -> ASGIApp:
@@ -132,7 +134,7 @@ def create_app(container: Container) -> ASGIApp:
     metrics.watch_health(container.health)
     metrics.watch_key_ages(lambda: tenant_key_created(container.store, settings.tenant))
     detection = container.enable_alerting()
-    outbound = _compliance_wiring(container, detection)
+    outbound, stop_notifier = _compliance_wiring(container, detection)
     providers = [OidcProvider(p) for p in settings.identity_providers]  # discovery/JWKS caches live on these
     identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
     oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
@@ -222,6 +224,8 @@ def create_app(container: Container) -> ASGIApp:
         if backups is not None:
             backups.stop()
         monitor.stop()
+        if stop_notifier is not None:
+            stop_notifier()  # the notices already queued go out first (bounded wait)
         container.close()
         install_guard(None)
 

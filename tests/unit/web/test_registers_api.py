@@ -63,6 +63,7 @@ def test_the_report_is_served_as_json_html_and_pdf(app: App) -> None:
                                                    "residency", "separation-of-duties", "incidents"}
     html = app.client.get("/admin/compliance/report.html?lang=fr", headers=h)
     assert html.headers["content-type"].startswith("text/html") and "Rapport de conformité" in html.text
+    assert '<a href="/admin/registers/incidents">/admin/registers/incidents</a>' in html.text
     pdf = app.client.get("/admin/compliance/report.pdf", headers=h)
     assert pdf.headers["content-type"] == "application/pdf" and pdf.content.startswith(b"%PDF-")
     assert app.client.get("/admin/compliance/report.html?lang=de", headers=h).status_code == 400
@@ -90,3 +91,13 @@ def test_a_logged_in_security_officer_reads_and_writes_and_a_practitioner_does_n
     assert r.json()["notes"][0]["by"] == "u-so"
     assert app.client.get("/admin/registers/requests", headers=dr).status_code == 403
     assert app.client.get("/admin/compliance/report.html", headers=dr).status_code == 403
+
+
+def test_the_french_report_words_every_evidence_line_in_french(app: App) -> None:
+    from fhirvault.services.compliance_report import build_report, evidence_text
+
+    report = build_report(app.container)
+    lines = [ev for c in report.controls for ev in c.evidence if not ev.text.startswith("mode ")]
+    untranslated = [ev.text for ev in lines if evidence_text(ev, "fr") == ev.text]
+    assert untranslated == []
+    assert all(evidence_text(ev, "en") == ev.text for ev in lines)
