@@ -183,6 +183,10 @@ def test_the_security_officer_handles_alerts_break_glass_and_an_access_review(en
         page.locator(f"#alert-{alert_id} button", has_text="Close").click()
         page.goto("/console/alerts?state=closed")
         assert "false positive: drill" in page.locator(f"#alert-{alert_id}").inner_text()
+        _reason(page, f"#alert-{alert_id}", "emergency access to be assessed by the DPO")
+        page.locator(f"#alert-{alert_id} button", has_text="Record as an incident").click()  # the incident register
+        page.wait_for_load_state()
+        assert page.locator("[role=status]").is_visible(), page.content()[:2000]
 
         page.goto("/console/break-glass")
         _check(env, page, "security-break-glass")
@@ -310,6 +314,7 @@ def test_the_dpo_page_and_separation_of_roles(env: Env) -> None:
         review = page.locator("#control-access-review").inner_text()
         assert "1 campaign(s), 1 open" in review, review
         assert page.locator("#controls tbody tr").count() >= 10
+        assert "break-the-glass access" in page.locator("#incidents").inner_text()  # recorded by the security officer
         with page.expect_download() as download:
             page.click("a[href='/console/dpo/report.pdf']")
         pdf = Path(download.value.path())

@@ -390,8 +390,17 @@ class Console:
         if reason is None:
             return self._error(viewer, "reason.required")
         service = self._c.alerts
-        if service is None or op not in ("acknowledge", "close") or not _ID.match(alert_id):
+        if service is None or op not in ("acknowledge", "close", "incident") or not _ID.match(alert_id):
             return self._error(viewer, "notfound", 404)
+        if op == "incident":  # into the incident register (services/registers.py audits it with the reason)
+            from fhirvault.services.registers import RegisterError, RegisterService
+
+            try:
+                await asyncio.to_thread(RegisterService(self._c).open_incident, actor=viewer.user.user_id,
+                                        reason=reason, alert_id=alert_id)
+            except RegisterError as exc:
+                return self._error(viewer, "error.title", 409, str(exc))
+            return self._done(f"/console/alerts?state={request.query_params.get('state', 'open')}")
         act = service.acknowledge if op == "acknowledge" else service.close_alert
         updated = await asyncio.to_thread(act, alert_id, viewer.user.user_id, reason)
         if updated is None:
