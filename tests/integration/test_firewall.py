@@ -264,6 +264,8 @@ def test_admin_and_login_allow_lists(make_env: Configure) -> None:
     assert outside.get("/admin/break-glass").status_code == 403
     assert ward.get("/admin/break-glass").status_code == 403
     assert inside.get("/admin/break-glass").status_code == 401  # reached the endpoint: no token
+    assert outside.get("/console/login").status_code == 403  # the console is an administration page too
+    assert inside.get("/console/login").status_code == 200
     for client in (inside, ward):
         assert client.get("/oauth2/authorize").status_code != 403
     r = outside.get("/oauth2/authorize", params={"client_id": "x"})

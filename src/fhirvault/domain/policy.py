@@ -34,6 +34,7 @@ PERMISSION = {
 # Roles (services/identity_types.py spells the same strings; the domain may not import services).
 PRACTITIONER, NURSE, ADMIN_STAFF, PATIENT = "practitioner", "nurse", "admin_staff", "patient"
 AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN = "auditor", "security_officer", "platform_admin"
+OPERATOR, DPO = "operator", "dpo"  # console roles (web/console)
 CLINICAL_ROLES = frozenset({PRACTITIONER, NURSE})
 
 # Administrative staff (admissions, scheduling, billing) see who the patient is and how the stay is
@@ -54,7 +55,7 @@ ROLE_PERMISSIONS: Mapping[str, str] = {
 }
 # Never FHIR data through the repository (the audit trail has its own reader); platform admins only
 # the directory (below).
-NO_DATA_ROLES = frozenset({AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN})
+NO_DATA_ROLES = frozenset({AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN, OPERATOR, DPO})
 AUDIT_ROLES = frozenset({AUDITOR, SECURITY_OFFICER})
 # The directory: who works where, in which role. PractitionerRole.practitioner decides whose CareTeam,
 # Encounter and general-practitioner links a user inherits, so writing the directory is handing out

@@ -14,7 +14,10 @@ PATIENT = "patient"
 AUDITOR = "auditor"
 SECURITY_OFFICER = "security_officer"
 PLATFORM_ADMIN = "platform_admin"  # runs the system; never reads clinical content
-ROLES = (PRACTITIONER, NURSE, ADMIN_STAFF, PATIENT, AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN)
+OPERATOR = "operator"  # runs the service day to day from the console (health, backups, accounts); no clinical content
+DPO = "dpo"  # data protection officer: registers and compliance report; no clinical content
+# Appended, never reordered: existing accounts keep their role strings.
+ROLES = (PRACTITIONER, NURSE, ADMIN_STAFF, PATIENT, AUDITOR, SECURITY_OFFICER, PLATFORM_ADMIN, OPERATOR, DPO)
 # Professionals must use a second factor (local TOTP, or an identity provider that asserts MFA).
 MFA_REQUIRED = frozenset(ROLES) - {PATIENT}
 

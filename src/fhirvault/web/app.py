@@ -37,6 +37,7 @@ from fhirvault.services.terminology import TerminologyService
 from fhirvault.web import admin as admin_web
 from fhirvault.web import registers as registers_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
+from fhirvault.web.console.routes import Console
 from fhirvault.web.fhir_endpoint import FhirEndpoint
 from fhirvault.web.firewall import Firewall
 from fhirvault.web.login import IdentityWeb
@@ -156,6 +157,7 @@ def create_app(container: Container) -> ASGIApp:
     identity = IdentityWeb.build(container, detection.throttled, providers or None)  # users, login, SMART authorization
     oauth = OAuthEndpoints(container.auth, repo, settings.public_base_url, metrics, throttled=detection.throttled,
                            server=identity.server)
+    console = Console(container, identity.server, identity.users, detection, detection.throttled)
     docs = _PerBaseUrl(container)
     types = frozenset(resource_types())
 
@@ -241,7 +243,9 @@ def create_app(container: Container) -> ASGIApp:
         retention = retention_singleton(container)
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups, retention))
         bulk_retention = asyncio.create_task(_bulk_housekeeping(container, bulk))
+        console.sampler.start()  # the console's charts: one sample a minute
         yield
+        console.sampler.stop()
         housekeeping.cancel()
         bulk_retention.cancel()
         bulk.close()
@@ -263,6 +267,7 @@ def create_app(container: Container) -> ASGIApp:
             Route("/livez", livez, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             *admin_web.routes(container),
+            *console.routes(),
             *registers_web.routes(container),
             Route("/metrics", MetricsEndpoint(metrics, container.auth, repo).scrape, methods=["GET"]),
             openapi_route("/openapi.json", lambda: other.routes, FHIR_PREFIX, lambda url: documents_for(url)[0],

@@ -44,7 +44,8 @@ PEER_KEY = "fhirvault.peer"  # the TCP peer's address, when a trusted proxy's he
 CLIENT_CERT_KEY = "fhirvault.client_cert_x5t"
 RATE_LIMITED = "rate_limited"  # alert rule
 _HEALTH = frozenset({"/livez", "/readyz"})
-_AUTH_PATHS = frozenset({"/oauth2/token", "/oauth2/revoke", "/oauth2/introspect", "/oauth2/authorize", "/logout"})
+_AUTH_PATHS = frozenset({"/oauth2/token", "/oauth2/revoke", "/oauth2/introspect", "/oauth2/authorize", "/logout",
+                         "/console/login", "/console/login/totp"})
 _LOGIN_PATHS = frozenset({"/oauth2/authorize", "/logout"})
 _WILDCARD_BINDS = frozenset({"", "0.0.0.0", "::", "[::]"})  # noqa: S104 (recognised, not bound)
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -273,7 +274,7 @@ class Firewall:
                 raise errors.bad_request("Unknown Host. Set public_base_url (or allowed_hosts) to serve this name.")
         client = scope.get("client")
         source = str(client[0]) if client else None
-        if fw.admin_allowed_sources and (path == "/admin" or path.startswith("/admin/")):
+        if fw.admin_allowed_sources and (path in ("/admin", "/console") or path.startswith(("/admin/", "/console/"))):
             await self._allow_list(scope, "admin", source, fw.admin_allowed_sources)
         if fw.login_allowed_sources and (path in _LOGIN_PATHS or path.startswith("/login/")):
             await self._allow_list(scope, "login", source, fw.login_allowed_sources)

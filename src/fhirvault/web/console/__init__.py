@@ -1,0 +1,1 @@
+"""The operator console at /console (routes.py); see docs/console.md."""
