@@ -30,8 +30,8 @@ from fhirvault.domain.compartment import patient_of
 from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import is_resource_type
-from fhirvault.ports import StoredVersion, VersionConflict, WriteTx
-from fhirvault.services.keys import TENANT_COMPARTMENT, DataKey, patient_compartment
+from fhirvault.ports import ResourceStore, StoredVersion, VersionConflict, WriteTx
+from fhirvault.services.keys import TENANT_COMPARTMENT, DataKey, KeyRing, patient_compartment
 from fhirvault.services.relationships import WATCHED_TYPES, relationship_change
 from fhirvault.services.repository import (
     ConcurrentChange,
@@ -109,6 +109,19 @@ def may_import(principal: Any, tenant: str, types: Iterable[str]) -> str | None:
         if not (principal.grants.allows(rtype, "c") and principal.grants.allows(rtype, "u")):
             return f"the token's system scopes do not allow creating and updating {rtype}"
     return None
+
+
+def data_keys(store: ResourceStore, keys: KeyRing, compartments: set[str]) -> dict[str, DataKey]:
+    """The data key of every compartment; the missing ones are created in one transaction first
+    (a key without data, if the import then fails, is harmless: that is what single writes do)."""
+    missing = sorted(c for c in compartments if keys.cached_for(c) is None)
+    if missing:
+        def create(tx: WriteTx) -> list[tuple[DataKey, bytes]]:
+            return [keys.get_or_create_in_tx(tx, c) for c in missing]
+
+        for key, lookup in store.write_sync("keys.data-key", create):
+            keys.remember(key, lookup)
+    return {c: keys.for_compartment_sync(c) for c in compartments}
 
 
 def _refusal(issue: Issue) -> tuple[Issue, ...]:
@@ -195,20 +208,8 @@ class BulkImporter:
         return _Item(number, rtype, rid, body, compartment, tags)
 
     def _keys_for(self, items: list[_Item]) -> None:
-        """The data key of every compartment; the missing ones are created in one transaction first
-        (a key without data, if the import then fails, is harmless: that is what single writes do)."""
-        keys = self._keys
-        missing = sorted({i.compartment for i in items if keys.cached_for(i.compartment) is None})
-        if missing:
-            def create(tx: WriteTx) -> list[tuple[DataKey, bytes]]:
-                return [keys.get_or_create_in_tx(tx, c) for c in missing]
-
-            for key, lookup in self._store.write_sync("keys.data-key", create):
-                keys.remember(key, lookup)
-        found: dict[str, DataKey] = {}
+        found = data_keys(self._store, self._keys, {i.compartment for i in items})
         for item in items:
-            if item.compartment not in found:
-                found[item.compartment] = keys.for_compartment_sync(item.compartment)
             item.key = found[item.compartment]
 
     def _seal(self, items: list[_Item], now: int, source: str) -> None:
