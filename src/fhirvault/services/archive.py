@@ -174,16 +174,19 @@ def export_archive(container: Any, target: Path) -> ExportResult:
     settings, store, repo = container.settings, container.store, container.repository
     tenant = settings.tenant
     files = _Files(target)
-    counts: dict[str, int] = {}
+    counts: dict[str, int] = {}  # resources (every id, deleted ones too) by type
+    seen: set[tuple[str, str]] = set()
     versions = 0
     for v in _all_versions(store, tenant):
         versions += 1
+        if (v.type, v.id) not in seen:
+            seen.add((v.type, v.id))
+            counts[v.type] = counts.get(v.type, 0) + 1
         if v.deleted:
             files.line(f"resources/{v.type}.deleted.ndjson", {
                 "resourceType": v.type, "id": v.id, "versionId": str(v.version),
                 "lastUpdated": instant(v.last_updated_ms)})
             continue
-        counts[v.type] = counts.get(v.type, 0) + 1
         files.line(f"resources/{v.type}.ndjson", orjson.Fragment(repo._open(v)))
     trail = container.audit
     entries = 0
