@@ -70,6 +70,11 @@ class Settings:
     session_max_hours: int = 12
     refresh_token_days: int = 30
     break_glass_hours: int = 4
+    # Bulk Data $export: outputs are deleted this long after the export finished; output links
+    # expire after bulk_link_minutes (the status URL gives fresh ones); exports run on bulk_threads.
+    bulk_retention_hours: int = 24
+    bulk_link_minutes: int = 60
+    bulk_threads: int = 2
     # Reverse proxies whose Forwarded / X-Forwarded-* headers are believed (CIDRs; none by default:
     # the headers are then ignored). Host names this server answers to when public_base_url is unset
     # (None: loopback names and the bind address; ("*",): any, which reflects Host into links).
@@ -244,6 +249,9 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "session_max_hours": _positive_int(1, 24 * 7),
     "refresh_token_days": _positive_int(1, 365),
     "break_glass_hours": _positive_int(1, 72),
+    "bulk_retention_hours": _positive_int(1, 24 * 30),
+    "bulk_link_minutes": _positive_int(1, 24 * 60),
+    "bulk_threads": _positive_int(1, 16),
     "trusted_proxies": _networks,
     "allowed_hosts": _hosts,
 }

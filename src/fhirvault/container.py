@@ -43,6 +43,7 @@ from fhirvault.services.secrets import ServiceSecrets
 
 if TYPE_CHECKING:
     from fhirvault.backup.ports import CatalogReader, ChangeFeedSource, RestoreSink, SnapshotSource
+    from fhirvault.services.bulk_export import BulkExportService
 
 INSTANCE_META = "instance-id"
 
@@ -86,6 +87,7 @@ class Container:
     detection: DetectionEngine | None = None
     leadership: Leadership | None = None
     coherence: Coherence | None = None
+    bulk_export: BulkExportService | None = None  # set by the server (web/app.py)
     _checkpointing: bool = False
 
     def enable_alerting(self) -> DetectionEngine:

@@ -208,6 +208,10 @@ class _Tx:
     def set_meta(self, name: str, value: bytes) -> None:
         self._set(self._t.meta, name, value)
 
+    def delete_meta(self, name: str) -> None:
+        if name in self._t.meta:
+            self._delete(self._t.meta, name)
+
     def insert_client(self, row: ClientRow) -> None:
         if row.client_id in self._t.clients:
             raise ConstraintError(f"client {row.client_id} already exists")

@@ -390,6 +390,9 @@ class _Tx:
     def meta_names(self) -> list[str]:
         return [r[0] for r in self._x("SELECT name FROM meta ORDER BY name").fetchall()]
 
+    def delete_meta(self, name: str) -> None:
+        self._x("DELETE FROM meta WHERE name=%s", (name,))
+
     def set_meta(self, name: str, value: bytes) -> None:
         self._x("INSERT INTO meta (name, value) VALUES (%s,%s) ON CONFLICT (name) DO UPDATE SET value=excluded.value",
                 (name, value))

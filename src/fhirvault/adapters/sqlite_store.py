@@ -265,6 +265,9 @@ class _Tx:
     def meta_names(self) -> list[str]:
         return [r[0] for r in self._c.execute("SELECT name FROM meta ORDER BY name")]
 
+    def delete_meta(self, name: str) -> None:
+        self._c.execute("DELETE FROM meta WHERE name=?", (name,))
+
     def set_meta(self, name: str, value: bytes) -> None:
         self._c.execute(
             "INSERT INTO meta (name, value) VALUES (?,?) ON CONFLICT (name) DO UPDATE SET value=excluded.value",

@@ -118,6 +118,14 @@ def _security(token_url: str) -> dict[str, Any]:
     }
 
 
+# FHIR Bulk Data Access v2 (fhir/bulk.py): asynchronous NDJSON export at three levels.
+BULK_DATA = "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+SYSTEM_EXPORT = {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}
+PATIENT_EXPORT = {"name": "export",
+                  "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}
+GROUP_EXPORT = {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}
+
+
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
                          published_ms_instant: str) -> dict[str, Any]:
     resources = [
@@ -136,7 +144,8 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
             "searchParam": _search_params(rtype),
             "operation": [*RESOURCE_OPERATIONS, *(
                 [{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
-                 ACCESS_HISTORY, BREAK_GLASS] if rtype == "Patient" else [])],
+                 ACCESS_HISTORY, BREAK_GLASS, PATIENT_EXPORT] if rtype == "Patient" else
+                [GROUP_EXPORT] if rtype == "Group" else [])],
         }
         if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types
@@ -149,6 +158,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
         "kind": "instance",
         "software": {"name": "fhirvault", "version": __version__},
         "implementation": {"description": "fhirvault encrypted FHIR R4 server", "url": base_url},
+        "instantiates": [BULK_DATA],
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json", "json", "application/fhir+xml", "xml"],
         "patchFormat": ["application/json-patch+json"],
@@ -158,6 +168,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
                 "security": _security(token_url),
                 "resource": resources,
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
+                "operation": [SYSTEM_EXPORT],
                 "documentation": SEARCH_DOC,
             }
         ],

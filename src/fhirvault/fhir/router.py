@@ -23,6 +23,7 @@ from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
 from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
+from fhirvault.fhir.bulk import BulkRoutes
 from fhirvault.fhir.bulk_import_api import ImportApi
 from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
@@ -85,11 +86,12 @@ def _resource_headers(r: ResourceResult, location_base: str) -> dict[str, str]:
 class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
-                 max_bundle_entries: int = 10_000, audit_reader: AuditReader,
+                 max_bundle_entries: int = 10_000, audit_reader: AuditReader, bulk: BulkRoutes | None = None,
                  bulk_import: ImportApi | None = None) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._trail = audit_reader
+        self._bulk = bulk  # Bulk Data $export and its status/output URLs (fhir/bulk.py)
         self._types = resource_types
         self._documents = documents
         self._conditional_lock = asyncio.Lock()
@@ -100,7 +102,12 @@ class FhirRouter:
         self._import = bulk_import
 
     async def handle(self, req: FhirRequest) -> FhirResponse:
-        fmt, media = negotiate(req.header("accept"), req.param("_format"))
+        if req.segments[:1] == ["$bulk-output"]:
+            # NDJSON files (clients ask for application/fhir+ndjson): no JSON/XML negotiation
+            accept = None if _NDJSON in (req.header("accept") or "") else req.header("accept")
+            fmt, media = negotiate(accept, None)
+        else:
+            fmt, media = negotiate(req.header("accept"), req.param("_format"))
         if req.method in ("POST", "PUT") and is_xml(req.header("content-type")):
             # XML in: converted once here; everything below (bundle entries too) works in JSON.
             headers = {**req.headers, "content-type": FHIR_JSON}
@@ -115,6 +122,9 @@ class FhirRouter:
     async def _dispatch(self, req: FhirRequest) -> FhirResponse:
         seg, method = req.segments, req.method
         n = len(seg)
+        if self._bulk is not None and seg and (seg[-1] == "$export" or seg[0].startswith("$bulk-")) \
+                and (bulk := await self._bulk.route(req)) is not None:
+            return bulk
         if n == 1 and seg[0] == "metadata":
             self._allow(method, "GET")
             return FhirResponse(200, self._documents(req.base_url)[0])
@@ -516,6 +526,7 @@ def _as_xml(body: bytes) -> bytes:
         raise errors.not_acceptable("This content has no FHIR XML form; ask for JSON (_format=json).") from None
 
 
+_NDJSON = "ndjson"  # application/fhir+ndjson, application/ndjson
 _OPERATIONS = frozenset({"$validate", "$meta", "$meta-add", "$meta-delete"})
 _PAGING = ("_page_after", "_page_before", "_snapshot", "_offset")
 

@@ -339,6 +339,10 @@ class Repository:
             # Tampered row, swapped blob or destroyed key: never serve it, never guess.
             raise IntegrityError(f"{v.type} version failed its integrity check: {type(exc).__name__}") from None
 
+    def open_version(self, v: StoredVersion) -> bytes:
+        """The plaintext JSON of a stored version (bulk export reads the store directly, judging each itself)."""
+        return self._open(v)
+
     def _patient_ref(self, key_id: str) -> str | None:
         pid = self._patient_id(key_id)
         return "Patient/" + pid if pid is not None else None

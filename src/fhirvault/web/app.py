@@ -19,11 +19,13 @@ from fhirvault.backup.scheduler import BackupScheduler
 from fhirvault.container import Container, capability_bytes
 from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
+from fhirvault.fhir.bulk import BulkRoutes
 from fhirvault.fhir.bulk_import_api import ImportApi
 from fhirvault.fhir.router import FhirRouter
 from fhirvault.ports import StoreUnavailable
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
+from fhirvault.services.bulk_export import URL_SECRET, BulkExportService
 from fhirvault.services.bulk_import import BulkImporter
 from fhirvault.services.config_audit import changed_settings
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
@@ -103,6 +105,17 @@ async def _alert_housekeeping(container: Container, detection: DetectionEngine,
         await asyncio.sleep(5)
 
 
+async def _bulk_housekeeping(container: Container, bulk: BulkExportService) -> None:
+    """Every minute (and at start): delete expired export outputs, fail exports whose process died."""
+    while True:
+        try:
+            if _leads(container, "bulk-retention"):
+                await asyncio.to_thread(bulk.sweep)
+        except Exception:
+            log.exception("bulk export housekeeping failed")
+        await asyncio.sleep(60)
+
+
 def create_app(container: Container) -> ASGIApp:
     settings = container.settings
     repo = container.repository
@@ -121,9 +134,14 @@ def create_app(container: Container) -> ASGIApp:
         token_url = base_url[: -len(FHIR_PREFIX)] + "/oauth2/token"
         return docs.capability(base_url, token_url), orjson.dumps(oauth.smart_configuration_for(token_url))
 
+    bulk = BulkExportService(repo, container.store, container.keys, container.audit, container.clock,
+                             container.secrets.get(URL_SECRET), settings.data_dir, tenant=settings.tenant,
+                             retention_hours=settings.bulk_retention_hours, link_minutes=settings.bulk_link_minutes,
+                             threads=settings.bulk_threads)
+    container.bulk_export = bulk
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
                         max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries,
-                        audit_reader=container.audit_reader,
+                        audit_reader=container.audit_reader, bulk=BulkRoutes(bulk),
                         bulk_import=ImportApi(BulkImporter(repo), settings.data_dir / "import", container.clock.now_ms))
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url, metrics=metrics)
@@ -190,8 +208,11 @@ def create_app(container: Container) -> ASGIApp:
         if backups is not None:
             backups.follow()
         housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
+        bulk_retention = asyncio.create_task(_bulk_housekeeping(container, bulk))
         yield
         housekeeping.cancel()
+        bulk_retention.cancel()
+        bulk.close()
         if backups is not None:
             backups.stop()
         monitor.stop()
