@@ -77,7 +77,7 @@ def test_a_bad_last_line_stores_nothing_of_the_file(app: App) -> None:
     manifest = r.json()
     assert manifest["output"] == []
     assert manifest["extension"]["files"][0] == {
-        "inputUrl": "upload", "sha256": manifest["extension"]["files"][0]["sha256"], "lines": 4,
+        "inputUrl": "upload.ndjson", "sha256": manifest["extension"]["files"][0]["sha256"], "lines": 4,
         "committed": False, "count": 0, "refusedLines": 2}
     assert app.client.get("/fhir/Patient/imp-a1", headers=app.auth).status_code == 404
     assert app.client.get("/fhir/Observation/imp-a2", headers=app.auth).status_code == 404
@@ -173,3 +173,15 @@ def test_ndjson_type_mismatch_is_per_line(app: App, tmp_path: Path) -> None:
                         headers={**app.auth, **NDJSON})
     assert r.status_code == 200
     assert r.json()["extension"]["files"][0]["refusedLines"] == 1
+
+
+def test_async_upload_is_sealed_at_rest(app: App) -> None:
+    body = _ndjson(_patient("imp-x1", "Zyxwvutsrq"))
+    r = app.client.post("/fhir/$import", content=body,
+                        headers={**app.auth, **NDJSON, "Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    manifest = _poll(app, r.headers["Content-Location"], app.auth)
+    assert manifest["output"] == [{"type": "Patient", "inputUrl": "upload.ndjson", "count": 1}]
+    stored = [p.read_bytes() for p in (app.settings.data_dir / "bulk").rglob("*") if p.is_file()]
+    assert stored, "the upload is kept (sealed) with its job"
+    assert not any(b"Zyxwvutsrq" in data for data in stored)

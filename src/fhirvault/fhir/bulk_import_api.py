@@ -12,19 +12,16 @@
   an NDJSON of OperationOutcomes at ``.../$import-status/{job}/error/{n}``; DELETE forgets the job.
   Without it the import runs during the request and the manifest is the answer.
 
-Every file is all-or-nothing (services/bulk_import.py). Jobs are kept in this process's memory
-(lost at a restart; with several workers, poll the worker that answered): they hold counts and
-error outcomes, never resource content (error diagnostics never echo submitted values).
+Every file is all-or-nothing (services/bulk_import.py). Jobs live in the shared bulk job store
+(services/bulk_jobs.py: a sealed row in the database, files sealed under the job's key in
+``DATA_DIR/bulk/<job>/``), run on its thread pool, and are visible to the client that started them only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import secrets
-import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -36,28 +33,25 @@ from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
 from fhirvault.services.bulk_import import BulkImporter, FileOutcome
+from fhirvault.services.bulk_jobs import (
+    COMPLETED,
+    FAILED,
+    FINISHED,
+    BulkJob,
+    BulkJobStore,
+    JobControl,
+    JobFile,
+    JobFiles,
+    JobRunner,
+    new_job,
+)
 from fhirvault.services.repository import RequestContext
 
-log = logging.getLogger("fhirvault.import")
 NDJSON = "application/fhir+ndjson"
 _NDJSON_TYPES = {NDJSON, "application/ndjson", "application/x-ndjson"}
 MAX_FILES = 1000
-MAX_JOBS = 100  # finished jobs kept in memory; the oldest are forgotten first
+UPLOAD = "upload.ndjson"  # a direct upload's body, sealed in the job's folder
 MAX_FILE_BYTES = 2 << 30
-
-
-@dataclass(slots=True)
-class ImportJob:
-    job_id: str
-    client_id: str
-    request: str
-    created_ms: int
-    inputs: list[tuple[str | None, str]]  # (declared type, source url)
-    status: str = "running"  # running | completed | failed
-    progress: str = "queued"
-    files: list[FileOutcome] = field(default_factory=list)
-    failure: str | None = None
-    finished_ms: int = 0
 
 
 def _media(value: str | None) -> str:
@@ -127,12 +121,17 @@ def resolve_input(root: Path, url: str) -> Path:
 
 
 class ImportApi:
-    def __init__(self, importer: BulkImporter, import_dir: Path, now_ms: Any) -> None:
+    """Kick-off, status, error files and cancel of import jobs, kept in the shared bulk job store."""
+
+    def __init__(self, importer: BulkImporter, import_dir: Path, jobs: BulkJobStore, files: JobFiles,
+                 runner: JobRunner, now_ms: Callable[[], int], tenant: str) -> None:
         self._importer = importer
         self._dir = import_dir
+        self._jobs = jobs
+        self._files = files
+        self._runner = runner
         self._now_ms = now_ms
-        self._jobs: dict[str, ImportJob] = {}
-        self._lock = threading.Lock()
+        self._tenant = tenant
 
     async def handle(self, req: FhirRequest) -> FhirResponse:
         seg = req.segments
@@ -150,7 +149,7 @@ class ImportApi:
             rtype = req.param("type")
             if rtype is not None and not is_resource_type(rtype):
                 raise errors.bad_request("type is not an R4 resource type.", "type")
-            inputs: list[tuple[str | None, str]] = [(rtype, "upload")]
+            inputs: list[tuple[str | None, str]] = [(rtype, UPLOAD)]
             direct, source = req.body, "upload"
             types = [rtype] if rtype else ["*"]
         else:
@@ -164,114 +163,133 @@ class ImportApi:
             source = source_name or "import-directory"
             types = sorted({t or "*" for t, _ in inputs})
         await self._importer.authorize(req.ctx, types, "$import")
-        files = [] if direct is not None else [resolve_input(self._dir, url) for _t, url in inputs]
-        job = ImportJob(secrets.token_urlsafe(18), req.ctx.principal.client_id if req.ctx.principal else "",
-                        req.base_url + "/$import", self._now_ms(), inputs)
-        run = _Run(self._importer, job, req.ctx, direct, files, source)
-        self._remember(job)  # also when synchronous: the manifest's error files are read from it
+        if direct is None:
+            for _t, url in inputs:
+                resolve_input(self._dir, url)  # refused now (400), not later in the job
+        p = req.ctx.principal
+        assert p is not None  # authorize() refused anonymous callers
+        job = new_job("import", self._tenant, p.client_id, p.user, req.base_url + "/$import", self._now_ms(),
+                      {"inputs": [[t, url] for t, url in inputs], "source": source[:500], "files": [],
+                       "upload": direct is not None})
+        await asyncio.to_thread(self._jobs.save, job)
+        if direct is not None:  # kept sealed under the job's key until the job has read it
+            await asyncio.to_thread(self._store_upload, job, direct)
+        done: Future[None] = Future()
+        ctx = req.ctx
+
+        def work(control: JobControl) -> None:
+            try:
+                self._run(control, ctx)
+            finally:
+                done.set_result(None)
+
+        self._runner.submit(job.job_id, work)
         if "respond-async" not in (req.header("prefer") or ""):
-            await asyncio.to_thread(run)
-            if run.error is not None:
-                raise run.error
-            return self._manifest(req, job)
-        threading.Thread(target=run, name="fhirvault-import", daemon=True).start()
+            await asyncio.wrap_future(done)
+            finished = await asyncio.to_thread(self._jobs.get, job.job_id)
+            if finished is None or finished.status != COMPLETED:
+                raise _failure(finished)
+            return self._manifest(req, finished)
         status = f"{req.base_url}/$import-status/{job.job_id}"
         return FhirResponse(202, b"", {"Content-Location": status})
 
-    def _remember(self, job: ImportJob) -> None:
-        with self._lock:
-            finished = [j for j in self._jobs.values() if j.status != "running"]
-            for old in sorted(finished, key=lambda j: j.created_ms)[:max(0, len(self._jobs) - MAX_JOBS + 1)]:
-                self._jobs.pop(old.job_id, None)
-            self._jobs[job.job_id] = job
+    def _store_upload(self, job: BulkJob, data: bytes) -> None:
+        writer = self._files.writer(job, UPLOAD)
+        writer.write(data)
+        writer.close()
+
+    def _run(self, control: JobControl, ctx: RequestContext) -> None:
+        """The import of a job's files, one after the other (each file all-or-nothing)."""
+        job = self._jobs.get(control.job_id)
+        if job is None:
+            return
+        inputs = job.params["inputs"]
+        outcomes: list[FileOutcome] = []
+        error_files: list[JobFile] = []
+        for n, (rtype, url) in enumerate(inputs):
+            control.checkpoint(f"file {n + 1} of {len(inputs)}", force=True)
+            if job.params["upload"]:
+                data = b"".join(self._files.read(job, UPLOAD))
+            else:
+                path = resolve_input(self._dir, url)
+                if path.stat().st_size > MAX_FILE_BYTES:
+                    raise ValueError(f"input {n + 1} is larger than {MAX_FILE_BYTES} bytes")
+                data = path.read_bytes()
+            outcome = self._importer.import_file(ctx, url, data, expected_type=rtype, job_id=job.job_id)
+            outcomes.append(outcome)
+            if outcome.errors:
+                name = f"errors-{n}.ndjson"
+                writer = self._files.writer(job, name)
+                for e in outcome.errors:
+                    writer.write(orjson.dumps(e.outcome()) + b"\n")
+                writer.close()
+                error_files.append(JobFile("OperationOutcome", name, len(outcome.errors)))
+
+        def fill(j: BulkJob) -> None:
+            j.errors = error_files
+            j.outputs = [JobFile(t, f"input-{n}", c) for n, o in enumerate(outcomes) if o.committed
+                         for t, c in sorted(o.counts.items())]
+            j.params["files"] = [{"inputUrl": o.source, "sha256": o.sha256, "lines": o.lines,
+                                  "committed": o.committed, "count": o.count if o.committed else 0,
+                                  "refusedLines": len(o.errors)} for o in outcomes]
+
+        control.complete(fill)
 
     # -- status -------------------------------------------------------------------
-    def _job(self, req: FhirRequest, job_id: str) -> ImportJob:
-        with self._lock:
-            job = self._jobs.get(job_id)
+    async def _job(self, req: FhirRequest, job_id: str) -> BulkJob:
+        job = await asyncio.to_thread(self._jobs.get, job_id)
         p = req.ctx.principal
         # Another client's job is not found: its existence is not confirmed.
-        if job is None or p is None or p.client_id != job.client_id:
+        if job is None or job.kind != "import" or p is None or not job.owned_by(p.client_id, p.user):
             raise errors.not_found("No such import job.")
+        if job.stale(self._now_ms()):  # the process running it died
+            self._runner.cancel(job.job_id)
+            job.status, job.failure = FAILED, "the server stopped while the import ran"
         return job
 
     async def _status(self, req: FhirRequest) -> FhirResponse:
         seg = req.segments
         if len(seg) not in (2, 4) or (len(seg) == 4 and seg[2] != "error"):
             raise errors.not_found("Unknown URL.")
-        job = self._job(req, seg[1])
+        job = await self._job(req, seg[1])
         if len(seg) == 4:
             if req.method != "GET":
                 raise errors.method_not_allowed("Error files are read with GET.")
-            if not seg[3].isdigit() or int(seg[3]) >= len(job.files) or job.status == "running":
+            name = f"errors-{seg[3]}.ndjson"
+            if job.status != COMPLETED or name not in {f.name for f in job.errors}:
                 raise errors.not_found("No such error file.")
-            outcome = job.files[int(seg[3])]
-            body = b"".join(orjson.dumps(e.outcome()) + b"\n" for e in outcome.errors)
+            body = await asyncio.to_thread(lambda: b"".join(self._files.read(job, name)))
             return FhirResponse(200, body, {"Content-Type": NDJSON})
         if req.method == "DELETE":
-            with self._lock:
-                self._jobs.pop(job.job_id, None)
+            self._runner.cancel(job.job_id)
+            await asyncio.to_thread(self._jobs.delete, job.job_id)
+            await asyncio.to_thread(self._files.remove, job.job_id)
             return FhirResponse(202)
         if req.method != "GET":
             raise errors.method_not_allowed("Poll the status with GET, forget the job with DELETE.")
-        if job.status == "running":
-            return FhirResponse(202, b"", {"X-Progress": job.progress, "Retry-After": "1"})
-        if job.status == "failed":
-            raise errors.OperationOutcomeError(500, [errors.Issue("error", "exception",
-                                                                  f"The import failed: {job.failure}")])
+        if job.status not in FINISHED:
+            return FhirResponse(202, b"", {"X-Progress": job.progress[:100], "Retry-After": "1"})
+        if job.status != COMPLETED:
+            raise _failure(job)
         return self._manifest(req, job)
 
-    def _manifest(self, req: FhirRequest, job: ImportJob) -> FhirResponse:
+    def _manifest(self, req: FhirRequest, job: BulkJob) -> FhirResponse:
         status = f"{req.base_url}/$import-status/{job.job_id}"
-        outputs, errs, details = [], [], []
-        for n, f in enumerate(job.files):
-            outputs += [{"type": t, "inputUrl": f.source, "count": c} for t, c in sorted(f.counts.items())
-                        if f.committed]
-            if f.errors:
-                errs.append({"type": "OperationOutcome", "inputUrl": f.source, "count": len(f.errors),
-                             "url": f"{status}/error/{n}"})
-            details.append({"inputUrl": f.source, "sha256": f.sha256, "lines": f.lines, "committed": f.committed,
-                            "count": f.count if f.committed else 0, "refusedLines": len(f.errors)})
+        files = job.params.get("files", [])
+        inputs = job.params["inputs"]
+        outputs = [{"type": f.type, "inputUrl": inputs[_number(f.name)][1], "count": f.count} for f in job.outputs]
+        errs = [{"type": "OperationOutcome", "inputUrl": inputs[_number(f.name)][1], "count": f.count,
+                 "url": f"{status}/error/{_number(f.name)}"} for f in job.errors]
         doc = {"transactionTime": instant(job.finished_ms or job.created_ms), "request": job.request,
-               "requiresAccessToken": True, "output": outputs, "error": errs, "extension": {"files": details}}
+               "requiresAccessToken": True, "output": outputs, "error": errs, "extension": {"files": files}}
         return FhirResponse(200, orjson.dumps(doc), {"Content-Type": "application/json"})
 
 
-class _Run:
-    """The import of a job's files, one after the other (each file all-or-nothing)."""
+def _number(name: str) -> int:
+    """The input number in a job file's name (input-3, errors-3.ndjson)."""
+    return int(name.split("-", 1)[1].split(".", 1)[0])
 
-    def __init__(self, importer: BulkImporter, job: ImportJob, ctx: RequestContext, direct: bytes | None,
-                 files: list[Path], source: str) -> None:
-        self._importer = importer
-        self._job = job
-        self._ctx = ctx
-        self._direct = direct
-        self._files = files
-        self._source = source
-        self.error: errors.OperationOutcomeError | None = None
 
-    def __call__(self) -> None:
-        job = self._job
-        try:
-            if self._direct is not None:
-                job.files.append(self._importer.import_file(self._ctx, self._source, self._direct,
-                                                            expected_type=job.inputs[0][0], job_id=job.job_id))
-            listed = job.inputs if self._direct is None else []
-            for n, (path, (rtype, url)) in enumerate(zip(self._files, listed, strict=True)):
-                job.progress = f"file {n + 1} of {len(self._files)}"
-                if path.stat().st_size > MAX_FILE_BYTES:
-                    raise ValueError(f"input {n + 1} is larger than {MAX_FILE_BYTES} bytes")
-                data = path.read_bytes()
-                job.files.append(self._importer.import_file(self._ctx, url, data, expected_type=rtype,
-                                                            job_id=job.job_id))
-            job.status = "completed"
-        except errors.OperationOutcomeError as exc:
-            self.error = exc
-            job.status, job.failure = "failed", "; ".join(i.diagnostics for i in exc.issues)[:200]
-        except Exception as exc:
-            log.exception("import job failed")
-            self.error = errors.OperationOutcomeError(500, [errors.Issue("error", "exception", "The import failed.")])
-            job.status, job.failure = "failed", type(exc).__name__
-        finally:
-            job.finished_ms = int(time.time() * 1000)
-            job.progress = job.status
+def _failure(job: BulkJob | None) -> errors.OperationOutcomeError:
+    reason = job.failure if job is not None and job.failure else "unknown"
+    return errors.OperationOutcomeError(500, [errors.Issue("error", "exception", f"The import failed: {reason}")])

@@ -142,7 +142,8 @@ def create_app(container: Container) -> ASGIApp:
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
                         max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries,
                         audit_reader=container.audit_reader, bulk=BulkRoutes(bulk),
-                        bulk_import=ImportApi(BulkImporter(repo), settings.data_dir / "import", container.clock.now_ms))
+                        bulk_import=ImportApi(BulkImporter(repo), settings.data_dir / "import", bulk.jobs, bulk.files,
+                                              bulk.runner, container.clock.now_ms, settings.tenant))
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url, metrics=metrics)
 
