@@ -185,3 +185,8 @@ def test_async_upload_is_sealed_at_rest(app: App) -> None:
     stored = [p.read_bytes() for p in (app.settings.data_dir / "bulk").rglob("*") if p.is_file()]
     assert stored, "the upload is kept (sealed) with its job"
     assert not any(b"Zyxwvutsrq" in data for data in stored)
+
+
+def test_capability_statement_lists_import(app: App) -> None:
+    cap = app.client.get("/fhir/metadata").json()
+    assert "import" in [op["name"] for op in cap["rest"][0]["operation"]]
