@@ -121,6 +121,6 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
     print(json.dumps({"resources": result.resources, "versions": result.versions, "users": result.users,
                       "clients": result.clients, "seconds": round(result.seconds, 2),
                       "archive_manifest_sha256": result.manifest_sha256}, indent=2))
-    print("Users must set a password (and MFA) again; clients need new secrets (fhirvault client rotate-secret).",
+    print("Users have no password or MFA yet (fhirvault user set-password, user reset-totp); clients need new secrets (fhirvault client rotate-secret).",
           file=sys.stderr)
     return 0
