@@ -106,10 +106,13 @@ def test_async_manifest_from_the_import_directory(app: App) -> None:
     assert manifest["output"] == [{"type": "Patient", "inputUrl": "patients.ndjson", "count": 2}]
     assert app.client.get("/fhir/Patient/imp-d2", headers=app.auth).status_code == 200
     assert app.client.get("/fhir/Observation/imp-d3", headers=app.auth).status_code == 404
-    # Another client does not see the job; its owner can forget it.
-    other = get_token(app.client, app.creds, "system/*.*")
+    # Another client (even an admin one) does not see the job; its owner can forget it.
+    second = app.container.auth.register_client("second", "system/*.*")
+    other = get_token(app.client, {"client_id": second.client_id, "client_secret": second.client_secret})
     status = r.headers["Content-Location"].removeprefix("http://testserver")
-    assert app.client.get(status, headers={"Authorization": f"Bearer {other}"}).status_code in (200, 404)
+    assert app.client.get(status, headers={"Authorization": f"Bearer {other}"}).status_code == 404
+    assert app.client.get(status + "/error/1", headers={"Authorization": f"Bearer {other}"}).status_code == 404
+    assert app.client.get(status + "/error/1", headers=app.auth).status_code == 200
     assert app.client.delete(status, headers=app.auth).status_code == 202
     assert app.client.get(status, headers=app.auth).status_code == 404
 
@@ -190,3 +193,19 @@ def test_async_upload_is_sealed_at_rest(app: App) -> None:
 def test_capability_statement_lists_import(app: App) -> None:
     cap = app.client.get("/fhir/metadata").json()
     assert "import" in [op["name"] for op in cap["rest"][0]["operation"]]
+
+
+def test_xml_manifest(app: App) -> None:
+    folder = app.settings.data_dir / "import"
+    folder.mkdir()
+    (folder / "p.ndjson").write_bytes(_ndjson(_patient("imp-xml1")))
+    xml = (b'<Parameters xmlns="http://hl7.org/fhir">'
+           b'<parameter><name value="inputFormat"/><valueCode value="application/fhir+ndjson"/></parameter>'
+           b'<parameter><name value="input"/><part><name value="url"/><valueUri value="p.ndjson"/></part></parameter>'
+           b'</Parameters>')
+    r = app.client.post("/fhir/$import", content=xml, headers={**app.auth, "Content-Type": "application/fhir+xml"})
+    assert r.status_code == 200, r.text
+    assert r.json()["output"] == [{"type": "Patient", "inputUrl": "p.ndjson", "count": 1}]
+    bad = app.client.post("/fhir/$import", content=b"<Parameters xmlns='http://hl7.org/fhir'/>",
+                          headers={**app.auth, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
+    assert bad.status_code == 400 and b"OperationOutcome" in bad.content

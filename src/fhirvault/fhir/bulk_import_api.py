@@ -51,7 +51,7 @@ NDJSON = "application/fhir+ndjson"
 _NDJSON_TYPES = {NDJSON, "application/ndjson", "application/x-ndjson"}
 MAX_FILES = 1000
 UPLOAD = "upload.ndjson"  # a direct upload's body, sealed in the job's folder
-MAX_FILE_BYTES = 2 << 30
+MAX_FILE_BYTES = 256 << 20  # a file is held in memory while it is validated (all or nothing): split larger ones
 
 
 def _media(value: str | None) -> str:
