@@ -45,7 +45,7 @@ from fhirvault.ports import (
 from fhirvault.services.archive_readme import README
 from fhirvault.services.audit_checkpoints import CheckpointVerifier, WitnessedCheckpoint
 from fhirvault.services.audit_verify import VerifyReport, verify_log
-from fhirvault.services.bulk_import import data_keys
+from fhirvault.services.bulk_import import FileIndex, data_keys
 from fhirvault.services.keys import TENANT_COMPARTMENT, patient_compartment
 from fhirvault.services.repository import resource_aad
 
@@ -393,12 +393,12 @@ def import_archive(container: Any, root: Path, *, expected_fingerprint: str | No
     report = verify_archive(root, expected_fingerprint)
     if not report.ok:
         raise ArchiveError("the archive does not verify: " + report.problems[0])
-    store, repo, keys = container.store, container.repository, container.keys
+    store, keys = container.store, container.keys
     tenant = container.settings.tenant
     if store.history(HistoryQuery(tenant, limit=1)):
         raise ArchiveError("this instance already holds resources: import into a fresh data directory")
     histories = _versions_of(root, report.manifest)
-    index = repo._index
+    index = FileIndex(keys)  # remembered tags, for this import only
     batch: list[tuple[str, str, list[tuple[int, int, bytes | None]]]] = []
     versions = resources = 0
 
