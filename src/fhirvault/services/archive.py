@@ -53,7 +53,7 @@ FORMAT = "fhirvault-archive/1"
 SIGNING_SECRET = "archive-signing"  # noqa: S105 - the name of a service secret, not a secret
 _MANIFEST_PREFIX = b"fhirvault-archive-manifest-v1\n"  # domain separation: only manifests are signed
 _PAGE = 2_000
-_SECRET_WORDS = ("secret", "password", "token", "credential", "private", "access_key", "passphrase")
+_SECRET_WORDS = ("secret", "password", "credential", "private", "passphrase")
 MANIFEST, SIGNATURE, PUBLIC_KEY = "manifest.json", "manifest.sig", "signing-key.pub"
 
 
@@ -76,6 +76,8 @@ def _redact(value: Any, name: str = "") -> Any:
         return {str(k): _redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple | frozenset | set):
         return [_redact(v, name) for v in value]
+    if isinstance(value, bytes | bytearray):
+        return "(redacted)"  # settings hold key material as bytes, never anything else
     if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/", 1)[0]:
         scheme, rest = value.split("://", 1)
         return f"{scheme}://(redacted)@{rest.split('@', 1)[1]}"  # a URL's user:password
