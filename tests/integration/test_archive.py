@@ -194,6 +194,9 @@ def test_import_restores_every_version_and_a_verifying_audit_log(exported: tuple
     assert verify.returncode == 0, verify.stdout + verify.stderr
     kept = target / "archived-audit" / result["archive_manifest_sha256"]
     assert (kept / "audit/entries.ndjson").read_bytes() == (archive / "audit/entries.ndjson").read_bytes()
+    segment = fhirvault("archive", "verify", str(kept), "--audit-only", "--fingerprint", fp)
+    assert segment.returncode == 0, segment.stdout + segment.stderr
+    assert fhirvault("archive", "verify", str(kept)).returncode == 1  # the resources are not kept there
     # A second import into the same instance is refused (it is no longer fresh).
     again = fhirvault("archive", "import", str(archive), "--data-dir", str(target))
     assert again.returncode == 1 and "fresh" in again.stderr

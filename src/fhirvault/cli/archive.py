@@ -33,6 +33,8 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
     p_verify.add_argument("archive", type=Path, help="the archive directory")
     p_verify.add_argument("--fingerprint", help="the signing key fingerprint the sender gave you out of band")
     p_verify.add_argument("--json", action="store_true", help="print the report as JSON")
+    p_verify.add_argument("--audit-only", action="store_true",
+                          help="a historical audit segment (DATA_DIR/archived-audit/…) kept by an import")
     p_import = archive_sub.add_parser("import", help="load an archive into a fresh data directory")
     settings_options(p_import)
     p_import.add_argument("archive", type=Path, help="the archive directory")
@@ -84,7 +86,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from fhirvault.services.archive import verify_archive
 
-    report = verify_archive(args.archive, args.fingerprint)
+    report = verify_archive(args.archive, args.fingerprint, audit_only=args.audit_only)
     if args.json:
         audit = report.audit.to_dict() if report.audit else None
         print(json.dumps({"ok": report.ok, "problems": report.problems, "fingerprint": report.fingerprint,

@@ -293,9 +293,12 @@ class ArchiveReport:
     manifest: dict[str, Any]
 
 
-def verify_archive(root: Path, expected_fingerprint: str | None = None) -> ArchiveReport:
+def verify_archive(root: Path, expected_fingerprint: str | None = None, *, audit_only: bool = False) -> ArchiveReport:
     """Signature, every file's hash and count, and the audit trail's Merkle tree against its checkpoints
-    and witness copies (signed by the deployment's audit key, whose public half is in the archive)."""
+    and witness copies (signed by the deployment's audit key, whose public half is in the archive).
+
+    ``audit_only``: a historical audit segment kept by an import (the signed manifest and ``audit/``
+    only): the other files the manifest lists are not expected."""
     problems: list[str] = []
     try:
         body = (root / MANIFEST).read_bytes()
@@ -315,6 +318,8 @@ def verify_archive(root: Path, expected_fingerprint: str | None = None) -> Archi
     for entry in manifest.get("files", []):
         path = root / entry["path"]
         listed.add(entry["path"])
+        if audit_only and not entry["path"].startswith("audit/"):
+            continue
         if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
             problems.append(f"{entry['path']}: missing")
             continue
