@@ -209,3 +209,24 @@ def test_xml_manifest(app: App) -> None:
     bad = app.client.post("/fhir/$import", content=b"<Parameters xmlns='http://hl7.org/fhir'/>",
                           headers={**app.auth, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
     assert bad.status_code == 400 and b"OperationOutcome" in bad.content
+
+
+def test_a_failing_job_says_why(app: App, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fhirvault.services.bulk_import import BulkImporter
+    from fhirvault.services.repository import ConcurrentChange
+
+    def conflict(*_args: object, **_kwargs: object) -> None:
+        raise ConcurrentChange()
+
+    monkeypatch.setattr(BulkImporter, "import_file", conflict)
+    r = app.client.post("/fhir/$import", content=_ndjson(_patient("imp-f1")), headers={**app.auth, **NDJSON})
+    assert r.status_code == 409, r.text
+    r = app.client.post("/fhir/$import", content=_ndjson(_patient("imp-f1")),
+                        headers={**app.auth, **NDJSON, "Prefer": "respond-async"})
+    status = r.headers["Content-Location"].removeprefix("http://testserver")
+    for _ in range(200):
+        s = app.client.get(status, headers=app.auth)
+        if s.status_code != 202:
+            break
+        time.sleep(0.05)
+    assert s.status_code == 500 and "changed while" in s.json()["issue"][0]["diagnostics"], s.text

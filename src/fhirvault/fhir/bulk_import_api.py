@@ -39,6 +39,7 @@ from fhirvault.services.bulk_jobs import (
     FINISHED,
     BulkJob,
     BulkJobStore,
+    JobCancelled,
     JobControl,
     JobFile,
     JobFiles,
@@ -176,17 +177,31 @@ class ImportApi:
             await asyncio.to_thread(self._store_upload, job, direct)
         done: Future[None] = Future()
         ctx = req.ctx
+        failures: list[Exception] = []
 
         def work(control: JobControl) -> None:
             try:
                 self._run(control, ctx)
+            except JobCancelled:
+                raise
+            except Exception as exc:  # recorded before the synchronous caller is woken up
+                failures.append(exc)
+                self._jobs.update(control.job_id, control.fail(_reason(exc)))
+                raise
             finally:
                 done.set_result(None)
 
         self._runner.submit(job.job_id, work)
         if "respond-async" not in (req.header("prefer") or ""):
-            await asyncio.wrap_future(done)
-            finished = await asyncio.to_thread(self._jobs.get, job.job_id)
+            waiting = asyncio.wrap_future(done)
+            while True:  # the job's end, or its row finished by someone else (a shutdown never runs it)
+                await asyncio.wait([waiting], timeout=2)
+                finished = await asyncio.to_thread(self._jobs.get, job.job_id)
+                if waiting.done() or finished is None or finished.status in FINISHED or finished.stale(
+                        self._now_ms()):
+                    break
+            if failures and isinstance(failures[0], errors.OperationOutcomeError):
+                raise failures[0]  # with its own status (409 for a conflict)
             if finished is None or finished.status != COMPLETED:
                 raise _failure(finished)
             return self._manifest(req, finished)
@@ -283,6 +298,13 @@ class ImportApi:
         doc = {"transactionTime": instant(job.finished_ms or job.created_ms), "request": job.request,
                "requiresAccessToken": True, "output": outputs, "error": errs, "extension": {"files": files}}
         return FhirResponse(200, orjson.dumps(doc), {"Content-Type": "application/json"})
+
+
+def _reason(exc: Exception) -> str:
+    """One line for a failed job: the outcome's diagnostics (a conflict…), a ValueError's text, or the type."""
+    if isinstance(exc, errors.OperationOutcomeError):
+        return "; ".join(i.diagnostics for i in exc.issues)[:200]
+    return str(exc.args[0])[:200] if isinstance(exc, ValueError) and exc.args else type(exc).__name__
 
 
 def _number(name: str) -> int:
