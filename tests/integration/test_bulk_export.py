@@ -17,10 +17,11 @@ from starlette.testclient import TestClient
 from fhirvault.bootstrap import initialise
 from fhirvault.config import load_settings
 from fhirvault.container import SystemClock, build
+from fhirvault.services.bulk_jobs import new_job
 from fhirvault.services.detection import AFTER_HOURS
 from fhirvault.web.app import create_app
 from tests.conftest import App, engine_settings, get_token
-from tests.integration.authz_support import bearer, mint, observation, patient, put
+from tests.integration.authz_support import bearer, care_team, mint, observation, patient, put
 
 ASYNC = {"Prefer": "respond-async"}
 
@@ -45,6 +46,7 @@ def _export(client: TestClient, headers: dict[str, str], path: str = "/fhir/$exp
     assert "/fhir/$bulk-status/" in location
     done = _poll(client, location, headers)
     assert done.status_code == 200, done.text
+    assert done.headers["Expires"].endswith("GMT")  # when the retention sweep deletes the outputs
     manifest: dict[str, Any] = done.json()
     manifest["_status_url"] = location
     return manifest
@@ -236,3 +238,54 @@ def test_after_hours_export_raises_the_alert(tmp_path: Path) -> None:
         assert not any(rule == AFTER_HOURS for rule, _ in container.alerts.open_counts())
         _export(client, h, _type="Patient")
         assert any(rule == AFTER_HOURS for rule, _ in container.alerts.open_counts())
+
+
+def test_capability_statement_lists_the_export_operations(app: App) -> None:
+    cap = app.client.get("/fhir/metadata").json()
+    rest = cap["rest"][0]
+    assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in cap["instantiates"]
+    assert [o["definition"] for o in rest["operation"]] == [
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"]
+    by_type = {r["type"]: [o["definition"].rsplit("/", 1)[1] for o in r.get("operation", [])]
+               for r in rest["resource"]}
+    assert "patient-export" in by_type["Patient"] and "group-export" in by_type["Group"]
+    assert not any("export" in d for t, ops in by_type.items() if t not in ("Patient", "Group") for d in ops)
+
+
+def test_xml_parameters_kick_off(data: App) -> None:
+    c, h = data.client, data.auth
+    xml = ('<Parameters xmlns="http://hl7.org/fhir"><parameter><name value="_type"/>'
+           '<valueString value="Patient"/></parameter></Parameters>')
+    r = c.post("/fhir/Group/g1/$export", content=xml,
+               headers={**h, **ASYNC, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
+    assert r.status_code == 202, r.text
+    m = _poll(c, r.headers["Content-Location"], h).json()
+    assert _all(c, h, m) == {"Patient": ["p1"]}
+
+
+def test_a_job_whose_process_died_is_reported_failed(data: App) -> None:
+    c, h = data.client, data.auth
+    service = data.container.bulk_export
+    assert service is not None
+    client_id = data.creds["client_id"]
+    job = new_job("export", "default", client_id, None, "http://testserver/fhir/$export", 0, {})
+    job.status = "running"
+    service.jobs.save(job)  # as a crashed server left it: running, no heartbeat for long
+    r = c.get(f"/fhir/$bulk-status/{job.job_id}", headers=h)
+    assert r.status_code == 500
+    assert r.json()["resourceType"] == "OperationOutcome" and "stopped" in r.json()["issue"][0]["diagnostics"]
+    found = service.jobs.get(job.job_id)
+    assert found is not None and found.status == "failed"
+
+
+def test_a_practitioner_exports_only_their_patients(data: App) -> None:
+    c = data.client
+    doctor = "Practitioner/dr-bulk"
+    put(c, data.auth, {"resourceType": "Practitioner", "id": "dr-bulk", "name": [{"family": "House"}]})
+    put(c, data.auth, care_team("p2", "team-p2", doctor))
+    h = bearer(mint(data.container, role="practitioner", user="u-dr-bulk", fhir_user=doctor))
+    m = _export(c, h, "/fhir/Patient/$export", _type="Patient,Observation")
+    assert _all(c, h, m) == {"Observation": ["p2-o0", "p2-o1", "p2-o2"], "Patient": ["p2"]}
+    # the Group listing p1 is filed in p1's compartment: outside their care, it does not exist for them
+    assert c.get("/fhir/Group/g1/$export", headers={**h, **ASYNC}).status_code == 404
+    assert c.get("/fhir/$export", headers={**h, **ASYNC}).status_code == 403  # system level: backend services only

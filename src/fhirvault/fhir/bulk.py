@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlencode
 import orjson
 
 from fhirvault.domain import errors
-from fhirvault.domain.instants import parse_fhir_datetime
+from fhirvault.domain.instants import http_date, parse_fhir_datetime
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.domain.search.query import parse_search
 from fhirvault.fhir.messages import FhirRequest, FhirResponse
@@ -53,8 +53,11 @@ def _parameters(req: FhirRequest) -> list[tuple[str, str]]:
         raise errors.bad_request("The request body is not valid JSON.", code="structure") from None
     if not isinstance(body, dict) or body.get("resourceType") != "Parameters":
         raise errors.bad_request("A POST $export takes a Parameters resource.", code="structure")
+    params = body.get("parameter") or []
+    if not isinstance(params, list):
+        raise errors.bad_request("Parameters.parameter must be a list.", code="structure")
     out: list[tuple[str, str]] = []
-    for param in body.get("parameter") or ():
+    for param in params:
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):
             raise errors.bad_request("Each parameter needs a name.", code="structure")
         value: Any = None
@@ -184,7 +187,8 @@ class BulkRoutes:
         job = await self._s.owned(req.ctx, job_id, "export-status")
         if job.status == COMPLETED:
             body = orjson.dumps(self._s.manifest(job, req.base_url))
-            return FhirResponse(200, body, {"Content-Type": "application/json", "Cache-Control": "no-store"})
+            return FhirResponse(200, body, {"Content-Type": "application/json", "Cache-Control": "no-store",
+                                            "Expires": http_date(self._s.expires_ms(job))})
         if job.status == FAILED:
             outcome = errors.operation_outcome([errors.Issue("error", "exception",
                                                              f"The export failed: {job.failure or 'error'}.")])

@@ -148,7 +148,7 @@ class BulkExportService:
         scope = await self._plan(ctx, access, request, entity)
         active = [j for j in await asyncio.to_thread(self.jobs.all)
                   if j.kind == "export" and j.client_id == p.client_id and j.status not in FINISHED
-                  and not j.stale(self._clock.now_ms())]
+                  and (self.runner.runs(j.job_id) or not j.stale(self._clock.now_ms()))]
         if len(active) >= MAX_ACTIVE_PER_CLIENT:
             raise errors.too_many_requests(f"At most {MAX_ACTIVE_PER_CLIENT} exports may run at once per client; "
                                            "wait for one to finish or cancel one.", 30)
@@ -335,7 +335,7 @@ class BulkExportService:
                 await self._audit_async(self._record(ctx, job, interaction, 403, entity=f"$export/{job_id[:64]}",
                                                      detail="bulk job of another client"))
             raise errors.not_found("No such export job (or it expired).")
-        if job.stale(self._clock.now_ms()):  # its process died while it ran
+        if job.stale(self._clock.now_ms()) and not self.runner.runs(job.job_id):  # its process died while it ran
             self.runner.cancel(job.job_id)
             job = await asyncio.to_thread(self.jobs.update, job_id, _failed_by_restart(self._clock.now_ms())) or job
         return job
@@ -384,8 +384,11 @@ class BulkExportService:
             return {"type": f.type, "url": url, "count": f.count}
         return {"transactionTime": instant(job.transaction_time_ms), "request": job.request,
                 "requiresAccessToken": True, "output": [entry(f) for f in job.outputs],
-                "error": [entry(f) for f in job.errors],
-                "extension": {"https://fhirvault.example/expires": instant(job.finished_ms + self.retention_ms)}}
+                "error": [entry(f) for f in job.errors]}
+
+    def expires_ms(self, job: BulkJob) -> int:
+        """When the retention sweep deletes a finished job's outputs."""
+        return job.finished_ms + self.retention_ms
 
     # -- retention --------------------------------------------------------------------------
     def sweep(self) -> int:
@@ -403,7 +406,7 @@ class BulkExportService:
                 self._audit_sync(AuditRecord(now, "export-expire", "0", 200, "-", client_id=job.client_id,
                                              user=job.user, entity=f"$export/{job.job_id}", category="system",
                                              detail="bulk export outputs deleted after the retention time"))
-            elif job.stale(now):
+            elif job.stale(now) and not self.runner.runs(job.job_id):
                 self.jobs.update(job.job_id, _failed_by_restart(now))
         live = {j.job_id for j in jobs}
         for folder in self.files.folders():

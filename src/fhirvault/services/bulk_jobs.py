@@ -207,8 +207,9 @@ class JobFiles:
         return self.folder(job_id) / name
 
     def writer(self, job: BulkJob, name: str) -> SealedWriter:
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         folder = self.folder(job.job_id)
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
         return SealedWriter(self._path(job.job_id, name), Aead(job.file_key), job.job_id, name)
 
     def read(self, job: BulkJob, name: str) -> Iterator[bytes]:
@@ -283,10 +284,19 @@ class JobRunner:
         self._closed = False
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bulk-job")
         self._cancelled: set[str] = set()
+        self._mine: set[str] = set()
         self._lock = threading.Lock()
 
     def submit(self, job_id: str, work: Callable[[JobControl], None]) -> None:
+        with self._lock:
+            self._mine.add(job_id)
         self._pool.submit(self._run, job_id, work)
+
+    def runs(self, job_id: str) -> bool:
+        """Whether this process has the job queued or running: then it is alive, whatever its heartbeat
+        (a busy database can delay heartbeats), and must not be declared dead."""
+        with self._lock:
+            return job_id in self._mine
 
     def cancel(self, job_id: str) -> None:
         with self._lock:
@@ -315,6 +325,7 @@ class JobRunner:
         finally:
             with self._lock:
                 self._cancelled.discard(job_id)
+                self._mine.discard(job_id)
 
     def close(self) -> None:
         with self._lock:

@@ -52,6 +52,11 @@ _OPERATION_METHODS = {"everything": "get", "access-history": "get", "break-glass
                       "meta": "get", "meta-add": "post", "meta-delete": "post"}
 
 
+_PREFER_ASYNC = {"name": "Prefer", "in": "header", "required": True, "schema": {"type": "string",
+                                                                            "enum": ["respond-async"]}}
+_ACCEPTED = {"202": {"description": "accepted (Content-Location: the status URL)"}, **_ERRORS}
+
+
 def _ok(description: str, ctype: str = FHIR_JSON) -> dict[str, Any]:
     if ctype == FHIR_JSON:
         return {"200": {"$ref": "#/components/responses/Resource"}, **_ERRORS}
@@ -115,6 +120,12 @@ def _type_paths(resource: dict[str, Any], prefix: str) -> dict[str, dict[str, An
         op(f"{inst}/_history/{{vid}}", "get", "vread", parameters=[_ID, _VID])
     for operation in resource.get("operation", []):
         name = operation["name"]
+        if name == "export":  # Bulk Data: Patient/$export (type level), Group/{id}/$export
+            path, params = (base, []) if rtype == "Patient" else (inst, [_ID])
+            for verb in ("get", "post"):
+                op(f"{path}/$export", verb, "$export", parameters=[*params, _PREFER_ASYNC],
+                   description=operation["definition"], responses=_ACCEPTED)
+            continue
         method = _OPERATION_METHODS.get(name)
         if method is None:
             raise ValueError(f"no HTTP method known for the ${name} operation")
@@ -148,10 +159,33 @@ def _fhir_paths(capability: dict[str, Any], prefix: str) -> dict[str, dict[str, 
     if "history-system" in system:
         paths[f"{prefix}/_history"] = {"get": {"operationId": "history-system", "summary": "history of everything",
                                                "parameters": _PAGING, "responses": _ok("a history Bundle")}}
+    if any(o["name"] == "export" for o in rest.get("operation", [])):
+        paths.update(_bulk_paths(prefix))
     for resource in rest["resource"]:
         for path, methods in _type_paths(resource, prefix).items():
             paths.setdefault(path, {}).update(methods)
     return paths
+
+
+def _bulk_paths(prefix: str) -> dict[str, dict[str, Any]]:
+    """Bulk Data (fhir/bulk.py): system $export, the status URL, the output files."""
+    job = {"name": "job", "in": "path", "required": True, "schema": {"type": "string"}}
+    file = {"name": "file", "in": "path", "required": True, "schema": {"type": "string"}}
+    status = f"{prefix}/$bulk-status/{{job}}"
+    kick_off = {"summary": "Bulk Data system-level export (Prefer: respond-async)", "parameters": [_PREFER_ASYNC],
+                "responses": _ACCEPTED}
+    return {
+        f"{prefix}/$export": {"get": {"operationId": "export-system-get", **kick_off},
+                              "post": {"operationId": "export-system-post", **kick_off}},
+        status: {
+            "get": {"operationId": "export-status", "summary": "export progress (202) or its manifest (200)",
+                    "parameters": [job], "responses": _ok("the completion manifest", "application/json")},
+            "delete": {"operationId": "export-cancel", "summary": "cancel an export and delete its files",
+                       "parameters": [job], "responses": _ACCEPTED}},
+        f"{prefix}/$bulk-output/{{job}}/{{file}}": {"get": {
+            "operationId": "export-output", "summary": "one NDJSON output file (a signed link from the manifest)",
+            "parameters": [job, file], "responses": _ok("NDJSON", "application/fhir+ndjson")}},
+    }
 
 
 def _route_paths(routes: Sequence[BaseRoute]) -> dict[str, dict[str, Any]]:

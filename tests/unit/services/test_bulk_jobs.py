@@ -159,6 +159,7 @@ def test_runner_runs_cancels_and_records_failures(jobs: BulkJobStore) -> None:
 
     runner.submit(slow.job_id, waits)
     assert started.wait(10)
+    assert runner.runs(slow.job_id) and not runner.runs(ok.job_id)  # alive here, whatever its heartbeat
     runner.cancel(slow.job_id)
     assert stopped.wait(10)
     found = jobs.get(slow.job_id)
