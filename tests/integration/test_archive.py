@@ -116,6 +116,20 @@ def test_archive_is_complete_private_and_without_secrets(exported: tuple[Path, P
 
 
 @pytest.mark.server
+def test_a_tampered_segment_fails(exported: tuple[Path, Path, str], tmp_path: Path) -> None:
+    _data, archive, _fp = exported
+    target = _fresh_dir(tmp_path / "seg")
+    assert fhirvault("archive", "import", str(archive), "--data-dir", str(target)).returncode == 0
+    (kept,) = (target / "archived-audit").glob("*.sealed")
+    kept.chmod(0o600)
+    raw = bytearray(kept.read_bytes())
+    raw[-20] ^= 1
+    kept.write_bytes(bytes(raw))
+    r = fhirvault("archive", "verify-segments", "--data-dir", str(target))
+    assert r.returncode == 1 and "does not open" in r.stderr, r.stdout + r.stderr
+
+
+@pytest.mark.server
 def test_verify_detects_tampering(exported: tuple[Path, Path, str], tmp_path: Path) -> None:
     _data, archive, fp = exported
     r = fhirvault("archive", "verify", str(archive), "--fingerprint", fp)
@@ -192,11 +206,12 @@ def test_import_restores_every_version_and_a_verifying_audit_log(exported: tuple
     assert _every_version(target) == _every_version(data)  # ids, version ids, lastUpdated, content, deletions
     verify = fhirvault("audit", "verify", "--data-dir", str(target))
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    kept = target / "archived-audit" / result["archive_manifest_sha256"]
-    assert (kept / "audit/entries.ndjson").read_bytes() == (archive / "audit/entries.ndjson").read_bytes()
-    segment = fhirvault("archive", "verify", str(kept), "--audit-only", "--fingerprint", fp)
-    assert segment.returncode == 0, segment.stdout + segment.stderr
-    assert fhirvault("archive", "verify", str(kept)).returncode == 1  # the resources are not kept there
+    # The old trail is kept sealed (its records name patients), and verifies when opened.
+    kept = target / "archived-audit" / (result["archive_manifest_sha256"] + ".sealed")
+    assert kept.is_file() and b"archive-export" not in kept.read_bytes()
+    segment = fhirvault("archive", "verify-segments", "--data-dir", str(target))
+    assert segment.returncode == 0 and f"signed by {fp}" in segment.stdout, segment.stdout + segment.stderr
+    assert "audit log OK" in segment.stdout
     # A second import into the same instance is refused (it is no longer fresh).
     again = fhirvault("archive", "import", str(archive), "--data-dir", str(target))
     assert again.returncode == 1 and "fresh" in again.stderr

@@ -35,6 +35,9 @@ def register(sub: Any, settings_options: Callable[[argparse.ArgumentParser], Non
     p_verify.add_argument("--json", action="store_true", help="print the report as JSON")
     p_verify.add_argument("--audit-only", action="store_true",
                           help="a historical audit segment (DATA_DIR/archived-audit/…) kept by an import")
+    p_segments = archive_sub.add_parser(
+        "verify-segments", help="open and verify the old audit trails an archive import kept (sealed)")
+    settings_options(p_segments)
     p_import = archive_sub.add_parser("import", help="load an archive into a fresh data directory")
     settings_options(p_import)
     p_import.add_argument("archive", type=Path, help="the archive directory")
@@ -47,6 +50,8 @@ def run(args: argparse.Namespace, load: LoadSettings, load_existing: LoadSetting
     try:
         if args.archive_command == "verify":
             return _verify(args)
+        if args.archive_command == "verify-segments":
+            return _verify_segments(load_existing(args))
         if args.archive_command == "export":
             return _export(args, load_existing(args))
         return _import(args, load(args))
@@ -105,6 +110,26 @@ def _verify(args: argparse.Namespace) -> int:
         for problem in report.problems[1:20]:
             print("  also: " + problem)
     return 0 if report.ok else 1
+
+
+def _verify_segments(settings: Settings) -> int:
+    from fhirvault.container import build
+    from fhirvault.services.archive import verify_segments
+
+    container = build(settings)
+    try:
+        reports = verify_segments(container)
+    finally:
+        container.close()
+    if not reports:
+        print("no archived audit segments")
+    for sha, report in reports:
+        if report.ok:
+            assert report.audit is not None
+            print(f"segment {sha}: OK, signed by {report.fingerprint}; {report.audit.summary()}")
+        else:
+            print(f"segment {sha}: FAILED: {report.problems[0]}")
+    return 0 if all(r.ok for _, r in reports) else 1
 
 
 def _import(args: argparse.Namespace, settings: Settings) -> int:

@@ -46,7 +46,8 @@ from fhirvault.services.archive_readme import README
 from fhirvault.services.audit_checkpoints import CheckpointVerifier, WitnessedCheckpoint
 from fhirvault.services.audit_verify import VerifyReport, verify_log
 from fhirvault.services.bulk_import import FileIndex, data_keys
-from fhirvault.services.keys import TENANT_COMPARTMENT, patient_compartment
+from fhirvault.services.crypto import DecryptionError, associated_data
+from fhirvault.services.keys import TENANT_COMPARTMENT, KeyError_, patient_compartment
 from fhirvault.services.repository import resource_aad
 
 FORMAT = "fhirvault-archive/1"
@@ -259,6 +260,49 @@ def _checkpoints(store: ResourceStore) -> list[AuditCheckpoint]:
 
 
 # -- reading and verifying ----------------------------------------------------------
+class _Source:
+    """The files of an archive: a directory, or (a sealed audit segment) a dict opened in memory."""
+
+    def __init__(self, root: Path | None = None, files: dict[str, bytes] | None = None) -> None:
+        self._root = root
+        self._files = files
+
+    def names(self) -> set[str]:
+        if self._files is not None:
+            return set(self._files)
+        assert self._root is not None
+        return {p.relative_to(self._root).as_posix() for p in self._root.rglob("*") if p.is_file()}
+
+    def read(self, rel: str) -> bytes | None:
+        if self._files is not None:
+            return self._files.get(rel)
+        assert self._root is not None
+        path = self._root / rel
+        if not path.resolve().is_relative_to(self._root.resolve()) or not path.is_file():
+            return None
+        return path.read_bytes()
+
+    def digest(self, rel: str) -> tuple[str, int] | None:
+        """(SHA-256 hex, newline count) of a file, read in chunks from a directory."""
+        if self._files is not None:
+            data = self._files.get(rel)
+            return None if data is None else (hashlib.sha256(data).hexdigest(), data.count(b"\n"))
+        assert self._root is not None
+        path = self._root / rel
+        if not path.resolve().is_relative_to(self._root.resolve()) or not path.is_file():
+            return None
+        digest, lines = hashlib.sha256(), 0
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                lines += chunk.count(b"\n")
+        return digest.hexdigest(), lines
+
+    def lines(self, rel: str) -> list[dict[str, Any]]:
+        data = self.read(rel)
+        return [orjson.loads(raw) for raw in (data or b"").splitlines() if raw.strip()]
+
+
 def _lines(path: Path) -> Iterator[dict[str, Any]]:
     with path.open("rb") as f:
         for raw in f:
@@ -269,12 +313,10 @@ def _lines(path: Path) -> Iterator[dict[str, Any]]:
 class _ArchivedLog:
     """The archive's audit files, read as the part of a store ``verify_log`` needs."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, source: _Source) -> None:
         self._rows = [AuditRow(int(d["seq"]), str(d["tenant"]), int(d["ts_ms"]), bytes.fromhex(d["tags"]),
-                               base64.b64decode(d["sealed"])) for d in _lines(root / "audit/entries.ndjson")] \
-            if (root / "audit/entries.ndjson").exists() else []
-        path = root / "audit/checkpoints.ndjson"
-        self._checkpoints = [_checkpoint(d) for d in _lines(path)] if path.exists() else []
+                               base64.b64decode(d["sealed"])) for d in source.lines("audit/entries.ndjson")]
+        self._checkpoints = [_checkpoint(d) for d in source.lines("audit/checkpoints.ndjson")]
 
     def audit_rows(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRow]:
         return [r for r in self._rows if r.seq > after_seq][:limit]
@@ -297,12 +339,16 @@ def verify_archive(root: Path, expected_fingerprint: str | None = None, *, audit
     """Signature, every file's hash and count, and the audit trail's Merkle tree against its checkpoints
     and witness copies (signed by the deployment's audit key, whose public half is in the archive).
 
-    ``audit_only``: a historical audit segment kept by an import (the signed manifest and ``audit/``
-    only): the other files the manifest lists are not expected."""
+    ``audit_only``: a historical audit segment (the signed manifest and ``audit/`` only): the other
+    files the manifest lists are not expected."""
+    return _verify(_Source(root=root), expected_fingerprint, audit_only=audit_only)
+
+
+def _verify(source: _Source, expected_fingerprint: str | None, *, audit_only: bool) -> ArchiveReport:
     problems: list[str] = []
     try:
-        body = (root / MANIFEST).read_bytes()
-        signature = base64.b64decode((root / SIGNATURE).read_text().strip())
+        body = source.read(MANIFEST) or b""
+        signature = base64.b64decode((source.read(SIGNATURE) or b"").strip())
         manifest = orjson.loads(body)
         public = base64.b64decode(manifest["signing_key"]["public_key"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -316,42 +362,33 @@ def verify_archive(root: Path, expected_fingerprint: str | None = None, *, audit
         problems.append("the signing key is not the expected one (fingerprint differs)")
     listed = set()
     for entry in manifest.get("files", []):
-        path = root / entry["path"]
         listed.add(entry["path"])
         if audit_only and not entry["path"].startswith("audit/"):
             continue
-        if not path.resolve().is_relative_to(root.resolve()) or not path.is_file():
+        found = source.digest(entry["path"])
+        if found is None:
             problems.append(f"{entry['path']}: missing")
-            continue
-        digest = hashlib.sha256()
-        lines = 0
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-                lines += chunk.count(b"\n")
-        if digest.hexdigest() != entry["sha256"]:
+        elif found[0] != entry["sha256"]:
             problems.append(f"{entry['path']}: SHA-256 differs from the manifest (altered)")
-        elif "count" in entry and entry["count"] != lines:
-            problems.append(f"{entry['path']}: {lines} lines, the manifest says {entry['count']}")
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in listed and rel not in (MANIFEST, SIGNATURE, PUBLIC_KEY):
-            problems.append(f"{rel}: not listed in the manifest")
+        elif "count" in entry and entry["count"] != found[1]:
+            problems.append(f"{entry['path']}: {found[1]} lines, the manifest says {entry['count']}")
+    for rel in sorted(source.names() - listed - {MANIFEST, SIGNATURE, PUBLIC_KEY}):
+        problems.append(f"{rel}: not listed in the manifest")
     audit: VerifyReport | None = None
     if not problems:
-        audit = verify_archived_audit(root)
+        audit = _verify_audit(source)
         problems += [f"audit trail: {p}" for p in audit.problems]
     return ArchiveReport(not problems, problems, fp, hashlib.sha256(body).hexdigest(), audit, manifest)
 
 
-def verify_archived_audit(root: Path) -> VerifyReport:
-    key = orjson.loads((root / "audit/log-key.json").read_bytes())
+def _verify_audit(source: _Source) -> VerifyReport:
+    key = orjson.loads(source.read("audit/log-key.json") or b"{}")
     verifier = CheckpointVerifier(str(key["origin"]), base64.b64decode(key["public_key"]))
     witnesses: list[tuple[str, list[WitnessedCheckpoint]]] = []
-    for path in sorted((root / "audit").glob("witness-*.ndjson")):
-        held = [WitnessedCheckpoint.from_json(orjson.dumps(d)) for d in _lines(path)]
-        witnesses.append((path.name, held))
-    return verify_log(cast(ResourceStore, _ArchivedLog(root)), None, verifier, witnesses)
+    for rel in sorted(n for n in source.names() if n.startswith("audit/witness-") and n.endswith(".ndjson")):
+        held = [WitnessedCheckpoint.from_json(orjson.dumps(d)) for d in source.lines(rel)]
+        witnesses.append((rel.removeprefix("audit/"), held))
+    return verify_log(cast(ResourceStore, _ArchivedLog(source)), None, verifier, witnesses)
 
 
 # -- import into a fresh instance -----------------------------------------------------
@@ -394,7 +431,7 @@ def _versions_of(root: Path, manifest: dict[str, Any]) -> dict[tuple[str, str], 
 def import_archive(container: Any, root: Path, *, expected_fingerprint: str | None = None) -> ImportResult:
     """Load a verified archive into a fresh instance: every version with its version id and lastUpdated,
     re-encrypted under this instance's keys and indexed; users and clients without credentials. The old
-    audit trail is kept, verified and unchanged, under ``DATA_DIR/archived-audit/<manifest sha256>/``;
+    audit trail is kept, verified, sealed under this instance's keys in ``DATA_DIR/archived-audit/``;
     this instance's own log records the import with that hash."""
     started = time.perf_counter()
     report = verify_archive(root, expected_fingerprint)
@@ -450,13 +487,12 @@ def import_archive(container: Any, root: Path, *, expected_fingerprint: str | No
     if batch:
         flush()
     users, clients = _import_identity(container, root)
-    segment = container.settings.data_dir / "archived-audit" / report.manifest_sha256
-    _keep_audit_segment(root, segment)
+    _keep_audit_segment(container, root, report.manifest_sha256)
     audit_report = report.audit
     assert audit_report is not None
     detail = (f"archive imported: manifest sha256={report.manifest_sha256} signed by {report.fingerprint}; "
               f"{resources} resources, {versions} versions; previous audit trail of {audit_report.tree_size} "
-              f"entries, root {audit_report.root.hex()}, kept verified in archived-audit/")
+              f"entries, root {audit_report.root.hex()}, kept sealed in archived-audit/")
     container.audit.record_system_event(store, container.clock, "archive-import", detail)
     return ImportResult(resources, versions, users, clients, time.perf_counter() - started, report.manifest_sha256)
 
@@ -492,17 +528,53 @@ def _import_identity(container: Any, root: Path) -> tuple[int, int]:
     return len(users), len(clients)
 
 
-def _keep_audit_segment(root: Path, segment: Path) -> None:
-    """The old trail, as archived (with the signed manifest that vouches for its hashes), read-only."""
-    segment.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name in (MANIFEST, SIGNATURE, PUBLIC_KEY):
-        (segment / name).write_bytes((root / name).read_bytes())
+SEGMENT_COMPARTMENT = "archived-audit"  # the tenant data key sealing imported audit segments
+
+
+def _segment_aad(tenant: str, manifest_sha: str, key_id: str) -> bytes:
+    return associated_data("archived-audit", tenant, manifest_sha, key_id)
+
+
+def _keep_audit_segment(container: Any, root: Path, manifest_sha: str) -> Path:
+    """The old trail as archived (with the signed manifest vouching for its hashes), sealed under this
+    instance's keys in ``DATA_DIR/archived-audit/<manifest sha256>.sealed``: its decrypted records name
+    patients, so they are not kept in clear in the data directory."""
+    files = {name: (root / name).read_bytes() for name in (MANIFEST, SIGNATURE, PUBLIC_KEY)}
     for path in sorted((root / "audit").iterdir()):
-        (segment / "audit").mkdir(mode=0o700, exist_ok=True)
-        (segment / "audit" / path.name).write_bytes(path.read_bytes())
-    for path in segment.rglob("*"):
-        if path.is_file():
-            path.chmod(0o400)
+        files[f"audit/{path.name}"] = path.read_bytes()
+    key = container.keys.for_compartment_sync(SEGMENT_COMPARTMENT)
+    plaintext = orjson.dumps({name: base64.b64encode(data).decode() for name, data in files.items()})
+    blob = key.aead.seal(plaintext, _segment_aad(container.settings.tenant, manifest_sha, key.key_id))
+    folder: Path = container.settings.data_dir / "archived-audit"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    target = folder / f"{manifest_sha}.sealed"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.key_id.encode() + b"\0" + blob)
+        f.flush()
+        os.fsync(f.fileno())
+    return target
+
+
+def verify_segments(container: Any) -> list[tuple[str, ArchiveReport]]:
+    """Open and verify every audit segment an archive import kept (signature, audit files, Merkle tree)."""
+    folder = container.settings.data_dir / "archived-audit"
+    out = []
+    for path in sorted(folder.glob("*.sealed")) if folder.is_dir() else []:
+        manifest_sha = path.name.removesuffix(".sealed")
+        key_id, _, blob = path.read_bytes().partition(b"\0")
+        try:
+            key = container.keys.by_id(key_id.decode())
+            plaintext = key.aead.open(blob, _segment_aad(container.settings.tenant, manifest_sha, key.key_id))
+        except (DecryptionError, KeyError_, UnicodeDecodeError):
+            raise ArchiveError(f"audit segment {manifest_sha[:16]}… does not open: altered or its key is gone") from None
+        files = {name: base64.b64decode(data) for name, data in orjson.loads(plaintext).items()}
+        report = _verify(_Source(files=files), None, audit_only=True)
+        if report.manifest_sha256 != manifest_sha:
+            report.ok = False
+            report.problems.insert(0, "the segment's manifest is not the one its name records")
+        out.append((manifest_sha, report))
+    return out
 
 
 def record_export(container: Any, actor: str | None) -> None:
