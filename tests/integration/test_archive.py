@@ -206,6 +206,8 @@ def test_import_restores_every_version_and_a_verifying_audit_log(exported: tuple
     assert _every_version(target) == _every_version(data)  # ids, version ids, lastUpdated, content, deletions
     verify = fhirvault("audit", "verify", "--data-dir", str(target))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+    # Re-encrypted under the new instance's keys: no name in clear anywhere in its data directory.
+    assert not [p for p in target.rglob("*") if p.is_file() and b"Martin-Roux" in p.read_bytes()]
     # The old trail is kept sealed (its records name patients), and verifies when opened.
     kept = target / "archived-audit" / (result["archive_manifest_sha256"] + ".sealed")
     assert kept.is_file() and b"archive-export" not in kept.read_bytes()
