@@ -171,6 +171,12 @@ def test_bad_requests_are_4xx(app: App) -> None:
                            ).status_code == 415
 
 
+def test_an_empty_file_stores_nothing_and_fails_nothing(app: App) -> None:
+    r = app.client.post("/fhir/$import", content=b"\n\n", headers={**app.auth, **NDJSON})
+    assert r.status_code == 200, r.text
+    assert r.json()["extension"]["files"][0]["committed"] is True and r.json()["output"] == []
+
+
 def test_ndjson_type_mismatch_is_per_line(app: App, tmp_path: Path) -> None:
     r = app.client.post("/fhir/$import?type=Patient", content=_ndjson(_obs("imp-t1", "x")),
                         headers={**app.auth, **NDJSON})

@@ -312,6 +312,7 @@ class BulkImporter:
         items, problems, lines = self.parse(data, expected_type, index)
         outcome = FileOutcome(source, digest, lines, False, errors=problems)
         if problems or not items:
+            outcome.committed = not problems  # an empty file is stored entirely, trivially
             return outcome
         for item in items:
             outcome.counts[item.type] = outcome.counts.get(item.type, 0) + 1

@@ -31,3 +31,4 @@ def test_line_errors_carry_the_line_number() -> None:
     assert outcome["issue"][0]["location"] == ["Line[12]"]
     assert outcome["issue"][0]["diagnostics"].startswith("line 12: ")
     assert outcome["issue"][0]["expression"] == ["Observation.status"]
+
