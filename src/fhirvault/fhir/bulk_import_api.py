@@ -189,6 +189,8 @@ class ImportApi:
                 self._jobs.update(control.job_id, control.fail(_reason(exc)))
                 raise
             finally:
+                # The upload is resource content: not kept once read (the error files name no values).
+                (self._files.folder(control.job_id) / UPLOAD).unlink(missing_ok=True)
                 done.set_result(None)
 
         self._runner.submit(job.job_id, work)
