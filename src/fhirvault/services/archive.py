@@ -190,7 +190,7 @@ def export_archive(container: Any, target: Path) -> ExportResult:
                 "resourceType": v.type, "id": v.id, "versionId": str(v.version),
                 "lastUpdated": instant(v.last_updated_ms)})
             continue
-        files.line(f"resources/{v.type}.ndjson", orjson.Fragment(repo._open(v)))
+        files.line(f"resources/{v.type}.ndjson", orjson.Fragment(repo.open_version(v)))
     trail = container.audit
     entries = 0
     for row in _audit_rows(store):

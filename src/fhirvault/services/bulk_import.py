@@ -27,7 +27,7 @@ import orjson
 
 from fhirvault.domain import errors
 from fhirvault.domain.compartment import patient_of
-from fhirvault.domain.errors import Issue, OperationOutcomeError
+from fhirvault.domain.errors import Issue
 from fhirvault.domain.instants import instant
 from fhirvault.domain.r4 import is_resource_type
 from fhirvault.ports import ResourceStore, StoredVersion, VersionConflict, WriteTx
@@ -155,7 +155,8 @@ class BulkImporter:
 
     def __init__(self, repo: Repository) -> None:
         self._repo = repo
-        # The repository's own parts: an import applies exactly the rules of a single write.
+        # The repository's own parts: an import applies exactly the rules of a single write (the lead may
+        # prefer a public accessor on Repository for these).
         self._store = repo._store
         self._keys = repo._keys
         self._audit = repo._audit
@@ -219,10 +220,9 @@ class BulkImporter:
         if not isinstance(rid, str) or not _ID.match(rid):
             refuse("required", "each resource needs an id (1-64 of A-Z a-z 0-9 - .): ids are kept", "id")
             return None
-        try:
-            self._repo._validate(rtype, body)
-        except OperationOutcomeError as exc:
-            problems.append(LineError(number, tuple(exc.issues)))
+        issues = self._repo.validation_issues(rtype, body)  # the rules of any write
+        if issues:
+            problems.append(LineError(number, tuple(issues)))
             return None
         pid = patient_of(rtype, body)
         compartment = patient_compartment(pid) if pid else TENANT_COMPARTMENT
@@ -275,7 +275,7 @@ class BulkImporter:
                         raise ConcurrentChange()  # written meanwhile: prepare the file again
                     if item.type in WATCHED_TYPES:
                         alive = current is not None and not current.deleted
-                        bodies[ref] = orjson.loads(repo._open(current)) if current is not None and alive else None
+                        bodies[ref] = orjson.loads(repo.open_version(current)) if current is not None and alive else None
                 if item.type in WATCHED_TYPES:
                     # Relationship sources (CareTeam, Encounter…): the caches they feed are dropped at COMMIT.
                     change = relationship_change(item.type, bodies.get(ref), item.body)
