@@ -461,12 +461,13 @@ def import_archive(container: Any, root: Path, *, expected_fingerprint: str | No
             for version, ms, body in history:
                 if body is None:
                     rows.append(StoredVersion(rtype, rid, version, ms, True, "", b""))
-                    tags = []
                     continue
                 key = found[compartment_of[(rtype, rid, version)]]
                 rows.append(StoredVersion(rtype, rid, version, ms, False, key.key_id,
                                           key.aead.seal(body, resource_aad(tenant, rtype, rid, version, key.key_id))))
-                tags = index.resource_tags(rtype, docs[(rtype, rid, version)])
+            last = history[-1]
+            if last[2] is not None:  # only the current version is searched
+                tags = index.resource_tags(rtype, docs[(rtype, rid, last[0])])
             prepared.append((rtype, rid, rows, tags))
 
         def job(tx: WriteTx) -> None:
