@@ -245,7 +245,8 @@ def test_capability_statement_lists_the_export_operations(app: App) -> None:
     rest = cap["rest"][0]
     assert "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data" in cap["instantiates"]
     assert [o["definition"] for o in rest["operation"]] == [
-        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"]
+        "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+        "urn:fhirvault:OperationDefinition/import"]  # $import: docs/bulk-import.md
     by_type = {r["type"]: [o["definition"].rsplit("/", 1)[1] for o in r.get("operation", [])]
                for r in rest["resource"]}
     assert "patient-export" in by_type["Patient"] and "group-export" in by_type["Group"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fhirvault import __version__
+from fhirvault.cli import archive as archive_cli
 from fhirvault.cli import backup as backup_cli
 from fhirvault.cli import clients as clients_cli
 from fhirvault.cli import migrate as migrate_cli
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_cli.register(sub, _settings_options)
     compliance_cli.register(sub, _settings_options)
+    archive_cli.register(sub, _settings_options)
     users_cli.register(sub, _settings_options, client_sub)  # user …, client create-app
     clients_cli.register(client_sub, _settings_options)  # client list|disable|enable|rotate-secret
     from fhirvault.cli import retention as retention_cli
@@ -160,6 +162,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fhirvault.cli import tenant as tenant_cli
 
         return tenant_cli.verify(args)
+    if args.command == "archive":  # verify needs no data directory; import makes a new one
+        return archive_cli.run(args, _load, _load_existing)
     new_dir_ok = args.command in ("init", "serve")
     settings = _load(args) if new_dir_ok else _load_existing(args)
     if args.command == "init":

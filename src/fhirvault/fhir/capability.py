@@ -175,6 +175,11 @@ SYSTEM_EXPORT = {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdat
 PATIENT_EXPORT = {"name": "export",
                   "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}
 GROUP_EXPORT = {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}
+# NDJSON import (fhir/bulk_import_api.py, docs/bulk-import.md): the Bulk Data import proposal has no
+# published OperationDefinition, so the canonical is this server's own.
+SYSTEM_IMPORT = {"name": "import", "definition": "urn:fhirvault:OperationDefinition/import",
+                 "documentation": "NDJSON bulk import (application/fhir+ndjson upload, or a Parameters manifest of "
+                                  "files in the server's import directory); system write scopes only."}
 
 
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
@@ -220,7 +225,7 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
                 "security": _security(token_url),
                 "resource": resources,
                 "interaction": [{"code": "transaction"}, {"code": "batch"}, {"code": "history-system"}],
-                "operation": [SYSTEM_EXPORT],
+                "operation": [SYSTEM_EXPORT, SYSTEM_IMPORT],
                 "documentation": SEARCH_DOC,
             }
         ],

@@ -26,6 +26,7 @@ from fhirvault.domain.search.query import ParsedSearch, safe_name
 from fhirvault.domain.summary import elements, summary
 from fhirvault.fhir.auditevent import to_audit_event, to_patient_view
 from fhirvault.fhir.bulk import BulkRoutes
+from fhirvault.fhir.bulk_import_api import ImportApi
 from fhirvault.fhir.bundles import BundleProcessor
 from fhirvault.fhir.lifecycle import OPERATIONS as LIFECYCLE_OPERATIONS
 from fhirvault.fhir.lifecycle import lifecycle_operation
@@ -92,7 +93,8 @@ class FhirRouter:
     def __init__(self, repo: Repository, resource_types: frozenset[str],
                  documents: Callable[[str], tuple[bytes, bytes]], *, default_count: int, max_count: int,
                  max_bundle_entries: int = 10_000, audit_reader: AuditReader, bulk: BulkRoutes | None = None,
-                 terminology: TerminologyService | None = None) -> None:
+                 terminology: TerminologyService | None = None,
+                 bulk_import: ImportApi | None = None) -> None:
         """``documents(base_url)`` gives the CapabilityStatement and SMART configuration for that URL."""
         self._repo = repo
         self._trail = audit_reader
@@ -105,6 +107,7 @@ class FhirRouter:
         self._bundles = BundleProcessor(repo, self._dispatch, self._resolve, max_entries=max_bundle_entries)
         self._default_count = default_count
         self._max_count = max_count
+        self._import = bulk_import
 
     async def handle(self, req: FhirRequest) -> FhirResponse:
         if req.segments[:1] == ["$bulk-output"]:
@@ -146,6 +149,8 @@ class FhirRouter:
         if n == 1 and seg[0] == "_history":
             self._allow(method, "GET")
             return await self._history(req, None, None)
+        if self._import is not None and seg[0] in ("$import", "$import-status"):
+            return await self._import.handle(req)
         rtype = seg[0]
         if not is_resource_type(rtype):
             raise errors.not_found("Unknown resource type.")

@@ -20,11 +20,13 @@ from fhirvault.container import Container, capability_bytes
 from fhirvault.domain import errors
 from fhirvault.domain.r4 import resource_types
 from fhirvault.fhir.bulk import BulkRoutes
+from fhirvault.fhir.bulk_import_api import ImportApi
 from fhirvault.fhir.router import FhirRouter
 from fhirvault.ports import StoreUnavailable
 from fhirvault.services.audit_monitor import AuditMonitor
 from fhirvault.services.audit_verify import VerifyReport
 from fhirvault.services.bulk_export import URL_SECRET, BulkExportService
+from fhirvault.services.bulk_import import BulkImporter
 from fhirvault.services.config_audit import changed_settings, record_residency_overrides
 from fhirvault.services.detection import AUDIT_VERIFICATION, DetectionEngine
 from fhirvault.services.federation import OidcProvider
@@ -173,7 +175,9 @@ def create_app(container: Container) -> ASGIApp:
     router = FhirRouter(repo, types, documents_for, default_count=settings.default_page_size,
                         max_count=settings.max_page_size, max_bundle_entries=settings.max_bundle_entries,
                         audit_reader=container.audit_reader, bulk=BulkRoutes(bulk),
-                        terminology=TerminologyService(container.store, container.clock))
+                        terminology=TerminologyService(container.store, container.clock),
+                        bulk_import=ImportApi(BulkImporter(repo), settings.data_dir / "import", bulk.jobs, bulk.files,
+                                              bulk.runner, container.clock.now_ms, settings.tenant))
     fhir = FhirEndpoint(router, container.auth, repo, prefix=FHIR_PREFIX, max_body=settings.max_body_bytes,
                         public_base_url=settings.public_base_url, metrics=metrics)
 
