@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from fhirvault.services.federation_settings import IdentityProviderSettings
     from fhirvault.services.firewall_settings import FirewallSettings
     from fhirvault.services.relationships import RelationshipSettings
+    from fhirvault.services.subscription_settings import SubscriptionSettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -81,6 +82,7 @@ class Settings:
     identity_providers: tuple[IdentityProviderSettings, ...] = ()  # [[identity_providers]]: OIDC federation
     access: RelationshipSettings | None = None  # [access]: which care relationships open a patient's record
     firewall: FirewallSettings | None = None  # [firewall]: rate limits, source allow-lists (None: defaults)
+    subscriptions: SubscriptionSettings | None = None  # [subscriptions]: rest-hook delivery (None: defaults)
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -248,7 +250,7 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
     "allowed_hosts": _hosts,
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
-SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall")
+SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall", "subscriptions")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -274,6 +276,10 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.firewall_settings import parse_firewall_settings
 
         return parse_firewall_settings(raw, origin) if raw else None
+    if name == "subscriptions":
+        from fhirvault.services.subscription_settings import parse_subscription_settings
+
+        return parse_subscription_settings(raw, origin) if raw else None
     raise AssertionError(name)
 
 

@@ -234,6 +234,35 @@ class BreakGlassRow:
     blob: bytes  # AEAD of the JSON details: reason, purpose, role, review decision and note
 
 
+# -- subscriptions: the outbox of committed writes and the durable delivery queue (services/subscriptions.py) --
+@dataclass(frozen=True, slots=True)
+class ChangeRow:
+    """A committed resource write, queued in its own transaction for the subscription matcher."""
+
+    id: int
+    tenant: str
+    type: str
+    rid: str
+    version: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One notification to send: routing data only, the content is read (and re-authorised) when sent."""
+
+    id: int  # 0: not stored yet
+    tenant: str
+    subscription_id: str
+    kind: str  # notify | heartbeat
+    type: str  # the resource notified ("" for a heartbeat)
+    rid: str
+    version: int
+    attempts: int
+    due_ms: int
+    created_ms: int
+
+
 class WriteTx(Protocol):
     """One open write transaction. Used only inside ``ResourceStore.write``."""
 
@@ -326,6 +355,18 @@ class WriteTx(Protocol):
         """Insert or replace a grant (a review replaces its status and details)."""
         ...
 
+    # -- subscriptions --
+    def add_change(self, tenant: str, type: str, rid: str, version: int, now_ms: int) -> None:
+        """Queue a resource write for the subscription matcher (commits or vanishes with the write)."""
+        ...
+
+    def remove_changes(self, ids: list[int]) -> None: ...
+    def put_delivery(self, row: DeliveryRow) -> None:
+        """Insert (``row.id == 0``) or replace a queued notification."""
+        ...
+
+    def remove_delivery(self, delivery_id: int) -> None: ...
+
 
 class ResourceStore(Protocol):
     async def write(self, name: str, fn: Callable[[WriteTx], T]) -> T:
@@ -379,6 +420,19 @@ class ResourceStore(Protocol):
     def break_glass_rows(self, tenant: str, *, status: str | None = None, user_id: str | None = None,
                          expires_after_ms: int | None = None, limit: int = 500) -> list[BreakGlassRow]:
         """Grants, newest first, filtered by review status, user, and/or still running after a time."""
+        ...
+
+    # -- subscriptions --
+    def subscription_changes(self, limit: int) -> list[ChangeRow]:
+        """The oldest queued writes for the subscription matcher."""
+        ...
+
+    def due_deliveries(self, now_ms: int, limit: int) -> list[DeliveryRow]:
+        """Queued notifications due at ``now_ms``, oldest due first."""
+        ...
+
+    def subscription_backlog(self) -> tuple[int, int]:
+        """(writes waiting for the matcher, notifications waiting to be sent)."""
         ...
 
     def close(self) -> None: ...

@@ -29,6 +29,8 @@ from fhirvault.services.federation import OidcProvider
 from fhirvault.services.health import database_probe
 from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.singletons import LeaderOnly
+from fhirvault.services.subscriptions import ROLE as SUBSCRIPTIONS_ROLE
+from fhirvault.services.subscriptions import SubscriptionDispatcher
 from fhirvault.web import admin as admin_web
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send
 from fhirvault.web.fhir_endpoint import FhirEndpoint
@@ -81,13 +83,16 @@ def _leads(container: Container, role: str) -> bool:
 
 
 async def _alert_housekeeping(container: Container, detection: DetectionEngine,
-                              backups: LeaderOnly[BackupScheduler] | None) -> None:
+                              backups: LeaderOnly[BackupScheduler] | None,
+                              subscriptions: LeaderOnly[SubscriptionDispatcher] | None = None) -> None:
     """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges;
     the backup scheduler (with its drills and replication) runs in the worker holding its role."""
     while True:
         try:
             if _leads(container, "clock-check"):  # one alert per clock jump, not one per worker
                 detection.check_clock()
+            if subscriptions is not None:
+                await asyncio.to_thread(subscriptions.follow)
             running = await asyncio.to_thread(backups.follow) if backups is not None else None
             if running is not None:
                 running.update_metrics()
@@ -186,9 +191,18 @@ def create_app(container: Container) -> ASGIApp:
             if backup_settings else None
         if backups is not None:
             backups.follow()
-        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups))
+        # Subscription notifications: matched and sent by one worker of the cluster (docs/subscriptions.md).
+        service = container.subscriptions
+        subscriptions = LeaderOnly(container.leadership, SUBSCRIPTIONS_ROLE,
+                                   lambda: SubscriptionDispatcher(service, container.leadership)) \
+            if service is not None and service.settings.enabled else None
+        if subscriptions is not None:
+            await asyncio.to_thread(subscriptions.follow)
+        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups, subscriptions))
         yield
         housekeeping.cancel()
+        if subscriptions is not None:
+            await asyncio.to_thread(subscriptions.stop)
         if backups is not None:
             backups.stop()
         monitor.stop()
