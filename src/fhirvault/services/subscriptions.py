@@ -67,6 +67,7 @@ _BATCH = 256
 _DUE_BATCH = 32
 _MAX_SUBSCRIPTIONS = 10_000
 _FOREVER_S = 2**62
+_OWNER_CHECK_MS = 5_000  # how often active subscriptions' owners are re-checked without a notification
 
 
 @dataclass(slots=True)
@@ -175,6 +176,7 @@ class SubscriptionDispatcher:
         self._thread: threading.Thread | None = None
         self._live: dict[str, _Live] = {}
         self._loaded = False
+        self._owners_checked_ms = 0
         self.rounds = 0
 
     # -- lifecycle (services/singletons.py Startable) ---------------------------------------
@@ -359,10 +361,19 @@ class SubscriptionDispatcher:
             live.spec = replace(live.spec, status=status)
 
     async def _lifecycle(self, now: int) -> None:
-        """requested → active once the endpoint passes the policy (else error); active → off at ``end``."""
+        """requested → active once the endpoint passes the policy (else error); active → off at ``end``;
+        active → error when the owner lost their access (checked every few seconds)."""
         settings = self.s.settings
+        check_owners = now - self._owners_checked_ms >= _OWNER_CHECK_MS
+        if check_owners:
+            self._owners_checked_ms = now
         for live in list(self._live.values()):
             spec = live.spec
+            if check_owners and spec.status == "active":
+                problem = (await asyncio.to_thread(self._owner_principal, live))[1]
+                if problem is not None:
+                    await self._set_status(spec.id, "error", problem)
+                    continue
             if spec.status in ("requested", "active") and spec.end is not None:
                 end_ms = _instant_ms(spec.end)
                 if end_ms is not None and end_ms <= now:
