@@ -64,7 +64,8 @@ ROLE = "subscriptions"  # the cluster singleton that matches and delivers
 NOTIFY, HEARTBEAT = "notify", "heartbeat"
 _WANTED_STATUSES = "requested,active"
 _BATCH = 256
-_DUE_BATCH = 32
+_DUE_BATCH = 128  # notifications taken per round; their outcomes commit in one transaction
+_PARALLEL = 8  # subscriptions sent to at the same time (each one's notifications stay in order)
 _MAX_SUBSCRIPTIONS = 10_000
 _FOREVER_S = 2**62
 _OWNER_CHECK_MS = 5_000  # how often active subscriptions' owners are re-checked without a notification
@@ -177,6 +178,8 @@ class SubscriptionDispatcher:
         self._live: dict[str, _Live] = {}
         self._loaded = False
         self._owners_checked_ms = 0
+        self._finished: list[tuple[DeliveryRow, bool, AuditRecord, str]] = []
+        self._statuses: dict[str, tuple[str, str | None]] = {}
         self.rounds = 0
 
     # -- lifecycle (services/singletons.py Startable) ---------------------------------------
@@ -210,10 +213,7 @@ class SubscriptionDispatcher:
         now = self.s.clock.now_ms()
         await self._lifecycle(now)
         await self._heartbeats(now)
-        for row in await asyncio.to_thread(self.s.store.due_deliveries, now, _DUE_BATCH):
-            if self._stop.is_set():
-                break
-            await self._deliver(row)
+        await self._send_due(now)
         changes, deliveries = await asyncio.to_thread(self.s.store.subscription_backlog)
         m = self.s.metrics
         m.queue.labels("changes").set(changes)
@@ -246,10 +246,14 @@ class SubscriptionDispatcher:
             await self._reload()
         now = s.clock.now_ms()
         queued: list[DeliveryRow] = []
+        # Each owner's access as it is now, once per batch (the matcher resolves chains as they see them).
+        owners = await asyncio.to_thread(lambda: {sub_id: self._owner_principal(live)[0]
+                                                  for sub_id, live in self._live.items()
+                                                  if live.spec.status == "active"})
         for change in changes:
             if change.type == "Subscription" or change.tenant != s.repository.tenant:
                 continue
-            for sub_id in await asyncio.to_thread(self._matching, change.type, change.rid, change.version):
+            for sub_id in await asyncio.to_thread(self._matching, change.type, change.rid, change.version, owners):
                 queued.append(DeliveryRow(0, change.tenant, sub_id, NOTIFY, change.type, change.rid, change.version,
                                           0, now, now))
         ids = [c.id for c in changes]
@@ -265,7 +269,7 @@ class SubscriptionDispatcher:
 
         await s.store.write("subscriptions.match", job)
 
-    def _matching(self, rtype: str, rid: str, version: int) -> list[str]:
+    def _matching(self, rtype: str, rid: str, version: int, owners: dict[str, Principal | None]) -> list[str]:
         """The active subscriptions whose criteria this version (a deletion: the version before) matches."""
         candidates = [live for live in self._live.values()
                       if live.spec.status == "active" and live.spec.criteria_type == rtype]
@@ -278,7 +282,7 @@ class SubscriptionDispatcher:
         out = []
         engine = self.s.repository.engine()
         for live in candidates:
-            principal = self._owner_principal(live)[0]
+            principal = owners.get(live.spec.id)
             visible = self.s.repository.guard.for_principal(principal, "search") if principal else None
             if visible is None:
                 continue
@@ -404,28 +408,75 @@ class SubscriptionDispatcher:
         await self.s.store.write("subscriptions.heartbeat", job)
 
     # -- delivery ----------------------------------------------------------------------------
+    async def _send_due(self, now: int) -> None:
+        """Send what is due: each subscription's notifications in order, up to ``_PARALLEL`` subscriptions at
+        a time; their outcomes (queue changes and audit entries) commit together afterwards."""
+        due = await asyncio.to_thread(self.s.store.due_deliveries, now, _DUE_BATCH)
+        if not due:
+            return
+        by_subscription: dict[str, list[DeliveryRow]] = {}
+        for row in due:
+            by_subscription.setdefault(row.subscription_id, []).append(row)
+        gate = asyncio.Semaphore(_PARALLEL)
+
+        async def one_subscription(rows: list[DeliveryRow]) -> None:
+            async with gate:
+                for row in rows:
+                    if self._stop.is_set():
+                        return
+                    await self._deliver(row)
+
+        await asyncio.gather(*(one_subscription(rows) for rows in by_subscription.values()))
+        await self._flush()
+
+    async def _flush(self) -> None:
+        s = self.s
+        finished, self._finished = self._finished, []
+        statuses, self._statuses = self._statuses, {}
+        if finished:
+            def job(tx: WriteTx) -> None:
+                for row, keep, record, _outcome in finished:
+                    if keep:
+                        tx.put_delivery(row)
+                    else:
+                        tx.remove_delivery(row.id)
+                    s.audit.record(tx, record)
+
+            await s.store.write("subscriptions.delivery", job)
+            for row, _keep, _record, outcome in finished:
+                s.metrics.notifications.labels(outcome).inc()
+                log.info("subscription notification", extra={"subscription": row.subscription_id, "kind": row.kind,
+                                                              "outcome": outcome, "attempt": row.attempts})
+        for sub_id, (status, error) in statuses.items():
+            await self._set_status(sub_id, status, error)
+
+    def _later(self, live: _Live, status: str, error: str | None) -> None:
+        """Change the status once this batch's outcomes are committed; stop sending for it now."""
+        self._statuses[live.spec.id] = (status, error)
+        live.spec = replace(live.spec, status=status)
+
     async def _deliver(self, row: DeliveryRow) -> None:
         s = self.s
         live = self._live.get(row.subscription_id)
         if live is None or live.spec.status != "active":
-            await self._finish(row, None, "dropped", "not delivered: the subscription is not active")
+            self._finish(row, None, "dropped", "not delivered: the subscription is not active")
             return
         principal, problem = self._owner_principal(live)
         if principal is None:
-            await self._finish(row, live, "dropped", f"not delivered: {problem}")
-            await self._set_status(live.spec.id, "error", problem)
+            self._finish(row, live, "dropped", f"not delivered: {problem}")
+            self._later(live, "error", problem)
             return
         body: bytes | None = None
         v: StoredVersion | None = None
         if row.kind == NOTIFY:
             found = await asyncio.to_thread(self._content, row.type, row.rid, row.version)
             if found is None:
-                await self._finish(row, live, "dropped", "not delivered: the version is gone")
+                self._finish(row, live, "dropped", "not delivered: the version is gone")
                 return
             v, resource = found
             access = s.repository.guard.for_principal(principal, "read")
             if not await asyncio.to_thread(self._readable, access, v, resource, row):
-                await self._finish(row, live, "withheld", "not delivered: the owner may not read this resource")
+                self._finish(row, live, "withheld", "not delivered: the owner may not read this resource")
                 return
             if live.spec.content != EMPTY and not v.deleted:
                 body = orjson.dumps(resource)
@@ -441,16 +492,16 @@ class SubscriptionDispatcher:
         s.metrics.latency.observe(sent.seconds)
         if sent.ok:
             live.last_sent_ms = s.clock.now_ms()
-            await self._finish(row, live, "delivered", "delivered", status=sent.status or 200, v=v)
+            self._finish(row, live, "delivered", "delivered", status=sent.status or 200, v=v)
             return
         attempts = row.attempts + 1
         if attempts >= s.settings.max_attempts:
             reason = f"notification failed {attempts} times; last: {sent.error}"
-            await self._finish(row, live, "gave_up", reason, status=sent.status or 502, v=v)
-            await self._set_status(live.spec.id, "error", reason)
+            self._finish(row, live, "gave_up", reason, status=sent.status or 502, v=v)
+            self._later(live, "error", reason)
             return
         due = s.clock.now_ms() + int(backoff_seconds(attempts, s.settings) * 1000)
-        await self._finish(replace(row, attempts=attempts, due_ms=due), live, "failed",
+        self._finish(replace(row, attempts=attempts, due_ms=due), live, "failed",
                            f"failed (attempt {attempts} of {s.settings.max_attempts}): {sent.error}",
                            status=sent.status or 502, v=v, keep=True)
 
@@ -463,9 +514,9 @@ class SubscriptionDispatcher:
             shown = before
         return self._may_read(access, shown, resource)
 
-    async def _finish(self, row: DeliveryRow, live: _Live | None, outcome: str, detail: str, *, status: int = 200,
-                      v: StoredVersion | None = None, keep: bool = False) -> None:
-        """Remove (or re-queue) the notification and record its audit entry, in one transaction."""
+    def _finish(self, row: DeliveryRow, live: _Live | None, outcome: str, detail: str, *, status: int = 200,
+                v: StoredVersion | None = None, keep: bool = False) -> None:
+        """Remove (or re-queue) the notification and record its audit entry (committed by ``_flush``)."""
         s = self.s
         owner = live.spec.owner if live is not None else None
         entity = f"{row.type}/{row.rid}/_history/{row.version}" if row.kind == NOTIFY else f"Subscription/{row.subscription_id}"
@@ -477,17 +528,7 @@ class SubscriptionDispatcher:
             entity=entity, patient=f"Patient/{patient}" if patient else None,
             detail=f"{row.kind} {outcome}: {detail}", user=owner.user if owner else None, category="system")
 
-        def job(tx: WriteTx) -> None:
-            if keep:
-                tx.put_delivery(row)
-            else:
-                tx.remove_delivery(row.id)
-            s.audit.record(tx, record)
-
-        await s.store.write("subscriptions.delivery", job)
-        s.metrics.notifications.labels(outcome).inc()
-        log.info("subscription notification", extra={"subscription": row.subscription_id, "kind": row.kind,
-                                                      "outcome": outcome, "attempt": row.attempts})
+        self._finished.append((row, keep, record, outcome))
 
 
 def _instant_ms(value: str) -> int | None:
