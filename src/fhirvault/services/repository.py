@@ -269,6 +269,10 @@ class Repository:
             return []
         return [m.resource for m in engine.find(rtype, criteria, limit=limit).matches]
 
+    @property
+    def index(self) -> SearchIndex:
+        return self._index
+
     def open_version(self, v: StoredVersion) -> bytes:
         """The plaintext of a stored version (the server's own use: subscription notifications)."""
         return self._open(v)

@@ -39,7 +39,7 @@ from fhirvault.domain.errors import Issue, OperationOutcomeError
 from fhirvault.domain.instants import parse_fhir_datetime
 from fhirvault.domain.scopes import Grants, narrow, parse_scopes
 from fhirvault.domain.search.match import matches
-from fhirvault.domain.search.query import AnyCriterion, parse_search
+from fhirvault.domain.search.query import AnyCriterion, Criterion, parse_search
 from fhirvault.domain.subscription import (
     EMPTY,
     FHIR_JSON,
@@ -78,6 +78,9 @@ class _Live:
     resource: dict[str, Any]
     criteria: tuple[AnyCriterion, ...]
     last_sent_ms: int
+    # Blind-index tags of the plain criteria (AND of ORs): a resource lacking every tag of one group cannot
+    # match, so most subscriptions are ruled out by set lookups before the exact matcher runs.
+    groups: tuple[frozenset[bytes], ...] = ()
 
 
 class SubscriptionMetrics:
@@ -224,6 +227,7 @@ class SubscriptionDispatcher:
     async def _reload(self) -> None:
         found = await asyncio.to_thread(self.s.repository.internal_find, "Subscription", [], _MAX_SUBSCRIPTIONS)
         now = self.s.clock.now_ms()
+        engine = self.s.repository.engine()
         live: dict[str, _Live] = {}
         for resource in found:
             try:
@@ -233,7 +237,9 @@ class SubscriptionDispatcher:
                 continue  # stored before a rule it breaks: it cannot be honoured (set to error below? keep quiet)
             before = self._live.get(spec.id)
             version = int((resource.get("meta") or {}).get("versionId") or 0)
-            live[spec.id] = _Live(spec, version, resource, criteria, before.last_sent_ms if before else now)
+            plain = [c for c in criteria if isinstance(c, Criterion)]
+            groups = tuple(frozenset(g) for g in engine.tag_groups(spec.criteria_type, plain))
+            live[spec.id] = _Live(spec, version, resource, criteria, before.last_sent_ms if before else now, groups)
         self._live = live
         self._loaded = True
 
@@ -281,7 +287,10 @@ class SubscriptionDispatcher:
         _v, resource = found
         out = []
         engine = self.s.repository.engine()
+        tags = frozenset(self.s.repository.index.resource_tags(rtype, resource))
         for live in candidates:
+            if not all(group & tags for group in live.groups):
+                continue
             principal = owners.get(live.spec.id)
             visible = self.s.repository.guard.for_principal(principal, "search") if principal else None
             if visible is None:
