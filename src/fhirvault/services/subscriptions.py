@@ -55,7 +55,7 @@ from fhirvault.services.auth import Principal
 from fhirvault.services.coherence import publish
 from fhirvault.services.repository import ConcurrentChange, Repository, RequestContext
 from fhirvault.services.subscription_settings import SubscriptionSettings
-from fhirvault.services.subscriptions_http import EndpointRefused, Sent, endpoint_problem, post
+from fhirvault.services.subscriptions_http import EndpointRefused, Sent, Session, endpoint_problem
 
 log = logging.getLogger("fhirvault.subscriptions")
 
@@ -181,6 +181,7 @@ class SubscriptionDispatcher:
         self._live: dict[str, _Live] = {}
         self._loaded = False
         self._owners_checked_ms = 0
+        self._owners: dict[Owner, tuple[Principal | None, str | None]] = {}
         self._finished: list[tuple[DeliveryRow, bool, AuditRecord, str]] = []
         self._statuses: dict[str, tuple[str, str | None]] = {}
         self.rounds = 0
@@ -210,6 +211,7 @@ class SubscriptionDispatcher:
 
     # -- one round ---------------------------------------------------------------------------
     async def round(self) -> None:
+        self._owners = {}  # owners are judged afresh every round
         if not self._loaded:
             await self._reload()
         await self._match()
@@ -319,10 +321,16 @@ class SubscriptionDispatcher:
 
     # -- owner -------------------------------------------------------------------------------
     def _owner_principal(self, live: _Live) -> tuple[Principal | None, str | None]:
-        """The owner as they are now, or (None, why the subscription can no longer deliver)."""
+        """The owner as they are now (read once per round), or (None, why the subscription can no longer deliver)."""
         owner = live.spec.owner
         if owner is None:
             return None, "the subscription has no recorded owner"
+        found = self._owners.get(owner)
+        if found is None:
+            found = self._owners[owner] = self._owner_now(owner)
+        return found
+
+    def _owner_now(self, owner: Owner) -> tuple[Principal | None, str | None]:
         store = self.s.store
         client = store.client(owner.client_id)
         if client is None or client.disabled:
@@ -339,7 +347,7 @@ class SubscriptionDispatcher:
             role, fhir_user, organization = user.role, user.fhir_user, user.organization
             clearances = frozenset(user.clearances.split())
         return Principal(client_id=owner.client_id, tenant=self.s.repository.tenant, scope=owner.scope,
-                         grants=Grants(tuple(recorded)), expires_at=_FOREVER_S, token_id=f"subscription:{live.spec.id}",
+                         grants=Grants(tuple(recorded)), expires_at=_FOREVER_S, token_id=f"subscription-owner:{owner.client_id}",
                          user=owner.user, role=role, fhir_user=fhir_user, patient=owner.patient,
                          organization=organization, clearances=clearances), None
 
@@ -429,11 +437,16 @@ class SubscriptionDispatcher:
         gate = asyncio.Semaphore(_PARALLEL)
 
         async def one_subscription(rows: list[DeliveryRow]) -> None:
+            session: list[Session] = []  # opened by the first notification that is sent
             async with gate:
-                for row in rows:
-                    if self._stop.is_set():
-                        return
-                    await self._deliver(row)
+                try:
+                    for row in rows:
+                        if self._stop.is_set():
+                            return
+                        await self._deliver(row, session)
+                finally:
+                    for one in session:
+                        one.close()
 
         await asyncio.gather(*(one_subscription(rows) for rows in by_subscription.values()))
         await self._flush()
@@ -464,7 +477,7 @@ class SubscriptionDispatcher:
         self._statuses[live.spec.id] = (status, error)
         live.spec = replace(live.spec, status=status)
 
-    async def _deliver(self, row: DeliveryRow) -> None:
+    async def _deliver(self, row: DeliveryRow, session: list[Session]) -> None:
         s = self.s
         live = self._live.get(row.subscription_id)
         if live is None or live.spec.status != "active":
@@ -493,8 +506,10 @@ class SubscriptionDispatcher:
         if body is not None:
             headers.append(("Content-Type", FHIR_JSON + "; charset=utf-8"))
         try:
-            sent = await asyncio.to_thread(post, live.spec.endpoint, headers, body, allow_http=s.settings.allow_http,
-                                           allowed=s.settings.allowed_networks, timeout=s.settings.timeout_seconds)
+            if not session:
+                session.append(Session(live.spec.endpoint, allow_http=s.settings.allow_http,
+                                       allowed=s.settings.allowed_networks, timeout=s.settings.timeout_seconds))
+            sent = await asyncio.to_thread(session[0].post, headers, body)
         except EndpointRefused as exc:
             sent = Sent(None, str(exc), 0.0)
             row = replace(row, attempts=s.settings.max_attempts - 1)  # a policy refusal does not heal by retrying

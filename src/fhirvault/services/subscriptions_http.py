@@ -1,7 +1,8 @@
-"""Sending one rest-hook notification: resolve, check every address, connect to the checked one.
+"""Sending rest-hook notifications: resolve, check every address, connect to the checked one.
 
-The host name is resolved once per attempt; if any of its addresses is refused (domain/subscription.py
-``address_refusal``) nothing is sent, and the connection goes to the address that was checked (pinned),
+The host name is resolved for each new connection (a connection serves one subscription's notifications
+of one batch); if any of its addresses is refused (domain/subscription.py ``address_refusal``) nothing is
+sent, and the connection goes to the address that was checked (pinned),
 so a DNS answer that changes between the check and the connect (rebinding) cannot redirect it. TLS
 still verifies the certificate against the host name (SNI). Redirects are not followed; the response
 body is not read beyond a few KiB; connect and read each have a timeout.
@@ -85,31 +86,61 @@ def endpoint_problem(url: str, *, allow_http: bool, allowed: Iterable[Network]) 
     return None
 
 
-def post(url: str, headers: list[tuple[str, str]], body: bytes | None, *, allow_http: bool,
-         allowed: Iterable[Network], timeout: float) -> Sent:
-    """POST ``body`` (None: no body) to ``url``; never raises for network trouble."""
-    started = time.monotonic()
-    try:
-        scheme, host, port, target = check_endpoint(url, allow_http=allow_http)
-    except Exception:
-        raise EndpointRefused("the endpoint URL is not allowed") from None
-    address = resolve(host, port, allowed)
-    conn = (_PinnedHTTPS if scheme == "https" else _PinnedHTTP)(host, port, address, timeout)
-    try:
-        conn.putrequest("POST", target, skip_accept_encoding=True)
-        for name, value in headers:
-            conn.putheader(name, value)
-        conn.putheader("Content-Length", str(len(body or b"")))
-        conn.endheaders(body or None)
-        response = conn.getresponse()
-        response.read(_READ_LIMIT)
-        return Sent(response.status, None if 200 <= response.status < 300 else f"HTTP {response.status}",
-                    time.monotonic() - started)
-    except TimeoutError:
-        return Sent(None, "timed out", time.monotonic() - started)
-    except ssl.SSLError as exc:
-        return Sent(None, f"TLS error ({type(exc).__name__})", time.monotonic() - started)
-    except (OSError, http.client.HTTPException) as exc:
-        return Sent(None, f"connection failed ({type(exc).__name__})", time.monotonic() - started)
-    finally:
-        conn.close()
+class Session:
+    """One subscription's notifications of one batch, over one kept-alive connection to the address that
+    was checked when it opened. A request that fails on a reused connection (the receiver closed it while
+    idle) is tried once more on a new one."""
+
+    def __init__(self, url: str, *, allow_http: bool, allowed: Iterable[Network], timeout: float) -> None:
+        try:
+            self._scheme, self._host, self._port, self._target = check_endpoint(url, allow_http=allow_http)
+        except Exception:
+            raise EndpointRefused("the endpoint URL is not allowed") from None
+        self._allowed = tuple(allowed)
+        self._timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            address = resolve(self._host, self._port, self._allowed)
+            kind = _PinnedHTTPS if self._scheme == "https" else _PinnedHTTP
+            self._conn = kind(self._host, self._port, address, self._timeout)
+        return self._conn
+
+    def post(self, headers: list[tuple[str, str]], body: bytes | None) -> Sent:
+        """POST ``body`` (None: no body); EndpointRefused if the address is not allowed, else never raises."""
+        started = time.monotonic()
+        reused = self._conn is not None
+        sent = self._attempt(headers, body, started)
+        if sent.status is None and reused:
+            sent = self._attempt(headers, body, started)
+        return sent
+
+    def _attempt(self, headers: list[tuple[str, str]], body: bytes | None, started: float) -> Sent:
+        conn = self._connection()
+        try:
+            conn.putrequest("POST", self._target, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            conn.putheader("Content-Length", str(len(body or b"")))
+            conn.endheaders(body or None)
+            response = conn.getresponse()
+            response.read(_READ_LIMIT)
+            if not response.isclosed() or response.will_close:  # a longer body than we read, or closing anyway
+                self.close()
+            return Sent(response.status, None if 200 <= response.status < 300 else f"HTTP {response.status}",
+                        time.monotonic() - started)
+        except TimeoutError:
+            self.close()
+            return Sent(None, "timed out", time.monotonic() - started)
+        except ssl.SSLError as exc:
+            self.close()
+            return Sent(None, f"TLS error ({type(exc).__name__})", time.monotonic() - started)
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            return Sent(None, f"connection failed ({type(exc).__name__})", time.monotonic() - started)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
