@@ -137,6 +137,8 @@ class SubscriptionService:
     # -- write path (inside every resource write's transaction) -----------------------------
     def on_write(self, tx: WriteTx, rtype: str, rid: str, version: int) -> None:
         tenant = self.repository.tenant
+        if not self.settings.enabled:
+            return  # nobody would read the outbox
         if rtype == "Subscription":
             publish(tx, SUBSCRIPTIONS, {"*"}, self.forget)
             tx.add_change(tenant, rtype, rid, version, self.clock.now_ms())  # the dispatcher reloads, activates
@@ -203,28 +205,32 @@ class SubscriptionDispatcher:
 
     async def _main(self) -> None:
         while not self._stop.is_set():
+            busy = False
             try:
-                await self.round()
+                busy = await self.round()
             except Exception:
                 log.exception("subscription round failed")
-            await asyncio.to_thread(self._stop.wait, self.s.settings.poll_seconds)
+            if not busy:  # a full batch: more is waiting, go on at once
+                await asyncio.to_thread(self._stop.wait, self.s.settings.poll_seconds)
 
     # -- one round ---------------------------------------------------------------------------
-    async def round(self) -> None:
+    async def round(self) -> bool:
+        """One pass over the work; True when a batch was full (more is waiting)."""
         self._owners = {}  # owners are judged afresh every round
         if not self._loaded:
             await self._reload()
-        await self._match()
+        matched = await self._match()
         now = self.s.clock.now_ms()
         await self._lifecycle(now)
         await self._heartbeats(now)
-        await self._send_due(now)
+        sent = await self._send_due(now)
         changes, deliveries = await asyncio.to_thread(self.s.store.subscription_backlog)
         m = self.s.metrics
         m.queue.labels("changes").set(changes)
         m.queue.labels("deliveries").set(deliveries)
         m.active.set(sum(1 for live in self._live.values() if live.spec.status == "active"))
         self.rounds += 1
+        return matched >= _BATCH or sent >= _DUE_BATCH
 
     async def _reload(self) -> None:
         found = await asyncio.to_thread(self.s.repository.internal_find, "Subscription", [], _MAX_SUBSCRIPTIONS)
@@ -245,11 +251,11 @@ class SubscriptionDispatcher:
         self._live = live
         self._loaded = True
 
-    async def _match(self) -> None:
+    async def _match(self) -> int:
         s = self.s
         changes = await asyncio.to_thread(s.store.subscription_changes, _BATCH)
         if not changes:
-            return
+            return 0
         if any(c.type == "Subscription" for c in changes):
             await self._reload()
         now = s.clock.now_ms()
@@ -276,6 +282,7 @@ class SubscriptionDispatcher:
                 tx.put_delivery(row)
 
         await s.store.write("subscriptions.match", job)
+        return len(changes)
 
     def _matching(self, rtype: str, rid: str, version: int, owners: dict[str, Principal | None]) -> list[str]:
         """The active subscriptions whose criteria this version (a deletion: the version before) matches."""
@@ -425,12 +432,12 @@ class SubscriptionDispatcher:
         await self.s.store.write("subscriptions.heartbeat", job)
 
     # -- delivery ----------------------------------------------------------------------------
-    async def _send_due(self, now: int) -> None:
+    async def _send_due(self, now: int) -> int:
         """Send what is due: each subscription's notifications in order, up to ``_PARALLEL`` subscriptions at
         a time; their outcomes (queue changes and audit entries) commit together afterwards."""
         due = await asyncio.to_thread(self.s.store.due_deliveries, now, _DUE_BATCH)
         if not due:
-            return
+            return 0
         by_subscription: dict[str, list[DeliveryRow]] = {}
         for row in due:
             by_subscription.setdefault(row.subscription_id, []).append(row)
@@ -441,15 +448,15 @@ class SubscriptionDispatcher:
             async with gate:
                 try:
                     for row in rows:
-                        if self._stop.is_set():
+                        if self._stop.is_set() or not await self._deliver(row, session):
                             return
-                        await self._deliver(row, session)
                 finally:
                     for one in session:
                         one.close()
 
         await asyncio.gather(*(one_subscription(rows) for rows in by_subscription.values()))
         await self._flush()
+        return len(due)
 
     async def _flush(self) -> None:
         s = self.s
@@ -477,29 +484,31 @@ class SubscriptionDispatcher:
         self._statuses[live.spec.id] = (status, error)
         live.spec = replace(live.spec, status=status)
 
-    async def _deliver(self, row: DeliveryRow, session: list[Session]) -> None:
+    async def _deliver(self, row: DeliveryRow, session: list[Session]) -> bool:
+        """Send one notification (or drop it); False when the endpoint failed: the subscription's other
+        notifications wait for the next round instead of each waiting for a timeout now."""
         s = self.s
         live = self._live.get(row.subscription_id)
         if live is None or live.spec.status != "active":
             self._finish(row, None, "dropped", "not delivered: the subscription is not active")
-            return
+            return True
         principal, problem = self._owner_principal(live)
         if principal is None:
             self._finish(row, live, "dropped", f"not delivered: {problem}")
             self._later(live, "error", problem)
-            return
+            return True
         body: bytes | None = None
         v: StoredVersion | None = None
         if row.kind == NOTIFY:
             found = await asyncio.to_thread(self._content, row.type, row.rid, row.version)
             if found is None:
                 self._finish(row, live, "dropped", "not delivered: the version is gone")
-                return
+                return True
             v, resource = found
             access = s.repository.guard.for_principal(principal, "read")
             if not await asyncio.to_thread(self._readable, access, v, resource, row):
                 self._finish(row, live, "withheld", "not delivered: the owner may not read this resource")
-                return
+                return True
             if live.spec.content != EMPTY and not v.deleted:
                 body = orjson.dumps(resource)
         headers = [*live.spec.headers]
@@ -517,17 +526,18 @@ class SubscriptionDispatcher:
         if sent.ok:
             live.last_sent_ms = s.clock.now_ms()
             self._finish(row, live, "delivered", "delivered", status=sent.status or 200, v=v)
-            return
+            return True
         attempts = row.attempts + 1
         if attempts >= s.settings.max_attempts:
             reason = f"notification failed {attempts} times; last: {sent.error}"
             self._finish(row, live, "gave_up", reason, status=sent.status or 502, v=v)
             self._later(live, "error", reason)
-            return
+            return True
         due = s.clock.now_ms() + int(backoff_seconds(attempts, s.settings) * 1000)
         self._finish(replace(row, attempts=attempts, due_ms=due), live, "failed",
                            f"failed (attempt {attempts} of {s.settings.max_attempts}): {sent.error}",
                            status=sent.status or 502, v=v, keep=True)
+        return False
 
     def _readable(self, access: Access, v: StoredVersion, resource: dict[str, Any], row: DeliveryRow) -> bool:
         shown = v
