@@ -285,3 +285,15 @@ def test_capability_statement_lists_rest_hook_only(app: App) -> None:
     sub = next(r for r in doc["rest"][0]["resource"] if r["type"] == "Subscription")
     channels = [e["valueCode"] for e in sub["extension"] if e["url"].endswith("subscription-channel-type")]
     assert channels == ["rest-hook"]
+
+
+def test_a_subscription_past_its_end_is_turned_off(app: App, receiver: Receiver) -> None:
+    pid = patient(app)
+    sub = create(app, {**subscription(receiver.url, f"Observation?patient=Patient/{pid}"),
+                       "end": "2020-01-01T00:00:00Z"})
+    wait_until(lambda: status_of(app, sub["id"])["status"] == "off")
+    create(app, observation(pid))
+    time.sleep(0.5)
+    assert receiver.received == []
+    history = app.client.get(f"/fhir/Subscription/{sub['id']}/_history", headers=app.auth).json()
+    assert [e["resource"]["status"] for e in history["entry"]] == ["off", "requested"]  # the server's change

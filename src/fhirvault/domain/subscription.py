@@ -142,8 +142,10 @@ def _headers(channel: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _extension(element: Mapping[str, Any], url: str) -> Mapping[str, Any] | None:
-    for ext in element.get("extension") or ():
+def _extension(element: Any, url: str) -> Mapping[str, Any] | None:
+    if not isinstance(element, Mapping) or not isinstance(element.get("extension"), list):
+        return None
+    for ext in element["extension"]:
         if isinstance(ext, Mapping) and ext.get("url") == url:
             return ext
     return None
@@ -184,7 +186,9 @@ def owner_of(resource: Mapping[str, Any]) -> Owner | None:
     ext = _extension(resource, OWNER_EXT)
     if ext is None:
         return None
-    parts = {str(e.get("url")): e.get("valueString") for e in ext.get("extension") or () if isinstance(e, Mapping)}
+    inner = ext.get("extension")
+    parts = {str(e.get("url")): e.get("valueString") for e in (inner if isinstance(inner, list) else ())
+             if isinstance(e, Mapping)}
     client, scope = parts.get("client"), parts.get("scope")
     if not isinstance(client, str) or not isinstance(scope, str):
         return None
@@ -199,7 +203,9 @@ def with_owner(resource: dict[str, Any], owner: Owner) -> None:
         parts.append({"url": "user", "valueString": owner.user})
     if owner.patient:
         parts.append({"url": "patient", "valueString": owner.patient})
-    others = [e for e in resource.get("extension") or () if not (isinstance(e, Mapping) and e.get("url") == OWNER_EXT)]
+    present = resource.get("extension")
+    others = [e for e in (present if isinstance(present, list) else ())
+              if not (isinstance(e, Mapping) and e.get("url") == OWNER_EXT)]
     resource["extension"] = [*others, {"url": OWNER_EXT, "extension": parts}]
 
 

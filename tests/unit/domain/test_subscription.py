@@ -102,3 +102,15 @@ def test_owner_recorded_by_the_server_replaces_a_forged_one() -> None:
     with_owner(resource, Owner("app-1", "patient/Observation.rs", "u-1", "p-9"))
     assert owner_of(resource) == Owner("app-1", "patient/Observation.rs", "u-1", "p-9")
     assert [e["url"] for e in resource["extension"]] == ["http://example.org/other", OWNER_EXT]
+
+
+@pytest.mark.parametrize("channel", [
+    {"_payload": "x"}, {"_payload": {"extension": "x"}}, {"extension": [1, "a", None]}, {"header": "X-A: b"},
+    {"header": [None, 5]}, {"endpoint": None}, {"endpoint": ["https://x"]}, {"payload": 5},
+])
+def test_odd_shapes_are_refused_or_read_never_crash(channel: dict[str, Any]) -> None:
+    try:
+        parse_subscription(sub(**channel), allow_http=False, min_heartbeat_s=60)
+    except OperationOutcomeError as exc:
+        assert exc.status == 422
+    assert owner_of({"extension": [{"url": OWNER_EXT, "extension": "x"}]}) is None
