@@ -244,7 +244,12 @@ def test_patient_owner_is_not_notified_of_another_patients_resource(app: App, re
     time.sleep(0.5)
     assert [orjson.loads(r.body)["id"] for r in receiver.received] == [theirs["id"]]
     audit = app.client.get("/fhir/AuditEvent", params={"subtype": "subscription-notify"}, headers=app.auth)
-    assert audit.status_code == 200
+    assert audit.status_code == 200, audit.text
+    events = [e["resource"] for e in audit.json().get("entry", [])]
+    assert len(events) == 2, "one audit entry per notification: delivered, and withheld"
+    text = orjson.dumps(events).decode()
+    assert "notify withheld" in text  # a refusal says why (a success's detail is not shown)
+    assert sorted(e["outcome"] for e in events)[0] == "0"
 
 
 def test_revoked_client_subscription_stops(app: App, receiver: Receiver) -> None:
@@ -278,6 +283,11 @@ def test_off_subscription_sends_nothing(app: App, receiver: Receiver) -> None:
     create(app, observation(pid))
     time.sleep(0.5)
     assert receiver.received == []
+
+
+def test_writes_queue_nothing_without_subscriptions(app: App) -> None:
+    create(app, observation(patient(app)))
+    assert app.container.store.subscription_backlog() == (0, 0)
 
 
 def test_capability_statement_lists_rest_hook_only(app: App) -> None:
