@@ -307,3 +307,15 @@ def test_a_subscription_past_its_end_is_turned_off(app: App, receiver: Receiver)
     assert receiver.received == []
     history = app.client.get(f"/fhir/Subscription/{sub['id']}/_history", headers=app.auth).json()
     assert [e["resource"]["status"] for e in history["entry"]] == ["off", "requested"]  # the server's change
+
+
+def test_a_subscription_in_xml(app: App, receiver: Receiver) -> None:
+    xml = ('<Subscription xmlns="http://hl7.org/fhir"><status value="active"/><reason value="x"/>'
+           '<criteria value="Observation?code=http://loinc.org|8867-4"/><channel>'
+           f'<extension url="{HEARTBEAT_EXT}"><valueUnsignedInt value="120"/></extension>'
+           f'<type value="rest-hook"/><endpoint value="{receiver.url}"/><payload value="application/fhir+json"/>'
+           '<header value="Authorization: Bearer x"/></channel></Subscription>')
+    r = app.client.post("/fhir/Subscription", content=xml, headers={
+        **app.auth, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
+    assert r.status_code == 201, r.text
+    assert '<status value="requested"/>' in r.text and OWNER_EXT in r.text
