@@ -319,3 +319,20 @@ def test_a_subscription_in_xml(app: App, receiver: Receiver) -> None:
         **app.auth, "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"})
     assert r.status_code == 201, r.text
     assert '<status value="requested"/>' in r.text and OWNER_EXT in r.text
+
+
+def test_a_subscription_whose_owner_lost_a_scope_stops(app: App, receiver: Receiver) -> None:
+    new = app.container.auth.register_client("lab feed", "system/Observation.rs system/Subscription.cruds")
+    assert new.client_secret is not None
+    token = get_token(app.client, {"client_id": new.client_id, "client_secret": new.client_secret})
+    sub = active(app, subscription(receiver.url, "Observation?"), {"Authorization": f"Bearer {token}"})
+
+    def narrowed(tx: Any) -> None:
+        row = tx.client_for_update(new.client_id)
+        tx.update_client(dataclasses.replace(row, scopes="system/Subscription.cruds"))
+
+    app.container.store.write_sync("test.client-scopes", narrowed)
+    create(app, observation(patient(app)))
+    failed = wait_until(lambda: (s := status_of(app, sub["id"]))["status"] == "error" and s)
+    assert "no longer has the scopes" in failed["error"]
+    assert receiver.received == []

@@ -343,7 +343,7 @@ class SubscriptionDispatcher:
         if client is None or client.disabled:
             return None, "the owner's client was disabled or removed"
         recorded = parse_scopes(owner.scope, strict=False)
-        if client.scopes.strip() and set(narrow(recorded, parse_scopes(client.scopes, strict=False))) != set(recorded):
+        if set(narrow(recorded, parse_scopes(client.scopes, strict=False))) != set(recorded):
             return None, "the owner's client no longer has the scopes the subscription was created with"
         role = fhir_user = organization = None
         clearances: frozenset[str] = frozenset()
