@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from fhirvault.services.registers import ActorSettings, ProcessingSettings
     from fhirvault.services.relationships import RelationshipSettings
     from fhirvault.services.residency import ResidencySettings
+    from fhirvault.services.subscription_settings import SubscriptionSettings
 
 ENV_PREFIX = "FHIRVAULT_"
 CONFIG_FILE_NAME = "fhirvault.toml"
@@ -100,6 +101,7 @@ class Settings:
     processing: ProcessingSettings | None = None  # [processing]: controller, purposes (record of processing)
     patient_notifications: PatientNotifySettings | None = None  # [patient_notifications]: break-glass notices
     retention: RetentionRules | None = None  # [retention]: record and audit retention, the retention job
+    subscriptions: SubscriptionSettings | None = None  # [subscriptions]: rest-hook delivery (None: defaults)
     config_path: Path | None = None  # the config file these settings were read from, if any
 
     @property
@@ -279,7 +281,8 @@ _PARSERS: dict[str, Callable[[str, Any], Any]] = {
 }
 # Nested ``[table]`` settings, only from the config file: name -> parser(raw, origin, data_dir, environ).
 SECTIONS = ("alerts", "backup", "identity_providers", "access", "firewall", "residency", "actors", "processing",
-            "patient_notifications", "retention")
+            "patient_notifications", "retention",
+            "subscriptions")
 
 
 def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
@@ -309,6 +312,10 @@ def _parse_section(name: str, raw: Any, origin: str, data_dir: Path,
         from fhirvault.services.retention import parse_retention_settings
 
         return parse_retention_settings(raw, origin) if raw else None
+    if name == "subscriptions":
+        from fhirvault.services.subscription_settings import parse_subscription_settings
+
+        return parse_subscription_settings(raw, origin) if raw else None
     return _parse_compliance_section(name, raw, origin, environ)
 
 

@@ -42,6 +42,8 @@ from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import Repository
 from fhirvault.services.search_index import SearchIndex
 from fhirvault.services.secrets import ServiceSecrets
+from fhirvault.services.subscription_settings import SubscriptionSettings
+from fhirvault.services.subscriptions import SUBSCRIPTIONS, SubscriptionMetrics, SubscriptionService
 
 if TYPE_CHECKING:
     from fhirvault.backup.ports import CatalogReader, ChangeFeedSource, RestoreSink, SnapshotSource
@@ -91,6 +93,7 @@ class Container:
     coherence: Coherence | None = None
     bulk_export: BulkExportService | None = None  # set by the server (web/app.py)
     lifecycle: Lifecycle | None = None
+    subscriptions: SubscriptionService | None = None
     _checkpointing: bool = False
 
     def enable_alerting(self) -> DetectionEngine:
@@ -245,6 +248,13 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         witnesses = [open_witness(spec) for spec in settings.audit_witness_specs]
         leadership = leadership_for(store)
         coherence = coherence_for(store, auth, repository)
+        metrics = Metrics()
+        # Every process adds committed writes to the subscription outbox; one delivers (web/app.py).
+        subscriptions = SubscriptionService(repository, store, audit, clock,
+                                            settings.subscriptions or SubscriptionSettings(),
+                                            SubscriptionMetrics(metrics.registry))
+        subscriptions.install()
+        coherence.on(SUBSCRIPTIONS, subscriptions.forget)
         checkpointer = AuditCheckpointer(store, signer, clock, witnesses,
                                          checkpoint_interval_s=settings.audit_checkpoint_seconds,
                                          witness_interval_s=settings.audit_witness_seconds, leadership=leadership)
@@ -257,8 +267,8 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
         store.close()
         raise
     return Container(settings, clock, store, root, keys, auth, audit, repository, validator, HealthState(),
-                     secrets, signer, checkpointer, Metrics(), audit_reader, leadership=leadership, coherence=coherence,
-                     lifecycle=lifecycle)
+                     secrets, signer, checkpointer, metrics, audit_reader, leadership=leadership, coherence=coherence,
+                     subscriptions=subscriptions, lifecycle=lifecycle)
 
 
 class TenantPurged(KeyError_):

@@ -248,6 +248,35 @@ class RegisterRow:
     blob: bytes  # AEAD of the JSON details (may name a person: never stored in clear)
 
 
+# -- subscriptions: the outbox of committed writes and the durable delivery queue (services/subscriptions.py) --
+@dataclass(frozen=True, slots=True)
+class ChangeRow:
+    """A committed resource write, queued in its own transaction for the subscription matcher."""
+
+    id: int
+    tenant: str
+    type: str
+    rid: str
+    version: int
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One notification to send: routing data only, the content is read (and re-authorised) when sent."""
+
+    id: int  # 0: not stored yet
+    tenant: str
+    subscription_id: str
+    kind: str  # notify | heartbeat
+    type: str  # the resource notified ("" for a heartbeat)
+    rid: str
+    version: int
+    attempts: int
+    due_ms: int
+    created_ms: int
+
+
 class WriteTx(Protocol):
     """One open write transaction. Used only inside ``ResourceStore.write``."""
 
@@ -365,6 +394,18 @@ class WriteTx(Protocol):
         """The entry, locked until the end of the transaction where the engine locks rows."""
         ...
 
+    # -- subscriptions --
+    def add_change(self, tenant: str, type: str, rid: str, version: int, now_ms: int) -> None:
+        """Queue a resource write for the subscription matcher (commits or vanishes with the write)."""
+        ...
+
+    def remove_changes(self, ids: list[int]) -> None: ...
+    def put_delivery(self, row: DeliveryRow) -> None:
+        """Insert (``row.id == 0``) or replace a queued notification."""
+        ...
+
+    def remove_delivery(self, delivery_id: int) -> None: ...
+
 
 class ResourceStore(Protocol):
     async def write(self, name: str, fn: Callable[[WriteTx], T]) -> T:
@@ -442,6 +483,17 @@ class ResourceStore(Protocol):
     def register_entries(self, tenant: str, kind: str, *, status: str | None = None,
                          limit: int = 1000) -> list[RegisterRow]:
         """Entries of one register, newest first, optionally of one status."""
+    # -- subscriptions --
+    def subscription_changes(self, limit: int) -> list[ChangeRow]:
+        """The oldest queued writes for the subscription matcher."""
+        ...
+
+    def due_deliveries(self, now_ms: int, limit: int) -> list[DeliveryRow]:
+        """Queued notifications due at ``now_ms``, oldest due first."""
+        ...
+
+    def subscription_backlog(self) -> tuple[int, int]:
+        """(writes waiting for the matcher, notifications waiting to be sent)."""
         ...
 
     def close(self) -> None: ...

@@ -22,11 +22,12 @@ CONFIDENTIALITY = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality"
 
 
 def mint(container: Container, *, role: str, user: str, fhir_user: str | None = None, scope: str = "user/*.cruds",
-         patient: str | None = None, org: str | None = None, clearance: Iterable[str] = ()) -> str:
+         patient: str | None = None, org: str | None = None, clearance: Iterable[str] = (),
+         client_id: str = "test-app") -> str:
     auth = container.auth
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": auth.issuer, "aud": auth.audience, "sub": user, "client_id": "test-app",
+        "iss": auth.issuer, "aud": auth.audience, "sub": user, "client_id": client_id,
         "tenant": container.settings.tenant, "scope": scope, "iat": now, "nbf": now, "exp": now + 600,
         "jti": secrets.token_urlsafe(12), "role": role, "sid": "s-" + user,
     }

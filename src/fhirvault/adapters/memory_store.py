@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,9 @@ from fhirvault.ports import (
     AuditRow,
     AuthCodeRow,
     BreakGlassRow,
+    ChangeRow,
     ClientRow,
+    DeliveryRow,
     HistoryQuery,
     LoginSessionRow,
     RefreshTokenRow,
@@ -83,6 +86,10 @@ class _Tables:
     issued: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # jti -> (family, session, exp)
     revoked: dict[str, tuple[int, int]] = field(default_factory=dict)  # jti -> (seq, exp)
     revoked_seq: int = 0
+    # -- subscriptions: id -> row; ids are never reused --
+    changes: dict[int, ChangeRow] = field(default_factory=dict)
+    deliveries: dict[int, DeliveryRow] = field(default_factory=dict)
+    queue_ids: list[int] = field(default_factory=lambda: [0])
 
 
 def _limited(rows: Iterable[X], limit: int) -> list[X]:
@@ -303,6 +310,32 @@ class _Tx:
 
     def register_entry_for_update(self, tenant: str, kind: str, entry_id: str) -> RegisterRow | None:
         return self._t.registers.get((tenant, kind, entry_id))
+
+    # -- subscriptions --
+    def _next_id(self) -> int:
+        ids = self._t.queue_ids
+        ids[0] += 1
+        return ids[0]
+
+    def add_change(self, tenant: str, type: str, rid: str, version: int, now_ms: int) -> None:
+        key = self._next_id()
+        self._set(self._t.changes, key, ChangeRow(key, tenant, type, rid, version, now_ms))
+
+    def remove_changes(self, ids: list[int]) -> None:
+        for key in ids:
+            old = self._t.changes.pop(key, None)
+            if old is not None:
+                self.undo.append(functools.partial(self._t.changes.__setitem__, key, old))
+
+    def put_delivery(self, row: DeliveryRow) -> None:
+        if row.id == 0:
+            row = dataclasses.replace(row, id=self._next_id())
+        self._set(self._t.deliveries, row.id, row)
+
+    def remove_delivery(self, delivery_id: int) -> None:
+        if delivery_id in self._t.deliveries:
+            old = self._t.deliveries.pop(delivery_id)
+            self.undo.append(lambda: self._t.deliveries.__setitem__(delivery_id, old))
 
     # -- identity --
     def insert_user(self, row: UserRow) -> None:
@@ -674,6 +707,19 @@ class MemoryStore:
         with self._lock:
             rows = [(seq, jti, exp) for jti, (seq, exp) in self._t.revoked.items() if seq > after_seq and exp >= now_ms]
         return sorted(rows)
+
+    def subscription_changes(self, limit: int) -> list[ChangeRow]:
+        with self._lock:
+            return [self._t.changes[k] for k in sorted(self._t.changes)[:limit]]
+
+    def due_deliveries(self, now_ms: int, limit: int) -> list[DeliveryRow]:
+        with self._lock:
+            due = sorted((r for r in self._t.deliveries.values() if r.due_ms <= now_ms), key=lambda r: (r.due_ms, r.id))
+        return due[:limit]
+
+    def subscription_backlog(self) -> tuple[int, int]:
+        with self._lock:
+            return len(self._t.changes), len(self._t.deliveries)
 
     def close(self) -> None:
         with self._lock:  # waits for a running job; later writes raise

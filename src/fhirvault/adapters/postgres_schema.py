@@ -280,6 +280,33 @@ CREATE TABLE IF NOT EXISTS register_entries (
 CREATE INDEX IF NOT EXISTS register_entries_created ON register_entries (tenant, kind, created_ms);
 """
 
+# Subscriptions (services/subscriptions.py): the outbox of committed writes and the delivery queue
+# (routing data only). The matcher removes outbox rows by id, so rows committing out of id order
+# (several writer sessions) are never skipped.
+SUBSCRIPTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscription_changes (
+    id         BIGSERIAL PRIMARY KEY,
+    tenant     TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    rid        TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscription_deliveries (
+    id              BIGSERIAL PRIMARY KEY,
+    tenant          TEXT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    rid             TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    due_ms          BIGINT NOT NULL,
+    created_ms      BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscription_deliveries_due ON subscription_deliveries (due_ms, id);
+"""
+
 # Numbered migrations (``meta.schema_version`` records the last applied): version 1 is what the first
 # PostgreSQL release created, each later change is its own step. Every step is idempotent (IF NOT
 # EXISTS), because databases made by unreleased builds may have a change without its version.
@@ -289,6 +316,8 @@ MIGRATIONS: tuple[tuple[Migration, str], ...] = (
      "ALTER TABLE clients ADD COLUMN IF NOT EXISTS allowed_sources TEXT;  -- space-separated; NULL: anywhere"),
     (Migration(3, "coherence_head, coherence_log: cache coherence between processes"), COHERENCE_SCHEMA),
     (Migration(4, "register_entries: incident and data-subject request registers"), REGISTERS_SCHEMA),
+    (Migration(5, "subscription_changes, subscription_deliveries: FHIR Subscription notifications"),
+     SUBSCRIPTION_SCHEMA),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0].version
 assert [m.version for m, _ in MIGRATIONS] == list(range(1, SCHEMA_VERSION + 1)), "steps must be numbered 1..N"

@@ -72,7 +72,9 @@ from fhirvault.ports import (
     AuditRow,
     AuthCodeRow,
     BreakGlassRow,
+    ChangeRow,
     ClientRow,
+    DeliveryRow,
     HistoryQuery,
     LoginSessionRow,
     LostLeadership,
@@ -604,7 +606,32 @@ class _Tx:
             self.revoke_tokens(now_ms, session_id=sid)
         return len(ids)
 
+    # -- subscriptions --
+    def add_change(self, tenant: str, type: str, rid: str, version: int, now_ms: int) -> None:
+        self._x("INSERT INTO subscription_changes (tenant, type, rid, version, created_ms) VALUES (%s,%s,%s,%s,%s)",
+                (tenant, type, rid, version, now_ms))
 
+    def remove_changes(self, ids: list[int]) -> None:
+        self._x("DELETE FROM subscription_changes WHERE id = ANY(%s)", (ids,))
+
+    def put_delivery(self, row: DeliveryRow) -> None:
+        values = (row.tenant, row.subscription_id, row.kind, row.type, row.rid, row.version, row.attempts, row.due_ms,
+                  row.created_ms)
+        if row.id == 0:
+            self._x(_INSERT_DELIVERY, values)
+        else:
+            self._x(_REPLACE_DELIVERY, (row.id, *values))
+
+    def remove_delivery(self, delivery_id: int) -> None:
+        self._x("DELETE FROM subscription_deliveries WHERE id=%s", (delivery_id,))
+
+
+_DELIVERY_COLUMNS = "tenant, subscription_id, kind, type, rid, version, attempts, due_ms, created_ms"
+_INSERT_DELIVERY = f"INSERT INTO subscription_deliveries ({_DELIVERY_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"  # noqa: S608
+_REPLACE_DELIVERY = (
+    f"INSERT INTO subscription_deliveries (id, {_DELIVERY_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"  # noqa: S608
+    " ON CONFLICT (id) DO UPDATE SET attempts=excluded.attempts, due_ms=excluded.due_ms"
+)
 _TENANT_KEYS = "SELECT tenant, version, wrapped, root_key_id, created_ms FROM tenant_keys WHERE tenant=%s ORDER BY version"
 
 _Job = tuple[str, Callable[[Any], Any], Any, asyncio.AbstractEventLoop | None]
@@ -1089,6 +1116,22 @@ class PostgresStore:
     def refresh_token(self, token_hash: bytes) -> RefreshTokenRow | None:
         row = self._one(f"SELECT {_REFRESH_COLUMNS} FROM refresh_tokens WHERE token_hash=%s", (token_hash,))  # noqa: S608
         return _refresh(row) if row else None
+
+    # -- subscriptions --
+    def subscription_changes(self, limit: int) -> list[ChangeRow]:
+        rows = self._all("SELECT id, tenant, type, rid, version, created_ms FROM subscription_changes"
+                         " ORDER BY id LIMIT %s", (limit,))
+        return [ChangeRow(*r) for r in rows]
+
+    def due_deliveries(self, now_ms: int, limit: int) -> list[DeliveryRow]:
+        rows = self._all(f"SELECT id, {_DELIVERY_COLUMNS} FROM subscription_deliveries"  # noqa: S608
+                         " WHERE due_ms <= %s ORDER BY due_ms, id LIMIT %s", (now_ms, limit))
+        return [DeliveryRow(*r) for r in rows]
+
+    def subscription_backlog(self) -> tuple[int, int]:
+        row = self._one("SELECT (SELECT count(*) FROM subscription_changes),"
+                        " (SELECT count(*) FROM subscription_deliveries)")
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:
         """The coherence head, and the (kind, key) rows published after ``seq`` up to it.

@@ -23,6 +23,7 @@ from fhirvault.adapters.sqlite_schema import (
     MULTI_PROCESS_SCHEMA,
     REGISTERS_SCHEMA,
     SCHEMA,
+    SUBSCRIPTION_SCHEMA,
 )
 from fhirvault.ports import Migration, SchemaError, SchemaTooNew
 
@@ -110,6 +111,8 @@ STEPS: tuple[_Step, ...] = (
     _Step(Migration(4, "index_dirty.flushed, coherence_log: several server processes on one database"),
           _both(_add_column("index_dirty", "flushed", "BLOB"), _script(MULTI_PROCESS_SCHEMA))),
     _Step(Migration(5, "register_entries: incident and data-subject request registers"), _script(REGISTERS_SCHEMA)),
+    _Step(Migration(6, "subscription_changes, subscription_deliveries: FHIR Subscription notifications"),
+          _script(SUBSCRIPTION_SCHEMA)),
 )
 LATEST = STEPS[-1].migration.version
 assert [s.migration.version for s in STEPS] == list(range(1, LATEST + 1)), "steps must be numbered 1..N"

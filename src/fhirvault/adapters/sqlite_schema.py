@@ -279,3 +279,31 @@ CREATE TABLE IF NOT EXISTS register_entries (
 );
 CREATE INDEX IF NOT EXISTS register_entries_created ON register_entries (tenant, kind, created_ms);
 """
+
+# Subscriptions (services/subscriptions.py): ``subscription_changes`` is the outbox of committed resource
+# writes (one row per write, in the write's own transaction, only while the tenant has subscriptions);
+# ``subscription_deliveries`` the notifications still to send. Routing data only: resource ids and
+# versions, never content (read and re-authorised when sent).
+SUBSCRIPTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscription_changes (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant     TEXT NOT NULL,
+    type       TEXT NOT NULL,
+    rid        TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS subscription_deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant          TEXT NOT NULL,
+    subscription_id TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    rid             TEXT NOT NULL,
+    version         INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    due_ms          INTEGER NOT NULL,
+    created_ms      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscription_deliveries_due ON subscription_deliveries (due_ms, id);
+"""

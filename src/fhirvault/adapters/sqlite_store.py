@@ -42,7 +42,9 @@ from fhirvault.ports import (
     AuditRow,
     AuthCodeRow,
     BreakGlassRow,
+    ChangeRow,
     ClientRow,
+    DeliveryRow,
     HistoryQuery,
     LoginSessionRow,
     Migration,
@@ -162,6 +164,11 @@ def _connect(path: Path) -> sqlite3.Connection:
     # is copied back to the database once, not after every batch.
     conn.execute("PRAGMA wal_autocheckpoint=20000")
     return conn
+
+
+_DELIVERY_COLUMNS = "tenant, subscription_id, kind, type, rid, version, attempts, due_ms, created_ms"
+_INSERT_DELIVERY = f"INSERT INTO subscription_deliveries ({_DELIVERY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)"  # noqa: S608
+_REPLACE_DELIVERY = f"INSERT OR REPLACE INTO subscription_deliveries (id, {_DELIVERY_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"  # noqa: S608
 
 
 class _Tx:
@@ -499,6 +506,26 @@ class _Tx:
             self.end_login_session(sid, now_ms)
             self.revoke_tokens(now_ms, session_id=sid)
         return len(ids)
+
+    # -- subscriptions --
+    def add_change(self, tenant: str, type: str, rid: str, version: int, now_ms: int) -> None:
+        self._c.execute("INSERT INTO subscription_changes (tenant, type, rid, version, created_ms) VALUES (?,?,?,?,?)",
+                        (tenant, type, rid, version, now_ms))
+
+    def remove_changes(self, ids: list[int]) -> None:
+        self._c.executemany("DELETE FROM subscription_changes WHERE id=?", [(i,) for i in ids])
+
+    def put_delivery(self, row: DeliveryRow) -> None:
+        values = (row.tenant, row.subscription_id, row.kind, row.type, row.rid, row.version, row.attempts, row.due_ms,
+                  row.created_ms)
+        if row.id == 0:
+            self._c.execute(_INSERT_DELIVERY, values)
+        else:
+            self._c.execute(_REPLACE_DELIVERY, (row.id, *values))
+
+    def remove_delivery(self, delivery_id: int) -> None:
+        self._c.execute("DELETE FROM subscription_deliveries WHERE id=?", (delivery_id,))
+
 
 def _tenant_keys(conn: sqlite3.Connection, tenant: str) -> list[TenantKeyRow]:
     rows = conn.execute(
@@ -1205,6 +1232,22 @@ class SqliteStore:
             "SELECT seq, jti, expires_ms FROM revoked_jtis WHERE seq > ? AND expires_ms >= ? ORDER BY seq",
             (after_seq, now_ms)).fetchall()
         return [(int(r[0]), str(r[1]), int(r[2])) for r in rows]
+
+    # -- subscriptions --
+    def subscription_changes(self, limit: int) -> list[ChangeRow]:
+        rows = self._reader().execute("SELECT id, tenant, type, rid, version, created_ms FROM subscription_changes"
+                                      " ORDER BY id LIMIT ?", (limit,)).fetchall()
+        return [ChangeRow(*r) for r in rows]
+
+    def due_deliveries(self, now_ms: int, limit: int) -> list[DeliveryRow]:
+        rows = self._reader().execute(f"SELECT id, {_DELIVERY_COLUMNS} FROM subscription_deliveries"  # noqa: S608
+                                      " WHERE due_ms <= ? ORDER BY due_ms, id LIMIT ?", (now_ms, limit)).fetchall()
+        return [DeliveryRow(*r) for r in rows]
+
+    def subscription_backlog(self) -> tuple[int, int]:
+        reader = self._reader()
+        changes = reader.execute("SELECT count(*) FROM subscription_changes").fetchone()[0]
+        return int(changes), int(reader.execute("SELECT count(*) FROM subscription_deliveries").fetchone()[0])
 
     # -- other processes sharing the file (services/coherence.py) -------------
     def changes_since(self, seq: int | None) -> tuple[int, list[tuple[str, str]] | None]:

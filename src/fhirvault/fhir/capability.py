@@ -6,6 +6,7 @@ from typing import Any
 
 from fhirvault import __version__
 from fhirvault.domain.search.params import search_params
+from fhirvault.domain.subscription import REST_HOOK
 
 INSTANCE_INTERACTIONS = ["read", "vread", "update", "patch", "delete", "history-instance"]
 TYPE_INTERACTIONS = ["create", "search-type", "history-type"]
@@ -140,6 +141,8 @@ TERMINOLOGY_OPERATIONS = {
     ],
 }
 
+# The channel types this server delivers (one extension per type; R4 has no element for it).
+SUBSCRIPTION_CHANNEL_EXT = "https://fhirvault.org/fhir/StructureDefinition/subscription-channel-type"
 SMART_OAUTH_URIS = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SECURITY_DOC = (
     "OAuth 2.0 (SMART App Launch 2.x and SMART Backend Services), the same endpoints as "
@@ -148,6 +151,17 @@ SECURITY_DOC = (
     "fhirUser) and refresh_token (rotated, reuse detected). Revocation (RFC 7009) and introspection "
     "(RFC 7662). Scopes: SMART v1 and v2, patient/, user/ and system/, enforced per interaction."
 )
+
+
+def _subscription_channels() -> dict[str, Any]:
+    """The channel types served (services/subscriptions.py): rest-hook, and nothing else."""
+    return {
+        "extension": [{"url": SUBSCRIPTION_CHANNEL_EXT, "valueCode": REST_HOOK}],
+        "documentation": "Subscription channel types: rest-hook only (POST to channel.endpoint with channel.header). "
+                         "payload absent: a notification without a body; application/fhir+json: the resource. "
+                         "Backport IG extensions read: backport-heartbeat-period, backport-payload-content "
+                         "(empty, full-resource). The server sets status (requested, active, error, off).",
+    }
 
 
 def oauth_uris(token_url: str) -> dict[str, str]:
@@ -207,6 +221,9 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
         if rtype != "AuditEvent" else _audit_event_resource()
         for rtype in resource_types
     ]
+    for resource in resources:
+        if resource["type"] == "Subscription":
+            resource.update(_subscription_channels())
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -180,6 +180,10 @@ class Repository:
         self.guard = AccessGuard(tenant, self.relationships, self.break_glass, self._patient_id)
         # GDPR art. 18 restriction and art. 17 erasure (services/erasure.py); set by the container.
         self.lifecycle: Lifecycle | None = None
+        # Per-type checks of content being written (Subscription: criteria, endpoint, owner), after validation.
+        self.preparers: dict[str, Callable[[RequestContext, dict[str, Any]], Awaitable[None]]] = {}
+        # Called in every resource write's transaction (type, id, new version): the subscription outbox.
+        self.write_hooks: list[Callable[[WriteTx, str, str, int], None]] = []
 
     # -- policy ----------------------------------------------------------------
     # Decisions are made by domain/policy.py; services/access.py gathers their facts. Here they are
@@ -261,14 +265,22 @@ class Repository:
                                patient=min(gained))
         return RELATIONSHIP_CHANGE + (f"; {SELF_ASSIGNED}" if myself else "")
 
-    def _internal_find(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
-        """The server's own searches (relationships, consents): unfiltered, never audited, never returned."""
+    def internal_find(self, rtype: str, params: list[tuple[str, str]], limit: int) -> list[dict[str, Any]]:
+        """The server's own searches (relationships, consents, subscriptions): unfiltered, never audited."""
         parsed = parse_search(rtype, params, strict=True, base_url=None, now_ms=self._clock.now_ms())
         engine = self.engine()
         criteria = engine.resolve(rtype, parsed.criteria)
         if criteria is None:
             return []
-        return [m.resource for m in engine.find(rtype, criteria, limit=_RELATIONSHIP_LIMIT).matches]
+        return [m.resource for m in engine.find(rtype, criteria, limit=limit).matches]
+
+    @property
+    def index(self) -> SearchIndex:
+        return self._index
+
+    def _internal_find(self, rtype: str, params: list[tuple[str, str]]) -> list[dict[str, Any]]:
+        """The server's own searches (relationships, consents): unfiltered, never audited, never returned."""
+        return self.internal_find(rtype, params, _RELATIONSHIP_LIMIT)
 
     async def audit_event(self, ctx: RequestContext, interaction: str, status: int, detail: str,
                           entity: str | None = None, *, client_id: str | None = None,
@@ -337,7 +349,7 @@ class Repository:
         return await self._keys.for_compartment(patient_compartment(pid) if pid else TENANT_COMPARTMENT)
 
     def open_version(self, v: StoredVersion) -> bytes:
-        """The plaintext of a stored version, for server-side processing (retention rules, bulk export)."""
+        """The plaintext of a stored version, for server-side processing (retention rules, bulk export, subscription notifications)."""
         return self._open(v)
 
     def _open(self, v: StoredVersion) -> bytes:
@@ -411,6 +423,8 @@ class Repository:
             plaintext = orjson.dumps(body)
             blob = key.aead.seal(plaintext, resource_aad(tenant, rtype, rid, version, key.key_id))
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, False, key.key_id, blob))
+            for hook in self.write_hooks:
+                hook(tx, rtype, rid, version)
             # Most tags were computed before the transaction (off the writer thread); the
             # ones that depend on the stamped meta are computed here.
             tx.set_search_tags(tenant, rtype, rid, tags + self._index.param_tags(rtype, "_lastUpdated", body))
@@ -433,6 +447,24 @@ class Repository:
 
         return job
 
+    async def _prepare(self, ctx: RequestContext, rtype: str, body: dict[str, Any]) -> None:
+        preparer = self.preparers.get(rtype)
+        if preparer is not None:
+            await preparer(ctx, body)
+
+    async def server_update(self, rtype: str, rid: str, body: dict[str, Any], expect_version: int,
+                            detail: str) -> ResourceResult:
+        """A change the server itself makes (a Subscription's status): no caller to authorise, no
+        preparer; audited with ``detail``. Fails with ConcurrentChange if the resource moved on."""
+        self._validate(rtype, body)
+        key = await self._key_for(rtype, body)
+        job = self._seal_job(RequestContext(None, "server"), "update", rtype, rid, body, key, None, must_exist=True,
+                             expect_version=expect_version, detail=detail)
+        try:
+            return await self._store.write("resource.server-update", job)
+        except VersionConflict:
+            raise ConcurrentChange() from None
+
     # -- interactions ----------------------------------------------------------
     # Each write interaction is prepared first (policy, validation, keys: everything
     # that may await or fail cheaply), giving a job that runs inside one store
@@ -453,6 +485,7 @@ class Repository:
         self._validate(rtype, body)
         rid = rid or str(uuid.uuid4())
         body["id"] = rid
+        await self._prepare(ctx, rtype, body)
         decision, detail = None, None
         if not access.simple:
             decision = await self._check_new(ctx, access, rtype, body, "create", "c", rtype, new=True)
@@ -498,6 +531,7 @@ class Repository:
         if body.get("id") != rid:
             raise errors.bad_request("The id in the body must be present and match the id in the URL.", "id")
         self._validate(rtype, body)
+        await self._prepare(ctx, rtype, body)
         current = self._store.read_current(self.tenant, rtype, rid)
         creating = current is None or current.deleted
         if creating:
@@ -563,6 +597,7 @@ class Repository:
         if not isinstance(patched, dict) or patched.get("id") != rid or patched.get("resourceType") != rtype:
             raise errors.bad_request("A patch may not change the resource's id or resourceType.")
         self._validate(rtype, patched)
+        await self._prepare(ctx, rtype, patched)
         decision, detail = None, None
         if not access.simple:
             decision = await self._check_new(ctx, access, rtype, patched, "patch", "u", f"{rtype}/{rid}")
@@ -610,6 +645,8 @@ class Repository:
             version = current.version + 1
             now = self._clock.now_ms()
             tx.insert_version(tenant, StoredVersion(rtype, rid, version, now, True, "", b""))
+            for hook in self.write_hooks:
+                hook(tx, rtype, rid, version)
             tx.set_search_tags(tenant, rtype, rid, [])
             note = None
             if rtype in WATCHED_TYPES:

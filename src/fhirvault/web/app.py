@@ -35,6 +35,8 @@ from fhirvault.services.metrics import tenant_key_created
 from fhirvault.services.residency import OutboundGuard, allowed_hosts, install_guard
 from fhirvault.services.retention import RetentionScheduler, retention_singleton
 from fhirvault.services.singletons import LeaderOnly
+from fhirvault.services.subscriptions import ROLE as SUBSCRIPTIONS_ROLE
+from fhirvault.services.subscriptions import SubscriptionDispatcher
 from fhirvault.services.terminology import TerminologyService
 from fhirvault.web import admin as admin_web
 from fhirvault.web import registers as registers_web
@@ -91,7 +93,8 @@ def _leads(container: Container, role: str) -> bool:
 
 async def _alert_housekeeping(container: Container, detection: DetectionEngine,
                               backups: LeaderOnly[BackupScheduler] | None,
-                              retention: LeaderOnly[RetentionScheduler] | None = None) -> None:
+                              retention: LeaderOnly[RetentionScheduler] | None = None,
+                              subscriptions: LeaderOnly[SubscriptionDispatcher] | None = None) -> None:
     """Every few seconds: the clock-jump check, backup age and replication lag, the open-alert gauges;
     the backup scheduler (with its drills and replication) runs in the worker holding its role."""
     while True:
@@ -100,6 +103,8 @@ async def _alert_housekeeping(container: Container, detection: DetectionEngine,
                 detection.check_clock()
             if retention is not None:  # the retention job, in the worker holding its role
                 await asyncio.to_thread(retention.follow)
+            if subscriptions is not None:
+                await asyncio.to_thread(subscriptions.follow)
             running = await asyncio.to_thread(backups.follow) if backups is not None else None
             if running is not None:
                 running.update_metrics()
@@ -244,8 +249,16 @@ def create_app(container: Container) -> ASGIApp:
             if backup_settings else None
         if backups is not None:
             backups.follow()
+        # Subscription notifications: matched and sent by one worker of the cluster (docs/subscriptions.md).
+        service = container.subscriptions
+        subscriptions = LeaderOnly(container.leadership, SUBSCRIPTIONS_ROLE,
+                                   lambda: SubscriptionDispatcher(service, container.leadership)) \
+            if service is not None and service.settings.enabled else None
+        if subscriptions is not None:
+            await asyncio.to_thread(subscriptions.follow)
         retention = retention_singleton(container)
-        housekeeping = asyncio.create_task(_alert_housekeeping(container, detection, backups, retention))
+        housekeeping = asyncio.create_task(
+            _alert_housekeeping(container, detection, backups, retention, subscriptions))
         bulk_retention = asyncio.create_task(_bulk_housekeeping(container, bulk))
         console.sampler.start()  # the console's charts: one sample a minute
         yield
@@ -254,6 +267,8 @@ def create_app(container: Container) -> ASGIApp:
         bulk_retention.cancel()
         bulk.close()
         retention.stop()
+        if subscriptions is not None:
+            await asyncio.to_thread(subscriptions.stop)
         if backups is not None:
             backups.stop()
         monitor.stop()
