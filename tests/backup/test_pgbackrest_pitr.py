@@ -23,6 +23,7 @@ import pytest
 
 from fhirvault.config import load_settings
 from fhirvault.container import build
+from tests import debian_packages
 from tests.backup.conftest import seed
 from tests.backup.test_recovery_e2e import fv
 from tests.conftest import start_server
@@ -32,14 +33,7 @@ STANZA = "fhirvault"
 
 
 def _pgbackrest() -> str:
-    found = shutil.which("pgbackrest")
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "-q", "pgbackrest"], check=True, capture_output=True,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, timeout=600)
-        found = shutil.which("pgbackrest")
-    if found is None:
-        pytest.fail("pgbackrest is not installed (apt-get install pgbackrest)")
-    return found
+    return debian_packages.ensure("pgbackrest", "pgbackrest")
 
 
 class Cluster:

@@ -2,7 +2,7 @@
 real server process. Each role signs in with its second factor and does its job; every page is checked
 by axe-core (no serious or critical violation) and saved as a screenshot in build/console-screenshots/.
 
-Needs /usr/bin/chromium (`apt-get install chromium`; .ci/run installs it): `playwright install` cannot
+Needs /usr/bin/chromium (installed with apt-get on first use when root; .ci/run installs it): `playwright install` cannot
 download browsers here, so the test drives the system's Chromium.
 """
 
@@ -23,6 +23,7 @@ import pytest
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from tests import debian_packages
 from tests.conftest import PATIENT, Server, engine_settings, start_server
 from tests.integration.identity_helpers import (
     APP_SCOPE,
@@ -72,7 +73,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+        debian_packages.ensure("chromium", "chromium")
     base = tmp_path_factory.mktemp("console")
     data, target = base / "data", base / "target"
     data.mkdir(mode=0o700)
