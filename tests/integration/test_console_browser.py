@@ -40,7 +40,9 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--
 SHOTS = Path(__file__).resolve().parents[2] / "build" / "console-screenshots"
 BLOCKING = ("serious", "critical")
 
-pytestmark = [pytest.mark.server, pytest.mark.slow]
+# One worker runs the whole module in order: the DPO step reads the campaign and incident the security
+# officer step recorded (pyproject: --dist loadgroup).
+pytestmark = [pytest.mark.server, pytest.mark.slow, pytest.mark.xdist_group("console-browser")]
 
 
 def _cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
