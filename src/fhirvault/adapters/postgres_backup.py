@@ -512,11 +512,13 @@ class PostgresRestoreSink:
 
 
 def _settle(conn: psycopg.Connection[Any]) -> None:
-    """After rows were inserted with their keys: identity sequences and the audit head past them."""
+    """After rows were inserted with their keys: the sequences of identity and serial columns (the
+    subscription queues are BIGSERIAL) and the audit head past them."""
     with conn.transaction():
         for schema, table, column in conn.execute(
                 "SELECT table_schema, table_name, column_name FROM information_schema.columns"
-                " WHERE is_identity='YES' AND table_schema = ANY(%s)", (list(SCHEMAS.values()),)).fetchall():
+                " WHERE (is_identity='YES' OR column_default LIKE 'nextval(%%') AND table_schema = ANY(%s)",
+                (list(SCHEMAS.values()),)).fetchall():
             t = f"{_q(schema)}.{_q(table)}"
             conn.execute(f"SELECT setval(pg_get_serial_sequence(%s, %s), coalesce(max({_q(column)}), 0) + 1, false)"  # noqa: S608
                          f" FROM {t}", (t, column))
