@@ -246,3 +246,17 @@ def test_a_failing_job_says_why(app: App, monkeypatch: pytest.MonkeyPatch) -> No
             break
         time.sleep(0.05)
     assert s.status_code == 500 and "changed while" in s.json()["issue"][0]["diagnostics"], s.text
+
+
+def test_finished_import_jobs_are_swept_after_the_retention_time(app: App) -> None:
+    r = app.client.post("/fhir/$import", content=_ndjson(_patient("imp-sweep")),
+                        headers={**app.auth, **NDJSON, "Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    status = r.headers["Content-Location"]
+    _poll(app, status, app.auth)
+    service = app.container.bulk_export
+    assert service is not None
+    assert service.sweep() == 0  # within retention: kept
+    service.retention_ms = -1  # everything finished is past retention now
+    assert service.sweep() == 1
+    assert app.client.get(status.removeprefix("http://testserver"), headers=app.auth).status_code == 404

@@ -396,17 +396,15 @@ class BulkExportService:
         now = self._clock.now_ms()
         removed = 0
         jobs = self.jobs.all()
-        for job in jobs:
-            if job.kind != "export":
-                continue
+        for job in jobs:  # $import jobs (services/bulk_import.py) share the store: kept as long as exports
             if job.status in FINISHED and now - job.finished_ms > self.retention_ms:
                 self.jobs.delete(job.job_id)
                 self.files.remove(job.job_id)
                 removed += 1
-                self._audit_sync(AuditRecord(now, "export-expire", "0", 200, "-", client_id=job.client_id,
-                                             user=job.user, entity=f"$export/{job.job_id}", category="system",
-                                             detail="bulk export outputs deleted after the retention time"))
-            elif job.stale(now) and not self.runner.runs(job.job_id):
+                self._audit_sync(AuditRecord(now, f"{job.kind}-expire", "0", 200, "-", client_id=job.client_id,
+                                             user=job.user, entity=f"${job.kind}/{job.job_id}", category="system",
+                                             detail=f"bulk {job.kind} job and its files deleted after the retention time"))
+            elif job.kind == "export" and job.stale(now) and not self.runner.runs(job.job_id):
                 self.jobs.update(job.job_id, _failed_by_restart(now))
         live = {j.job_id for j in jobs}
         for folder in self.files.folders():
