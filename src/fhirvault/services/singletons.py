@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -30,19 +31,33 @@ class LeaderOnly(Generic[S]):
         self._role = role
         self._make = make
         self.running: S | None = None
+        # ``follow`` runs in a worker thread (the server's housekeeping) while ``stop`` comes from the
+        # shutdown: one at a time, and nothing starts once stopped (a job started during the shutdown
+        # was never stopped, or was joined before its thread started).
+        self._lock = threading.RLock()
+        self._closed = False
 
     def follow(self) -> S | None:
-        leads = self._leadership is None or self._leadership.lead(self._role)
-        if leads and self.running is None:
-            log.info("cluster singleton starts here", extra={"role": self._role})
-            self.running = self._make()
-            self.running.start()
-        elif not leads and self.running is not None:
-            log.warning("cluster singleton stops here: the role was lost", extra={"role": self._role})
-            self.stop()
-        return self.running
+        with self._lock:
+            if self._closed:
+                return None
+            leads = self._leadership is None or self._leadership.lead(self._role)
+            if leads and self.running is None:
+                log.info("cluster singleton starts here", extra={"role": self._role})
+                self.running = self._make()
+                self.running.start()
+            elif not leads and self.running is not None:
+                log.warning("cluster singleton stops here: the role was lost", extra={"role": self._role})
+                self._halt()
+            return self.running
 
     def stop(self) -> None:
+        """For good (shutdown): a later ``follow`` starts nothing."""
+        with self._lock:
+            self._closed = True
+            self._halt()
+
+    def _halt(self) -> None:
         running, self.running = self.running, None
         if running is not None:
             running.stop()

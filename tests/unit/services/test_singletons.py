@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 from fhirvault.ports import WriteTx
 from fhirvault.services.singletons import LeaderOnly
 
@@ -55,3 +58,33 @@ def test_the_singleton_starts_in_the_leader_only_and_moves_when_the_role_does() 
     b.follow()
     assert log == ["start a", "stop a", "start b"]
     assert a.running is None and b.running is not None
+
+
+class SlowStart(Job):
+    """A job whose start is still running when the shutdown stops the singleton."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log, "slow")
+        self.starting, self.release = threading.Event(), threading.Event()
+
+    def start(self) -> None:
+        self.starting.set()
+        self.release.wait(5)
+        super().start()
+
+
+def test_a_stop_during_a_start_waits_for_it_and_nothing_starts_afterwards() -> None:
+    log: list[str] = []
+    job = SlowStart(log)
+    single = LeaderOnly(None, "retention", lambda: job)
+    follower = threading.Thread(target=single.follow)  # the server's housekeeping thread
+    follower.start()
+    assert job.starting.wait(5)
+    stopper = threading.Thread(target=single.stop)  # the shutdown, meanwhile
+    stopper.start()
+    time.sleep(0.1)
+    job.release.set()
+    follower.join(5)
+    stopper.join(5)
+    assert log == ["start slow", "stop slow"]  # stopped after its start, not before nor never
+    assert single.follow() is None and log == ["start slow", "stop slow"]
