@@ -35,7 +35,7 @@ from fhirvault.services.audit_query import AuditReader
 from fhirvault.services.auth import AuthService
 from fhirvault.services.coherence import BREAK_GLASS, RELATIONSHIPS, REVOCATIONS, Coherence
 from fhirvault.services.detection import DetectionEngine
-from fhirvault.services.erasure import DATA_KEYS, Lifecycle, apply_ledger
+from fhirvault.services.erasure import DATA_KEYS, LIFECYCLE, Lifecycle, apply_ledger
 from fhirvault.services.health import HealthState
 from fhirvault.services.keys import AUDIT_COMPARTMENT, KeyError_, KeyRing
 from fhirvault.services.metrics import Metrics
@@ -262,7 +262,8 @@ def build(settings: Settings, clock: Clock | None = None) -> Container:
                               open_version=repository.open_version,
                               after_erasure=after_erasure(settings, store, secrets))
         repository.lifecycle = lifecycle
-        coherence.on(DATA_KEYS, keys.forget_keys)  # a key another process erased leaves this one's caches
+        coherence.on(DATA_KEYS, keys.forget_keys)
+        coherence.on(LIFECYCLE, lifecycle.forget_restrictions)  # a restriction set by another process  # a key another process erased leaves this one's caches
     except BaseException:
         store.close()
         raise

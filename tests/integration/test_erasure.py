@@ -201,6 +201,36 @@ def test_another_process_drops_the_erased_key_and_never_writes_with_it(app: App)
         other.close()
 
 
+def test_a_restriction_set_by_another_process_applies_from_the_next_request(app: App) -> None:
+    """The CLI (or another worker) restricts a patient this process has just read: its next request
+    refuses the record, and serves it again as soon as the restriction is lifted (each process keeps a
+    copy of the restricted patients; the coherence feed must drop it)."""
+    import asyncio
+
+    from fhirvault.container import build
+    from fhirvault.services.audit import AuditRecord
+    from fhirvault.services.erasure import RESTRICTED
+
+    pid, _ = _seed(app)
+    assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200  # copy taken here
+    other = build(app.settings)
+    try:
+        lifecycle = other.repository.lifecycle
+        assert lifecycle is not None
+
+        def flag(on: bool) -> None:
+            record = AuditRecord(other.clock.now_ms(), "gdpr-restrict", "0", 200, "cli", entity=f"Patient/{pid}",
+                                 patient=f"Patient/{pid}", user="dpo", detail="test", category="system")
+            asyncio.run(lifecycle.set_flag(pid, RESTRICTED, on, "accuracy contested", "dpo", record))
+
+        flag(True)
+        assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 403
+        flag(False)
+        assert app.client.get(f"/fhir/Patient/{pid}", headers=app.auth).status_code == 200
+    finally:
+        other.close()
+
+
 def test_operations_take_and_answer_xml(app: App) -> None:
     pid, _ = _seed(app)
     headers = {**_dpo(app), "Content-Type": "application/fhir+xml", "Accept": "application/fhir+xml"}

@@ -598,6 +598,10 @@ class MemoryStore:
         with self._lock:
             return self._t.meta.get(name)
 
+    def meta_with_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        with self._lock:
+            return sorted((k, v) for k, v in self._t.meta.items() if k.startswith(prefix))
+
     def client(self, client_id: str) -> ClientRow | None:
         with self._lock:
             return self._t.clients.get(client_id)

@@ -1004,6 +1004,11 @@ class PostgresStore:
         row = self._one("SELECT value FROM meta WHERE name=%s", (name,))
         return bytes(row[0]) if row else None
 
+    def meta_with_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        # starts_with, not a range: a range depends on the database's collation. The table is small.
+        rows = self._all("SELECT name, value FROM meta WHERE starts_with(name, %s)", (prefix,))
+        return sorted((str(r[0]), bytes(r[1])) for r in rows)
+
     def client(self, client_id: str) -> ClientRow | None:
         row = self._one(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE client_id=%s", (client_id,))  # noqa: S608
         return _client(row) if row else None

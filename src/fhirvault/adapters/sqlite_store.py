@@ -1092,6 +1092,11 @@ class SqliteStore:
         row = self._reader().execute("SELECT value FROM meta WHERE name=?", (name,)).fetchone()
         return bytes(row[0]) if row else None
 
+    def meta_with_prefix(self, prefix: str) -> list[tuple[str, bytes]]:
+        rows = self._reader().execute("SELECT name, value FROM meta WHERE name >= ? AND name < ? ORDER BY name",
+                                      (prefix, prefix + "\U0010ffff")).fetchall()
+        return [(str(r[0]), bytes(r[1])) for r in rows]
+
     def client(self, client_id: str) -> ClientRow | None:
         row = self._reader().execute(f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE client_id=?",  # noqa: S608
                                      (client_id,)).fetchone()

@@ -33,18 +33,17 @@ def new_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
+_LENGTH = struct.Struct(">I").pack
+
+
 def associated_data(*parts: str | bytes | int) -> bytes:
-    out = bytearray()
+    """Length-prefixed parts (4-byte big-endian length each): no two different lists give the same bytes."""
+    out: list[bytes] = []
     for part in parts:
-        if isinstance(part, int):
-            raw = str(part).encode()
-        elif isinstance(part, str):
-            raw = part.encode()
-        else:
-            raw = part
-        out += struct.pack(">I", len(raw))
-        out += raw
-    return bytes(out)
+        raw = part.encode() if isinstance(part, str) else str(part).encode() if isinstance(part, int) else part
+        out.append(_LENGTH(len(raw)))
+        out.append(raw)
+    return b"".join(out)
 
 
 class Aead:

@@ -18,6 +18,8 @@ id in clear): one flags byte, then the AEAD-sealed details (reasons, who, when).
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +47,10 @@ log = logging.getLogger("fhirvault.erasure")
 
 HOLD, RESTRICTED = 1, 2
 DATA_KEYS = "data-keys"  # coherence kind: keys are destroyed data key ids
+LIFECYCLE = "lifecycle"  # coherence kind: a patient's restriction or hold changed (keys: its meta names)
+# How old this process's copy of the restricted patients may be for work outside a request (a bulk job):
+# a request first applies every change committed by another process (services/coherence.py).
+RESTRICTED_REFRESH_S = 1.0
 LIFECYCLE_PREFIX = "lifecycle/"
 MIN_REASON = 10
 MAX_REASON = 2000
@@ -100,6 +106,12 @@ class Lifecycle:
         # After each committed erasure: the ledger's other copies (data directory file, backup targets)
         # and the scrub of the database files. Set by the container.
         self.after_erasure = after_erasure
+        # The restricted patients' meta names (few), read at once: a read or search checks a set, not the
+        # database, for each compartment it returns. (read at, names); the generation guards a re-read
+        # that raced with a change.
+        self._restricted: tuple[float, frozenset[str]] | None = None
+        self._restricted_gen = 0
+        self._restricted_lock = threading.Lock()
 
     # -- state -----------------------------------------------------------------
     def _name(self, pid: str) -> str:
@@ -110,12 +122,34 @@ class Lifecycle:
         return raw[0] if raw else 0
 
     def restricted_compartment(self, compartment: str) -> bool:
-        """Is this compartment's processing restricted? One primary-key read (no cache: every process
-        sees a restriction the moment it commits)."""
+        """Is this compartment's processing restricted? Every process sees a restriction from its next
+        request on (the coherence feed drops this copy), and work outside requests within
+        ``RESTRICTED_REFRESH_S``."""
         if not compartment.startswith("patient/"):
             return False
-        raw = self._store.get_meta(f"{LIFECYCLE_PREFIX}{self.tenant}/{self._keys.compartment_lookup(compartment).hex()}")
-        return bool(raw and raw[0] & RESTRICTED)
+        names = self._restricted_names()
+        return bool(names) and (
+            f"{LIFECYCLE_PREFIX}{self.tenant}/{self._keys.compartment_lookup(compartment).hex()}" in names)
+
+    def _restricted_names(self) -> frozenset[str]:
+        now = time.monotonic()
+        cached = self._restricted
+        if cached is not None and now - cached[0] < RESTRICTED_REFRESH_S:
+            return cached[1]
+        with self._restricted_lock:
+            gen = self._restricted_gen
+        rows = self._store.meta_with_prefix(f"{LIFECYCLE_PREFIX}{self.tenant}/")
+        names = frozenset(name for name, raw in rows if raw and raw[0] & RESTRICTED)
+        with self._restricted_lock:
+            if gen == self._restricted_gen:  # no change was announced while we read
+                self._restricted = (now, names)
+        return names
+
+    def forget_restrictions(self, _names: frozenset[str] | None = None) -> None:
+        """A flag changed (here at COMMIT, elsewhere through the coherence feed): re-read at the next check."""
+        with self._restricted_lock:
+            self._restricted_gen += 1
+            self._restricted = None
 
     def state(self, pid: str) -> PatientState:
         name = self._name(pid)
@@ -150,6 +184,7 @@ class Lifecycle:
             details[label] = {"on": on, "reason": reason, "by": by, "at": instant(now)}
             sealed = key.aead.seal(orjson.dumps(details), _details_aad(self.tenant, name))
             tx.set_meta(name, bytes([flags]) + sealed)
+            publish(tx, LIFECYCLE, {name}, self.forget_restrictions)
             self._audit.record(tx, record)
             return PatientState(bool(flags & HOLD), bool(flags & RESTRICTED), details)
 
@@ -226,6 +261,7 @@ class Lifecycle:
                 # Every process drops the key from its caches (services/coherence.py), this one at COMMIT.
                 publish(tx, DATA_KEYS, {key_id}, lambda: self._keys.forget(key_id, lookup))
             tx.delete_meta(name)
+            publish(tx, LIFECYCLE, {name}, self.forget_restrictions)
             self._audit.record(tx, record(result))
             return result
 

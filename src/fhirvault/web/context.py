@@ -7,6 +7,9 @@ import contextvars
 from fhirvault.web.asgi import Scope
 
 REQUEST_ID_KEY = "fhirvault.request_id"
+# The firewall's verification of the request's bearer token: (token, Principal or the TokenError), so
+# the endpoint does not verify it (and sync the caches of other processes) a second time.
+VERIFIED_KEY = "fhirvault.verified"
 _client_id: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("client_holder", default=None)
 
 

@@ -12,7 +12,7 @@ from fhirvault.fhir.messages import FhirRequest
 from fhirvault.fhir.negotiation import error_format
 from fhirvault.fhir.router import FhirRouter, is_public
 from fhirvault.ports import StoreUnavailable
-from fhirvault.services.auth import AuthService, TokenError
+from fhirvault.services.auth import AuthService, Principal, TokenError
 from fhirvault.services.metrics import Metrics
 from fhirvault.services.repository import IntegrityError, Repository, RequestContext
 from fhirvault.web.asgi import (
@@ -25,7 +25,7 @@ from fhirvault.web.asgi import (
     send_outcome,
     send_response,
 )
-from fhirvault.web.context import client_ip, request_id_of, set_client_id
+from fhirvault.web.context import VERIFIED_KEY, client_ip, request_id_of, set_client_id
 from fhirvault.web.middleware import unavailable
 
 log = logging.getLogger("fhirvault.fhir")
@@ -73,21 +73,20 @@ class FhirEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         head = method == "HEAD"
-        xml = _wants_xml(scope)
         try:
             await self._handle(scope, receive, send, method)
         except OperationOutcomeError as exc:
             if exc.status == 403 and self._metrics is not None:
                 self._metrics.auth_failure("forbidden")
-            await send_outcome(send, exc, head, xml=xml)
+            await send_outcome(send, exc, head, xml=_wants_xml(scope))
         except BodyTooLarge:
             await send_outcome(send, errors.too_large(f"The request body exceeds {self._max_body} bytes."), head,
-                               xml=xml)
+                               xml=_wants_xml(scope))
         except IntegrityError:
             log.error("stored data failed its integrity check")
-            await send_outcome(send, errors.internal_error(), head, xml=xml)
+            await send_outcome(send, errors.internal_error(), head, xml=_wants_xml(scope))
         except StoreUnavailable as exc:  # restart or failover: the store reconnects, the client retries
-            await send_outcome(send, unavailable(exc), head, xml=xml)
+            await send_outcome(send, unavailable(exc), head, xml=_wants_xml(scope))
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, method: str) -> None:
         path = scope["path"][len(self._prefix):]
@@ -97,7 +96,7 @@ class FhirEndpoint:
             raise errors.method_not_allowed("Method not allowed.")
         ctx = RequestContext(None, request_id_of(scope), client_ip(scope))
         if not is_public(method, segments):
-            ctx = await self._authenticate(ctx, headers)
+            ctx = await self._authenticate(ctx, headers, scope.get(VERIFIED_KEY))
         body = await read_body(scope, receive, self._max_body) if method in ("POST", "PUT", "PATCH") else b""
         query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
         request = FhirRequest(method, segments, query, headers, body, ctx, self.base_url(scope, headers))
@@ -111,7 +110,8 @@ class FhirEndpoint:
             response = await self._router.handle(request)
         await send_response(send, response.status, response.body, response.headers, method == "HEAD")
 
-    async def _authenticate(self, ctx: RequestContext, headers: dict[str, str]) -> RequestContext:
+    async def _authenticate(self, ctx: RequestContext, headers: dict[str, str],
+                            verified: tuple[str, Principal | TokenError] | None = None) -> RequestContext:
         authorization = headers.get("authorization")
         if authorization is None:
             self._auth_failed("missing_token")
@@ -124,8 +124,14 @@ class FhirEndpoint:
             self._auth_failed("invalid_token")
             await self._repo.audit_event(ctx, "authenticate", 401, "not a bearer token")
             raise errors.unauthorized("The Authorization header must carry a Bearer token.", "invalid_request")
+        token = token.strip()
         try:
-            principal = self._auth.verify(token.strip())
+            if verified is not None and verified[0] == token:  # the firewall's verification of this request
+                if isinstance(verified[1], TokenError):
+                    raise TokenError(str(verified[1]))
+                principal = verified[1]
+            else:
+                principal = self._auth.verify(token)
         except TokenError as exc:
             self._auth_failed("invalid_token")
             await self._repo.audit_event(ctx, "authenticate", 401, str(exc))

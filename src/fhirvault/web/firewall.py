@@ -35,7 +35,7 @@ from fhirvault.services.metrics import Metrics
 from fhirvault.services.ratelimit import BucketLimit, RateLimiter
 from fhirvault.services.repository import Repository, RequestContext
 from fhirvault.web.asgi import ASGIApp, Receive, Scope, Send, send_outcome, send_response
-from fhirvault.web.context import request_id_of
+from fhirvault.web.context import VERIFIED_KEY, request_id_of
 
 log = logging.getLogger("fhirvault.firewall")
 PEER_KEY = "fhirvault.peer"  # the TCP peer's address, when a trusted proxy's header replaced it
@@ -310,10 +310,14 @@ class Firewall:
         header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
         if header is None or header[:7].lower() != b"bearer ":
             return None
+        token = header[7:].decode("latin-1").strip()
         try:
-            return self._auth.verify(header[7:].decode("latin-1").strip())
-        except TokenError:
+            principal = self._auth.verify(token)
+        except TokenError as exc:
+            scope[VERIFIED_KEY] = (token, exc)
             return None  # the endpoint refuses it with the right 401 and audit record
+        scope[VERIFIED_KEY] = (token, principal)
+        return principal
 
     def _client_sources(self, client_id: str) -> str | None:
         now = self._now()
