@@ -525,3 +525,16 @@ def test_lookups_by_strings_holding_nul_find_nothing(store: ResourceStore) -> No
     assert store.client("c\x00") is None and store.get_meta("m\x00") is None
     assert store.history(HistoryQuery("t", "Patient", "a\x00")) == []
     assert store.history_count(HistoryQuery("t\x00")) == 0
+
+
+def test_meta_with_prefix_lists_only_names_under_the_prefix(store: ResourceStore) -> None:
+    def fill(tx: WriteTx) -> None:
+        for name in ("lifecycle/t/b", "lifecycle/t/a", "lifecycle/t", "lifecycle/tx/a", "lifecycle/u/a", "other"):
+            tx.set_meta(name, name.encode())
+
+    store.write_sync("fill", fill)
+    assert store.meta_with_prefix("lifecycle/t/") == [("lifecycle/t/a", b"lifecycle/t/a"),
+                                                      ("lifecycle/t/b", b"lifecycle/t/b")]
+    assert store.meta_with_prefix("lifecycle/v/") == []
+    assert [n for n, _ in store.meta_with_prefix("lifecycle/")] == [
+        "lifecycle/t", "lifecycle/t/a", "lifecycle/t/b", "lifecycle/tx/a", "lifecycle/u/a"]
