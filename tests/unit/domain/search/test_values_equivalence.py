@@ -70,3 +70,11 @@ def test_param_terms_agrees_with_index_terms(rtype: str) -> None:
             continue
         for code, param in params.items():
             assert param_terms(param, resource) == expected.get(code), code
+
+
+def test_skipped_parameters_are_left_out_only() -> None:
+    for rtype, resource, expected in CORPUS[::5]:
+        skip = frozenset(list(expected)[::2]) | {"_id"}
+        assert index_terms(rtype, resource, skip=skip) == {
+            c: t for c, t in expected.items() if c not in skip
+        }
