@@ -49,10 +49,14 @@ def corpus(patients: int, seed: int, cache: Path) -> list[tuple[str, dict[str, A
     out: list[tuple[str, dict[str, Any]]] = []
     for _, body in _synthetic.iter_bundles(path, patients):
         entries = [e for e in json.loads(body).get("entry", []) if isinstance(e.get("resource"), dict)]
+        urls: dict[str, str] = {}
+        for e in entries:  # ids from the urn:uuid fullUrls, references Type/id: as stored
+            r, url = e["resource"], e.get("fullUrl", "")
+            r.setdefault("id", url.rsplit(":", 1)[-1])
+            urls[json.dumps(url)] = json.dumps(f"{r['resourceType']}/{r['id']}")
         text = json.dumps([e["resource"] for e in entries])
-        for e in entries:  # urn:uuid fullUrls -> Type/id, as the server stores them
-            r = e["resource"]
-            text = text.replace(json.dumps(e.get("fullUrl", "")), json.dumps(f"{r['resourceType']}/{r.get('id')}"))
+        for old, new in urls.items():
+            text = text.replace(old, new)
         out.extend((r["resourceType"], r) for r in json.loads(text))
     return out
 

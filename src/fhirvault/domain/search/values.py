@@ -1112,14 +1112,25 @@ class _Entry:
         self.types = types  # composite: the component types
 
 
-class _Plan:
-    """Per resource type: slots, and which parameters can have values by top-level property."""
+# (code, the slots that can have terms, the entry) of each parameter to evaluate, in order
+_Todo = tuple[tuple[str, tuple[int, ...], _Entry], ...]
+_SHAPES_PER_TYPE: Final = 512
 
-    __slots__ = ("always", "dispatch", "slots")
+
+class _Plan:
+    """Per resource type: slots, and which parameters can have values by top-level property.
+
+    Resources of a type come in few shapes (their top-level properties, in order), so what
+    to evaluate is worked out once per shape.
+    """
+
+    __slots__ = ("always", "dispatch", "first_keys", "shapes", "slots")
 
     def __init__(self, params: Mapping[str, SearchParam]) -> None:
         ids: dict[tuple[str, Path], int] = {}
         self.slots: list[SlotFn] = []
+        self.first_keys: list[str | None] = []  # of each slot; None: no top-level property
+        self.shapes: dict[tuple[str, ...], _Todo] = {}
 
         def slot(param_type: str, path: Path) -> int:
             key = (param_type, path)
@@ -1127,6 +1138,8 @@ class _Plan:
             if found is None:
                 found = ids[key] = len(self.slots)
                 self.slots.append(_compile(param_type, path))
+                first = path.steps[0].key if path.steps and path.truthy is None else None
+                self.first_keys.append(first)
             return found
 
         dispatch: dict[str, list[_Entry]] = {}
@@ -1151,6 +1164,28 @@ class _Plan:
                 dispatch.setdefault(key, []).append(entry)
         self.dispatch = {k: tuple(v) for k, v in dispatch.items()}
         self.always = tuple(always)
+
+    def todo(self, keys: tuple[str, ...]) -> _Todo:
+        """The parameters that can have values on a resource with these properties."""
+        found = self.shapes.get(keys)
+        if found is not None:
+            return found
+        todo: dict[_Entry, None] = dict.fromkeys(self.always)
+        for key in keys:
+            for entry in self.dispatch.get(key, ()):
+                todo[entry] = None
+        present = set(keys)
+        first_keys = self.first_keys
+        out: list[tuple[str, tuple[int, ...], _Entry]] = []
+        for entry in todo:
+            # a path whose first property is missing has no values
+            slots = tuple(i for i in entry.slots if first_keys[i] is None or first_keys[i] in present)
+            if slots or entry.foci is not None:
+                out.append((entry.code, slots, entry))
+        found = tuple(out)
+        if len(self.shapes) < _SHAPES_PER_TYPE:  # bounded: properties come from clients
+            self.shapes[keys] = found
+        return found
 
 
 def _first_keys(paths: Iterable[Path]) -> set[str] | None:
@@ -1184,28 +1219,29 @@ def index_terms(
     Parameters in `skip` are left out (not computed).
     """
     plan = _plan(resource_type)
-    dispatch = plan.dispatch
-    todo: dict[_Entry, None] = dict.fromkeys(plan.always)
-    for key in resource:
-        entries = dispatch.get(key)
-        if entries is not None:
-            for entry in entries:
-                todo[entry] = None
     slots = plan.slots
-    memo: dict[int, tuple[bool, Sequence[bytes]]] = {}
-
+    memo: list[tuple[bool, Sequence[bytes]] | None] = [None] * len(slots)
     out: dict[str, list[bytes]] = {}
-    for entry in todo:
-        if entry.code in skip:
+    for code, slot_ids, entry in plan.todo(tuple(resource)):
+        if code in skip:
             continue
-        terms: list[bytes] = []
         if entry.foci is None:
-            for i in entry.slots:
-                got = memo.get(i)
+            if len(slot_ids) == 1:  # the common case: one path
+                i = slot_ids[0]
+                got = memo[i]
+                if got is None:
+                    got = memo[i] = slots[i](resource)
+                if got[1]:
+                    out[code] = list(dict.fromkeys(got[1]))
+                continue
+            terms: list[bytes] = []
+            for i in slot_ids:
+                got = memo[i]
                 if got is None:
                     got = memo[i] = slots[i](resource)
                 terms.extend(got[1])
         else:
+            terms = []
             for focus in entry.foci:
                 if isinstance(focus, Path):
                     for per in _focus_items(focus, entry.types, resource):
@@ -1215,7 +1251,7 @@ def index_terms(
                 for n, comp in enumerate(focus):
                     has = False
                     for i in comp:
-                        got = memo.get(i)
+                        got = memo[i]
                         if got is None:
                             got = memo[i] = slots[i](resource)
                         has = has or got[0]
@@ -1226,5 +1262,5 @@ def index_terms(
                 else:
                     terms.extend(b"c|" + t for t in first)
         if terms:
-            out[entry.code] = list(dict.fromkeys(terms))
+            out[code] = list(dict.fromkeys(terms))
     return out

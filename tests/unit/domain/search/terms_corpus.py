@@ -5,7 +5,8 @@ had when the file was generated: ``{"t": type, "dec": bool, "r": resource, "term
 [term, ...]}}`` (terms are UTF-8 text; ``dec``: parse the resource's decimals as Decimal, as
 some callers do). The file is data: the test never regenerates it. Regenerate it only when
 the term scheme changes on purpose (the blind index of existing databases then needs a
-reindex), with ``python tests/unit/domain/search/terms_corpus.py`` from the repository root.
+reindex), with ``python tests/unit/domain/search/terms_corpus.py`` from the repository root
+(PYTHONPATH=<a build's src> records that build's terms).
 
 The corpus: carebundle patients (references relative, or left as ``urn:uuid``), the vendored
 FHIR XML examples, and for every R4 resource type synthetic resources that put edge-case
@@ -253,11 +254,13 @@ def _carebundle(count: int, seed: int) -> Iterator[dict[str, Any]]:
     for i, bundle in enumerate(carebundle.generate_cohort(count=count, seed=seed)):
         body = json.loads(carebundle.to_json(bundle))
         entries = [e for e in body.get("entry", []) if isinstance(e.get("resource"), dict)]
+        for e in entries:  # ids from the urn:uuid fullUrls
+            e["resource"].setdefault("id", e.get("fullUrl", "").rsplit(":", 1)[-1])
         text = json.dumps([e["resource"] for e in entries])
         if i % 2 == 0:  # half the patients as stored after a transaction: relative references
             for e in entries:
                 r = e["resource"]
-                text = text.replace(json.dumps(e.get("fullUrl", "")), json.dumps(f"{r['resourceType']}/{r.get('id')}"))
+                text = text.replace(json.dumps(e.get("fullUrl", "")), json.dumps(f"{r['resourceType']}/{r['id']}"))
         yield from json.loads(text)
 
 
@@ -288,9 +291,12 @@ def generate() -> None:
             row = {"t": back["resourceType"], "dec": dec, "r": json.loads(text),
                    "terms": {c: [t.decode() for t in ts] for c, ts in terms.items()}}
             fh.write(json.dumps(row, ensure_ascii=False, sort_keys=False).encode() + b"\n")
+    import fhirvault
+
+    print(f"index_terms of {fhirvault.__file__}", file=sys.stderr)
     print(f"{len(rows)} resources -> {GOLDEN} ({GOLDEN.stat().st_size:,} bytes)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "src"))
+    sys.path.append(str(ROOT / "src"))  # PYTHONPATH first: the build whose terms are recorded
     generate()
