@@ -928,8 +928,8 @@ def param_terms(param: SearchParam, resource: Mapping[str, Any]) -> list[bytes] 
 
 
 _NO_TERMS: Final[tuple[bool, Sequence[bytes]]] = (False, ())
-LeafTerms = Callable[[Any, list[bytes]], None]
-SlotFn = Callable[[Mapping[str, Any]], tuple[bool, Sequence[bytes]]]
+_LeafTerms = Callable[[Any, list[bytes]], None]
+_SlotFn = Callable[[Mapping[str, Any]], tuple[bool, Sequence[bytes]]]
 
 
 def _coding_terms(coding: Any, out: list[bytes]) -> None:
@@ -956,7 +956,7 @@ def _codeable_concept_terms(leaf: Any, out: list[bytes]) -> None:
                 _coding_terms(coding, out)
 
 
-def _code_terms(system: str | None) -> LeafTerms:
+def _code_terms(system: str | None) -> _LeafTerms:
     """Terms of a code/id/string/uri token leaf, with the implicit system of its path."""
     if system is None:
 
@@ -988,7 +988,7 @@ def _date_string(leaf: Any, out: list[bytes]) -> None:
         out.extend(_date_string_terms(leaf))
 
 
-def _leaf_terms(param_type: str, path: Path) -> LeafTerms | None:
+def _leaf_terms(param_type: str, path: Path) -> _LeafTerms | None:
     """A function appending the terms of one leaf of `path` (what items_of then _terms make).
 
     None for references: an item there (a local ``#id``, an identifier without value) can
@@ -1039,7 +1039,7 @@ def _uri_leaf(leaf: Any, out: list[bytes]) -> None:
         out.extend(_uri_terms(leaf))
 
 
-def _compile(param_type: str, path: Path) -> SlotFn:
+def _compile(param_type: str, path: Path) -> _SlotFn:
     """(whether the path has items, its terms) on a resource: items_of then _terms."""
     steps = path.steps
     special = path.simple and bool(steps) and path.truthy is None
@@ -1089,6 +1089,9 @@ def _compile(param_type: str, path: Path) -> SlotFn:
     return nested
 
 
+_Foci = tuple[tuple[tuple[int, ...], ...] | Path, ...]
+
+
 class _Entry:
     """One parameter of a plan: its slots, or for a composite its focus programs.
 
@@ -1101,7 +1104,7 @@ class _Entry:
         self,
         code: str,
         slots: tuple[int, ...],
-        foci: tuple[tuple[tuple[int, ...], ...] | Path, ...] | None = None,
+        foci: _Foci | None = None,
         types: tuple[str, ...] = (),
     ) -> None:
         self.code = code
@@ -1112,8 +1115,9 @@ class _Entry:
         self.types = types  # composite: the component types
 
 
-# (code, the slots that can have terms, the entry) of each parameter to evaluate, in order
-_Todo = tuple[tuple[str, tuple[int, ...], _Entry], ...]
+# of each parameter to evaluate, in order: (code, the slots that can have terms) or for a
+# composite (code, (), the foci that can have values, component types)
+_Todo = tuple[tuple[str, tuple[int, ...], _Foci | None, tuple[str, ...]], ...]
 _SHAPES_PER_TYPE: Final = 512
 
 
@@ -1128,7 +1132,7 @@ class _Plan:
 
     def __init__(self, params: Mapping[str, SearchParam]) -> None:
         ids: dict[tuple[str, Path], int] = {}
-        self.slots: list[SlotFn] = []
+        self.slots: list[_SlotFn] = []
         self.first_keys: list[str | None] = []  # of each slot; None: no top-level property
         self.shapes: dict[tuple[str, ...], _Todo] = {}
 
@@ -1176,12 +1180,27 @@ class _Plan:
                 todo[entry] = None
         present = set(keys)
         first_keys = self.first_keys
-        out: list[tuple[str, tuple[int, ...], _Entry]] = []
-        for entry in todo:
+
+        def live(slots: tuple[int, ...]) -> tuple[int, ...]:
             # a path whose first property is missing has no values
-            slots = tuple(i for i in entry.slots if first_keys[i] is None or first_keys[i] in present)
-            if slots or entry.foci is not None:
-                out.append((entry.code, slots, entry))
+            return tuple(i for i in slots if first_keys[i] is None or first_keys[i] in present)
+
+        out: list[tuple[str, tuple[int, ...], _Foci | None, tuple[str, ...]]] = []
+        for entry in todo:
+            if entry.foci is None:
+                slots = live(entry.slots)
+                if slots:
+                    out.append((entry.code, slots, None, ()))
+                continue
+            foci: list[tuple[tuple[int, ...], ...] | Path] = []
+            for focus in entry.foci:
+                if isinstance(focus, Path):
+                    if not focus.steps or focus.steps[0].key in present:
+                        foci.append(focus)
+                elif all(comps := tuple(live(comp) for comp in focus)):
+                    foci.append(comps)  # every component can have items
+            if foci:
+                out.append((entry.code, (), tuple(foci), entry.types))
         found = tuple(out)
         if len(self.shapes) < _SHAPES_PER_TYPE:  # bounded: properties come from clients
             self.shapes[keys] = found
@@ -1222,10 +1241,10 @@ def index_terms(
     slots = plan.slots
     memo: list[tuple[bool, Sequence[bytes]] | None] = [None] * len(slots)
     out: dict[str, list[bytes]] = {}
-    for code, slot_ids, entry in plan.todo(tuple(resource)):
+    for code, slot_ids, foci, types in plan.todo(tuple(resource)):
         if code in skip:
             continue
-        if entry.foci is None:
+        if foci is None:
             if len(slot_ids) == 1:  # the common case: one path
                 i = slot_ids[0]
                 got = memo[i]
@@ -1242,9 +1261,9 @@ def index_terms(
                 terms.extend(got[1])
         else:
             terms = []
-            for focus in entry.foci:
+            for focus in foci:
                 if isinstance(focus, Path):
-                    for per in _focus_items(focus, entry.types, resource):
+                    for per in _focus_items(focus, types, resource):
                         terms.extend(b"c|" + t for t in _terms("token", per[0]))
                     continue
                 first: list[bytes] = []
