@@ -478,8 +478,10 @@ def _contained_type(resource: Mapping[str, Any], local_id: str | None) -> str | 
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_reference_terms(item: RefItem) -> tuple[bytes, ...]:
-    return tuple(_reference_terms(item))
+def _reference_string(value: str) -> tuple[RefItem | None, tuple[bytes, ...]]:
+    """The item and terms of a Reference with only a (non-local) reference string."""
+    item = parse_reference(value)
+    return item, tuple(_reference_terms(item)) if item is not None else ()
 
 
 def _reference_terms(item: RefItem) -> list[bytes]:
@@ -1045,12 +1047,22 @@ def _compile(param_type: str, path: Path) -> _SlotFn:
     special = path.simple and bool(steps) and path.truthy is None
     if special and param_type == "reference" and path.value_type == "Reference":
 
+        targets = path.targets
+
         def reference(resource: Mapping[str, Any]) -> tuple[bool, Sequence[bytes]]:
             has, out = False, list[bytes]()
             for leaf in _simple_leaves(resource, steps):
+                ref = leaf.get("reference") if type(leaf) is dict else None
+                if type(ref) is str and ref[:1] not in ("", "#") and "identifier" not in leaf:
+                    # the common case, by the reference string alone (_reference_items)
+                    item, terms = _reference_string(ref)
+                    if item is not None and (targets is None or item.type in targets):
+                        has = True
+                        out.extend(terms)
+                    continue
                 for item in _reference_items(leaf, path, resource):
                     has = True
-                    out.extend(_cached_reference_terms(item))
+                    out.extend(_reference_terms(item))
             return (True, out) if has else _NO_TERMS
 
         return reference
