@@ -37,9 +37,11 @@ _OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 def _hmac_pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    """SHA-256 states after HMAC's inner and outer key blocks: HMAC(key, m) is
-    outer.update(inner.update(m).digest()).digest(). Copying two hash states costs a
-    third of a copy of hmac.HMAC (a Python object) per term, for the same tags."""
+    """SHA-256 states after HMAC's inner and outer key blocks (RFC 2104).
+
+    HMAC(key, m) = SHA-256(outer state + SHA-256(inner state + m)): copying these two
+    states per term takes about half the time of copying an hmac.HMAC (a Python object).
+    """
     if len(key) > _BLOCK:
         key = hashlib.sha256(key).digest()
     key = key.ljust(_BLOCK, b"\0")

@@ -1,8 +1,9 @@
 """`index_terms` gives, term for term, what it gave when the golden corpus was recorded.
 
 The blind index of existing databases holds HMACs of these terms: any change to one term
-(or to a parameter's term order, which the tag padding follows) would silently stop old rows
-from matching. The corpus and its recorded output are data (see terms_corpus.py).
+would silently stop old rows from matching (the order of terms and parameters is checked
+too). The corpus and its recorded output are data (see terms_corpus.py); index_terms is
+also checked against param_terms, which evaluates one parameter at a time.
 """
 
 from __future__ import annotations
