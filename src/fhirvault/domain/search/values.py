@@ -979,15 +979,12 @@ def _code_terms(system: str | None) -> _LeafTerms:
     return implicit
 
 
-@functools.lru_cache(maxsize=4096)
-def _date_string_terms(value: str) -> tuple[bytes, ...]:
-    rng = parse_date(value)
-    return tuple(date_terms(*rng)) if rng is not None else ()
-
-
 def _date_string(leaf: Any, out: list[bytes]) -> None:
+    # (not cached by value: dates of birth would outlive the write in memory)
     if type(leaf) is str:
-        out.extend(_date_string_terms(leaf))
+        rng = parse_date(leaf)
+        if rng is not None:
+            out.extend(date_terms(*rng))
 
 
 def _leaf_terms(param_type: str, path: Path) -> _LeafTerms | None:
