@@ -76,7 +76,7 @@ import math
 import re
 import struct
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
@@ -431,11 +431,15 @@ def parse_reference(value: str) -> RefItem | None:
     return None
 
 
+# References repeat (every resource of a patient points to it): parsed once each.
+_parse_reference: Final = functools.lru_cache(maxsize=4096)(parse_reference)
+
+
 def _reference_items(leaf: Any, path: Path, resource: Mapping[str, Any]) -> list[RefItem]:
     if type(leaf) is not dict:
         return []
     ref = leaf.get("reference")
-    item = parse_reference(ref) if type(ref) is str else None
+    item = _parse_reference(ref) if type(ref) is str else None
     ident = leaf.get("identifier")
     ident_system = ident_value = None
     if type(ident) is dict:
@@ -471,6 +475,13 @@ def _contained_type(resource: Mapping[str, Any], local_id: str | None) -> str | 
             rt = res.get("resourceType")
             return rt if type(rt) is str else None
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _reference_string(value: str) -> tuple[RefItem | None, tuple[bytes, ...]]:
+    """The item and terms of a Reference with only a (non-local) reference string."""
+    item = parse_reference(value)
+    return item, tuple(_reference_terms(item)) if item is not None else ()
 
 
 def _reference_terms(item: RefItem) -> list[bytes]:
@@ -840,21 +851,23 @@ def composite_foci(
 
     Only foci where every component has at least one item are returned.
     """
-    out: list[tuple[Path, list[list[Any]]]] = []
-    types = [c.type for c in param.components]
-    for path in param.paths:
-        for node in _path_leaves(path, resource, resource):
-            per_component: list[list[Any]] = []
-            for comp_type, comp_paths in zip(types, path.components, strict=True):
-                items = [
-                    item for p in comp_paths for item in items_of(comp_type, p, node, resource)
-                ]
-                if not items:
-                    break
-                per_component.append(items)
-            else:
-                out.append((path, per_component))
-    return out
+    types = tuple(c.type for c in param.components)
+    return [(path, per) for path in param.paths for per in _focus_items(path, types, resource)]
+
+
+def _focus_items(
+    path: Path, types: tuple[str, ...], resource: Mapping[str, Any]
+) -> Iterable[list[list[Any]]]:
+    """The items of each component, for each focus of `path` where every one has some."""
+    for node in _path_leaves(path, resource, resource):
+        per_component: list[list[Any]] = []
+        for comp_type, comp_paths in zip(types, path.components, strict=True):
+            items = [item for p in comp_paths for item in items_of(comp_type, p, node, resource)]
+            if not items:
+                break
+            per_component.append(items)
+        else:
+            yield per_component
 
 
 # ---------------------------------------------------------------- items -> terms
@@ -907,25 +920,300 @@ def param_terms(param: SearchParam, resource: Mapping[str, Any]) -> list[bytes] 
 
 
 # ---------------------------------------------------------------- index_terms
+#
+# index_terms runs for every resource written. The parameters of a type share most of their
+# paths (Observation: code, combo-code and the code-value composites all read `code`;
+# subject and patient read `subject`), so each distinct (search type, path) of a type is a
+# numbered slot of the type's plan, evaluated at most once per resource. A parameter's
+# terms are the distinct terms of its slots, in order: what param_terms computes, since
+# terms are made item by item.
+
+
+_NO_TERMS: Final[tuple[bool, Sequence[bytes]]] = (False, ())
+_LeafTerms = Callable[[Any, list[bytes]], None]
+_SlotFn = Callable[[Mapping[str, Any]], tuple[bool, Sequence[bytes]]]
+
+
+def _coding_terms(coding: Any, out: list[bytes]) -> None:
+    """_token_terms(_coding_item(coding)) appended to `out`."""
+    if type(coding) is not dict:
+        return
+    system, code = coding.get("system"), coding.get("code")
+    if type(code) is str and code:
+        term = code.encode()
+        out.append(b"tc|" + term)
+        if type(system) is str and system:
+            sb = system.encode()
+            out.append(b"ts|" + sb + b"|" + term)
+            out.append(b"tS|" + sb)
+    elif type(system) is str and system:
+        out.append(b"tS|" + system.encode())
+
+
+def _codeable_concept_terms(leaf: Any, out: list[bytes]) -> None:
+    if type(leaf) is dict:
+        codings = leaf.get("coding")
+        if type(codings) is list:
+            for coding in codings:
+                _coding_terms(coding, out)
+
+
+def _code_terms(system: str | None) -> _LeafTerms:
+    """Terms of a code/id/string/uri token leaf, with the implicit system of its path."""
+    if system is None:
+
+        def plain(leaf: Any, out: list[bytes]) -> None:
+            if type(leaf) is str and leaf:
+                out.append(b"tc|" + leaf.encode())
+
+        return plain
+    ts, ts_term = b"ts|" + system.encode() + b"|", b"tS|" + system.encode()
+
+    def implicit(leaf: Any, out: list[bytes]) -> None:
+        if type(leaf) is str and leaf:
+            code = leaf.encode()
+            out.append(b"tc|" + code)
+            out.append(ts + code)
+            out.append(ts_term)
+
+    return implicit
+
+
+def _date_string(leaf: Any, out: list[bytes]) -> None:
+    # (not cached by value: dates of birth would outlive the write in memory)
+    if type(leaf) is str:
+        rng = parse_date(leaf)
+        if rng is not None:
+            out.extend(date_terms(*rng))
+
+
+def _leaf_terms(param_type: str, path: Path) -> _LeafTerms | None:
+    """A function appending the terms of one leaf of `path` (what items_of then _terms make).
+
+    None for references: an item there (a local ``#id``, an identifier without value) can
+    have no term, and composites need to know about items.
+    """
+    value_type = path.value_type
+    if param_type == "token":
+        if value_type == "CodeableConcept":
+            return _codeable_concept_terms
+        if value_type == "Coding":
+            return _coding_terms
+        if value_type not in ("Identifier", "ContactPoint", "boolean"):
+            return _code_terms(path.system)
+
+        def token(leaf: Any, out: list[bytes]) -> None:
+            for item in _token_items(leaf, path):
+                out.extend(_token_terms(item))
+
+        return token
+    if param_type == "date":
+        if value_type in ("date", "dateTime", "instant"):
+            return _date_string
+
+        def date(leaf: Any, out: list[bytes]) -> None:
+            item = _date_item(leaf, value_type)
+            if item is not None:
+                out.extend(date_terms(*item))
+
+        return date
+    if param_type == "string":
+
+        def string(leaf: Any, out: list[bytes]) -> None:
+            for value in _string_items(leaf, value_type):
+                out.extend(string_terms(value))
+
+        return string
+    if param_type == "uri":
+        return _uri_leaf
+    if param_type == "number":
+        return lambda leaf, out: out.extend(_range_terms(b"n", _number_items(leaf, value_type)))
+    if param_type == "quantity":
+        return lambda leaf, out: out.extend(_range_terms(b"q", _quantity_items(leaf, value_type)))
+    return None
+
+
+def _uri_leaf(leaf: Any, out: list[bytes]) -> None:
+    if type(leaf) is str and leaf:
+        out.extend(_uri_terms(leaf))
+
+
+def _compile(param_type: str, path: Path) -> _SlotFn:
+    """(whether the path has items, its terms) on a resource: items_of then _terms."""
+    steps = path.steps
+    special = path.simple and bool(steps) and path.truthy is None
+    if special and param_type == "reference" and path.value_type == "Reference":
+
+        targets = path.targets
+
+        def reference(resource: Mapping[str, Any]) -> tuple[bool, Sequence[bytes]]:
+            has, out = False, list[bytes]()
+            for leaf in _simple_leaves(resource, steps):
+                ref = leaf.get("reference") if type(leaf) is dict else None
+                if type(ref) is str and ref[:1] not in ("", "#") and "identifier" not in leaf:
+                    # the common case, by the reference string alone (_reference_items)
+                    item, terms = _reference_string(ref)
+                    if item is not None and (targets is None or item.type in targets):
+                        has = True
+                        out.extend(terms)
+                    continue
+                for item in _reference_items(leaf, path, resource):
+                    has = True
+                    out.extend(_reference_terms(item))
+            return (True, out) if has else _NO_TERMS
+
+        return reference
+    leaf_terms = _leaf_terms(param_type, path) if special else None
+    if leaf_terms is None:
+
+        def generic(resource: Mapping[str, Any]) -> tuple[bool, Sequence[bytes]]:
+            items = items_of(param_type, path, resource, resource)
+            return (True, _terms(param_type, items)) if items else _NO_TERMS
+
+        return generic
+    # these leaves make terms whenever they make an item: has == bool(terms)
+    if len(steps) == 1:
+        key = steps[0].key
+
+        def top(resource: Mapping[str, Any]) -> tuple[bool, Sequence[bytes]]:
+            value = resource.get(key)
+            if value is None:
+                return _NO_TERMS
+            out: list[bytes] = []
+            if type(value) is list:
+                for leaf in value:
+                    leaf_terms(leaf, out)
+            else:
+                leaf_terms(value, out)
+            return (True, out) if out else _NO_TERMS
+
+        return top
+
+    def nested(resource: Mapping[str, Any]) -> tuple[bool, Sequence[bytes]]:
+        out: list[bytes] = []
+        for leaf in _simple_leaves(resource, steps):
+            leaf_terms(leaf, out)
+        return (True, out) if out else _NO_TERMS
+
+    return nested
+
+
+_Foci = tuple[tuple[tuple[int, ...], ...] | Path, ...]
+
+
+class _Entry:
+    """One parameter of a plan: its slots, or for a composite its focus programs.
+
+    (Hashed by identity: entries are dict keys on every call.)
+    """
+
+    __slots__ = ("code", "foci", "slots", "types")
+
+    def __init__(
+        self,
+        code: str,
+        slots: tuple[int, ...],
+        foci: _Foci | None = None,
+        types: tuple[str, ...] = (),
+    ) -> None:
+        self.code = code
+        self.slots = slots
+        # composite: per focus path, either its component slots (the focus is the resource
+        # itself: its items are the slots') or the path to walk (the focus is a sub-element)
+        self.foci = foci
+        self.types = types  # composite: the component types
+
+
+# of each parameter to evaluate, in order: (code, the slots that can have terms) or for a
+# composite (code, (), the foci that can have values, component types)
+_Todo = tuple[tuple[str, tuple[int, ...], _Foci | None, tuple[str, ...]], ...]
+_SHAPES_PER_TYPE: Final = 512
 
 
 class _Plan:
-    """Per resource type: which parameters can have values, by top-level JSON property."""
+    """Per resource type: slots, and which parameters can have values by top-level property.
 
-    __slots__ = ("always", "dispatch")
+    Resources of a type come in few shapes (their top-level properties, in order), so what
+    to evaluate is worked out once per shape.
+    """
+
+    __slots__ = ("always", "dispatch", "first_keys", "shapes", "slots")
 
     def __init__(self, params: Mapping[str, SearchParam]) -> None:
-        dispatch: dict[str, list[SearchParam]] = {}
-        always: list[SearchParam] = []
+        ids: dict[tuple[str, Path], int] = {}
+        self.slots: list[_SlotFn] = []
+        self.first_keys: list[str | None] = []  # of each slot; None: no top-level property
+        self.shapes: dict[tuple[str, ...], _Todo] = {}
+
+        def slot(param_type: str, path: Path) -> int:
+            key = (param_type, path)
+            found = ids.get(key)
+            if found is None:
+                found = ids[key] = len(self.slots)
+                self.slots.append(_compile(param_type, path))
+                first = path.steps[0].key if path.steps and path.truthy is None else None
+                self.first_keys.append(first)
+            return found
+
+        dispatch: dict[str, list[_Entry]] = {}
+        always: list[_Entry] = []
         for param in params.values():
+            if param.type == "composite":
+                types = tuple(c.type for c in param.components)
+                foci = tuple(
+                    tuple(tuple(slot(t, p) for p in comp) for t, comp in zip(types, path.components, strict=True))
+                    if not path.steps and path.truthy is None
+                    else path
+                    for path in param.paths
+                )
+                entry = _Entry(param.code, (), foci, types)
+            else:
+                entry = _Entry(param.code, tuple(slot(param.type, p) for p in param.paths))
             keys = _first_keys(param.paths)
             if keys is None:
-                always.append(param)
+                always.append(entry)
                 continue
             for key in keys:
-                dispatch.setdefault(key, []).append(param)
+                dispatch.setdefault(key, []).append(entry)
         self.dispatch = {k: tuple(v) for k, v in dispatch.items()}
         self.always = tuple(always)
+
+    def todo(self, keys: tuple[str, ...]) -> _Todo:
+        """The parameters that can have values on a resource with these properties."""
+        found = self.shapes.get(keys)
+        if found is not None:
+            return found
+        todo: dict[_Entry, None] = dict.fromkeys(self.always)
+        for key in keys:
+            for entry in self.dispatch.get(key, ()):
+                todo[entry] = None
+        present = set(keys)
+        first_keys = self.first_keys
+
+        def live(slots: tuple[int, ...]) -> tuple[int, ...]:
+            # a path whose first property is missing has no values
+            return tuple(i for i in slots if first_keys[i] is None or first_keys[i] in present)
+
+        out: list[tuple[str, tuple[int, ...], _Foci | None, tuple[str, ...]]] = []
+        for entry in todo:
+            if entry.foci is None:
+                slots = live(entry.slots)
+                if slots:
+                    out.append((entry.code, slots, None, ()))
+                continue
+            foci: list[tuple[tuple[int, ...], ...] | Path] = []
+            for focus in entry.foci:
+                if isinstance(focus, Path):
+                    if not focus.steps or focus.steps[0].key in present:
+                        foci.append(focus)
+                elif all(comps := tuple(live(comp) for comp in focus)):
+                    foci.append(comps)  # every component can have items
+            if foci:
+                out.append((entry.code, (), tuple(foci), entry.types))
+        found = tuple(out)
+        if len(self.shapes) < _SHAPES_PER_TYPE:  # bounded: properties come from clients
+            self.shapes[keys] = found
+        return found
 
 
 def _first_keys(paths: Iterable[Path]) -> set[str] | None:
@@ -951,19 +1239,56 @@ def _plan(resource_type: str) -> _Plan:
     return _Plan(search_params(resource_type))
 
 
-def index_terms(resource_type: str, resource: Mapping[str, Any]) -> dict[str, list[bytes]]:
-    """code -> distinct plaintext terms, for every parameter with at least one term."""
+def index_terms(
+    resource_type: str, resource: Mapping[str, Any], *, skip: frozenset[str] = frozenset()
+) -> dict[str, list[bytes]]:
+    """code -> distinct plaintext terms, for every parameter with at least one term.
+
+    Parameters in `skip` are left out (not computed).
+    """
     plan = _plan(resource_type)
-    dispatch = plan.dispatch
-    todo: dict[SearchParam, None] = dict.fromkeys(plan.always)
-    for key in resource:
-        params = dispatch.get(key)
-        if params is not None:
-            for param in params:
-                todo[param] = None
+    slots = plan.slots
+    memo: list[tuple[bool, Sequence[bytes]] | None] = [None] * len(slots)
     out: dict[str, list[bytes]] = {}
-    for param in todo:
-        terms = param_terms(param, resource)
-        if terms is not None:
-            out[param.code] = terms
+    for code, slot_ids, foci, types in plan.todo(tuple(resource)):
+        if code in skip:
+            continue
+        if foci is None:
+            if len(slot_ids) == 1:  # the common case: one path
+                i = slot_ids[0]
+                got = memo[i]
+                if got is None:
+                    got = memo[i] = slots[i](resource)
+                if got[1]:
+                    out[code] = list(dict.fromkeys(got[1]))
+                continue
+            terms: list[bytes] = []
+            for i in slot_ids:
+                got = memo[i]
+                if got is None:
+                    got = memo[i] = slots[i](resource)
+                terms.extend(got[1])
+        else:
+            terms = []
+            for focus in foci:
+                if isinstance(focus, Path):
+                    for per in _focus_items(focus, types, resource):
+                        terms.extend(b"c|" + t for t in _terms("token", per[0]))
+                    continue
+                first: list[bytes] = []
+                for n, comp in enumerate(focus):
+                    has = False
+                    for i in comp:
+                        got = memo[i]
+                        if got is None:
+                            got = memo[i] = slots[i](resource)
+                        has = has or got[0]
+                        if n == 0:
+                            first.extend(got[1])
+                    if not has:
+                        break
+                else:
+                    terms.extend(b"c|" + t for t in first)
+        if terms:
+            out[code] = list(dict.fromkeys(terms))
     return out
