@@ -225,6 +225,32 @@ def _string_check(type_name: str, regex: str | None) -> Check:
             return bad
         return None
 
+    # The shortcut inlined in front of the checks above, for the most common types: a value
+    # it accepts passes them all (non-empty string within the limit), anything else goes on.
+    if type_name == "code":
+
+        def code_check(value: Any) -> Problem | None:
+            if (
+                type(value) is str
+                and value
+                and len(value) <= MAX_STRING
+                and value.isprintable()
+                and value[0] != " "
+                and value[-1] != " "
+                and "  " not in value
+            ):
+                return None
+            return check(value)
+
+        return code_check
+    if shortcut is _uri_shortcut and limit is None:
+
+        def uri_check(value: Any) -> Problem | None:
+            if type(value) is str and value and value.isprintable() and " " not in value:
+                return None
+            return check(value)
+
+        return uri_check
     return check
 
 
@@ -593,7 +619,12 @@ class _Run:
             for group, keys in table.required_choices:
                 if not any(k in obj for k in keys):
                     self.add(f"{path}.{group}[x]", "required", "missing required element")
-        if table.hook:
+        hook = table.hook
+        if hook == _HOOK_REFERENCE:  # inlined from hook(): one per Reference
+            reference = obj.get("reference")
+            if type(reference) is str and reference:
+                self.reference(reference, path + ".reference")
+        elif hook:
             self.hook(table, obj, path)
 
     def element(
