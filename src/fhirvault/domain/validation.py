@@ -33,6 +33,7 @@ from fhirvault.domain.r4 import FLAG_ARRAY, FLAG_REQUIRED, R4Tables, load_tables
 __all__ = ["ValidationIssue", "Validator"]
 
 MAX_ISSUES: Final = 100
+_MEMO_SIZE: Final = 4096  # valid objects remembered per memoised table
 MAX_DEPTH: Final = 64  # nested objects; real resources stay far below this
 MAX_STRING: Final = 1024 * 1024  # "FHIR strings SHALL NOT exceed 1MB in size"
 _INT32_MIN: Final = -(2**31)
@@ -95,7 +96,7 @@ class _TooManyIssues(Exception):
 class _Table:
     """Compiled element table of one type or backbone element."""
 
-    __slots__ = ("elements", "hook", "name", "required", "required_choices", "value_keys")
+    __slots__ = ("elements", "hook", "memo", "name", "required", "required_choices", "value_keys")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -104,6 +105,9 @@ class _Table:
         self.required_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group, keys)
         self.hook = _HOOK_NONE
         self.value_keys: frozenset[str] = frozenset()  # Extension: value[x] and _value[x]
+        # Objects found valid, as their (key, value) items, when all values are strings:
+        # Codings repeat a few codes many times over (see _Run.object()).
+        self.memo: set[tuple[tuple[str, str], ...]] | None = None
 
 
 def _no_check(value: Any) -> Problem | None:
@@ -368,6 +372,7 @@ class _Compiler:
             rtype.finish()
             self.tables[name].elements["resourceType"] = rtype
         self.tables["Reference"].hook = _HOOK_REFERENCE
+        self.tables["Coding"].memo = set()
         extension = self.tables["Extension"]
         extension.hook = _HOOK_EXTENSION
         extension.value_keys = frozenset(
@@ -558,6 +563,20 @@ class _Run:
         if depth > self.max_depth:
             self.add(path, "structure", f"nested deeper than {self.max_depth} levels")
             return
+        # A string-only object already found valid in this table is valid again: its
+        # verdict depends on nothing else (depth is checked above, bindings by the caller).
+        memo = table.memo
+        memo_key = None
+        issues = 0
+        if memo is not None:
+            for item in obj.values():
+                if type(item) is not str:
+                    break
+            else:
+                memo_key = tuple(obj.items())
+                if memo_key in memo:
+                    return
+                issues = len(self.issues)
         elements = table.elements
         groups: dict[str, str] | None = None
         for key, value in obj.items():
@@ -626,6 +645,16 @@ class _Run:
                 self.reference(reference, path + ".reference")
         elif hook:
             self.hook(table, obj, path)
+        # Not with allow_unknown: an object valid only thanks to it is not valid.
+        if (
+            memo is not None
+            and memo_key is not None
+            and len(self.issues) == issues
+            and not self.allow_unknown
+        ):
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo.add(memo_key)
 
     def element(
         self, obj: dict[str, Any], element: _Element, value: Any, path: str, depth: int

@@ -67,6 +67,30 @@ def test_a_changed_message_is_caught(cases: list[Json]) -> None:
     assert result(validator, case) != case["issues"]
 
 
+def test_remembered_valid_codings_do_not_hide_issues() -> None:
+    """Codings found valid are remembered (a speed-up): never for what allow_unknown let
+    through, never past the depth limit, never for a value that is not a string."""
+    validator = Validator.default()
+    coding = {"system": "http://loinc.org", "code": "1-8", "foo": "x"}
+    lenient = {"resourceType": "Observation", "status": "final", "code": {"coding": [coding]}}
+    assert validator.validate(lenient, allow_unknown_elements=True) == []
+    assert [i.path for i in validator.validate(lenient)] == ["Observation.code.coding[0].foo"]
+
+    good = {"system": "http://loinc.org", "code": "1-8"}
+    assert validator.validate({**lenient, "code": {"coding": [good]}}) == []
+    deep: Json = {"url": "http://x", "valueCoding": good}  # the Coding at depth 65
+    for _ in range(63):
+        deep = {"url": "http://x", "extension": [deep]}
+    issues = validator.validate({"resourceType": "Patient", "extension": [deep]})
+    assert [(i.path.rsplit(".", 1)[1], i.message) for i in issues] == [
+        ("valueCoding", "nested deeper than 64 levels")
+    ]
+    flagged = {"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{**good, "userSelected": 1}]}}
+    assert validator.validate({**flagged, "code": {"coding": [{**good, "userSelected": True}]}}) == []
+    assert [i.code for i in validator.validate(flagged)] == ["structure"]
+
+
 # ---------------------------------------------------------------- corpus generation
 
 XMLNS = ' xmlns="http://www.w3.org/1999/xhtml"'
