@@ -33,9 +33,9 @@ from fhirvault.domain.r4 import FLAG_ARRAY, FLAG_REQUIRED, R4Tables, load_tables
 __all__ = ["ValidationIssue", "Validator"]
 
 MAX_ISSUES: Final = 100
-_MEMO_SIZE: Final = 4096  # valid objects remembered per memoised table
 MAX_DEPTH: Final = 64  # nested objects; real resources stay far below this
 MAX_STRING: Final = 1024 * 1024  # "FHIR strings SHALL NOT exceed 1MB in size"
+_MEMO_SIZE: Final = 4096  # valid objects remembered per memoised table
 _INT32_MIN: Final = -(2**31)
 _INT32_MAX: Final = 2**31 - 1
 
@@ -773,12 +773,8 @@ class _Run:
     # -- checks beyond the element table
 
     def hook(self, table: _Table, obj: dict[str, Any], path: str) -> None:
-        hook = table.hook
-        if hook == _HOOK_REFERENCE:
-            reference = obj.get("reference")
-            if type(reference) is str and reference:
-                self.reference(reference, path + ".reference")
-        elif hook == _HOOK_EXTENSION:
+        """Post-checks other than Reference's (inlined in object())."""
+        if table.hook == _HOOK_EXTENSION:
             has_value = not table.value_keys.isdisjoint(obj)
             if has_value == ("extension" in obj):  # ext-1
                 self.add(
