@@ -35,6 +35,7 @@ __all__ = ["ValidationIssue", "Validator"]
 MAX_ISSUES: Final = 100
 MAX_DEPTH: Final = 64  # nested objects; real resources stay far below this
 MAX_STRING: Final = 1024 * 1024  # "FHIR strings SHALL NOT exceed 1MB in size"
+_MEMO_SIZE: Final = 4096  # valid objects remembered per memoised table
 _INT32_MIN: Final = -(2**31)
 _INT32_MAX: Final = 2**31 - 1
 
@@ -45,12 +46,16 @@ _RESOURCE: Final = 2
 _PRIMITIVE_EXT: Final = 3  # `_foo`: id/extension of the primitive `foo`
 _RESOURCE_TYPE: Final = 4  # `resourceType` on a resource root, checked separately
 
-# Fast paths of _Run.object(), for elements that are no choice alternative and have no
-# required binding: a single primitive, a single complex value, an array of primitives.
+# Fast paths of _Run.object(), for elements with no required binding on a complex type:
+# a single primitive (with or without required codes), a single complex value (or `_foo`),
+# an array of primitives, an array of complex values, and resourceType (checked before).
 _FAST_NONE: Final = 0
 _FAST_PRIMITIVE: Final = 1
 _FAST_COMPLEX: Final = 2
 _FAST_PRIMITIVE_ARRAY: Final = 3
+_FAST_CODE: Final = 4
+_FAST_COMPLEX_ARRAY: Final = 5
+_FAST_SKIP: Final = 6
 
 # Post-checks that need more than the element table.
 _HOOK_NONE: Final = 0
@@ -91,7 +96,7 @@ class _TooManyIssues(Exception):
 class _Table:
     """Compiled element table of one type or backbone element."""
 
-    __slots__ = ("elements", "hook", "name", "required", "required_choices", "value_keys")
+    __slots__ = ("elements", "hook", "memo", "name", "required", "required_choices", "value_keys")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -100,6 +105,9 @@ class _Table:
         self.required_choices: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (group, keys)
         self.hook = _HOOK_NONE
         self.value_keys: frozenset[str] = frozenset()  # Extension: value[x] and _value[x]
+        # Objects found valid, as their (key, value) items, when all values are strings:
+        # Codings repeat a few codes many times over (see _Run.object()).
+        self.memo: set[tuple[tuple[str, str], ...]] | None = None
 
 
 def _no_check(value: Any) -> Problem | None:
@@ -144,14 +152,21 @@ class _Element:
         self.fast = _FAST_NONE
 
     def finish(self) -> None:
-        """Pick the fast path of object() this element may take."""
-        plain = not self.array and self.group is None
-        if plain and self.kind == _PRIMITIVE and self.codes is None:
-            self.fast = _FAST_PRIMITIVE
-        elif plain and self.kind == _COMPLEX and self.systems is None:
-            self.fast = _FAST_COMPLEX
-        elif self.array and self.group is None and self.kind == _PRIMITIVE and self.codes is None:
-            self.fast = _FAST_PRIMITIVE_ARRAY
+        """Pick the fast path of object() this element may take (its choice group, if any,
+        is checked before)."""
+        kind = self.kind
+        if not self.array:
+            if kind == _PRIMITIVE:
+                self.fast = _FAST_PRIMITIVE if self.codes is None else _FAST_CODE
+            elif kind in (_COMPLEX, _PRIMITIVE_EXT) and self.systems is None:
+                self.fast = _FAST_COMPLEX
+            elif kind == _RESOURCE_TYPE:
+                self.fast = _FAST_SKIP
+        elif self.group is None:
+            if kind == _PRIMITIVE and self.codes is None:
+                self.fast = _FAST_PRIMITIVE_ARRAY
+            elif kind == _COMPLEX and self.systems is None:
+                self.fast = _FAST_COMPLEX_ARRAY
 
 
 # ---------------------------------------------------------------- primitive checks
@@ -214,6 +229,32 @@ def _string_check(type_name: str, regex: str | None) -> Check:
             return bad
         return None
 
+    # The shortcut inlined in front of the checks above, for the most common types: a value
+    # it accepts passes them all (non-empty string within the limit), anything else goes on.
+    if type_name == "code":
+
+        def code_check(value: Any) -> Problem | None:
+            if (
+                type(value) is str
+                and value
+                and len(value) <= MAX_STRING
+                and value.isprintable()
+                and value[0] != " "
+                and value[-1] != " "
+                and "  " not in value
+            ):
+                return None
+            return check(value)
+
+        return code_check
+    if shortcut is _uri_shortcut and limit is None:
+
+        def uri_check(value: Any) -> Problem | None:
+            if type(value) is str and value and value.isprintable() and " " not in value:
+                return None
+            return check(value)
+
+        return uri_check
     return check
 
 
@@ -328,8 +369,10 @@ class _Compiler:
             self._fill(self.tables[name], raw)
         for name in self.data["resourceTypes"]:
             rtype = _Element("resourceType", "string", _RESOURCE_TYPE, False)
+            rtype.finish()
             self.tables[name].elements["resourceType"] = rtype
         self.tables["Reference"].hook = _HOOK_REFERENCE
+        self.tables["Coding"].memo = set()
         extension = self.tables["Extension"]
         extension.hook = _HOOK_EXTENSION
         extension.value_keys = frozenset(
@@ -520,6 +563,20 @@ class _Run:
         if depth > self.max_depth:
             self.add(path, "structure", f"nested deeper than {self.max_depth} levels")
             return
+        # A string-only object already found valid in this table is valid again: its
+        # verdict depends on nothing else (depth is checked above, bindings by the caller).
+        memo = table.memo
+        memo_key = None
+        issues = 0
+        if memo is not None:
+            for item in obj.values():
+                if type(item) is not str:
+                    break
+            else:
+                memo_key = tuple(obj.items())
+                if memo_key in memo:
+                    return
+                issues = len(self.issues)
         elements = table.elements
         groups: dict[str, str] | None = None
         for key, value in obj.items():
@@ -530,6 +587,13 @@ class _Run:
                         f"{path}.{_safe_key(key)}", "structure", f"unknown element in {table.name}"
                     )
                 continue
+            group = element.group
+            if group is not None:  # only one alternative of a choice
+                if groups is None:
+                    groups = {group: element.base}
+                elif groups.setdefault(group, element.base) != element.base:
+                    message = f"only one {group}[x] alternative is allowed"
+                    self.add(f"{path}.{group}[x]", "structure", message)
             # Fast paths for the common shapes; anything unusual falls through.
             fast = element.fast
             if fast == _FAST_PRIMITIVE:
@@ -537,8 +601,22 @@ class _Run:
                 if problem is not None:
                     self.primitive_problem(problem, value, f"{path}.{key}")
                 continue
-            if fast == _FAST_COMPLEX and type(value) is dict and len(value) > 1:
+            if fast == _FAST_CODE:
+                problem = element.check(value)
+                if problem is not None:
+                    self.primitive_problem(problem, value, f"{path}.{key}")
+                elif value not in element.codes:  # type: ignore[operator]
+                    self.add(f"{path}.{key}", "code-invalid", _not_in(element.value_set))
+                continue
+            if (
+                fast == _FAST_COMPLEX
+                and type(value) is dict
+                and (len(value) > 1 or (value and "id" not in value))  # ele-1, as _has_content
+            ):
                 self.object(value, element.table, f"{path}.{key}", depth + 1)
+                continue
+            if fast == _FAST_COMPLEX_ARRAY and type(value) is list and value:
+                self.complex_items(element, value, path, depth)
                 continue
             if fast == _FAST_PRIMITIVE_ARRAY and type(value) is list and value:
                 check = element.check
@@ -549,8 +627,8 @@ class _Run:
                     continue
                 self.primitive_array(obj, element, value, path)  # reports what broke
                 continue
-            if element.group is not None:
-                groups = self.choice(groups, element, path)
+            if fast == _FAST_SKIP and type(value) is str:
+                continue
             self.element(obj, element, value, path, depth)
         if table.required:
             for name, ext_name in table.required:
@@ -560,8 +638,23 @@ class _Run:
             for group, keys in table.required_choices:
                 if not any(k in obj for k in keys):
                     self.add(f"{path}.{group}[x]", "required", "missing required element")
-        if table.hook:
+        hook = table.hook
+        if hook == _HOOK_REFERENCE:  # inlined from hook(): one per Reference
+            reference = obj.get("reference")
+            if type(reference) is str and reference:
+                self.reference(reference, path + ".reference")
+        elif hook:
             self.hook(table, obj, path)
+        # Not with allow_unknown: an object valid only thanks to it is not valid.
+        if (
+            memo is not None
+            and memo_key is not None
+            and len(self.issues) == issues
+            and not self.allow_unknown
+        ):
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo.add(memo_key)
 
     def element(
         self, obj: dict[str, Any], element: _Element, value: Any, path: str, depth: int
@@ -591,18 +684,6 @@ class _Run:
         else:
             self.add(path, problem[0], problem[1])
 
-    def choice(self, groups: dict[str, str] | None, element: _Element, path: str) -> dict[str, str]:
-        group = element.group
-        assert group is not None
-        if groups is None:
-            groups = {}
-        first = groups.setdefault(group, element.base)
-        if first != element.base:
-            self.add(
-                f"{path}.{group}[x]", "structure", f"only one {group}[x] alternative is allowed"
-            )
-        return groups
-
     def array(
         self, obj: dict[str, Any], element: _Element, value: Any, path: str, depth: int
     ) -> None:
@@ -616,19 +697,29 @@ class _Run:
             self.primitive_array(obj, element, value, path)
         elif element.kind == _PRIMITIVE_EXT:
             self.primitive_ext_array(obj, element, value, path, depth)
+        elif element.fast == _FAST_COMPLEX_ARRAY:
+            self.complex_items(element, value, path, depth)
         else:
-            # Same fast path as in object(): plain complex items go straight to their table.
-            plain = element.kind == _COMPLEX and element.systems is None
-            table = element.table
             for index, item in enumerate(value):
-                if plain and type(item) is dict and len(item) > 1:
-                    self.object(item, table, f"{path}.{key}[{index}]", depth + 1)
-                elif item is None:
-                    self.add(f"{path}.{key}[{index}]", "structure", "null is not allowed here")
-                elif type(item) is list:
-                    self.add(f"{path}.{key}[{index}]", "structure", "nested arrays are not allowed")
-                else:
-                    self.value(element, item, path, f"{key}[{index}]", depth)
+                self.item(element, item, path, index, depth)
+
+    def complex_items(self, element: _Element, value: list[Any], path: str, depth: int) -> None:
+        """A non-empty array of a complex type with no required binding."""
+        table = element.table
+        for index, item in enumerate(value):
+            if type(item) is dict and _has_content(item):
+                self.object(item, table, f"{path}.{element.name}[{index}]", depth + 1)
+            else:
+                self.item(element, item, path, index, depth)
+
+    def item(self, element: _Element, item: Any, path: str, index: int, depth: int) -> None:
+        """One item of an array of a complex type or resources."""
+        if item is None:
+            self.add(f"{path}.{element.name}[{index}]", "structure", "null is not allowed here")
+        elif type(item) is list:
+            self.add(f"{path}.{element.name}[{index}]", "structure", "nested arrays are not allowed")
+        else:
+            self.value(element, item, path, f"{element.name}[{index}]", depth)
 
     def primitive_array(
         self, obj: dict[str, Any], element: _Element, value: list[Any], path: str
@@ -682,12 +773,8 @@ class _Run:
     # -- checks beyond the element table
 
     def hook(self, table: _Table, obj: dict[str, Any], path: str) -> None:
-        hook = table.hook
-        if hook == _HOOK_REFERENCE:
-            reference = obj.get("reference")
-            if type(reference) is str and reference:
-                self.reference(reference, path + ".reference")
-        elif hook == _HOOK_EXTENSION:
+        """Post-checks other than Reference's (inlined in object())."""
+        if table.hook == _HOOK_EXTENSION:
             has_value = not table.value_keys.isdisjoint(obj)
             if has_value == ("extension" in obj):  # ext-1
                 self.add(
@@ -736,6 +823,11 @@ class _Run:
         code = coding.get("code")
         if codes is not None and type(code) is str and code not in codes:
             self.add(path + ".code", "code-invalid", _not_in(element.value_set))
+
+
+def _has_content(value: dict[str, Any]) -> bool:
+    """ele-1 on a JSON object: some property other than id (value() reports it otherwise)."""
+    return len(value) > 1 or (bool(value) and "id" not in value)
 
 
 def _has_ext_at(obj: dict[str, Any], ext_key: str, index: int) -> bool:
