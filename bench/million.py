@@ -271,6 +271,14 @@ def main() -> None:
     m.add_argument("--change-percent", type=float, default=1.0)
     m.add_argument("--batch", type=int, default=500)
     m.add_argument("--json", type=Path)
+    m.add_argument("--keep-restored", default="", metavar="BUILDS",
+                   help="keep these builds' restored data dirs (e.g. new: for the reads command)")
+    r = sub.add_parser("reads")
+    r.add_argument("--dir", type=Path, required=True, help="a big data dir in the new build's format (a copy)")
+    r.add_argument("--work", type=Path, default=Path("/tmp/fv-1m-work"))
+    r.add_argument("--clients", type=int, default=32)
+    r.add_argument("--duration", type=int, default=15)
+    r.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     if args.cmd == "populate":
         if args.in_process:
@@ -287,6 +295,9 @@ def main() -> None:
         argv = [PY, __file__, "populate", "--in-process", "--dir", str(args.dir), "--resources", str(args.resources),
                 "--batch", str(args.batch), "--workers", str(args.workers), "--src", str(src)]
         raise SystemExit(subprocess.run(argv, env=build_env(src), check=False).returncode)
+    if args.cmd == "reads":
+        reads_main(args)
+        return
     measure_main(args)
 
 
@@ -316,14 +327,9 @@ def run(src: Path, *argv: str, timeout: float = 3600) -> tuple[str, float]:
     return p.stdout.strip(), time.perf_counter() - t0
 
 
-def serve_ready(src: Path, data: Path, log_path: Path, wait_full: bool = True) -> dict[str, Any]:
-    """``fhirvault serve`` on ``data``: seconds until /readyz 200, and until the server logs a full
-    audit verification (``wait_full``; at most 10 min). The server is stopped afterwards."""
-    import contextlib
-    import re
-    import signal
+def start_server(src: Path, data: Path, log_path: Path, **env: str) -> tuple[subprocess.Popen[bytes], int, float]:
+    """``fhirvault serve`` on ``data`` with ``src`` (own process group): (process, port, start time)."""
     import socket
-    import urllib.request
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -331,7 +337,30 @@ def serve_ready(src: Path, data: Path, log_path: Path, wait_full: bool = True) -
     t0 = time.perf_counter()
     with log_path.open("wb") as out:
         proc = subprocess.Popen([PY, "-m", "fhirvault.cli.main", "serve", "--data-dir", str(data), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, env=build_env(src), start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, env=build_env(src) | env,
+                                start_new_session=True)
+    return proc, port, t0
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def serve_ready(src: Path, data: Path, log_path: Path, wait_full: bool = True) -> dict[str, Any]:
+    """``fhirvault serve`` on ``data``: seconds until /readyz 200, and until the server logs a full
+    audit verification (``wait_full``; at most 10 min). The server is stopped afterwards."""
+    import contextlib
+    import re
+    import urllib.request
+
+    proc, port, t0 = start_server(src, data, log_path)
     ready: float | None = None
     full: float | None = None
     try:
@@ -352,18 +381,13 @@ def serve_ready(src: Path, data: Path, log_path: Path, wait_full: bool = True) -
                 break
             time.sleep(0.1)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_server(proc)
     lines = [ln.strip()[:300] for ln in log_path.read_text(errors="replace").splitlines()
              if "audit log verif" in ln or "migrat" in ln.lower()]
     return {"ready_s": ready, "full_verification_s": full, "log": lines}
 
 
-def one_build(name: str, src: Path, pop: Path, work: Path, every: int, batch: int) -> None:
+def one_build(name: str, src: Path, pop: Path, work: Path, every: int, batch: int, keep: bool) -> None:
     data, target, restored = work / f"data-{name}", work / f"target-{name}", work / f"restored-{name}"
     for p in (data, target, restored):
         shutil.rmtree(p, ignore_errors=True)
@@ -397,8 +421,52 @@ def one_build(name: str, src: Path, pop: Path, work: Path, every: int, batch: in
     r = serve_ready(src, restored, work / f"serve-{name}-restored.log")
     result(name, "ready after restore (s)", round(r["ready_s"], 1))
     result(name, "RTO = restore + ready (s)", round(restore_s + r["ready_s"], 1))
-    for p in (target, restored):
-        shutil.rmtree(p, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(restored, ignore_errors=True)
+
+
+def reads_main(args: argparse.Namespace) -> None:
+    """crud.py --mode read against the new build: an empty data dir and the big one, alternately."""
+    import urllib.request
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    empty = args.work / "reads-empty"
+    rows = []
+    for rnd in range(args.rounds):
+        for label, data in (("empty", empty), ("big", args.dir)):
+            if label == "empty":
+                shutil.rmtree(empty, ignore_errors=True)
+            proc, port, t0 = start_server(ROOT / "src", data, args.work / f"reads-{label}-{rnd}.log",
+                                          FHIRVAULT_CONFIG=str(ROOT / "bench" / "capacity.toml"))
+            try:
+                while True:
+                    if proc.poll() is not None or time.perf_counter() - t0 > 900:
+                        raise RuntimeError(f"server on {data} did not become ready")
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                            if r.status == 200:
+                                break
+                    except OSError:
+                        time.sleep(0.2)
+                out = args.work / f"reads-{label}-{rnd}.json"
+                base = f"http://127.0.0.1:{port}"
+                subprocess.run([PY, str(ROOT / "bench" / "crud.py"), "--mode", "read", "--base-url", base + "/fhir",
+                                "--client-file", str(data / "admin-client.json"), "--token-url", base + "/oauth2/token",
+                                "--clients", str(args.clients), "--warmup", "3", "--duration", str(args.duration),
+                                "--json", str(out)], check=False, env=build_env(ROOT / "src"))
+                rep = json.loads(out.read_text())
+                op = rep["operations"]["read"]
+                rows.append((rnd, label, op["rps"], op["p50_ms"], op["p99_ms"], rep["errors"]["total"]))
+                log(f"RESULT reads round {rnd} {label}: {op['rps']:,.0f} reads/s, p50 {op['p50_ms']:.1f} ms, "
+                    f"p99 {op['p99_ms']:.1f} ms, errors {rep['errors']['total']}")
+            finally:
+                stop_server(proc)
+    shutil.rmtree(empty, ignore_errors=True)
+    print("| round | data dir | reads/s | p50 ms | p99 ms | errors |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r[0] + 1} | {r[1]} | {r[2]:,.0f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]} |")
 
 
 def measure_main(args: argparse.Namespace) -> None:
@@ -411,7 +479,8 @@ def measure_main(args: argparse.Namespace) -> None:
     srcs = {"new": ROOT / "src", "old": args.old_src or old_tree(OLD_REF, Path("/tmp/fv-million-old"))}
     every = max(1, round(100 / args.change_percent))
     for name in args.builds.split(","):
-        one_build(name, srcs[name], args.dir, args.work, every, args.batch)
+        one_build(name, srcs[name], args.dir, args.work, every, args.batch,
+                  name in args.keep_restored.split(","))
     names = list(RESULTS)
     figures = list(dict.fromkeys(f for b in RESULTS.values() for f in b))
     print("| figure | " + " | ".join(names) + " |")
