@@ -32,9 +32,15 @@ Two commands:
   backup, ``fhirvault backup restore`` of it (CLI process) and ``serve`` on the restored dir until
   ``/readyz`` (ready after restore; RTO = restore + that).
 
+* ``reads``: ``bench/crud.py --mode read`` (32 clients, 15 s) against the new build serving an empty
+  data dir and ``--dir`` (a big store in the new format, e.g. ``measure --keep-restored new``'s),
+  alternately, ``--rounds`` times; the load starts once the server's background full audit pass is done.
+
 Run:
   .venv/bin/python bench/million.py populate --resources 1000000 --dir /tmp/fv-1m-pop
-  .venv/bin/python bench/million.py measure --dir /tmp/fv-1m-pop --work /tmp/fv-1m-work --builds old,new
+  .venv/bin/python bench/million.py measure --dir /tmp/fv-1m-pop --work /tmp/fv-1m-work --builds old,new \\
+      --keep-restored new
+  .venv/bin/python bench/million.py reads --dir /tmp/fv-1m-work/restored-new --work /tmp/fv-1m-work --rounds 2
 """
 
 from __future__ import annotations
@@ -302,15 +308,7 @@ def main() -> None:
 
 
 # -- measure (the driver runs each step in a subprocess with that build's src) ------------------------
-_UPDATE = """
-import json, sys
-from pathlib import Path
-import backup
-n, s = backup.update_fraction(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
-print(json.dumps({"changed": n, "seconds": s}))
-"""
-
-_CREATE = ""  # bench/backup_incremental.py's create_backup call, set by measure_main
+_CREATE = _UPDATE = ""  # bench/backup_incremental.py's create_backup and 1 % update, set by measure_main
 RESULTS: dict[str, dict[str, Any]] = {}
 
 
@@ -474,8 +472,8 @@ def reads_main(args: argparse.Namespace) -> None:
 
 
 def measure_main(args: argparse.Namespace) -> None:
-    global _CREATE
-    from backup_incremental import _CREATE, old_tree  # the backup call both builds understand
+    global _CREATE, _UPDATE
+    from backup_incremental import _CREATE, _UPDATE, old_tree
 
     info = json.loads((args.dir / MARKER).read_text())
     log(f"store {args.dir}: {info}")
