@@ -3,7 +3,7 @@
 One populated store (``bench/backup.py``'s populate: carebundle resources written in-process through the
 repository) is copied once per build. On each copy, with that build's code (a subprocess with PYTHONPATH
 set to its ``src``): a full backup to a ``file://`` target, 1 % of the resources updated, spread out (the
-same ids and the same update code for both builds), an incremental backup, then ``fhirvault backup
+same ids and the same update code, run with that build's ``src``), an incremental backup, then ``fhirvault backup
 restore`` of the incremental (timed with its process; for the new build this includes applying the deltas
 and rebuilding their part of the search index) and the start of ``fhirvault serve`` on it until /readyz.
 
@@ -43,6 +43,16 @@ print(json.dumps({"size": r.size, "chunks": r.chunks, "uploaded_chunks": r.uploa
                   "incremental": getattr(r, "incremental", False)}))
 """
 
+# The 1 % update, run with the build's own code: the other build's code would migrate its store first.
+_UPDATE = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+import backup
+n, s = backup.update_fraction(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+print(json.dumps({{"changed": n, "seconds": s}}))
+"""
+
 
 def run(src: Path, *argv: str) -> tuple[str, float]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FHIRVAULT_")}
@@ -69,7 +79,8 @@ def one_build(name: str, src: Path, data: Path, work: Path, every: int, batch: i
         subprocess.run(["rm", "-rf", str(p)], check=True)
     full = json.loads(run(src, "-c", _CREATE, str(data), str(target))[0])
     base.log(f"{name}: full backup {full}")
-    changed, secs = base.update_fraction(data, every, batch)
+    upd = json.loads(run(src, "-c", _UPDATE, str(data), str(every), str(batch))[0])
+    changed, secs = upd["changed"], upd["seconds"]
     base.log(f"{name}: {changed:,} resources updated in {secs:.1f} s")
     inc = json.loads(run(src, "-c", _CREATE, str(data), str(target))[0])
     base.log(f"{name}: incremental backup {inc}")
