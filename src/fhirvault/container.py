@@ -333,11 +333,11 @@ def publish_ledger(settings: Settings, secrets: ServiceSecrets, entries: set[era
     return failed
 
 
-def capability_bytes(base_url: str, token_url: str, clock: Clock) -> bytes:
+def capability_bytes(base_url: str, token_url: str, clock: Clock, *, subscriptions: bool = True) -> bytes:
     from fhirvault.fhir.capability import capability_statement
 
     doc = capability_statement(sorted(resource_types()), base_url=base_url, token_url=token_url,
-                               published_ms_instant=instant(clock.now_ms()))
+                               published_ms_instant=instant(clock.now_ms()), subscriptions=subscriptions)
     return orjson.dumps(doc)
 
 

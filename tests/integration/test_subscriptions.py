@@ -336,3 +336,21 @@ def test_a_subscription_whose_owner_lost_a_scope_stops(app: App, receiver: Recei
     failed = wait_until(lambda: (s := status_of(app, sub["id"]))["status"] == "error" and s)
     assert "no longer has the scopes" in failed["error"]
     assert receiver.received == []
+
+
+def test_capability_statement_lists_no_channel_when_subscriptions_are_disabled(tmp_path: Path) -> None:
+    """[subscriptions] enabled = false refuses Subscriptions: the CapabilityStatement must not offer rest-hook."""
+    config = tmp_path / "fhirvault.toml"
+    config.write_text("[subscriptions]\nenabled = false\n")
+    settings = load_settings({"data_dir": tmp_path / "data", **engine_settings(tmp_path / "data")}, environ={},
+                             config_file=config)
+    initialise(settings)
+    container = build(settings)
+    try:
+        with TestClient(create_app(container), base_url="http://testserver") as client:
+            doc = client.get("/fhir/metadata").json()
+    finally:
+        container.close()
+    sub = next(r for r in doc["rest"][0]["resource"] if r["type"] == "Subscription")
+    assert not [e for e in sub.get("extension", []) if e["url"].endswith("subscription-channel-type")]
+    assert "disabled" in sub["documentation"]

@@ -197,7 +197,9 @@ SYSTEM_IMPORT = {"name": "import", "definition": "urn:fhirvault:OperationDefinit
 
 
 def capability_statement(resource_types: list[str], *, base_url: str, token_url: str,
-                         published_ms_instant: str) -> dict[str, Any]:
+                         published_ms_instant: str, subscriptions: bool = True) -> dict[str, Any]:
+    """``subscriptions``: whether Subscriptions may be created ([subscriptions] enabled); when not,
+    no channel is advertised and the Subscription entry says so."""
     resources = [
         {
             "type": rtype,
@@ -223,7 +225,9 @@ def capability_statement(resource_types: list[str], *, base_url: str, token_url:
     ]
     for resource in resources:
         if resource["type"] == "Subscription":
-            resource.update(_subscription_channels())
+            resource.update(_subscription_channels() if subscriptions else {
+                "documentation": "Subscriptions are disabled on this server: creating or changing one is refused "
+                                 "and no notification is sent."})
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",

@@ -64,7 +64,8 @@ class _PerBaseUrl:
     def capability(self, base_url: str, token_url: str) -> bytes:
         doc = self._capability.get(base_url)
         if doc is None:
-            doc = capability_bytes(base_url, token_url, self._c.clock)
+            subs = self._c.settings.subscriptions
+            doc = capability_bytes(base_url, token_url, self._c.clock, subscriptions=subs is None or subs.enabled)
             if len(self._capability) < 16:
                 self._capability[base_url] = doc
         return doc
